@@ -1,0 +1,142 @@
+"""The typed error vocabulary of layerswarm.
+
+Every error a node can send or a client can raise is a subclass of `SwarmError`
+with a stable wire `code`. A node turns an exception into an error frame
+`{"type": "error", "code": ..., "message": ...}`; the client turns the code back
+into the same class with `error_from_code`, so both sides speak one vocabulary.
+
+Only `TransientError` subclasses are worth retrying (elsewhere or later).
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Root of every layerswarm error. `code` is what travels on the wire."""
+
+    code = "internal"
+
+
+class TransientError(SwarmError):
+    """The same request may succeed later or on another peer."""
+
+    code = "transient"
+
+
+# --- model and checkpoint -------------------------------------------------------
+
+
+class ModelNotFound(SwarmError):
+    """A model path that does not exist, or an alias nobody knows."""
+
+    code = "model_not_found"
+
+
+class UnsupportedModel(SwarmError):
+    """A checkpoint of an architecture or tensor type we cannot run."""
+
+    code = "unsupported_model"
+
+
+class CheckpointError(SwarmError):
+    """A checkpoint that claims to be supported but is missing tensors or has wrong shapes."""
+
+    code = "checkpoint_error"
+
+
+class BadSpan(SwarmError):
+    """A block range that is empty or lies outside [0, num_layers)."""
+
+    code = "bad_span"
+
+
+class ModelMismatch(SwarmError):
+    """Two parties disagree on the model fingerprint."""
+
+    code = "model_mismatch"
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+class BadRequest(SwarmError):
+    """A malformed or invalid request: bad frame, wrong shape or dtype, bad values."""
+
+    code = "bad_request"
+
+
+class UnsupportedVersion(BadRequest):
+    """A message with a protocol version this peer does not speak."""
+
+    code = "unsupported_version"
+
+
+class FrameTooLarge(BadRequest):
+    """A frame over the configured size limit, refused before it is decoded."""
+
+    code = "frame_too_large"
+
+
+class SessionNotFound(SwarmError):
+    """A step or close for a session this node does not hold (never opened, closed, expired)."""
+
+    code = "session_not_found"
+
+
+class PositionError(BadRequest):
+    """A step whose position skips ahead of or rewinds past the session's cache."""
+
+    code = "bad_position"
+
+
+class LengthExceeded(BadRequest):
+    """A step that would run past the session's max_length."""
+
+    code = "length_exceeded"
+
+
+class Busy(TransientError):
+    """The peer has no room (sessions or KV memory) right now: go elsewhere."""
+
+    code = "busy"
+
+
+class ShuttingDown(TransientError):
+    """The peer is leaving the swarm: move the session elsewhere."""
+
+    code = "shutting_down"
+
+
+class PeerUnavailable(TransientError):
+    """A peer could not be reached, dropped the connection or missed its deadline."""
+
+    code = "peer_unavailable"
+
+
+class NoRoute(SwarmError):
+    """No chain of known peers covers every block of the model."""
+
+    code = "no_route"
+
+
+class SignatureInvalid(SwarmError):
+    """A record or message whose signature does not verify."""
+
+    code = "signature_invalid"
+
+
+def _all_subclasses(cls: type[SwarmError]) -> list[type[SwarmError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_from_code(code: str, message: str) -> SwarmError:
+    """The exception a wire error `code` stands for; unknown codes become a plain `SwarmError`."""
+    for cls in _all_subclasses(SwarmError):
+        if cls.code == code:
+            return cls(message)
+    error = SwarmError(message)
+    error.code = code
+    return error

@@ -1,0 +1,238 @@
+"""The Llama-family transformer block, a span of blocks and its KV cache.
+
+In the spirit of gpt-fast's model.py: plain tensors, shapes in comments, state
+passed in explicitly. A span runs blocks [start, end) over *ragged* batches: the
+tokens of several sessions are concatenated into one [N, D] matrix so every
+weight matmul runs once per step for all of them, and only attention, which
+reads each session's own cache, is done per session (a `Segment`).
+
+Layout notes:
+- Q, K, V are fused into one weight (and gate/up into another) at load time:
+  one matmul instead of three per step, which matters when decode is bound by
+  streaming weights and by per-op overhead.
+- RoPE uses the HF "rotate half" layout; GGUF's interleaved Q/K rows are
+  un-permuted by the weights module before they get here.
+- Grouped-query attention groups the query heads that share a KV head
+  (q [kv, group*T, hd] against k [kv, L, hd]) instead of repeating K and V.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm.errors import LengthExceeded, PositionError
+from swarm.model.config import ModelConfig
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with llama3 scaling or llama.cpp's stored factors."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if freq_factors is not None:  # GGUF llama3: precomputed divisors per frequency
+        return inv_freq / freq_factors.float()
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, head_dim] for token positions [N] (computed in float32, like HF)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N, hd/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, hd]; cos/sin [N, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class KVCache:
+    """Keys and values of one session in one span: [num_blocks, kv_heads, max_length, head_dim] each.
+
+    `length` is how many positions hold valid entries. A step may start at any
+    position <= length (rewinding overwrites, as a replay after failover does),
+    never beyond it, and never run past `max_length`.
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, max_length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (num_blocks, config.num_kv_heads, max_length, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @staticmethod
+    def nbytes_for(config: ModelConfig, num_blocks: int, max_length: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return config.kv_bytes_per_token(num_blocks, element) * max_length
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def check_step(self, start: int, count: int) -> None:
+        """Refuse a step of `count` tokens at `start` that the cache cannot take."""
+        if count < 1:
+            raise PositionError("a step needs at least one token")
+        if start < 0 or start > self.length:
+            raise PositionError(f"step starts at position {start}, but the cache holds positions [0, {self.length})")
+        if start + count > self.max_length:
+            raise LengthExceeded(f"step would reach position {start + count}, past max_length {self.max_length}")
+
+
+@dataclass
+class Segment:
+    """One session's tokens in a ragged batch: `length` tokens from position `start`."""
+
+    cache: KVCache
+    start: int
+    length: int
+
+
+class Block(nn.Module):
+    """RMSNorm -> GQA attention -> residual -> RMSNorm -> SwiGLU MLP -> residual."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config = config
+        buffers = {
+            "attn_norm": weights["attn_norm"],
+            "wqkv": torch.cat([weights["wq"], weights["wk"], weights["wv"]]),  # [q + 2kv, D]
+            "wo": weights["wo"],  # [D, q]
+            "mlp_norm": weights["mlp_norm"],
+            "w_gate_up": torch.cat([weights["w_gate"], weights["w_up"]]),  # [2I, D]
+            "w_down": weights["w_down"],  # [D, I]
+        }
+        if config.qkv_bias:
+            buffers["bqkv"] = torch.cat([weights["bq"], weights["bk"], weights["bv"]])
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor.contiguous(), persistent=False)
+        if not config.qkv_bias:
+            self.bqkv = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Sequence[Segment], layer: int) -> torch.Tensor:
+        """x [N, D] -> [N, D]; `layer` indexes this block's slot in each segment's cache."""
+        c = self.config
+        h = F.rms_norm(x, (c.hidden_size,), self.attn_norm, c.rms_eps)
+        qkv = F.linear(h, self.wqkv, self.bqkv)  # [N, q + 2kv]
+        q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # [N, H, hd]
+        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # [N, KV, hd]
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if len(segments) == 1:
+            attn = self._attend(q, k, v, segments[0], layer)
+        else:
+            outs, offset = [], 0
+            for seg in segments:
+                span = slice(offset, offset + seg.length)
+                outs.append(self._attend(q[span], k[span], v[span], seg, layer))
+                offset += seg.length
+            attn = torch.cat(outs)
+        x = x + F.linear(attn, self.wo)
+        h = F.rms_norm(x, (c.hidden_size,), self.mlp_norm, c.rms_eps)
+        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w_down)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segment, layer: int) -> torch.Tensor:
+        """q [T, H, hd], k/v [T, KV, hd] of one session -> [T, H*hd], through its cache."""
+        c = self.config
+        t, end = seg.length, seg.start + seg.length
+        k_cache, v_cache = seg.cache.k[layer], seg.cache.v[layer]  # [KV, max_len, hd]
+        k_cache[:, seg.start : end] = k.transpose(0, 1)
+        v_cache[:, seg.start : end] = v.transpose(0, 1)
+        keys, values = k_cache[:, :end], v_cache[:, :end]  # [KV, L, hd]
+        group = c.num_heads // c.num_kv_heads
+        # Query heads sharing a KV head become rows of one matrix: [KV, group*T, hd].
+        qg = q.view(t, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * t, c.head_dim)
+        if t == 1:
+            out = F.scaled_dot_product_attention(qg, keys, values)
+        else:
+            query_pos = torch.arange(seg.start, end, device=q.device)
+            mask = query_pos[:, None] >= torch.arange(end, device=q.device)[None, :]  # [T, L]
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask.repeat(group, 1))
+        # [KV, group*T, hd] -> [T, H*hd] with heads in their original order
+        return out.view(c.num_kv_heads, group, t, c.head_dim).permute(2, 0, 1, 3).reshape(t, c.q_size)
+
+
+class Span(nn.Module):
+    """Blocks [start, end) of one model, run over hidden states with explicit positions."""
+
+    def __init__(self, config: ModelConfig, start: int, end: int, blocks: list[Block], inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.config = config
+        self.start, self.end = start, end
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].wqkv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].wqkv.device
+
+    def new_cache(self, max_length: int) -> KVCache:
+        return KVCache(self.config, self.num_blocks, max_length, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, segments: Sequence[Segment], blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        """x [N, D] (the tokens of all segments, in order) -> [N, D].
+
+        `blocks` picks a sub-span [i, j) (absolute block numbers) of this span; the
+        caches of the segments must hold the whole span. Each cache's `length`
+        becomes its segment's end.
+        """
+        first, last = blocks or (self.start, self.end)
+        assert self.start <= first < last <= self.end, "sub-span checked by the caller"
+        for seg in segments:
+            seg.cache.check_step(seg.start, seg.length)
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(x.device)
+        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
+        for index in range(first - self.start, last - self.start):
+            x = self.blocks[index](x, cos, sin, segments, index)
+        for seg in segments:
+            seg.cache.length = seg.start + seg.length
+        return x
+
+
+def load_span(
+    checkpoint,  # swarm.model.weights.Checkpoint
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Span:
+    """Read blocks [start, end) from `checkpoint` (only their tensors) into a Span."""
+    checkpoint.check_span(start, end)
+    config = checkpoint.config
+    blocks = []
+    for number, index in enumerate(range(start, end), 1):
+        weights = {k: t.to(device) for k, t in checkpoint.block_weights(index, dtype).items()}
+        blocks.append(Block(config, weights))
+        if progress:
+            progress(number, end - start)
+    inv_freq = rope_inv_freq(config, checkpoint.rope_freq_factors()).to(device)
+    return Span(config, start, end, blocks, inv_freq)

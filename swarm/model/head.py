@@ -1,0 +1,72 @@
+"""What the client holds: tokenizer and chat template, embeddings, final norm and LM head."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from swarm.errors import BadRequest
+from swarm.model.config import ModelConfig
+
+
+class Head:
+    """Token ids -> hidden states, and hidden states -> logits. Reads no block weights."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
+        self.config = config
+        self.embed_weight = weights["embed"]  # [V, D]
+        self.norm_weight = weights["norm"]  # [D]
+        self.lm_head = weights.get("lm_head", self.embed_weight)  # tied when absent
+        self.tokenizer = tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends a reply: the tokenizer's EOS and, for chat, its end-of-turn token."""
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id and token_id >= 0:
+                ids.add(token_id)
+        return ids
+
+    @torch.inference_mode()
+    def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [T, D] hidden states."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_weight.device)
+        return F.embedding(ids, self.embed_weight)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, D] last-block outputs -> [T, V] logits, in float32."""
+        h = F.rms_norm(hidden.to(self.dtype), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        """Token ids for `prompt`, wrapped in the model's chat template when `chat`."""
+        if chat:
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model has no chat template: use --no-chat")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_head(checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Head:
+    """The client's part of `checkpoint`: tokenizer, embeddings, final norm, LM head."""
+    weights = {k: t.to(device) for k, t in checkpoint.head_weights(dtype).items()}
+    return Head(checkpoint.config, weights, checkpoint.tokenizer())
