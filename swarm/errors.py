@@ -125,6 +125,29 @@ class SignatureInvalid(SwarmError):
     code = "signature_invalid"
 
 
+# --- identity and peer records ---------------------------------------------------------
+
+
+class KeyFileError(SwarmError):
+    """A node key file that cannot be read or holds no Ed25519 private key: fix or delete it."""
+
+    code = "key_file_error"
+
+
+class RecordRejected(BadRequest):
+    """A peer record refused on checking: malformed, oversized, expired, stale, bound to another key.
+
+    `reason` is a short stable string for counters and logs (`"expired"`, `"oversized"`, ...);
+    the wire code stays `record_rejected`. A bad signature is `SignatureInvalid` instead.
+    """
+
+    code = "record_rejected"
+
+    def __init__(self, message: str, reason: str = "rejected") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _all_subclasses(cls: type[SwarmError]) -> list[type[SwarmError]]:
     found = [cls]
     for sub in cls.__subclasses__():

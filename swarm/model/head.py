@@ -16,14 +16,16 @@ class Head:
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
         self.config = config
-        self.embed_weight = weights["embed"]  # [V, D]
         self.norm_weight = weights["norm"]  # [D]
-        self.lm_head = weights.get("lm_head", self.embed_weight)  # tied when absent
+        # [D, V]: transposed for the same matrix-vector speed as the blocks (see block.py)
+        self.lm_head_t = weights.get("lm_head", weights["embed"]).t().contiguous()
+        # With tied embeddings the rows we embed are columns of lm_head_t: keep one copy.
+        self.embed_weight = None if "lm_head" not in weights else weights["embed"]  # [V, D]
         self.tokenizer = tokenizer
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_weight.dtype
+        return self.lm_head_t.dtype
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -40,14 +42,16 @@ class Head:
     @torch.inference_mode()
     def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, D] hidden states."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_weight.device)
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head_t.device)
+        if self.embed_weight is None:
+            return self.lm_head_t[:, ids].t()
         return F.embedding(ids, self.embed_weight)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, D] last-block outputs -> [T, V] logits, in float32."""
         h = F.rms_norm(hidden.to(self.dtype), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
-        return F.linear(h, self.lm_head).float()
+        return (h @ self.lm_head_t).float()
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         """Token ids for `prompt`, wrapped in the model's chat template when `chat`."""

@@ -1,0 +1,144 @@
+"""`swarm`: the command-line client.
+
+Only this module parses arguments, configures logging and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from swarm.errors import SwarmError
+from swarm.model import DEFAULT_MODEL
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _progress(stream=sys.stderr):
+    """A progress printer that rewrites one line on a terminal and stays silent otherwise."""
+    if not stream.isatty():
+        return None
+
+    def show(message: str) -> None:
+        stream.write(f"\r\033[K{message}")
+        stream.flush()
+
+    return show
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; higher samples more freely")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already seen (1.0: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=True, help="wrap the prompt in the model's chat template (default on)"
+    )
+
+
+def _sampling_params(args: argparse.Namespace):
+    from client.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from client.generate import GenerationStats, LocalBlocks, stream_tokens
+    from client.local import LocalModel
+
+    params = _sampling_params(args)
+    progress = _progress()
+    model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=progress)
+    if progress:
+        progress("")
+        sys.stderr.write("\r\033[K")
+    prompt_ids = model.head.encode_prompt(args.prompt, chat=args.chat)
+    stats = GenerationStats()
+    blocks = LocalBlocks(model.span, len(prompt_ids) + params.max_new_tokens)
+
+    async def run() -> str:
+        pieces = []
+        async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats):
+            pieces.append(token.text)
+            if not args.json:
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+        return "".join(pieces)
+
+    text = asyncio.run(run())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "tokens": stats.token_ids,
+                    "finish_reason": stats.finish_reason,
+                    "route": "local",
+                    "prompt_tokens": stats.prompt_tokens,
+                    "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
+                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+        logging.getLogger(__name__).info(
+            "%d tokens, first after %.3f s, %.1f tokens/s", stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm",
+        description="layerswarm client: run a language model whose blocks are spread over a swarm of nodes.",
+    )
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate a reply to one prompt, streaming tokens as they come",
+        description="Generate a reply to PROMPT. Without swarm options the whole model runs in this process "
+        "(the local baseline).",
+    )
+    gen.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    _add_sampling(gen)
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings instead of streaming")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except SwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Sampling, stop conditions and streaming tokens.
+
+Generation is written once, against `Blocks`: anything that runs hidden states
+through all transformer blocks for one session, with explicit positions. A
+local span in this process is one; a route of remote nodes is another. The
+head (embeddings, LM head, tokenizer) always stays on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Protocol, Sequence
+
+import torch
+
+from swarm.errors import BadRequest
+from swarm.model.block import Segment, Span
+from swarm.model.head import Head
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise BadRequest("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise BadRequest("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise BadRequest("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise BadRequest("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise BadRequest("repetition_penalty must be > 0")
+
+
+class Sampler:
+    """Picks the next token from logits; owns its random generator so a seed reproduces a run."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        """logits [V] (float32) -> token id."""
+        p = self.params
+        if p.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+            scores = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class Blocks(Protocol):
+    """All transformer blocks of one session: hidden [T, D] at position `start` -> [T, D]."""
+
+    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor: ...
+
+
+class LocalBlocks:
+    """Every block in this process: the single-process baseline."""
+
+    def __init__(self, span: Span, max_length: int) -> None:
+        self.span = span
+        self.cache = span.new_cache(max_length)
+
+    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        return self.span(hidden.to(self.span.dtype), [Segment(self.cache, start, hidden.shape[0])])
+
+
+@dataclass
+class Token:
+    """One generated token and the text it completes (may be empty mid-character).
+
+    The last item of a stream may carry `id=None`: text held back until the end.
+    """
+
+    id: int | None
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0  # from the first new token to the last
+    finish_reason: str = ""  # "eos", "stop", "length"
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+class _TextStream:
+    """Incremental detokenizer: emits text only once it is final.
+
+    Decoding a window of recent ids keeps each step O(1) in the reply length;
+    text ending in U+FFFD is an incomplete UTF-8 sequence and is held back, and
+    so is any tail that might still grow into a stop string.
+    """
+
+    def __init__(self, head: Head, stop: tuple[str, ...]) -> None:
+        self.head = head
+        self.stop = stop
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # how much of `text` went out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (text now safe to show, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        before = self.head.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.head.decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._take(len(self.text)), True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._take(max(self.emitted, len(self.text) - hold)), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+async def stream_tokens(
+    head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None
+) -> AsyncIterator[Token]:
+    """Prefill the prompt, then decode one token per step, yielding tokens as they come."""
+    if not prompt_ids:
+        raise BadRequest("the prompt encodes to no tokens")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    sampler = Sampler(params)
+    text = _TextStream(head, params.stop)
+    eos = head.eos_token_ids if params.stop_at_eos else set()
+    history = list(prompt_ids)
+    started = time.perf_counter()
+    hidden = await blocks.forward(head.embed(prompt_ids), 0)
+    first_at = 0.0
+    for step in range(params.max_new_tokens):
+        token_id = sampler(head.logits(hidden[-1:])[0], history)
+        now = time.perf_counter()
+        if step == 0:
+            first_at = now
+            stats.time_to_first_token_s = now - started
+        stats.decode_s = now - first_at
+        if token_id in eos:
+            stats.finish_reason = "eos"
+            break
+        history.append(token_id)
+        stats.token_ids.append(token_id)
+        stats.new_tokens += 1
+        piece, stopped = text.push(token_id)
+        yield Token(token_id, piece)
+        if stopped:
+            stats.finish_reason = "stop"
+            return
+        if step + 1 == params.max_new_tokens:
+            stats.finish_reason = "length"
+            break
+        hidden = await blocks.forward(head.embed([token_id]), len(history) - 1)
+    tail = text.flush()
+    if tail:
+        yield Token(None, tail)
+
+
+def stream_tokens_sync(head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[Token]:
+    """`stream_tokens` for callers without an event loop."""
+    loop = asyncio.new_event_loop()
+    agen = stream_tokens(head, blocks, prompt_ids, params, stats)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
