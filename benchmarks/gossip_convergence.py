@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from swarm.discovery.exchange import exchange
 from swarm.identity import Identity
 from swarm.peers import PeerRecord, PeerTable, verify_record
@@ -73,8 +75,9 @@ class MemoVerifier:
 class Swarm:
     """N identities, their records and tables, and the push-pull round."""
 
-    def __init__(self, peers: int, verifier: MemoVerifier) -> None:
-        self.identities = [Identity.generate() for _ in range(peers)]
+    def __init__(self, peers: int, verifier: MemoVerifier, seed: int) -> None:
+        keys = random.Random(seed)  # seeded keys: peer ids, hence table orders and results, repeat run to run
+        self.identities = [Identity(Ed25519PrivateKey.from_private_bytes(keys.randbytes(32))) for _ in range(peers)]
         self.records = [self._record(i, NOW) for i in range(peers)]
         self.index = {identity.peer_id: i for i, identity in enumerate(self.identities)}
         self.tables = [PeerTable(verifier=verifier) for _ in range(peers)]
@@ -120,7 +123,7 @@ class Swarm:
 def bootstrap_convergence(params: Params, fanout: int, seed: int) -> tuple[int, int, Swarm]:
     """(rounds until every table holds all N records, bootstrap exchanges in round 1, the swarm)."""
     rng = random.Random(seed)
-    swarm = Swarm(params.peers, MemoVerifier())
+    swarm = Swarm(params.peers, MemoVerifier(), seed)
     first_round_load = 0
     for round_ in range(1, params.max_rounds + 1):
         load = swarm.round(fanout, rng, NOW)

@@ -261,6 +261,7 @@ class PeerTable:
             verify_record, max_skew=self.config.max_skew_s, max_ttl=self.config.max_ttl_s
         )
         self._records: dict[str, PeerRecord] = {}  # peer id -> newest record
+        self._versions: dict[str, float] = {}  # peer id -> its record's issued_at, kept beside for cheap gossip diffs
         self.refused: Counter[str] = Counter()  # reason -> count
 
     def __len__(self) -> int:
@@ -286,6 +287,7 @@ class PeerTable:
             if len(self._records) >= self.config.max_peers:
                 return self._refuse("table_full", source, record.peer_id)
         self._records[record.peer_id] = record
+        self._versions[record.peer_id] = record.issued_at
         if current is None:
             log.info("new peer %s via %s: %s span %s", record.peer_id, source, record.addresses[0], record.span)
         else:
@@ -304,11 +306,12 @@ class PeerTable:
         """Drop records past their expiry; returns the peer ids dropped."""
         gone = [peer_id for peer_id, record in self._records.items() if not record.is_live(now)]
         for peer_id in gone:
-            del self._records[peer_id]
+            del self._records[peer_id], self._versions[peer_id]
             log.info("peer %s expired", peer_id)
         return gone
 
     def remove(self, peer_id: str) -> bool:
+        self._versions.pop(peer_id, None)
         return self._records.pop(peer_id, None) is not None
 
     def get(self, peer_id: str) -> PeerRecord | None:
@@ -321,15 +324,20 @@ class PeerTable:
 
     def versions(self) -> dict[str, float]:
         """peer id -> issued_at of every record held: what a gossip partner needs to send only news."""
-        return {peer_id: record.issued_at for peer_id, record in self._records.items()}
+        return dict(self._versions)
 
     def newer_than(self, versions: Mapping[str, float], now: float) -> list[PeerRecord]:
-        """Live records that the holder of `versions` lacks or holds an older version of."""
-        return [
-            record
-            for peer_id, record in self._records.items()
-            if record.is_live(now) and versions.get(peer_id, -math.inf) < record.issued_at
-        ]
+        """Live records that the holder of `versions` lacks or holds an older version of, by peer id.
+
+        Once tables agree this is the common case and costs one set difference (in C), not a
+        Python loop over the table: that keeps a 1000-peer gossip simulation in seconds.
+        """
+        news = []
+        for peer_id, issued_at in self._versions.items() - versions.items():
+            record = self._records[peer_id]
+            if versions.get(peer_id, -math.inf) < issued_at and record.is_live(now):
+                news.append(record)
+        return sorted(news, key=lambda record: record.peer_id)
 
     def coverage(self, model_digest: str, num_layers: int, now: float) -> list[int]:
         """How many live peers serve each of the model's blocks: a list of `num_layers` counts."""
