@@ -148,16 +148,22 @@ def update_spread(params: Params, swarm: Swarm, fanout: int, seed: int, now: flo
 def git_sha() -> str | None:
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
 
 
-def report(name: str, params: dict, samples: list[int], unit: str, sha: str | None) -> None:
+def report(name: str, params: dict[str, int], samples: list[int], unit: str, sha: str | None) -> None:
+    """One JSON line on stdout (value: the median of `samples`), one human line on stderr."""
     value = statistics.median(samples)
-    print(json.dumps({"name": name, "params": params, "value": value, "unit": unit, "samples": samples, "git_sha": sha, "device": "cpu"}))
+    result = {"name": name, "params": params, "value": value, "unit": unit, "samples": samples, "git_sha": sha, "device": "cpu"}
+    print(json.dumps(result))
     print(f"{name} {params}: {value} {unit} (samples {samples})", file=sys.stderr)
 
 

@@ -119,10 +119,11 @@ class Block(nn.Module):
         self.config = config
         buffers = {
             "attn_norm": weights["attn_norm"],
-            "wqkv": torch.cat([weights["wq"], weights["wk"], weights["wv"]]).t(),  # [D, q + 2kv]
+            # concatenating transposed views writes the fused [in, out] matrix in one copy
+            "wqkv": torch.cat([weights["wq"].t(), weights["wk"].t(), weights["wv"].t()], dim=1),  # [D, q + 2kv]
             "wo": weights["wo"].t(),  # [q, D]
             "mlp_norm": weights["mlp_norm"],
-            "w_gate_up": torch.cat([weights["w_gate"], weights["w_up"]]).t(),  # [D, 2I]
+            "w_gate_up": torch.cat([weights["w_gate"].t(), weights["w_up"].t()], dim=1),  # [D, 2I]
             "w_down": weights["w_down"].t(),  # [I, D]
         }
         if config.qkv_bias:
