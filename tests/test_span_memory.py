@@ -31,8 +31,7 @@ def test_loading_three_blocks_stays_far_below_the_whole_model():
     part, whole = _load_delta(0, 3), _load_delta(0, 30)
     # The whole model's blocks in float32 are about 424 MB; three blocks about 42 MB.
     assert whole["weights"] > 400e6 and part["weights"] < 50e6
-    # Bound: three blocks cost at most 20% of what thirty do (ideal 10%; measured 13%), and under
-    # 100 MB
-    # in absolute terms (their weights plus dequantization scratch and touched file pages).
+    # Bound: three blocks cost at most 20% of what thirty do (ideal 10%, measured 13%) and under
+    # 100 MB in all (their weights, dequantization scratch and touched file pages).
     assert part["delta"] < 0.20 * whole["delta"], (part, whole)
     assert part["delta"] < 100e6, part
