@@ -10,11 +10,13 @@ Layout notes:
 - Q, K, V are fused into one weight (and gate/up into another) at load time:
   one matmul instead of three per step, which matters when decode is bound by
   streaming weights and by per-op overhead.
-- Weights are stored transposed, [in, out], and applied as `x @ w`. For a
-  one-token step this is a matrix-vector product, and on CPU the [in, out]
-  form runs at twice the memory bandwidth of `F.linear`'s [out, in] form for
-  this model's narrow matrices (21 vs 11 GB/s measured on the 2-core CI box:
-  the [out, in] gemv is not split across threads). Decode is bound by that.
+- Weights are mostly stored transposed, [in, out], and applied as `x @ w`.
+  For a one-token step this is a matrix-vector product, and on CPU the
+  [in, out] form runs at up to twice the memory bandwidth of `F.linear`'s
+  [out, in] form for this model's shapes (21 vs 11 GB/s for [576, 3072] on the
+  2-core CI box: that gemv is not split across threads). The down projection
+  is the exception, wide input and narrow output: there `F.linear` is faster
+  (15 vs 12 GB/s for [1536 -> 576]). Decode is bound by these reads.
 - RoPE uses the HF "rotate half" layout; GGUF's interleaved Q/K rows are
   un-permuted by the weights module before they get here.
 - Grouped-query attention groups the query heads that share a KV head
@@ -124,7 +126,7 @@ class Block(nn.Module):
             "wo": weights["wo"].t(),  # [q, D]
             "mlp_norm": weights["mlp_norm"],
             "w_gate_up": torch.cat([weights["w_gate"].t(), weights["w_up"].t()], dim=1),  # [D, 2I]
-            "w_down": weights["w_down"].t(),  # [I, D]
+            "w_down": weights["w_down"],  # [D, I], used through F.linear (see the module notes)
         }
         if config.qkv_bias:
             buffers["bqkv"] = torch.cat([weights["bq"], weights["bk"], weights["bv"]])
@@ -140,9 +142,9 @@ class Block(nn.Module):
         qkv = h @ self.wqkv  # [N, q + 2kv]
         if self.bqkv is not None:
             qkv = qkv + self.bqkv
-        q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # [N, H, hd]
-        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # [N, KV, hd]
+        v = qkv[:, c.q_size + c.kv_size :]
+        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [N, H, hd], [N, KV, hd]
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         if len(segments) == 1:
             attn = self._attend(q, k, v, segments[0], layer)
@@ -156,7 +158,7 @@ class Block(nn.Module):
         x = x + attn @ self.wo
         h = F.rms_norm(x, (c.hidden_size,), self.mlp_norm, c.rms_eps)
         gate, up = (h @ self.w_gate_up).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ self.w_down
+        return x + F.linear(F.silu(gate) * up, self.w_down)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segment, layer: int) -> torch.Tensor:
         """q [T, H, hd], k/v [T, KV, hd] of one session -> [T, H*hd], through its cache."""
@@ -170,7 +172,10 @@ class Block(nn.Module):
         # Query heads sharing a KV head become rows of one matrix: [KV, group*T, hd].
         qg = q.view(t, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * t, c.head_dim)
         if t == 1:
-            out = F.scaled_dot_product_attention(qg, keys, values)
+            # One query row per head needs no mask; plain matmuls beat SDPA's
+            # dispatch on CPU for these tiny shapes (~20 vs ~90 us a layer).
+            scores = (qg @ keys.transpose(1, 2)) * (c.head_dim**-0.5)  # [KV, group, L]
+            out = scores.softmax(-1) @ values
         else:
             query_pos = torch.arange(seg.start, end, device=q.device)
             mask = query_pos[:, None] >= torch.arange(end, device=q.device)[None, :]  # [T, L]
