@@ -5,6 +5,12 @@ blocks it serves, how fast and how busy it is, and until when this is true. The 
 signs it with its identity key, so mDNS, announcements and gossip can all carry it
 through untrusted peers: a relay may drop a record, never change it.
 
+A node that shuts down gracefully signs one last record with `leaving` set: a tombstone.
+A table that merges it drops the peer from `records()` and `coverage()` at once, and keeps
+the tombstone until it expires so that an older live record, replayed by anyone, is
+refused as stale instead of bringing the peer back. Tombstones travel by gossip like any
+record (`newer_than` includes them), so the leave reaches tables that did not hear it.
+
 Checks happen in three places, so no bad record ever reaches routing:
 - building a `PeerRecord` checks every field's type, range and size (the record's
   invariants, whoever builds it), so `from_wire` only has to shape raw input;
@@ -55,7 +61,7 @@ MODEL_KEYS = ("architecture", "digest", "shape")  # a ModelFingerprint's to_dict
 WIRE_KEYS = frozenset(
     {
         "peer_id", "public_key", "addresses", "model", "num_layers", "span", "throughput", "load",
-        "free_kv_bytes", "protocol", "issued_at", "expires_at", "signature",
+        "free_kv_bytes", "protocol", "issued_at", "expires_at", "leaving", "signature",
     }
 )  # fmt: skip
 
@@ -77,6 +83,7 @@ class PeerRecord:
     issued_at: float  # unix seconds, when signed; newer replaces older
     expires_at: float  # unix seconds; after it nobody uses the record
     signature: bytes = field(repr=False)  # Ed25519 over signing_payload(), 64 bytes
+    leaving: bool = False  # a signed goodbye (a tombstone): the peer is gone, drop it until this expires
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):  # a read-only copy: a signed record must not change
@@ -101,10 +108,13 @@ class PeerRecord:
         load: float = 0.0,
         free_kv_bytes: int | None = None,
         protocol: int = PROTOCOL_VERSION,
+        leaving: bool = False,
     ) -> PeerRecord:
         """A record signed by `identity`, valid from `now` for `ttl` seconds.
 
         `model` is a `ModelFingerprint.to_dict()`. Fields are checked before signing.
+        With `leaving` it is a tombstone: give it at least the ttl of the live records it
+        replaces, so it outlives every one of them that could be replayed.
         """
         unsigned = cls(
             peer_id=identity.peer_id,
@@ -120,6 +130,7 @@ class PeerRecord:
             issued_at=float(now),
             expires_at=float(now) + float(ttl),
             signature=bytes(SIGNATURE_BYTES),  # placeholder, replaced below
+            leaving=leaving,
         )
         return replace(unsigned, signature=identity.sign(unsigned.signing_payload()))
 
@@ -153,6 +164,7 @@ class PeerRecord:
             "protocol": self.protocol,
             "issued_at": self.issued_at,
             "expires_at": self.expires_at,
+            "leaving": self.leaving,
             "signature": self.signature,
         }
 
@@ -193,6 +205,7 @@ class PeerRecord:
             issued_at=_as_float(raw["issued_at"]),
             expires_at=_as_float(raw["expires_at"]),
             signature=raw["signature"],
+            leaving=raw["leaving"],
         )
 
     def to_bytes(self) -> bytes:
@@ -253,6 +266,10 @@ class PeerTable:
     `merge` is the only way in and never raises on bad records: it returns whether the
     record was taken and counts refusals by reason in `refused`. `verifier` replaces
     `verify_record` (with the config's limits); simulations pass a memoising one.
+
+    A peer whose newest record is a tombstone (`leaving`) is gone: `len`, `in`, `get`,
+    `records` and `coverage` leave it out. Only gossip sees the tombstone (`versions`,
+    `newer_than`), until `expire` drops it; it still counts towards `max_peers`.
     """
 
     def __init__(self, config: TableConfig | None = None, *, verifier: Verifier | None = None) -> None:
@@ -260,18 +277,20 @@ class PeerTable:
         self._verify: Verifier = verifier or partial(
             verify_record, max_skew=self.config.max_skew_s, max_ttl=self.config.max_ttl_s
         )
-        self._records: dict[str, PeerRecord] = {}  # peer id -> newest record
+        self._records: dict[str, PeerRecord] = {}  # peer id -> newest record, tombstones included
         self._versions: dict[str, float] = {}  # peer id -> its record's issued_at, kept beside for cheap gossip diffs
+        self._tombstones = 0  # how many of _records are leaving: len() stays O(1)
         self.refused: Counter[str] = Counter()  # reason -> count
 
     def __len__(self) -> int:
-        return len(self._records)
+        """Peers held that have not left (expired ones count until `expire`)."""
+        return len(self._records) - self._tombstones
 
     def __contains__(self, peer_id: object) -> bool:
-        return peer_id in self._records
+        return isinstance(peer_id, str) and self.get(peer_id) is not None
 
     def merge(self, record: PeerRecord, now: float, source: str = "gossip") -> bool:
-        """Take `record` if it is valid and newer than the one held for its peer."""
+        """Take `record` if it is valid and newer than the one held for its peer (tombstones included)."""
         current = self._records.get(record.peer_id)
         if current is not None and record.issued_at <= current.issued_at:
             # Checked before the signature: records we already hold come back with every exchange.
@@ -286,9 +305,13 @@ class PeerTable:
             self.expire(now)
             if len(self._records) >= self.config.max_peers:
                 return self._refuse("table_full", source, record.peer_id)
-        self._records[record.peer_id] = record
-        self._versions[record.peer_id] = record.issued_at
-        if current is None:
+        self._put(record)
+        if record.leaving:
+            if current is not None and not current.leaving:
+                log.info("peer %s left (via %s)", record.peer_id, source)
+            else:
+                log.debug("tombstone of peer %s via %s", record.peer_id, source)
+        elif current is None or current.leaving:
             log.info("new peer %s via %s: %s span %s", record.peer_id, source, record.addresses[0], record.span)
         else:
             log.debug("peer %s refreshed via %s", record.peer_id, source)
@@ -303,35 +326,42 @@ class PeerTable:
         return self.merge(record, now, source)
 
     def expire(self, now: float) -> list[str]:
-        """Drop records past their expiry; returns the peer ids dropped."""
+        """Drop records (and tombstones) past their expiry; returns the peer ids dropped."""
         gone = [peer_id for peer_id, record in self._records.items() if not record.is_live(now)]
         for peer_id in gone:
-            del self._records[peer_id], self._versions[peer_id]
-            log.info("peer %s expired", peer_id)
+            record = self._drop(peer_id)
+            if record.leaving:
+                log.debug("tombstone of peer %s expired", peer_id)
+            else:
+                log.info("peer %s expired", peer_id)
         return gone
 
     def remove(self, peer_id: str) -> bool:
-        self._versions.pop(peer_id, None)
-        return self._records.pop(peer_id, None) is not None
+        """Forget `peer_id` (tombstone included); whether a peer that had not left was held."""
+        if peer_id not in self._records:
+            return False
+        return not self._drop(peer_id).leaving
 
     def get(self, peer_id: str) -> PeerRecord | None:
-        """The record held for `peer_id`, live or not yet expired by `expire`."""
-        return self._records.get(peer_id)
+        """The record held for `peer_id`, live or not yet expired by `expire`; None once it left."""
+        record = self._records.get(peer_id)
+        return None if record is None or record.leaving else record
 
     def records(self, now: float) -> list[PeerRecord]:
-        """Live records, ordered by peer id."""
-        return sorted((r for r in self._records.values() if r.is_live(now)), key=lambda r: r.peer_id)
+        """Live records of peers that have not left, ordered by peer id."""
+        return sorted((r for r in self._records.values() if r.is_live(now) and not r.leaving), key=lambda r: r.peer_id)
 
     def versions(self) -> dict[str, float]:
-        """peer id -> issued_at of every record held: what a gossip partner needs to send only news."""
+        """peer id -> issued_at of every record held, tombstones included: what a gossip partner needs to send only news."""
         return dict(self._versions)
 
     def newer_than(self, versions: Mapping[str, float], now: float) -> list[PeerRecord]:
-        """Live records that the holder of `versions` lacks or holds an older version of, by peer id.
+        """Live records (tombstones included) that the holder of `versions` lacks or holds an older version of.
 
-        Once tables agree this is the common case and costs one set difference (in C), not a
-        Python loop over the table: that keeps a 1000-peer gossip simulation in seconds.
-        A summary from the network must be checked first (str keys, float values, bounded size).
+        Ordered by peer id. Once tables agree this is the common case and costs one set
+        difference (in C), not a Python loop over the table: that keeps a 1000-peer gossip
+        simulation in seconds. A summary from the network must be checked first (str keys,
+        float values, bounded size).
         """
         news = []
         for peer_id, issued_at in self._versions.items() - versions.items():
@@ -346,10 +376,22 @@ class PeerTable:
         for record in self._records.values():
             if record.span is None or record.model_digest != model_digest or record.num_layers != num_layers:
                 continue
-            if record.is_live(now):
+            if record.is_live(now) and not record.leaving:
                 for block in range(*record.span):
                     counts[block] += 1
         return counts
+
+    def _put(self, record: PeerRecord) -> None:
+        current = self._records.get(record.peer_id)
+        self._tombstones += int(record.leaving) - int(current is not None and current.leaving)
+        self._records[record.peer_id] = record
+        self._versions[record.peer_id] = record.issued_at
+
+    def _drop(self, peer_id: str) -> PeerRecord:
+        record = self._records.pop(peer_id)
+        del self._versions[peer_id]
+        self._tombstones -= int(record.leaving)
+        return record
 
     def _refuse(self, reason: str, source: str, peer_id: str | None, error: SwarmError | None = None) -> bool:
         self.refused[reason] += 1
@@ -430,6 +472,8 @@ def _check_fields(record: PeerRecord) -> None:
         raise _malformed("protocol is not a version number")
     if not (_is_float(record.issued_at) and _is_float(record.expires_at) and 0.0 <= record.issued_at < record.expires_at):
         raise _malformed("issued_at and expires_at are not unix seconds with issued_at < expires_at")
+    if not isinstance(record.leaving, bool):
+        raise _malformed("leaving is not a boolean")
     size = len(record.to_bytes())
     if size > MAX_RECORD_BYTES:
         raise RecordRejected(f"peer record of {size} bytes is over {MAX_RECORD_BYTES}", reason="oversized")
@@ -445,11 +489,11 @@ def _check_addresses(addresses: object) -> None:
             raise _malformed(f"address {index} is not a string")
         if len(address) > MAX_ADDRESS_CHARS:
             raise RecordRejected(f"address {index} is over {MAX_ADDRESS_CHARS} characters", reason="oversized")
-        if not _is_base_url(address):
+        if not is_base_url(address):
             raise _malformed(f"address {index} is not an http(s)://host:port URL")
 
 
-def _is_base_url(address: str) -> bool:
+def is_base_url(address: str) -> bool:
     """"http://host:port" or "https://host:port", nothing more (no user, path, query)."""
     if not address.isascii() or not address.isprintable() or " " in address:
         return False

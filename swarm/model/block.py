@@ -80,8 +80,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, num_blocks: int, max_length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (num_blocks, config.num_kv_heads, max_length, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # never read before written: attention only looks at positions [0, length)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0
 
@@ -206,25 +207,28 @@ class Span(nn.Module):
     def device(self) -> torch.device:
         return self.blocks[0].wqkv.device
 
-    def new_cache(self, max_length: int) -> KVCache:
-        return KVCache(self.config, self.num_blocks, max_length, self.dtype, self.device)
+    def new_cache(self, max_length: int, blocks: tuple[int, int] | None = None) -> KVCache:
+        """A cache for the whole span, or for the sub-span `blocks` [i, j) only."""
+        first, last = blocks or (self.start, self.end)
+        return KVCache(self.config, last - first, max_length, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, segments: Sequence[Segment], blocks: tuple[int, int] | None = None) -> torch.Tensor:
         """x [N, D] (the tokens of all segments, in order) -> [N, D].
 
-        `blocks` picks a sub-span [i, j) (absolute block numbers) of this span; the
-        caches of the segments must hold the whole span. Each cache's `length`
-        becomes its segment's end.
+        `blocks` picks a sub-span [i, j) (absolute block numbers) of this span, and
+        every segment's cache holds exactly those j - i blocks. Each cache's
+        `length` becomes its segment's end.
         """
         first, last = blocks or (self.start, self.end)
         assert self.start <= first < last <= self.end, "sub-span checked by the caller"
         for seg in segments:
+            assert seg.cache.k.shape[0] == last - first, "cache made for another sub-span"
             seg.cache.check_step(seg.start, seg.length)
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(x.device)
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
-        for index in range(first - self.start, last - self.start):
-            x = self.blocks[index](x, cos, sin, segments, index)
+        for layer, index in enumerate(range(first - self.start, last - self.start)):
+            x = self.blocks[index](x, cos, sin, segments, layer)
         for seg in segments:
             seg.cache.length = seg.start + seg.length
         return x

@@ -44,7 +44,7 @@ class Head:
         """[T] ids -> [T, D] hidden states."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head_t.device)
         if self.embed_weight is None:
-            return self.lm_head_t[:, ids].t()
+            return self.lm_head_t[:, ids].t().contiguous()
         return F.embedding(ids, self.embed_weight)
 
     @torch.inference_mode()

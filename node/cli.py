@@ -1,0 +1,148 @@
+"""`swarm-node`: serve a span of a model's blocks to the swarm.
+
+Only this module parses arguments, configures logging and prints. It prints one
+line on stdout when the node is ready to serve:
+
+    ready peer=<id> url=<url> blocks=<start>:<end> model=<id> throughput=<blocks/s>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from swarm.errors import SwarmError
+from swarm.model import DEFAULT_MODEL
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '2GiB', '1g', '1048576' -> bytes (powers of 1024 for the i forms, 1000 otherwise)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)")
+    number, unit, suffix = match.groups()
+    base = 1024 if (suffix or "").lower() == "ib" or (unit and not suffix) else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"blocks must be START:END, e.g. 0:10, not {text!r}") from None
+    return start, end
+
+
+def default_identity_path() -> Path:
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "layerswarm" / "node.key"
+
+
+def lock_identity(path: Path):
+    """Hold an exclusive lock beside the key for the node's lifetime: two nodes, one identity is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_suffix(path.suffix + ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SwarmError(f"identity {path} is in use by another node on this machine: give this one its own --identity") from None
+    return handle
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-node",
+        description="Serve blocks [START, END) of a model to a layerswarm swarm over HTTP and websockets.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    parser.add_argument("--blocks", type=parse_blocks, required=True, metavar="START:END", help="the blocks to serve, e.g. 0:10")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from http://HOST:PORT")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
+    parser.add_argument("--kv-memory", type=parse_size, default=parse_size("2GiB"), metavar="SIZE", help="budget for all KV caches, e.g. 512MiB (default 2GiB)")
+    parser.add_argument("--max-length", type=int, default=8192, help="longest session in tokens (default 8192, capped by the model)")
+    parser.add_argument("--session-timeout", type=float, default=300.0, metavar="SECONDS", help="free an idle session's cache after this (default 300)")
+    parser.add_argument("--max-frame", type=parse_size, default=parse_size("64MiB"), metavar="SIZE", help="largest accepted frame (default 64MiB)")
+    parser.add_argument("--identity", type=Path, default=None, metavar="PATH", help=f"Ed25519 key file, created on first start (default {default_identity_path()})")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
+    try:
+        return asyncio.run(_run(args))
+    except SwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from node.backend import BackendConfig
+    from node.server import NodeConfig, serve
+    from swarm.identity import Identity
+    from swarm.model import load_span, open_checkpoint
+
+    identity_path = args.identity or default_identity_path()
+    lock = lock_identity(identity_path)
+    identity = Identity.load_or_create(identity_path)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    start, end = args.blocks
+    show = _progress() if sys.stderr.isatty() else None
+    with open_checkpoint(args.model) as checkpoint:
+        span = load_span(checkpoint, start, end, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
+        fingerprint = checkpoint.fingerprint()
+    if show:
+        show("")
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        max_frame=args.max_frame,
+        session_timeout_s=args.session_timeout,
+        backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
+    )
+
+    def ready(state) -> None:
+        print(
+            f"ready peer={state.identity.peer_id} url={state.url} blocks={start}:{end} model={fingerprint} "
+            f"throughput={state.backend.throughput:.1f}",
+            flush=True,
+        )
+
+    try:
+        await serve(span, fingerprint, identity, config, ready=ready)
+    finally:
+        lock.close()
+    return 0
+
+
+def _progress():
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r\033[K{message}")
+        sys.stderr.flush()
+
+    return show
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The node's aiohttp server: `GET /info`, `POST /forward` and the `/session` websocket.
+
+Every frame is checked at the edge (`swarm.wire`) and every refusal is a typed
+error frame, sent to the session's owner when the session is known and to the
+sender otherwise. A bad frame never ends the connection, let alone the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from node.backend import Backend, BackendConfig
+from node.channel import Channel
+from node.push import PushPool
+from node.sessions import NextHop, Session, Sessions
+from swarm import wire
+from swarm.errors import (
+    BadRequest,
+    BadSpan,
+    Busy,
+    FrameTooLarge,
+    LengthExceeded,
+    ModelMismatch,
+    PeerUnavailable,
+    SessionNotFound,
+    ShuttingDown,
+    SwarmError,
+)
+from swarm.identity import Identity
+from swarm.model import ModelFingerprint, Span
+from swarm.peers import PeerRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None  # what peers dial; default http://host:port
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    session_timeout_s: float = 300.0  # an idle session's cache is freed after this
+    shutdown_grace_s: float = 30.0  # how long SIGTERM waits for steps in flight
+    record_ttl_s: float = 60.0
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+
+@dataclass
+class NodeState:
+    """Everything the handlers share; built once by `serve`, owned by the app."""
+
+    config: NodeConfig
+    identity: Identity
+    fingerprint: ModelFingerprint
+    backend: Backend
+    push: PushPool
+    url: str = ""
+    sessions: Sessions = field(default_factory=Sessions)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
+    step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
+    shutting_down: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def span(self) -> Span:
+        return self.backend.span
+
+    def spawn(self, coro: Awaitable[Any], name: str, step: bool = False) -> None:
+        owner = self.step_tasks if step else self.tasks
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        owner.add(task)
+        task.add_done_callback(owner.discard)
+
+    def record(self) -> PeerRecord:
+        span = self.span
+        return PeerRecord.create(
+            self.identity,
+            addresses=(self.url,),
+            now=time.time(),
+            ttl=self.config.record_ttl_s,
+            model=self.fingerprint.to_dict(),
+            num_layers=span.config.num_layers,
+            span=(span.start, span.end),
+            throughput=self.backend.throughput,
+            load=min(1.0, self.backend.load),
+            free_kv_bytes=max(0, self.backend.kv_free),
+        )
+
+    def info(self) -> dict[str, Any]:
+        span, backend = self.span, self.backend
+        return {
+            "peer_id": self.identity.peer_id,
+            "public_key": self.identity.public_key_bytes.hex(),
+            "url": self.url,
+            "model": self.fingerprint.to_dict(),
+            "model_id": str(self.fingerprint),
+            "num_layers": span.config.num_layers,
+            "hidden_size": span.config.hidden_size,
+            "span": [span.start, span.end],
+            "dtype": str(span.dtype).removeprefix("torch."),
+            "device": str(span.device),
+            "protocol": wire.PROTOCOL_VERSION,
+            "throughput": backend.throughput,
+            "load": backend.load,
+            "sessions": backend.sessions,
+            "max_sessions": backend.config.max_sessions,
+            "max_length": backend.max_length,
+            "kv_free_bytes": backend.kv_free,
+            "kv_total_bytes": backend.config.kv_memory_bytes,
+            "steps": backend.steps_done,
+            "batches": backend.batches_done,
+            "shutting_down": self.shutting_down,
+            "uptime_s": time.time() - self.started,
+            "record": base64.b64encode(self.record().to_bytes()).decode(),
+        }
+
+
+STATE = web.AppKey("state", NodeState)
+
+# HTTP status for each error class on the plain-HTTP routes (most specific first)
+_HTTP_STATUS = (
+    (FrameTooLarge, 413),
+    (ModelMismatch, 409),
+    (SessionNotFound, 404),
+    (Busy, 503),
+    (ShuttingDown, 503),
+    (BadRequest, 400),
+    (BadSpan, 400),
+)
+
+
+# --- plain HTTP ---------------------------------------------------------------------------
+
+
+async def get_info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].info())
+
+
+async def post_forward(request: web.Request) -> web.Response:
+    """Stateless forward of hidden states through a sub-span (prefill-only work, verification)."""
+    state = request.app[STATE]
+    try:
+        if request.content_length is None or request.content_length > state.config.max_frame:
+            raise FrameTooLarge(f"body must have a Content-Length of at most {state.config.max_frame} bytes")
+        if state.shutting_down:
+            raise ShuttingDown("node is shutting down")
+        message = wire.decode(await request.read(), state.config.max_frame)
+        if message["type"] != "forward":
+            raise BadRequest(f"POST /forward takes a 'forward' message, not {message['type']!r}")
+        _check_model(state, message)
+        blocks = wire.block_range(message)
+        state.backend.check_blocks(blocks)
+        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=state.span.config.hidden_size, max_tokens=state.backend.max_length)
+        out = await state.backend.forward(blocks, hidden)
+        dtype = message["hidden"]["dtype"]
+        body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
+        return web.Response(body=body, content_type="application/msgpack")
+    except SwarmError as exc:
+        status = next((code for cls, code in _HTTP_STATUS if isinstance(exc, cls)), 500)
+        return web.Response(status=status, body=wire.encode(wire.error_message(exc)), content_type="application/msgpack")
+
+
+def _check_model(state: NodeState, message: dict[str, Any]) -> None:
+    model = wire.field(message, "model", str)
+    if model != state.fingerprint.digest:
+        raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {model}")
+
+
+# --- the session websocket ---------------------------------------------------------------
+
+
+async def session_socket(request: web.Request) -> web.WebSocketResponse:
+    state = request.app[STATE]
+    # aiohttp drops a connection whose frame is over its own limit; ours, checked in
+    # wire.decode, is half of it, so frames up to twice our limit get a typed error.
+    ws = web.WebSocketResponse(max_msg_size=2 * state.config.max_frame, compress=False)
+    await ws.prepare(request)
+    channel = Channel(ws, f"{request.remote}")
+    state.sockets.add(ws)
+    try:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await _handle_frame(state, channel, msg.data)
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await channel.send(wire.error_message(BadRequest("frames must be binary msgpack, not text")))
+    finally:
+        state.sockets.discard(ws)
+        for session in state.sessions.owned_by(channel):
+            _close_session(state, session)  # the owner is gone: free its caches
+    return ws
+
+
+_Handler = Callable[[NodeState, Channel, dict[str, Any]], Awaitable[None]]
+
+
+async def _handle_frame(state: NodeState, channel: Channel, frame: bytes) -> None:
+    message: dict[str, Any] = {}
+    try:
+        message = wire.decode(frame, state.config.max_frame)
+        handler = _HANDLERS.get(message["type"])
+        if handler is None:
+            raise BadRequest(f"unknown message type {message['type']!r}")
+        await handler(state, channel, message)
+    except SwarmError as exc:
+        context = {k: message[k] for k in ("session", "step") if isinstance(message.get(k), (str, int))}
+        session = state.sessions.find(message.get("session"))
+        # A bad pushed step concerns the session's owner, who can re-route; anything
+        # else goes back to whoever sent it.
+        target = session.owner if session is not None and message.get("type") == "step" else channel
+        await target.send(wire.error_message(exc, **context))
+
+
+async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
+    if state.shutting_down:
+        raise ShuttingDown("node is shutting down: open the session elsewhere")
+    session_id = wire.session_id(message)
+    _check_model(state, message)
+    blocks = wire.block_range(message)
+    state.backend.check_blocks(blocks)
+    max_length = wire.field(message, "max_length", int)
+    dtype = message.get("dtype", "bfloat16")
+    wire.wire_dtype(dtype)
+    next_hop = _next_hop(message.get("next"))
+    if state.sessions.find(session_id):
+        raise BadRequest(f"session {session_id} is already open on this node")
+    cache = state.backend.open_cache(blocks, max_length)
+    state.sessions.add(Session(session_id, channel, blocks, max_length, dtype, next_hop, cache))
+    log.debug("opened session %s blocks %s max_length %d", session_id, blocks, max_length)
+    await channel.send({"type": "opened", "session": session_id, "blocks": list(blocks), "max_length": max_length})
+
+
+def _next_hop(raw: object) -> NextHop | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadRequest("field 'next' must be a map of url and session")
+    url = wire.field(raw, "url", str)
+    if not url.startswith(("http://", "https://")) or len(url) > 256:
+        raise BadRequest("next hop url must be an http(s) URL of at most 256 characters")
+    return NextHop(url, wire.session_id(raw))
+
+
+async def _on_step(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
+    session = state.sessions.get(wire.session_id(message))
+    if state.shutting_down and channel is session.owner:
+        # A new step from the client; steps pushed by a previous hop are in flight and still run.
+        raise ShuttingDown("node is shutting down: move the session elsewhere")
+    step = wire.non_negative_int(message, "step")
+    position = wire.non_negative_int(message, "position")
+    output = message.get("output", "all")
+    if output not in ("all", "last"):
+        raise BadRequest("field 'output' must be 'all' or 'last'")
+    hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=state.span.config.hidden_size, max_tokens=session.max_length)
+    if position + hidden.shape[0] > session.max_length:
+        raise LengthExceeded(f"step would reach position {position + hidden.shape[0]}, past max_length {session.max_length}")
+    session.touch()
+    done = state.backend.submit(session.cache, session.blocks, hidden, position)
+    state.spawn(_finish_step(state, session, step, position, output, done, time.perf_counter()), f"step {session.id}:{step}", step=True)
+
+
+async def _finish_step(state: NodeState, session: Session, step: int, position: int, output: str, done: asyncio.Future, began: float) -> None:
+    context = {"session": session.id, "step": step}
+    try:
+        out = await done
+    except SwarmError as exc:
+        await session.owner.send(wire.error_message(exc, **context))
+        return
+    compute_ms = (time.perf_counter() - began) * 1e3
+    if session.next_hop is None:
+        hidden = out[-1:] if output == "last" else out
+        await session.owner.send({"type": "result", **context, "blocks": list(session.blocks), "compute_ms": compute_ms, "hidden": wire.pack_tensor(hidden, session.wire_dtype)})
+        return
+    forward = {"type": "step", "session": session.next_hop.session, "step": step, "position": position, "output": output, "hidden": wire.pack_tensor(out, session.wire_dtype)}
+    try:
+        await state.push.push(session.next_hop.url, forward)
+    except PeerUnavailable as exc:
+        await session.owner.send(wire.error_message(exc, **context, hop=session.next_hop.url))
+        return
+    await session.owner.send({"type": "ack", **context, "blocks": list(session.blocks), "compute_ms": compute_ms})
+
+
+async def _on_close(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
+    session = state.sessions.get(wire.session_id(message))
+    _close_session(state, session)
+    await channel.send({"type": "closed", "session": session.id})
+
+
+def _close_session(state: NodeState, session: Session) -> None:
+    if state.sessions.find(session.id) is session:
+        state.sessions.pop(session.id)
+    state.backend.free_cache(session.cache)
+
+
+_HANDLERS: dict[str, _Handler] = {"open": _on_open, "step": _on_step, "close": _on_close}
+
+
+async def _reap_idle(state: NodeState) -> None:
+    """Free the caches of sessions nobody has stepped for `session_timeout_s`."""
+    period = max(0.05, min(10.0, state.config.session_timeout_s / 4))
+    while True:
+        await asyncio.sleep(period)
+        for session in state.sessions.idle(state.config.session_timeout_s):
+            _close_session(state, session)
+            await session.owner.send(
+                wire.error_message(SessionNotFound(f"session {session.id} expired after {state.config.session_timeout_s:g} s idle"), session=session.id)
+            )
+
+
+# --- lifecycle ----------------------------------------------------------------------------
+
+
+def build_app(state: NodeState) -> web.Application:
+    app = web.Application(client_max_size=state.config.max_frame)
+    app[STATE] = state
+    app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
+    return app
+
+
+async def shutdown(state: NodeState) -> None:
+    """Refuse new sessions, finish steps in flight, then close every session with `shutting_down`."""
+    state.shutting_down = True
+    try:
+        await asyncio.wait_for(state.backend.drain(), state.config.shutdown_grace_s)
+        if state.step_tasks:
+            await asyncio.wait(list(state.step_tasks), timeout=state.config.shutdown_grace_s)
+    except asyncio.TimeoutError:
+        log.warning("steps still running after %.0f s; closing anyway", state.config.shutdown_grace_s)
+    for session in state.sessions:
+        _close_session(state, session)
+        await session.owner.send(wire.error_message(ShuttingDown("node is shutting down: move the session elsewhere"), session=session.id))
+    for ws in list(state.sockets):  # a copy: handlers remove themselves as they end
+        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node shutting down")
+
+
+async def serve(
+    span: Span,
+    fingerprint: ModelFingerprint,
+    identity: Identity,
+    config: NodeConfig,
+    ready: Callable[[NodeState], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a node until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with aiohttp.ClientSession() as http, Backend(span, config.backend) as backend:
+        push = PushPool(http, config.max_frame)
+        state = NodeState(config, identity, fingerprint, backend, push)
+        runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.host, config.port)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+            state.spawn(_reap_idle(state), "reaper")
+            if ready:
+                ready(state)
+            await stop.wait()
+            log.info("shutting down")
+            await shutdown(state)
+        finally:
+            tasks = state.tasks | state.step_tasks
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await push.close()
+            await runner.cleanup()

@@ -1,0 +1,82 @@
+"""Start real `swarm-node` processes for tests and stop them by pid."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = re.compile(r"^ready peer=(\S+) url=(\S+) blocks=(\d+):(\d+) model=(\S+)")
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen
+    peer_id: str = ""
+    url: str = ""
+    blocks: tuple[int, int] = (0, 0)
+    output: list[str] = field(default_factory=list)
+    settled: threading.Event = field(default_factory=threading.Event)  # ready line seen, or output ended
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def start_nodes(specs: list[list[str]], tmp: Path, timeout: float = 180.0, prefix: list[str] | None = None) -> list[NodeProcess]:
+    """Start one node per argument list (all at once) and wait until every one printed its ready line."""
+    nodes = []
+    for index, args in enumerate(specs):
+        argv = [sys.executable, "-m", "node.cli", "--identity", str(tmp / f"node{index}-{os.getpid()}.key"), *args]
+        proc = subprocess.Popen((prefix or []) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        nodes.append(NodeProcess(proc))
+    for node in nodes:
+        threading.Thread(target=_pump, args=(node,), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    try:
+        for node in nodes:
+            if not node.settled.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("node did not become ready:\n" + "".join(node.output))
+            if not node.url:
+                raise RuntimeError(f"node exited with {node.proc.wait(10)}:\n" + "".join(node.output))
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+def _pump(node: NodeProcess) -> None:
+    """Read the node's output in a thread: record the ready line, keep the rest for failure messages."""
+    for line in node.proc.stdout:
+        node.output.append(line)
+        match = READY.match(line)
+        if match:
+            node.peer_id, url, start, end = match.group(1), match.group(2), match.group(3), match.group(4)
+            node.blocks = (int(start), int(end))
+            node.url = url
+            node.settled.set()
+    node.settled.set()
+
+
+def stop_nodes(nodes: list[NodeProcess]) -> None:
+    for node in nodes:
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    for node in nodes:
+        try:
+            node.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
