@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from common import emit
+from common import emit  # run as a script: benchmarks/ is on sys.path
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 

@@ -52,6 +52,7 @@ class _HopState:
     ws: aiohttp.ClientWebSocketResponse | None = None
     reader: asyncio.Task | None = None
     acked: int = -1  # last step this hop acknowledged
+    compute_ms: float = 0.0  # model time of the last acknowledged step
 
 
 @dataclass
@@ -82,6 +83,11 @@ class RouteSession:
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
+
+    @property
+    def compute_ms(self) -> list[float]:
+        """Each hop's model time for the last step it acknowledged."""
+        return [h.compute_ms for h in self.hops]
 
     async def __aenter__(self) -> RouteSession:
         try:
@@ -147,10 +153,11 @@ class RouteSession:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
                 try:
-                    message = wire.decode(msg.data, self.config.max_frame)
-                    self._dispatch(state, message)
+                    self._dispatch(state, wire.decode(msg.data, self.config.max_frame))
                 except SwarmError as exc:
                     self._fail_all(exc)
+                except (ValueError, TypeError, KeyError) as exc:  # a node that breaks the protocol
+                    self._fail_all(BadRequest(f"{state.hop} sent a malformed message: {type(exc).__name__}"))
         finally:
             if state.ws.close_code is not None or state.ws.closed:
                 self._fail_all(PeerUnavailable(f"{state.hop} closed the connection"))
@@ -160,14 +167,14 @@ class RouteSession:
         step = message.get("step")
         if kind == "opened":
             _resolve(self._opened.get(message.get("session")), None)
-        elif kind == "ack":
+        elif kind in ("ack", "result"):
             state.acked = max(state.acked, int(step))
-        elif kind == "result":
-            state.acked = max(state.acked, int(step))
+            state.compute_ms = float(message.get("compute_ms", 0.0))
+        if kind == "result":
             pending = self._pending.get(step)
             if pending:
                 _resolve(pending.done, wire.unpack_tensor(message.get("hidden")))
-        elif kind == "error":
+        if kind == "error":
             error = error_from_code(str(message.get("code")), f"{state.hop}: {message.get('message')}")
             error.hop = state.hop  # which hop reported it, for re-routing
             opened = self._opened.get(message.get("session"))
@@ -177,8 +184,6 @@ class RouteSession:
                 _fail(self._pending[step].done, error)
             else:
                 self._fail_all(error)
-        elif kind == "closed":
-            pass
 
     def _fail_all(self, error: SwarmError) -> None:
         if self.broken is None:

@@ -34,6 +34,13 @@ class BackendConfig:
     max_batch_tokens: int = 8192  # tokens in one forward, summed over sessions
 
 
+@dataclass(frozen=True)
+class StepResult:
+    hidden: torch.Tensor  # [T, D] on the CPU
+    compute_s: float  # the forward of the batch this step rode in
+    batch_size: int  # sessions in that batch
+
+
 @dataclass
 class _Step:
     cache: KVCache
@@ -123,7 +130,7 @@ class Backend:
     # --- compute --------------------------------------------------------------------
 
     def submit(self, cache: KVCache, blocks: tuple[int, int], hidden: torch.Tensor, position: int) -> asyncio.Future:
-        """Queue one session's step through `blocks` and its cache: [T, D] in, a future of [T, D] (CPU).
+        """Queue one session's step through `blocks` and its cache: [T, D] in, a future `StepResult`.
 
         Synchronous, so steps enter the queue in the order they arrived.
         """
@@ -134,7 +141,7 @@ class Backend:
         return done
 
     async def step(self, cache: KVCache, blocks: tuple[int, int], hidden: torch.Tensor, position: int) -> torch.Tensor:
-        return await self.submit(cache, blocks, hidden, position)
+        return (await self.submit(cache, blocks, hidden, position)).hidden
 
     async def forward(self, blocks: tuple[int, int], hidden: torch.Tensor) -> torch.Tensor:
         """Stateless forward through `blocks` (a scratch cache of exactly the prompt's length)."""
@@ -195,14 +202,16 @@ class Backend:
         self._pending = later
         return batch
 
-    def _compute(self, blocks: tuple[int, int], items: list[_Step]) -> list[torch.Tensor]:
+    def _compute(self, blocks: tuple[int, int], items: list[_Step]) -> list[StepResult]:
         """In the compute thread: one ragged forward for all `items`."""
+        began = time.perf_counter()
         span = self.span
         x = torch.cat([item.hidden for item in items]).to(device=span.device, dtype=span.dtype)
         segments = [Segment(item.cache, item.position, item.hidden.shape[0]) for item in items]
         out = span(x, segments, blocks).cpu()
+        elapsed = time.perf_counter() - began
         self.steps_done += len(items)
-        return list(out.split([item.hidden.shape[0] for item in items]))
+        return [StepResult(h, elapsed, len(items)) for h in out.split([item.hidden.shape[0] for item in items])]
 
     def _self_benchmark(self, steps: int = 8) -> float:
         """Blocks per second for one-token steps through the whole span, in the compute thread."""

@@ -272,14 +272,16 @@ async def _on_step(state: NodeState, channel: Channel, message: dict[str, Any]) 
 async def _finish_step(state: NodeState, session: Session, step: int, position: int, output: str, done: asyncio.Future, began: float) -> None:
     context = {"session": session.id, "step": step}
     try:
-        out = await done
+        result = await done
     except SwarmError as exc:
         await session.owner.send(wire.error_message(exc, **context))
         return
-    compute_ms = (time.perf_counter() - began) * 1e3
+    out = result.hidden
+    # compute_ms: the model alone; queue_ms: from arrival to result (queueing and thread hops included)
+    timing = {"compute_ms": result.compute_s * 1e3, "queue_ms": (time.perf_counter() - began) * 1e3, "batch": result.batch_size}
     if session.next_hop is None:
         hidden = out[-1:] if output == "last" else out
-        await session.owner.send({"type": "result", **context, "blocks": list(session.blocks), "compute_ms": compute_ms, "hidden": wire.pack_tensor(hidden, session.wire_dtype)})
+        await session.owner.send({"type": "result", **context, "blocks": list(session.blocks), **timing, "hidden": wire.pack_tensor(hidden, session.wire_dtype)})
         return
     forward = {"type": "step", "session": session.next_hop.session, "step": step, "position": position, "output": output, "hidden": wire.pack_tensor(out, session.wire_dtype)}
     try:
@@ -287,7 +289,7 @@ async def _finish_step(state: NodeState, session: Session, step: int, position: 
     except PeerUnavailable as exc:
         await session.owner.send(wire.error_message(exc, **context, hop=session.next_hop.url))
         return
-    await session.owner.send({"type": "ack", **context, "blocks": list(session.blocks), "compute_ms": compute_ms})
+    await session.owner.send({"type": "ack", **context, "blocks": list(session.blocks), **timing})
 
 
 async def _on_close(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:

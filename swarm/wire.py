@@ -12,8 +12,8 @@ Message types (fields beyond `type` and `v`):
     open     session, blocks [i, j], max_length, dtype, model, next? {url, session}
     opened   session, blocks, max_length
     step     session, step, position, hidden (tensor [T, D]), output? ("all" | "last")
-    ack      session, step, blocks, compute_ms         (every hop -> session owner)
-    result   session, step, hidden                     (last hop -> session owner)
+    ack      session, step, blocks, compute_ms, queue_ms, batch   (every hop -> session owner)
+    result   session, step, blocks, compute_ms, queue_ms, batch, hidden   (last hop -> owner)
     close    session
     closed   session
     error    code, message, session?, step?

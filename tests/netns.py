@@ -27,9 +27,10 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Callable, Iterator, Sequence
+from typing import IO
 
 import pytest
 
@@ -49,7 +50,7 @@ def require() -> None:
 def ip(*args: str, namespace: str | None = None) -> None:
     """Run `ip [-n namespace] args`; a failure raises with ip's own message."""
     argv = ["ip", *(["-n", namespace] if namespace else []), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
 
@@ -193,7 +194,7 @@ class Lines:
 
 def _free_subnet() -> str:
     """A 10.213.X prefix that no root-namespace address uses (X from the pid, then onwards)."""
-    listed = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    listed = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=False, capture_output=True, text=True, timeout=10).stdout
     used = set()
     for field in listed.split():
         if "/" in field and field.count(".") == 3:

@@ -25,7 +25,7 @@ from aiohttp import web
 from swarm import wire
 from swarm.discovery.exchange import exchange
 from swarm.discovery.gossip import Gossip, GossipConfig, fetch_peers, peers_routes
-from swarm.errors import PeerUnavailable, SignatureInvalid
+from swarm.errors import BadRequest, PeerUnavailable, SignatureInvalid
 from swarm.identity import Identity
 from swarm.peers import PeerRecord, PeerTable, verify_record
 
@@ -389,3 +389,21 @@ async def test_fetch_peers_drops_bad_records_and_raises_typed_errors(http: aioht
             await fetch_peers(http, await serve(stack, []), timeout=1.0)  # 404: not a peer
     with pytest.raises(PeerUnavailable):
         await fetch_peers(http, url, timeout=1.0)  # closed
+
+
+async def test_frames_stay_within_their_limits(http: aiohttp.ClientSession) -> None:
+    now = time.time()
+    table = PeerTable()
+    for _ in range(40):
+        assert table.merge(make(Identity.generate(), now=now, model=MODEL, num_layers=NUM_LAYERS, span=(0, 1)), now)
+    size = len(table.records(now)[0].to_bytes())
+    async with AsyncExitStack() as stack:
+        url = await serve(stack, peers_routes(table, max_frame=8 * 1024, max_records=30))
+        async with http.get(url + "/peers") as response:
+            frame = await response.read()
+        assert len(frame) <= 8 * 1024 and len(wire.decode(frame)["records"]) == (8 * 1024 - 64) // size
+        assert len(await fetch_peers(http, url, timeout=1.0)) == (8 * 1024 - 64) // size
+        capped = await serve(stack, peers_routes(table, max_records=30))
+        assert len(await fetch_peers(http, capped, timeout=1.0, max_records=30)) == 30
+        with pytest.raises(BadRequest):
+            await fetch_peers(http, capped, timeout=1.0, max_records=29)  # the client's own limit

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -98,9 +99,10 @@ def signed(identity: Identity, port: int, *, now: float | None = None, span: tup
 def test_config_checks_interfaces_and_ttl() -> None:
     assert MdnsConfig(interfaces=["127.0.0.1", "10.1.2.3"]).interfaces == ("127.0.0.1", "10.1.2.3")
     assert BROWSE.removal_bound_s == 6.0
-    for bad in ({"interfaces": "eth0"}, {"interfaces": ["not-an-ip"]}, {"interfaces": []}, {"ttl_s": 0}):
+    bad: list[dict[str, Any]] = [{"interfaces": "eth0"}, {"interfaces": ["not-an-ip"]}, {"interfaces": []}, {"ttl_s": 0}]
+    for fields in bad:
         with pytest.raises(ValueError):
-            MdnsConfig(**bad)  # type: ignore[arg-type]
+            MdnsConfig(**fields)
 
 
 def test_advert_txt_is_small_and_checked() -> None:
@@ -217,6 +219,7 @@ def start_peer(lan: Lan, host: int, mode: str, *argv: str) -> tuple[int, Lines, 
 
 def event(lines: Lines, kind: str, peer_id: str, timeout: float) -> float:
     """Wait for the browser's `kind` event about `peer_id`; returns its unix time."""
+
     def matches(line: str) -> bool:
         fields = json.loads(line)
         return fields["event"] == kind and fields["peer_id"] == peer_id

@@ -17,8 +17,9 @@ stay "present" for ~19 minutes whatever TTL it announced. So:
 - the browser, every `sweep_interval_s`, checks each service it knows: an SRV/TXT/A still
   live in its cache costs nothing; an expired one is asked for once on the network
   (`AsyncServiceInfo.async_request`, `probe_timeout_ms`); no answer means the node is gone
-  and its peer leaves the table. A crashed node is gone from tables after at most
-  ttl_s + sweep_interval_s + probe_timeout_ms. A goodbye (`Removed`) removes it at once.
+  and its peer leaves the table. A crashed node is gone from tables after at most its own
+  ttl_s plus the browser's sweep_interval_s and probe_timeout_ms (`removal_bound_s`).
+  A goodbye (`Removed`) removes it at once.
 - The sweep also re-fetches `/info` when the table's copy of a record passed half its
   lifetime, so LAN peers stay fresh without gossip.
 
@@ -42,9 +43,10 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Coroutine, Literal, Sequence
+from typing import Any, Literal
 
 import aiohttp
 from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
@@ -71,7 +73,7 @@ class MdnsConfig:
     ["127.0.0.1"] or a namespace's address.
     """
 
-    interfaces: Literal["all"] | tuple[str, ...] = "all"
+    interfaces: Literal["all"] | Sequence[str] = "all"  # stored as a tuple
     ttl_s: int = 15  # TTL of our records; a crashed node leaves tables within ~ttl + sweep + probe
     browse: bool = True
     advertise: bool = True
@@ -148,7 +150,7 @@ class _Service:
 
     peer_id: str  # from the instance name
     alive: bool = True  # false once its records expired and nobody answered a probe
-    learned: bool = False  # the table holds this peer because mDNS merged it
+    learned: bool = False  # mDNS merged (or fetched the very record the table holds): mDNS may remove it
     again: bool = False  # an event came while a task was working on it: look once more
 
 
@@ -156,8 +158,10 @@ class Mdns:
     """Advertise this node and/or browse the LAN, as an async context manager.
 
     `table` receives records found by browsing (needed when `config.browse`); `advert`
-    is what to announce (needed when `config.advertise`). Failures are counted by
-    reason in `failures`; record refusals are counted by the table itself.
+    is what to announce (needed when `config.advertise`). Services we could not use are
+    counted by reason in `failures` (a record that does not even decode is counted there
+    under the table's reason names); records that decode but fail verification are
+    counted by the table in `PeerTable.refused`. `stats` counts what went right.
     """
 
     def __init__(self, config: MdnsConfig, *, table: PeerTable | None = None, advert: Advert | None = None) -> None:
@@ -203,9 +207,7 @@ class Mdns:
             self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._stack.aclose()  # AsyncZeroconf.async_close unregisters: goodbyes go out
         log.debug("mdns closed; failures %s", dict(self.failures))
 
@@ -390,12 +392,17 @@ class Mdns:
             return None
         try:
             info = json.loads(body)
-            encoded = info["record"] if isinstance(info, dict) else None
-            if not isinstance(encoded, str):
-                raise ValueError("no record string")
-            data = base64.b64decode(encoded, validate=True)
-        except (ValueError, binascii.Error) as error:  # JSON, UTF-8 and base64 errors are ValueErrors
+        except ValueError as error:  # JSON and UTF-8 errors
             self._fail("bad_info", name, f"({type(error).__name__})")
+            return None
+        encoded = info.get("record") if isinstance(info, dict) else None
+        if not isinstance(encoded, str):
+            self._fail("bad_info", name, "(no record string)")
+            return None
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            self._fail("bad_info", name, "(record is not base64)")
             return None
         try:
             return PeerRecord.from_bytes(data)

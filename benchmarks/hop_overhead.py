@@ -1,0 +1,152 @@
+"""Per-hop overhead of a one-token step, and aggregate throughput of concurrent sessions.
+
+Overhead: one-token steps through real `swarm-node` processes on loopback; the
+client's round-trip time minus the model time each hop reports is what the
+protocol costs (frames, websocket, event loop, the hop to the compute thread).
+A bare aiohttp websocket echo of the same frame, in the same run, is the floor.
+
+Throughput: N sessions stepping one token at a time, concurrently, through one
+node holding the whole model; continuous batching should make 8 sessions much
+faster in aggregate than one.
+
+Run: `python benchmarks/hop_overhead.py [--steps 400] [--seconds 6]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import torch
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit  # noqa: E402
+from client.session import Hop, RouteSession, SessionConfig  # noqa: E402
+from swarm import wire  # noqa: E402
+from tests.nodes import start_nodes, stop_nodes  # noqa: E402
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+async def bare_echo(steps: int) -> list[float]:
+    """Round trips of a one-token frame through a bare aiohttp websocket that forwards it back."""
+
+    async def echo(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_bytes(msg.data)
+        return ws
+
+    app = web.Application()
+    app.add_routes([web.get("/echo", echo)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    frame = wire.encode({"type": "step", "session": "s", "step": 0, "position": 0, "hidden": wire.pack_tensor(torch.randn(1, 576), "float32")})
+    times = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/echo") as ws:
+        for _ in range(steps + 20):
+            begin = time.perf_counter()
+            await ws.send_bytes(frame)
+            await ws.receive()
+            times.append(time.perf_counter() - begin)
+    await runner.cleanup()
+    return times[20:]
+
+
+async def overhead(hops: list[Hop], digest: str, steps: int) -> list[float]:
+    """Per step: round trip minus the model time of every hop, divided by the hop count."""
+    x = torch.randn(1, 576)
+    per_hop = []
+    async with aiohttp.ClientSession() as http:
+        async with RouteSession(http, hops, digest, steps + 32, SessionConfig(wire_dtype="float32")) as session:
+            for position in range(steps + 20):
+                begin = time.perf_counter()
+                await session.forward(x, position)
+                elapsed = time.perf_counter() - begin
+                if position >= 20:
+                    per_hop.append((elapsed - sum(session.compute_ms) / 1e3) / len(hops))
+    return per_hop
+
+
+async def aggregate(url: str, digest: str, sessions: int, seconds: float) -> float:
+    """Tokens/s summed over `sessions` concurrent one-token loops through one node."""
+    hop = [Hop(url, 0, 30)]
+    counts = [0] * sessions
+    stop = asyncio.Event()
+
+    async def one(index: int, session: RouteSession) -> None:
+        x = torch.randn(1, 576)
+        position = 0
+        while not stop.is_set():
+            await session.forward(x, position)
+            position += 1
+            counts[index] += 1
+
+    async with aiohttp.ClientSession() as http:
+        opened = [RouteSession(http, hop, digest, 512, SessionConfig(wire_dtype="float32")) for _ in range(sessions)]
+        for session in opened:
+            await session.__aenter__()
+        try:
+            tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(opened)]
+            await asyncio.sleep(1.0)  # warm up: every loop running
+            start_counts, begin = sum(counts), time.perf_counter()
+            await asyncio.sleep(seconds)
+            done, elapsed = sum(counts) - start_counts, time.perf_counter() - begin
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for session in opened:
+                await session.close()
+    return done / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    args = parser.parse_args()
+    from swarm.model import DEFAULT_MODEL, open_checkpoint
+
+    with open_checkpoint(DEFAULT_MODEL) as ck:
+        digest = ck.fingerprint().digest
+    tmp = Path(tempfile.mkdtemp())
+    print("starting nodes ...", file=sys.stderr)
+    nodes = start_nodes([["--blocks", "0:1"], ["--blocks", "1:2"], ["--blocks", "0:30", "--max-sessions", "64"]], tmp)
+    try:
+        bare = bare_echo(args.steps)
+        base_median, base_p99 = _quantiles(await bare)
+        emit("bare_websocket_round_trip_median", base_median * 1e3, "ms", {"steps": args.steps})
+        for count in (1, 2):
+            hops = [Hop(n.url, *n.blocks) for n in nodes[:count]]
+            median, p99 = _quantiles(await overhead(hops, digest, args.steps))
+            params = {"hops": count, "steps": args.steps, "wire": "float32"}
+            emit("hop_overhead_median", median * 1e3, "ms", params, human=f"{count}-hop route: overhead per hop median {median * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (bare websocket round trip {base_median * 1e3:.3f} ms)")
+            emit("hop_overhead_p99", p99 * 1e3, "ms", params)
+            emit("hop_overhead_vs_bare_websocket", median / base_median, "ratio", params)
+        single = None
+        for sessions in (1, 8, 32):
+            rate = await aggregate(nodes[2].url, digest, sessions, args.seconds)
+            single = single or rate
+            emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": 30}, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session)")
+            emit("aggregate_speedup_vs_one_session", rate / single, "ratio", {"sessions": sessions})
+    finally:
+        stop_nodes(nodes)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
