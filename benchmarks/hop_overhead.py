@@ -83,8 +83,14 @@ async def overhead(hops: list[Hop], digest: str, steps: int) -> list[float]:
     return per_hop
 
 
-async def aggregate(url: str, digest: str, sessions: int, seconds: float) -> float:
-    """Tokens/s summed over `sessions` concurrent one-token loops through one node."""
+async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
+    async with http.get(f"{url}/info") as response:
+        info = await response.json()
+    return info["steps"], info["batches"]
+
+
+async def aggregate(url: str, digest: str, sessions: int, seconds: float) -> tuple[float, float]:
+    """(tokens/s summed over `sessions` concurrent one-token loops through one node, mean batch size)."""
     hop = [Hop(url, 0, 30)]
     counts = [0] * sessions
     stop = asyncio.Event()
@@ -105,14 +111,16 @@ async def aggregate(url: str, digest: str, sessions: int, seconds: float) -> flo
             tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(opened)]
             await asyncio.sleep(1.0)  # warm up: every loop running
             start_counts, begin = sum(counts), time.perf_counter()
+            steps0, batches0 = await _counters(http, url)
             await asyncio.sleep(seconds)
+            steps1, batches1 = await _counters(http, url)
             done, elapsed = sum(counts) - start_counts, time.perf_counter() - begin
             stop.set()
             await asyncio.gather(*tasks)
         finally:
             for session in opened:
                 await session.close()
-    return done / elapsed
+    return done / elapsed, (steps1 - steps0) / max(1, batches1 - batches0)
 
 
 async def main() -> None:
@@ -140,9 +148,10 @@ async def main() -> None:
             emit("hop_overhead_vs_bare_websocket", median / base_median, "ratio", params)
         single = None
         for sessions in (1, 8, 32):
-            rate = await aggregate(nodes[2].url, digest, sessions, args.seconds)
+            rate, batch = await aggregate(nodes[2].url, digest, sessions, args.seconds)
             single = single or rate
-            emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": 30}, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session)")
+            emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": 30}, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session), mean batch {batch:.1f}")
+            emit("mean_batch_size", batch, "sessions", {"sessions": sessions})
             emit("aggregate_speedup_vs_one_session", rate / single, "ratio", {"sessions": sessions})
     finally:
         stop_nodes(nodes)

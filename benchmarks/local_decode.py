@@ -63,7 +63,7 @@ def run_ours(model: str, dtype_name: str, new_tokens: int, trials: int) -> dict:
         stats = GenerationStats()
         list(stream_tokens_sync(local.head, LocalBlocks(local.span, len(ids) + new_tokens), ids, params, stats))
         runs.append(stats)
-    weight_bytes = sum(b.nbytes for b in local.span.buffers() if b.dim() == 2) + local.head.lm_head_t.nbytes
+    weight_bytes = local.span.weight_bytes + local.head.lm_head_t.nbytes
     best = max(runs, key=lambda s: s.decode_tokens_per_s)
     return {
         "load_s": load_s,

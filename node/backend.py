@@ -6,6 +6,12 @@ stay in order), groups it by sub-span, and runs each group as one ragged forward
 in the backend's single compute thread. While a batch computes, new steps pile
 up and form the next batch: with many sessions, every weight read serves many
 tokens, which is where the aggregate throughput comes from.
+
+Sessions answer a result with their next step a little later, so right after a
+batch only some are back. Taking whatever is there would split the sessions
+into alternating half batches; instead the batcher waits a short gather window
+(a fraction of the last batch's compute time, a few ms at most) until every
+recently active session has its next step queued.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ class BackendConfig:
     kv_memory_bytes: int = 2 * 2**30
     max_length: int = 8192  # per session; capped by the model's context length
     max_batch_tokens: int = 8192  # tokens in one forward, summed over sessions
+    gather_fraction: float = 0.25  # wait at most this share of the last batch's compute time ...
+    gather_max_s: float = 0.005  # ... and never longer than this, for active sessions' next steps
+    active_window_s: float = 1.0  # a session that stepped this recently counts as active
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class Backend:
         self._batcher: asyncio.Task | None = None
         self._idle = asyncio.Event()  # set while nothing is queued or computing
         self._idle.set()
+        self._last_submit: dict[int, float] = {}  # id(cache) -> monotonic time of its last step
+        self._last_compute_s = 0.0
 
     async def __aenter__(self) -> Backend:
         self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self._self_benchmark)
@@ -125,6 +136,7 @@ class Backend:
     def free_cache(self, cache: KVCache) -> None:
         if id(cache) in self.caches:
             self.caches.discard(id(cache))
+            self._last_submit.pop(id(cache), None)
             self.kv_used -= cache.nbytes
 
     # --- compute --------------------------------------------------------------------
@@ -134,8 +146,10 @@ class Backend:
 
         Synchronous, so steps enter the queue in the order they arrived.
         """
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._pending.append(_Step(cache, blocks, hidden, position, done))
+        self._last_submit[id(cache)] = loop.time()
         self._idle.clear()
         self._wakeup.set()
         return done
@@ -154,6 +168,7 @@ class Backend:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._gather()
             batch = self._take_batch()
             try:
                 groups: dict[tuple[int, int], list[_Step]] = {}
@@ -169,6 +184,7 @@ class Backend:
                             if not item.done.done():
                                 item.done.set_exception(error)
                         continue
+                    self._last_compute_s = outs[0].compute_s if outs else 0.0
                     for item, out in zip(items, outs):
                         if not item.done.done():  # the waiter may have been cancelled
                             item.done.set_result(out)
@@ -176,6 +192,24 @@ class Backend:
             finally:
                 if not self._pending:
                     self._idle.set()
+
+    async def _gather(self) -> None:
+        """Wait briefly until every active session has a step queued (see the module notes)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for key in [k for k, t in self._last_submit.items() if now - t > self.config.active_window_s]:
+            del self._last_submit[key]
+        expected = len(self._last_submit)
+        deadline = now + min(self.config.gather_max_s, self.config.gather_fraction * self._last_compute_s)
+        while len({id(item.cache) for item in self._pending}) < expected:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     def _take_batch(self) -> list[_Step]:
         """Every waiting step, at most one per session and `max_batch_tokens` in all; invalid ones fail now."""

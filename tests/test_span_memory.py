@@ -18,7 +18,7 @@ start, end = int(sys.argv[1]), int(sys.argv[2])
 ck = open_checkpoint(DEFAULT_MODEL)
 before = rss()
 span = load_span(ck, start, end)
-print(json.dumps({"delta": rss() - before, "weights": sum(b.nbytes for b in span.buffers())}))
+print(json.dumps({"delta": rss() - before, "weights": span.weight_bytes}))
 """
 
 
