@@ -68,9 +68,10 @@ async def bare_echo(steps: int) -> list[float]:
     return times[20:]
 
 
-async def overhead(hops: list[Hop], digest: str, steps: int) -> list[float]:
-    """Per step: round trip minus the model time of every hop, divided by the hop count."""
-    x = torch.randn(1, 576)
+async def overhead(hops: list[Hop], digest: str, steps: int, hidden: int) -> tuple[list[float], list[float]]:
+    """Per step: (round trip minus the model time of every hop, divided by the hop count; model time per hop)."""
+    x = torch.randn(1, hidden)
+    compute = []
     per_hop = []
     async with aiohttp.ClientSession() as http:
         async with RouteSession(http, hops, digest, steps + 32, SessionConfig(wire_dtype="float32")) as session:
@@ -80,7 +81,8 @@ async def overhead(hops: list[Hop], digest: str, steps: int) -> list[float]:
                 elapsed = time.perf_counter() - begin
                 if position >= 20:
                     per_hop.append((elapsed - sum(session.compute_ms) / 1e3) / len(hops))
-    return per_hop
+                    compute.append(sum(session.compute_ms) / 1e3 / len(hops))
+    return per_hop, compute
 
 
 async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
@@ -89,14 +91,14 @@ async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
     return info["steps"], info["batches"]
 
 
-async def aggregate(url: str, digest: str, sessions: int, seconds: float) -> tuple[float, float]:
+async def aggregate(url: str, digest: str, layers: int, hidden: int, sessions: int, seconds: float) -> tuple[float, float]:
     """(tokens/s summed over `sessions` concurrent one-token loops through one node, mean batch size)."""
-    hop = [Hop(url, 0, 30)]
+    hop = [Hop(url, 0, layers)]
     counts = [0] * sessions
     stop = asyncio.Event()
 
     async def one(index: int, session: RouteSession) -> None:
-        x = torch.randn(1, 576)
+        x = torch.randn(1, hidden)
         position = 0
         while not stop.is_set():
             await session.forward(x, position)
@@ -127,30 +129,42 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the default model); 'random' builds a random TinyLlama-shaped one")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     from swarm.model import DEFAULT_MODEL, open_checkpoint
 
-    with open_checkpoint(DEFAULT_MODEL) as ck:
-        digest = ck.fingerprint().digest
     tmp = Path(tempfile.mkdtemp())
+    model = args.model or DEFAULT_MODEL
+    if model == "random":
+        from tests.random_checkpoint import build
+
+        print("building a random checkpoint ...", file=sys.stderr)
+        build(tmp / "random")
+        model = str(tmp / "random")
+    with open_checkpoint(model) as ck:
+        digest, layers, hidden = ck.fingerprint().digest, ck.config.num_layers, ck.config.hidden_size
     print("starting nodes ...", file=sys.stderr)
-    nodes = start_nodes([["--blocks", "0:1"], ["--blocks", "1:2"], ["--blocks", "0:30", "--max-sessions", "64"]], tmp)
+    common = ["--model", model, "--device", args.device]
+    nodes = start_nodes([common + ["--blocks", "0:1"], common + ["--blocks", "1:2"], common + ["--blocks", f"0:{layers}", "--max-sessions", "64"]], tmp)
     try:
         bare = bare_echo(args.steps)
         base_median, base_p99 = _quantiles(await bare)
         emit("bare_websocket_round_trip_median", base_median * 1e3, "ms", {"steps": args.steps})
         for count in (1, 2):
             hops = [Hop(n.url, *n.blocks) for n in nodes[:count]]
-            median, p99 = _quantiles(await overhead(hops, digest, args.steps))
-            params = {"hops": count, "steps": args.steps, "wire": "float32"}
-            emit("hop_overhead_median", median * 1e3, "ms", params, human=f"{count}-hop route: overhead per hop median {median * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (bare websocket round trip {base_median * 1e3:.3f} ms)")
+            per_hop, compute = await overhead(hops, digest, args.steps, hidden)
+            median, p99 = _quantiles(per_hop)
+            params = {"hops": count, "steps": args.steps, "wire": "float32", "model": model, "device": args.device}
+            emit("one_block_step_compute_median", statistics.median(compute) * 1e3, "ms", params, device=args.device)
+            emit("hop_overhead_median", median * 1e3, "ms", params, device=args.device, human=f"{count}-hop route: overhead per hop median {median * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (bare websocket round trip {base_median * 1e3:.3f} ms)")
             emit("hop_overhead_p99", p99 * 1e3, "ms", params)
             emit("hop_overhead_vs_bare_websocket", median / base_median, "ratio", params)
         single = None
         for sessions in (1, 8, 32):
-            rate, batch = await aggregate(nodes[2].url, digest, sessions, args.seconds)
+            rate, batch = await aggregate(nodes[2].url, digest, layers, hidden, sessions, args.seconds)
             single = single or rate
-            emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": 30}, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session), mean batch {batch:.1f}")
+            emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": layers, "model": model, "device": args.device}, device=args.device, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session), mean batch {batch:.1f}")
             emit("mean_batch_size", batch, "sessions", {"sessions": sessions})
             emit("aggregate_speedup_vs_one_session", rate / single, "ratio", {"sessions": sessions})
     finally:
