@@ -102,11 +102,11 @@ async def aggregate(url: str, digest: str, layers: int, hidden: int, sessions: i
         position = 0
         while not stop.is_set():
             await session.forward(x, position)
-            position += 1
+            position = (position + 1) % 512  # rewinding to 0 overwrites the cache: allowed, and keeps it short
             counts[index] += 1
 
     async with aiohttp.ClientSession() as http:
-        opened = [RouteSession(http, hop, digest, 512, SessionConfig(wire_dtype="float32")) for _ in range(sessions)]
+        opened = [RouteSession(http, hop, digest, 513, SessionConfig(wire_dtype="float32")) for _ in range(sessions)]
         for session in opened:
             await session.__aenter__()
         try:
