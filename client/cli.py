@@ -104,6 +104,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_discovery(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a swarm peer to ask for the peer table (repeatable)")
+    parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="also browse the LAN with mDNS (default off)")
+    parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="interface address for mDNS (repeatable; default all)")
+    parser.add_argument("--wait", type=float, default=3.0, metavar="SECONDS", help="how long to listen for mDNS answers (default 3)")
+
+
+def _discovery_options(args: argparse.Namespace):
+    from client.peers import DiscoveryOptions
+    from swarm.discovery.mdns import MdnsConfig
+
+    try:
+        mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all", advertise=False) if args.mdns else None
+    except ValueError as exc:
+        raise SwarmError(f"bad --mdns-interface: {exc}") from None
+    return DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in args.bootstrap), mdns=mdns, mdns_wait_s=args.wait)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import time
+
+    import aiohttp
+
+    from client.peers import coverage_lines, discover
+
+    async def run():
+        async with aiohttp.ClientSession() as http:
+            return await discover(http, _discovery_options(args))
+
+    view = asyncio.run(run())
+    now = time.time()
+    records = view.table.records(now)
+    if args.json:
+        print(json.dumps({
+            "peers": [
+                {
+                    "peer_id": r.peer_id,
+                    "addresses": list(r.addresses),
+                    "model": dict(r.model) if r.model else None,
+                    "num_layers": r.num_layers,
+                    "span": list(r.span) if r.span else None,
+                    "throughput": r.throughput,
+                    "load": r.load,
+                    "age_s": round(now - r.issued_at, 2),
+                }
+                for r in records
+            ],
+            "coverage": coverage_lines(records),
+            "unreachable": view.unreachable,
+        }))
+        return 0
+    print(f"{'peer':14} {'address':24} {'model':14} {'span':>8} {'blocks/s':>9} {'load':>5} {'age':>6}")
+    for r in records:
+        span = f"{r.span[0]}:{r.span[1]}" if r.span else "-"
+        model = (r.model_digest or "-")[:12]
+        print(f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s")
+    for line in coverage_lines(records):
+        print(line)
+    for url in view.unreachable:
+        print(f"unreachable bootstrap peer: {url}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm",
@@ -124,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings instead of streaming")
     gen.set_defaults(func=cmd_generate)
+
+    peers = sub.add_parser(
+        "peers",
+        help="show the swarm: peers, their spans and which blocks are covered",
+        description="Ask bootstrap peers (and/or mDNS) for the swarm's peer table and show it, with a coverage line per model.",
+    )
+    _add_discovery(peers)
+    peers.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    peers.set_defaults(func=cmd_peers)
     return parser
 
 

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve blocks [START, END) of a model to a layerswarm swarm over HTTP and websockets.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--blocks", type=parse_blocks, required=True, metavar="START:END", help="the blocks to serve, e.g. 0:10")
+    parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END", help="the blocks to serve, e.g. 0:10 (required unless --no-model)")
+    parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from http://HOST:PORT")
@@ -75,13 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=8192, help="longest session in tokens (default 8192, capped by the model)")
     parser.add_argument("--session-timeout", type=float, default=300.0, metavar="SECONDS", help="free an idle session's cache after this (default 300)")
     parser.add_argument("--max-frame", type=parse_size, default=parse_size("64MiB"), metavar="SIZE", help="largest accepted frame (default 64MiB)")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
+    parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
+    parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
+    parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="advertise and browse on the LAN with mDNS (default off: it multicasts on your network)")
+    parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="address of an interface for mDNS (repeatable; default all interfaces)")
     parser.add_argument("--identity", type=Path, default=None, metavar="PATH", help=f"Ed25519 key file, created on first start (default {default_identity_path()})")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.blocks is None) == (not args.no_model):
+        parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
@@ -97,22 +106,31 @@ async def _run(args: argparse.Namespace) -> int:
     import torch
 
     from node.backend import BackendConfig
+    from node.discovery import DiscoveryConfig
     from node.server import NodeConfig, serve
+    from swarm.discovery.gossip import GossipConfig
+    from swarm.discovery.mdns import MdnsConfig
     from swarm.identity import Identity
     from swarm.model import load_span, open_checkpoint
 
     identity_path = args.identity or default_identity_path()
     lock = lock_identity(identity_path)
     identity = Identity.load_or_create(identity_path)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    start, end = args.blocks
-    show = _progress() if sys.stderr.isatty() else None
-    with open_checkpoint(args.model) as checkpoint:
-        span = load_span(checkpoint, start, end, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
-        fingerprint = checkpoint.fingerprint()
-    if show:
-        show("")
+    span = fingerprint = None
+    if args.blocks is not None:
+        device = torch.device(args.device)
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        show = _progress() if sys.stderr.isatty() else None
+        with open_checkpoint(args.model) as checkpoint:
+            span = load_span(checkpoint, *args.blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
+            fingerprint = checkpoint.fingerprint()
+        if show:
+            show("")
+    try:
+        gossip = GossipConfig(bootstrap=tuple(args.bootstrap), period_s=args.gossip_period, record_ttl_s=args.record_ttl)
+        mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all") if args.mdns else None
+    except ValueError as exc:
+        raise SwarmError(f"bad discovery option: {exc}") from None
     config = NodeConfig(
         host=args.host,
         port=args.port,
@@ -120,14 +138,13 @@ async def _run(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
+        discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
     )
 
     def ready(state) -> None:
-        print(
-            f"ready peer={state.identity.peer_id} url={state.url} blocks={start}:{end} model={fingerprint} "
-            f"throughput={state.backend.throughput:.1f}",
-            flush=True,
-        )
+        blocks = f"{span.start}:{span.end}" if span is not None else "none"
+        throughput = state.backend.throughput if state.backend else 0.0
+        print(f"ready peer={state.identity.peer_id} url={state.url} blocks={blocks} model={fingerprint or 'none'} throughput={throughput:.1f}", flush=True)
 
     try:
         await serve(span, fingerprint, identity, config, ready=ready)

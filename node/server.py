@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import signal
 import time
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from node.backend import Backend, BackendConfig
 from node.channel import Channel
+from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.push import PushPool
 from node.sessions import NextHop, Session, Sessions
 from swarm import wire
@@ -35,9 +37,11 @@ from swarm.errors import (
     ShuttingDown,
     SwarmError,
 )
+from swarm.discovery.gossip import peers_routes
+from swarm.discovery.mdns import Advert
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
-from swarm.peers import PeerRecord
+from swarm.peers import PeerRecord, PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,8 @@ class NodeConfig:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
     shutdown_grace_s: float = 30.0  # how long SIGTERM waits for steps in flight
-    record_ttl_s: float = 60.0
     backend: BackendConfig = field(default_factory=BackendConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 @dataclass
@@ -60,10 +64,12 @@ class NodeState:
 
     config: NodeConfig
     identity: Identity
-    fingerprint: ModelFingerprint
-    backend: Backend
+    fingerprint: ModelFingerprint | None  # None with the backend: a bootstrap peer that holds no blocks
+    backend: Backend | None
     push: PushPool
     url: str = ""
+    table: PeerTable = field(default_factory=PeerTable)
+    discovery: NodeDiscovery | None = None
     sessions: Sessions = field(default_factory=Sessions)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
@@ -73,6 +79,8 @@ class NodeState:
 
     @property
     def span(self) -> Span:
+        if self.backend is None:
+            raise BadSpan("this node serves no blocks (it is a bootstrap peer)")
         return self.backend.span
 
     def spawn(self, coro: Awaitable[Any], name: str, step: bool = False) -> None:
@@ -82,27 +90,48 @@ class NodeState:
         owner.add(task)
         task.add_done_callback(owner.discard)
 
-    def record(self) -> PeerRecord:
-        span = self.span
+    def record(self, leaving: bool = False) -> PeerRecord:
+        """This node's signed record, fresh; `leaving` makes the tombstone a graceful exit publishes."""
+        backend, ttl = self.backend, self.config.discovery.gossip.record_ttl_s
+        common = dict(addresses=(self.url,), now=time.time(), ttl=ttl, leaving=leaving)
+        if backend is None:
+            return PeerRecord.create(self.identity, **common)
+        span = backend.span
         return PeerRecord.create(
             self.identity,
-            addresses=(self.url,),
-            now=time.time(),
-            ttl=self.config.record_ttl_s,
+            **common,
             model=self.fingerprint.to_dict(),
             num_layers=span.config.num_layers,
             span=(span.start, span.end),
-            throughput=self.backend.throughput,
-            load=min(1.0, self.backend.load),
-            free_kv_bytes=max(0, self.backend.kv_free),
+            throughput=backend.throughput,
+            load=min(1.0, backend.load),
+            free_kv_bytes=max(0, backend.kv_free),
         )
 
+    def advert(self, port: int) -> Advert:
+        backend = self.backend
+        span = (backend.span.start, backend.span.end) if backend else None
+        return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
+
     def info(self) -> dict[str, Any]:
-        span, backend = self.span, self.backend
-        return {
+        info: dict[str, Any] = {
             "peer_id": self.identity.peer_id,
             "public_key": self.identity.public_key_bytes.hex(),
             "url": self.url,
+            "protocol": wire.PROTOCOL_VERSION,
+            "peers": len(self.table),
+            "shutting_down": self.shutting_down,
+            "uptime_s": time.time() - self.started,
+            "record": base64.b64encode(self.record().to_bytes()).decode(),
+            "model": None,
+            "span": None,
+        }
+        backend = self.backend
+        if backend is None:
+            return info
+        span = backend.span
+        return {
+            **info,
             "model": self.fingerprint.to_dict(),
             "model_id": str(self.fingerprint),
             "num_layers": span.config.num_layers,
@@ -110,7 +139,6 @@ class NodeState:
             "span": [span.start, span.end],
             "dtype": str(span.dtype).removeprefix("torch."),
             "device": str(span.device),
-            "protocol": wire.PROTOCOL_VERSION,
             "throughput": backend.throughput,
             "load": backend.load,
             "sessions": backend.sessions,
@@ -120,9 +148,6 @@ class NodeState:
             "kv_total_bytes": backend.config.kv_memory_bytes,
             "steps": backend.steps_done,
             "batches": backend.batches_done,
-            "shutting_down": self.shutting_down,
-            "uptime_s": time.time() - self.started,
-            "record": base64.b64encode(self.record().to_bytes()).decode(),
         }
 
 
@@ -158,10 +183,11 @@ async def post_forward(request: web.Request) -> web.Response:
         message = wire.decode(await request.read(), state.config.max_frame)
         if message["type"] != "forward":
             raise BadRequest(f"POST /forward takes a 'forward' message, not {message['type']!r}")
+        span = state.span
         _check_model(state, message)
         blocks = wire.block_range(message)
         state.backend.check_blocks(blocks)
-        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=state.span.config.hidden_size, max_tokens=state.backend.max_length)
+        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=span.config.hidden_size, max_tokens=state.backend.max_length)
         out = await state.backend.forward(blocks, hidden)
         dtype = message["hidden"]["dtype"]
         body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
@@ -225,6 +251,7 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
     if state.shutting_down:
         raise ShuttingDown("node is shutting down: open the session elsewhere")
     session_id = wire.session_id(message)
+    state.span  # noqa: B018 - refuses on a node that holds no blocks
     _check_model(state, message)
     blocks = wire.block_range(message)
     state.backend.check_blocks(blocks)
@@ -326,14 +353,18 @@ def build_app(state: NodeState) -> web.Application:
     app = web.Application(client_max_size=state.config.max_frame)
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
+    app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame))
     return app
 
 
 async def shutdown(state: NodeState) -> None:
-    """Refuse new sessions, finish steps in flight, then close every session with `shutting_down`."""
+    """Leave discovery, refuse new sessions, finish steps in flight, then close sessions with `shutting_down`."""
     state.shutting_down = True
+    if state.discovery is not None:
+        await state.discovery.leave()  # first: clients stop routing here while sessions finish
     try:
-        await asyncio.wait_for(state.backend.drain(), state.config.shutdown_grace_s)
+        if state.backend is not None:
+            await asyncio.wait_for(state.backend.drain(), state.config.shutdown_grace_s)
         if state.step_tasks:
             await asyncio.wait(list(state.step_tasks), timeout=state.config.shutdown_grace_s)
     except asyncio.TimeoutError:
@@ -346,38 +377,45 @@ async def shutdown(state: NodeState) -> None:
 
 
 async def serve(
-    span: Span,
-    fingerprint: ModelFingerprint,
+    span: Span | None,
+    fingerprint: ModelFingerprint | None,
     identity: Identity,
     config: NodeConfig,
     ready: Callable[[NodeState], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run a node until SIGTERM/SIGINT (or `stop`), then shut down gracefully."""
+    """Run a node until SIGTERM/SIGINT (or `stop`), then shut down gracefully. `span` None: bootstrap peer."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with aiohttp.ClientSession() as http, Backend(span, config.backend) as backend:
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        backend = await stack.enter_async_context(Backend(span, config.backend)) if span is not None else None
         push = PushPool(http, config.max_frame)
+        stack.push_async_callback(push.close)
         state = NodeState(config, identity, fingerprint, backend, push)
         runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
         await runner.setup()
-        try:
-            site = web.TCPSite(runner, config.host, config.port)
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-            state.spawn(_reap_idle(state), "reaper")
-            if ready:
-                ready(state)
-            await stop.wait()
-            log.info("shutting down")
-            await shutdown(state)
-        finally:
-            tasks = state.tasks | state.step_tasks
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await push.close()
-            await runner.cleanup()
+        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(_cancel_tasks, state)
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        state.discovery = await stack.enter_async_context(
+            NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), http)
+        )
+        state.spawn(_reap_idle(state), "reaper")
+        if ready:
+            ready(state)
+        await stop.wait()
+        log.info("shutting down")
+        await shutdown(state)
+
+
+async def _cancel_tasks(state: NodeState) -> None:
+    tasks = state.tasks | state.step_tasks
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY = re.compile(r"^ready peer=(\S+) url=(\S+) blocks=(\d+):(\d+) model=(\S+)")
+READY = re.compile(r"^ready peer=(\S+) url=(\S+) blocks=(?:(\d+):(\d+)|none) model=(\S+)")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _pump(node: NodeProcess) -> None:
         match = READY.match(line)
         if match:
             node.peer_id, url, start, end = match.group(1), match.group(2), match.group(3), match.group(4)
-            node.blocks = (int(start), int(end))
+            node.blocks = (int(start), int(end)) if start else (0, 0)
             node.url = url
             node.settled.set()
     node.settled.set()

@@ -70,7 +70,7 @@ async def test_three_hop_chain_float32_is_identical(swarm_nodes, local_spans, he
             for i in range(3):
                 out = await session.forward(extra[i : i + 1], len(ids) + i)
             whole = _local(local_spans, SPANS, torch.cat([x, extra]))
-            torch.testing.assert_close(out, whole[-1:], atol=5e-4, rtol=0)
+            torch.testing.assert_close(out, whole[-1:], atol=5e-4, rtol=1e-5)
 
 
 async def test_two_hop_chain_float32_is_identical(swarm_nodes, local_spans, head, digest):
@@ -189,7 +189,7 @@ async def test_bad_inputs_get_typed_errors_and_disturb_nobody(swarm_nodes, local
         # the bad connection still works, and so does the healthy session next door
         assert (await bad.ask(_step("bad", 0, X)))["type"] == "result"
         second = await healthy.ask(_step("healthy", 1, X, step=1))
-        torch.testing.assert_close(wire.unpack_tensor(second["hidden"]), reference[1:], atol=5e-4, rtol=0)
+        torch.testing.assert_close(wire.unpack_tensor(second["hidden"]), reference[1:], atol=5e-4, rtol=1e-5)
         await bad.send(b"")  # an empty frame too
         assert (await bad.recv())["code"] == "bad_request"
         await bad.ws.send_str("text is not a frame")
