@@ -29,7 +29,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
-from client.session import Hop, RouteSession, SessionConfig  # noqa: E402
+from client.session import RemoteHop, RouteSession, SessionConfig  # noqa: E402
 from swarm import wire  # noqa: E402
 from tests.nodes import start_nodes, stop_nodes  # noqa: E402
 
@@ -68,7 +68,7 @@ async def bare_echo(steps: int) -> list[float]:
     return times[20:]
 
 
-async def overhead(hops: list[Hop], digest: str, steps: int, hidden: int) -> tuple[list[float], list[float]]:
+async def overhead(hops: list[RemoteHop], digest: str, steps: int, hidden: int) -> tuple[list[float], list[float]]:
     """Per step: (round trip minus the model time of every hop, divided by the hop count; model time per hop)."""
     x = torch.randn(1, hidden)
     compute = []
@@ -93,7 +93,7 @@ async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
 
 async def aggregate(url: str, digest: str, layers: int, hidden: int, sessions: int, seconds: float) -> tuple[float, float]:
     """(tokens/s summed over `sessions` concurrent one-token loops through one node, mean batch size)."""
-    hop = [Hop(url, 0, layers)]
+    hop = [RemoteHop(url, 0, layers)]
     counts = [0] * sessions
     stop = asyncio.Event()
 
@@ -152,7 +152,7 @@ async def main() -> None:
         base_median, base_p99 = _quantiles(await bare)
         emit("bare_websocket_round_trip_median", base_median * 1e3, "ms", {"steps": args.steps})
         for count in (1, 2):
-            hops = [Hop(n.url, *n.blocks) for n in nodes[:count]]
+            hops = [RemoteHop(n.url, *n.blocks) for n in nodes[:count]]
             per_hop, compute = await overhead(hops, digest, args.steps, hidden)
             median, p99 = _quantiles(per_hop)
             params = {"hops": count, "steps": args.steps, "wire": "float32", "model": model, "device": args.device}

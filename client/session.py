@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Hop:
+class RemoteHop:
     """Blocks [start, end) served by the node at `url`."""
 
     url: str
@@ -47,7 +47,7 @@ class SessionConfig:
 
 @dataclass
 class _HopState:
-    hop: Hop
+    hop: RemoteHop
     session_id: str
     ws: aiohttp.ClientWebSocketResponse | None = None
     reader: asyncio.Task | None = None
@@ -64,7 +64,7 @@ class _Pending:
 class RouteSession:
     """`async with RouteSession(http, hops, model_digest, max_length) as s: hidden = await s.forward(x, 0)`."""
 
-    def __init__(self, http: aiohttp.ClientSession, hops: Sequence[Hop], model: str, max_length: int, config: SessionConfig | None = None) -> None:
+    def __init__(self, http: aiohttp.ClientSession, hops: Sequence[RemoteHop], model: str, max_length: int, config: SessionConfig | None = None) -> None:
         if not hops:
             raise BadRequest("a route needs at least one hop")
         for a, b in zip(hops, hops[1:]):
@@ -81,7 +81,7 @@ class RouteSession:
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
 
     @property
-    def route(self) -> list[Hop]:
+    def route(self) -> list[RemoteHop]:
         return [h.hop for h in self.hops]
 
     @property

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 
-from client.session import Hop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig
 from swarm.model import Segment, load_span, open_checkpoint
 from tests.nodes import start_nodes, stop_nodes
 from tests.random_checkpoint import build
@@ -43,7 +43,7 @@ async def test_cuda_bfloat16_chain_matches_cpu_float32(gpu_swarm):
     reference = x
     for span in spans:
         reference = span(reference, [Segment(span.new_cache(24), 0, 24)])
-    hops = [Hop(n.url, *n.blocks, n.peer_id) for n in nodes]
+    hops = [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes]
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{nodes[0].url}/info") as response:
             info = await response.json()

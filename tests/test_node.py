@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import torch
 
-from client.session import Hop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig
 from swarm import wire
 from swarm.errors import BadRequest, Busy, ModelMismatch, PeerUnavailable, ShuttingDown
 from swarm.model import Segment, load_span
@@ -55,7 +55,7 @@ def _local(spans, span_keys, x):
 
 
 def _hops(nodes):
-    return [Hop(n.url, *n.blocks, n.peer_id) for n in nodes]
+    return [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes]
 
 
 async def test_three_hop_chain_float32_is_identical(swarm_nodes, local_spans, head, digest):
@@ -234,7 +234,7 @@ async def test_route_session_raises_typed_errors(swarm_nodes, digest):
         with pytest.raises(BadRequest, match="not contiguous"):
             RouteSession(http, [hops[0], hops[2]], digest, 16)
         with pytest.raises(PeerUnavailable):
-            async with RouteSession(http, [Hop("http://127.0.0.1:1", 0, 30)], digest, 16):
+            async with RouteSession(http, [RemoteHop("http://127.0.0.1:1", 0, 30)], digest, 16):
                 pass
 
 
@@ -272,7 +272,7 @@ async def test_idle_session_expires_and_sigterm_finishes_the_step_then_says_shut
             expired = await raw.recv()  # nothing is sent: the reaper frees it after ~1 s
             assert expired["code"] == "session_not_found" and "idle" in expired["message"]
 
-            async with RouteSession(http, [Hop(node.url, 0, 4)], digest, 64) as session:
+            async with RouteSession(http, [RemoteHop(node.url, 0, 4)], digest, 64) as session:
                 step = asyncio.ensure_future(session.forward(torch.randn(40, 576), 0))
                 await asyncio.sleep(0)  # the step is on its way
                 node.proc.send_signal(15)
