@@ -9,7 +9,10 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
+import threading
+import warnings
 
 from swarm.errors import SwarmError
 from swarm.model import DEFAULT_MODEL
@@ -57,51 +60,190 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    if args.bootstrap or args.mdns:
+        return _generate_swarm(args, params)
     import torch
 
     from client.generate import GenerationStats, LocalBlocks, stream_tokens
     from client.local import LocalModel
 
-    params = _sampling_params(args)
-    progress = _progress()
-    model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=progress)
-    if progress:
-        progress("")
-        sys.stderr.write("\r\033[K")
+    model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=_progress())
+    _clear_progress()
     prompt_ids = model.head.encode_prompt(args.prompt, chat=args.chat)
-    stats = GenerationStats()
     blocks = LocalBlocks(model.span, len(prompt_ids) + params.max_new_tokens)
 
-    async def run() -> str:
-        pieces = []
+    async def pieces():
+        stats = GenerationStats()
         async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats):
-            pieces.append(token.text)
-            if not args.json:
-                sys.stdout.write(token.text)
-                sys.stdout.flush()
-        return "".join(pieces)
+            yield token.text, stats, ["local"]
 
-    text = asyncio.run(run())
+    return _print_stream(args, pieces())
+
+
+def _generate_swarm(args: argparse.Namespace, params) -> int:
+    model = _swarm_model(args)
+    return _print_stream(args, model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params))
+
+
+def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
+    import torch
+
+    from client.swarm import ClientConfig, SwarmModel
+
+    options = _discovery_options(args)
+    return SwarmModel(
+        args.model,
+        bootstrap=bootstrap if bootstrap is not None else options.bootstrap,
+        mdns=args.mdns,
+        mdns_interfaces=args.mdns_interface,
+        config=ClientConfig(wire_dtype=args.wire_dtype),
+        dtype=getattr(torch, args.dtype),
+    )
+
+
+def _print_stream(args: argparse.Namespace, pieces) -> int:
+    return asyncio.run(_print_stream_async(args, pieces))
+
+
+async def _print_stream_async(args: argparse.Namespace, pieces) -> int:
+    """Stream text to stdout (or collect it for --json); then a timing line on stderr at info level."""
+    chunks, stats, route = [], None, []
+    async for piece, stats, route in pieces:
+        chunks.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    text = "".join(chunks)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "text": text,
-                    "tokens": stats.token_ids,
-                    "finish_reason": stats.finish_reason,
-                    "route": "local",
-                    "prompt_tokens": stats.prompt_tokens,
-                    "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
-                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
-                }
-            )
-        )
+        print(json.dumps({
+            "text": text,
+            "tokens": stats.token_ids,
+            "finish_reason": stats.finish_reason,
+            "route": route,
+            "prompt_tokens": stats.prompt_tokens,
+            "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+        }))
     else:
         sys.stdout.write("\n")
-        logging.getLogger(__name__).info(
-            "%d tokens, first after %.3f s, %.1f tokens/s", stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s
-        )
+        logging.getLogger(__name__).info("route %s: %d tokens, first after %.3f s, %.1f tokens/s", " -> ".join(route), stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s)
     return 0
+
+
+def _clear_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    return asyncio.run(chat_loop(_swarm_model(args), _sampling_params(args)))
+
+
+async def _read_line(prompt: str) -> str | None:
+    """input() in a daemon thread, so the loop keeps running and Ctrl-C never waits on the terminal."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def read() -> None:
+        try:
+            line: str | None = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    return await future
+
+
+async def chat_loop(model, params) -> int:
+    """An interactive chat: history, the model's template, streaming; /reset, /route, /quit.
+
+    Ctrl-C during a reply stops that reply (the chat goes on); at the prompt, Ctrl-C or Ctrl-D ends the chat.
+    """
+    messages: list[dict[str, str]] = []
+    route: list[str] = []
+    loop = asyncio.get_running_loop()
+    print("chat with the swarm: /reset forgets the conversation, /route shows the last route, /quit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        line = await _read_line("> ")
+        if line is None or line.strip() in ("/quit", "/exit"):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            messages.clear()
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if line == "/route":
+            print(" -> ".join(route) if route else "(no reply yet)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+
+        async def reply() -> str:
+            nonlocal route
+            pieces = []
+            async for piece, _, route in model.stream_result(model.head.encode_chat(messages), params):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            return "".join(pieces)
+
+        task = asyncio.ensure_future(reply())
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        try:
+            text = await task
+        except asyncio.CancelledError:
+            print("\n(interrupted)", file=sys.stderr)
+            messages.pop()
+            continue
+        except SwarmError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        print()
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A local swarm: a bootstrap peer and three nodes as real processes, then one answer (or a chat)."""
+    from client.launcher import LocalSwarm
+
+    say = (lambda message: print(message, file=sys.stderr)) if not args.quiet else None
+    params = _sampling_params(args)
+
+    async def run() -> int:
+        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say) as swarm:
+            model = _swarm_model(args, bootstrap=[swarm.bootstrap_url])
+            if args.prompt is None:
+                return await chat_loop(model, params)
+            shown = False
+
+            async def pieces():
+                nonlocal shown
+                async for piece, stats, route in model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params):
+                    if say and not shown:
+                        say(f"route: {' -> '.join(route)}")
+                        shown = True
+                    yield piece, stats, route
+
+            return await _print_stream_async(args, pieces())
+
+    return asyncio.run(run())
+
+
+def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the local part (default float32)")
+    parser.add_argument("--wire-dtype", choices=DTYPES, default="bfloat16", help="dtype of hidden states between nodes (default bfloat16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")
+    if discovery:
+        _add_discovery(parser)
+    else:
+        parser.set_defaults(bootstrap=[], mdns=False, mdns_interface=[], wait=3.0)
 
 
 def _add_discovery(parser: argparse.ArgumentParser) -> None:
@@ -178,15 +320,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="generate a reply to one prompt, streaming tokens as they come",
-        description="Generate a reply to PROMPT. Without swarm options the whole model runs in this process "
-        "(the local baseline).",
+        description="Generate a reply to PROMPT through the swarm found by --bootstrap/--mdns. Without them the whole "
+        "model runs in this process (the local baseline).",
     )
     gen.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     _add_sampling(gen)
-    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings instead of streaming")
+    _add_client(gen)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with a model served by the swarm", description="An interactive chat with a model served by the swarm (give --bootstrap or --mdns).")
+    chat.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    _add_sampling(chat)
+    _add_client(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a local swarm (a bootstrap peer and 3 nodes) and answer PROMPT through it",
+        description="Start a bootstrap peer and three nodes holding blocks [0,10), [10,20), [20,30) of the model as real "
+        "processes on loopback, answer PROMPT through the swarm (or open a chat without one), then stop them all.",
+    )
+    demo.add_argument("prompt", metavar="PROMPT", nargs="?", default=None, help="the prompt (omit it to chat)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    demo.add_argument("--quiet", action="store_true", help="print only the answer")
+    _add_sampling(demo)
+    _add_client(demo, discovery=False)
+    demo.set_defaults(func=cmd_demo)
 
     peers = sub.add_parser(
         "peers",
@@ -202,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
         return args.func(args)
     except SwarmError as exc:

@@ -106,7 +106,9 @@ class RouteSession:
             try:
                 state.ws = await self.http.ws_connect(f"{state.hop.url.rstrip('/')}/session", max_msg_size=2 * self.config.max_frame, compress=0)
             except (aiohttp.ClientError, OSError) as exc:
-                raise PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}") from None
+                error = PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}")
+                error.hop = state.hop  # which hop failed, for re-routing
+                raise error from None
             state.reader = asyncio.create_task(self._read(state), name=f"session-reader {state.hop}")
         # Open from the last hop backwards so every hop's push target exists before it is used.
         for index in reversed(range(len(self.hops))):
