@@ -132,9 +132,15 @@ class SwarmModel:
         """A session along `route` (or the best route); refusing hops are excluded and the route re-planned."""
         await self.refresh(http)
         exclude: set[str] = set()
+        refusals: list[str] = []
         last: Exception | None = None
         for attempt in range(self.config.max_attempts):
-            planned = route if (route is not None and attempt == 0) else self.plan(frozenset(exclude))
+            try:
+                planned = route if (route is not None and attempt == 0) else self.plan(frozenset(exclude))
+            except NoRoute as exc:
+                if not refusals:
+                    raise
+                raise NoRoute(f"{exc}; refused: {'; '.join(refusals)}") from None
             session = RouteSession(http, self._remote(planned), self.fingerprint.digest, max_length, replace(self.config.session, wire_dtype=self.config.wire_dtype))
             try:
                 return await session.__aenter__()
@@ -144,6 +150,7 @@ class SwarmModel:
                 failed = hop.peer_id if hop is not None else planned.hops[0].peer_id
                 log.info("route %s refused at %s (%s); planning around it", planned, failed, exc)
                 exclude.add(failed)
+                refusals.append(f"{exc.code}: {exc}")
                 await self.refresh(http, force=True)
         raise NoRoute(f"no route worked after {self.config.max_attempts} attempts; last error: {last}")
 

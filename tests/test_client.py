@@ -1,0 +1,177 @@
+"""The client end to end against real node processes on loopback.
+
+One module-scoped swarm: a bootstrap peer, a three-node chain [0,10) [10,20) [20,30)
+and a two-node replica chain [0,15) [15,30).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
+from client.swarm import ClientConfig, SwarmModel
+from swarm.model import DEFAULT_MODEL, resolve_model
+from tests.nodes import start_nodes, stop_nodes
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("client")
+    (bootstrap,) = start_nodes([["--no-model", "--gossip-period", "0.5"]], tmp / "b")
+    spans = ["0:10", "10:20", "20:30", "0:15", "15:30"]
+    nodes = start_nodes([["--blocks", s, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"] for s in spans], tmp)
+    yield bootstrap, nodes
+    stop_nodes([bootstrap, *nodes])
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    bootstrap, _ = swarm
+    return SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+
+
+def _local_greedy(head, span, prompt: str) -> list[int]:
+    ids = head.encode_prompt(prompt, chat=True)
+    stats = GenerationStats()
+    list(stream_tokens_sync(head, LocalBlocks(span, len(ids) + NEW_TOKENS), ids, SamplingParams(max_new_tokens=NEW_TOKENS), stats))
+    return stats.token_ids
+
+
+def _route_through(client, nodes, spans: set[tuple[int, int]]):
+    """The client's best route using only the nodes holding `spans`."""
+    asyncio.run(_refresh(client))
+    others = frozenset(n.peer_id for n in nodes if n.blocks not in spans)
+    return client.plan(exclude=others)
+
+
+async def _refresh(client) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        await client.refresh(http, force=True)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_three_node_greedy_equals_local_generate(client, swarm, head, full_span, prompt):
+    _, nodes = swarm
+    route = _route_through(client, nodes, {(0, 10), (10, 20), (20, 30)})
+    assert [(h.start, h.end) for h in route.hops] == [(0, 10), (10, 20), (20, 30)]
+    result = asyncio.run(client.agenerate(prompt, route=route, max_new_tokens=NEW_TOKENS))
+    assert result.stats.token_ids == _local_greedy(head, full_span, prompt)
+    assert len(result.route) == 3
+
+
+def test_bfloat16_wire_stays_close(swarm, head, full_span):
+    """bf16 between hops: the measure is the greedy tokens before the first divergence."""
+    bootstrap, nodes = swarm
+    bf16 = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16"))
+    route = _route_through(bf16, nodes, {(0, 10), (10, 20), (20, 30)})
+    agree = []
+    for prompt in PROMPTS:
+        tokens = asyncio.run(bf16.agenerate(prompt, route=route, max_new_tokens=NEW_TOKENS)).stats.token_ids
+        local = _local_greedy(head, full_span, prompt)
+        agree.append(next((i for i, (a, b) in enumerate(zip(tokens, local)) if a != b), min(len(tokens), len(local))))
+    print(f"bf16 wire: greedy tokens identical to float32 local for the first {agree} tokens")
+    # Bound: every prompt's first 5 greedy tokens are identical (measured 7, 24 and 11 of 24:
+    # a near-tie flips once the bf16 rounding of three hops adds up, then the texts part).
+    assert min(agree) >= 5, agree
+
+
+def test_generate_batch_uses_both_replica_chains(client, swarm):
+    prompts = [f"Count from {i} to {i + 3}." for i in range(8)]
+    results = asyncio.run(client.agenerate_batch(prompts, max_new_tokens=12))
+    routes = {tuple(r.route) for r in results}
+    assert len(routes) >= 2, routes  # both chains took sessions
+    one_by_one = [asyncio.run(client.agenerate(p, max_new_tokens=12)).text for p in prompts]
+    assert [r.text for r in results] == one_by_one
+
+
+def test_sync_api_and_chat(client):
+    assert "Paris" in client.generate("What is the capital of France?", max_new_tokens=20)
+    reply = client.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20)
+    assert "Paris" in reply
+
+    async def stream() -> list[str]:
+        return [piece async for piece in client.stream("Say hello.", max_new_tokens=8)]
+
+    assert "".join(asyncio.run(stream()))
+
+
+def test_busy_node_is_routed_around(tmp_path, swarm):
+    """A node that looks best ([0,30) in one hop) but refuses every session: the client goes elsewhere."""
+    bootstrap, nodes = swarm
+    (busy,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0", "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
+    try:
+        model = SwarmModel(DEFAULT_MODEL, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
+        result = asyncio.run(model.agenerate("What is the capital of France?", max_new_tokens=16))
+        assert "Paris" in result.text
+        assert not any(busy.peer_id[:8] in hop for hop in result.route)
+    finally:
+        stop_nodes([busy])
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    (lonely,) = start_nodes([["--blocks", "0:10", "--max-sessions", "0"]], tmp_path)
+    try:
+        cases = [
+            (["--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
+            (["--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+        ]
+        for extra, expected in cases:
+            done = _cli("generate", "hi", "--max-new-tokens", "4", *extra)
+            assert done.returncode == 2, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+        # another checkpoint of the same shape: the swarm serves nothing of it
+        other = tmp_path / "other.gguf"
+        shutil.copyfile(resolve_model(DEFAULT_MODEL), other)
+        _flip_a_weight_byte(other)
+        done = _cli("generate", str(other), "hi", "--bootstrap", lonely.url)
+        assert done.returncode == 2
+        assert done.stderr.strip().startswith("error: no peer serves model llama-"), done.stderr
+        assert "the swarm serves: llama-" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    finally:
+        stop_nodes([lonely])
+
+
+def test_busy_everywhere_is_one_clear_line(tmp_path):
+    (full,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0"]], tmp_path)
+    try:
+        done = _cli("generate", "hi", "--bootstrap", full.url)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "busy" in lines[0] and lines[0].startswith("error: "), lines
+    finally:
+        stop_nodes([full])
+
+
+def _flip_a_weight_byte(path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    offset = int(next(t for t in reader.tensors if t.name == "blk.5.ffn_down.weight").data_offset)
+    del reader
+    with open(path, "r+b") as file:
+        file.seek(offset + 100)
+        byte = file.read(1)
+        file.seek(offset + 100)
+        file.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_demo_answers_paris():
+    done = _cli("demo", "What is the capital of France?", "--quiet", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
