@@ -62,7 +62,7 @@ class _Step:
 class Backend:
     """The blocks of one span and everything that computes with them. An async context manager."""
 
-    def __init__(self, span: Span, config: BackendConfig) -> None:
+    def __init__(self, span: Span, config: BackendConfig, executor: concurrent.futures.Executor | None = None) -> None:
         self.span = span
         self.config = config
         self.max_length = min(config.max_length, span.config.max_position)
@@ -73,7 +73,8 @@ class Backend:
         self.batches_done = 0
         self._pending: deque[_Step] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # One compute thread: `swarm-node` passes its main thread (see node/compute.py); else a worker.
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._batcher: asyncio.Task | None = None
         self._idle = asyncio.Event()  # set while nothing is queued or computing
         self._idle.set()

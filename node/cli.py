@@ -14,12 +14,15 @@ import fcntl
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
+from node.compute import MainThreadExecutor
+from swarm.aliases import DEFAULT_MODEL
 from swarm.errors import SwarmError
-from swarm.model import DEFAULT_MODEL
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads libgomp: idle OpenMP threads spin only briefly before sleeping. With
+    # the default (300k spins) an idle node keeps the cores busy after every step and slows
+    # the next hop on the same machine: three loopback hops of ten blocks each took 15 ms a
+    # hop instead of 9.5 (2-core CI box). Set GOMP_SPINCOUNT yourself to override.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.blocks is None) == (not args.no_model):
@@ -94,44 +102,58 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
-        return asyncio.run(_run(args))
+        config = _node_config(args)
+        lock, identity = _identity(args)
+        span, fingerprint = _load(args)  # on the main thread, which computes with it (node/compute.py)
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    try:
+        return _serve_beside(args, config, identity, span, fingerprint)
+    finally:
+        lock.close()
 
 
-async def _run(args: argparse.Namespace) -> int:
+def _identity(args: argparse.Namespace):
+    from swarm.identity import Identity
+
+    path = args.identity or default_identity_path()
+    lock = lock_identity(path)
+    return lock, Identity.load_or_create(path)
+
+
+def _load(args: argparse.Namespace):
+    """(span, fingerprint) of the blocks to serve, or (None, None) for a bootstrap peer."""
+    if args.blocks is None:
+        return None, None
     import torch
 
-    from node.backend import BackendConfig
-    from node.discovery import DiscoveryConfig
-    from node.server import NodeConfig, serve
-    from swarm.discovery.gossip import GossipConfig
-    from swarm.discovery.mdns import MdnsConfig
-    from swarm.identity import Identity
     from swarm.model import load_span, open_checkpoint
 
-    identity_path = args.identity or default_identity_path()
-    lock = lock_identity(identity_path)
-    identity = Identity.load_or_create(identity_path)
-    span = fingerprint = None
-    if args.blocks is not None:
-        device = torch.device(args.device)
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        show = _progress() if sys.stderr.isatty() else None
-        with open_checkpoint(args.model) as checkpoint:
-            span = load_span(checkpoint, *args.blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
-            fingerprint = checkpoint.fingerprint()
-        if show:
-            show("")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    show = _progress() if sys.stderr.isatty() else None
+    with open_checkpoint(args.model) as checkpoint:
+        span = load_span(checkpoint, *args.blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
+        fingerprint = checkpoint.fingerprint()
+    if show:
+        show("")
+    return span, fingerprint
+
+
+def _node_config(args: argparse.Namespace):
+    from node.backend import BackendConfig
+    from node.discovery import DiscoveryConfig
+    from node.server import NodeConfig
+    from swarm.discovery.gossip import GossipConfig
+    from swarm.discovery.mdns import MdnsConfig
+
     try:
         gossip = GossipConfig(bootstrap=tuple(args.bootstrap), period_s=args.gossip_period, record_ttl_s=args.record_ttl)
         mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all") if args.mdns else None
     except ValueError as exc:
         raise SwarmError(f"bad discovery option: {exc}") from None
-    config = NodeConfig(
+    return NodeConfig(
         host=args.host,
         port=args.port,
         public_url=args.public_url,
@@ -141,15 +163,56 @@ async def _run(args: argparse.Namespace) -> int:
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
     )
 
+
+def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint) -> int:
+    """Serve from an event loop in a second thread while this (main) thread runs the model.
+
+    Signals arrive on the main thread; they set the loop's stop event, and the loop
+    shuts down gracefully (node/server.py) and then releases the compute thread.
+    """
+    from node.server import serve
+
+    compute = MainThreadExecutor()
+    outcome: dict[str, object] = {}
+    control: dict[str, object] = {}
+
     def ready(state) -> None:
         blocks = f"{span.start}:{span.end}" if span is not None else "none"
         throughput = state.backend.throughput if state.backend else 0.0
         print(f"ready peer={state.identity.peer_id} url={state.url} blocks={blocks} model={fingerprint or 'none'} throughput={throughput:.1f}", flush=True)
 
-    try:
-        await serve(span, fingerprint, identity, config, ready=ready)
-    finally:
-        lock.close()
+    def event_loop() -> None:
+        async def run() -> None:
+            control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            if control.get("stop_requested"):
+                control["stop"].set()
+            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute)
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread below
+            outcome["error"] = exc
+        finally:
+            compute.shutdown()
+
+    def request_stop(*_) -> None:
+        control["stop_requested"] = True
+        loop, stop = control.get("loop"), control.get("stop")
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    thread = threading.Thread(target=event_loop, name="event-loop")
+    thread.start()
+    compute.run()
+    thread.join()
+    error = outcome.get("error")
+    if isinstance(error, SwarmError):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if error is not None:
+        raise error
     return 0
 
 

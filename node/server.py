@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -383,15 +385,18 @@ async def serve(
     config: NodeConfig,
     ready: Callable[[NodeState], None] | None = None,
     stop: asyncio.Event | None = None,
+    executor: concurrent.futures.Executor | None = None,
 ) -> None:
-    """Run a node until SIGTERM/SIGINT (or `stop`), then shut down gracefully. `span` None: bootstrap peer."""
+    """Run a node until `stop` is set (or SIGTERM/SIGINT, when this is the main thread), then shut
+    down gracefully. `span` None: a bootstrap peer. `executor` runs the model (see node/compute.py)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        backend = await stack.enter_async_context(Backend(span, config.backend)) if span is not None else None
+        backend = await stack.enter_async_context(Backend(span, config.backend, executor)) if span is not None else None
         push = PushPool(http, config.max_frame)
         stack.push_async_callback(push.close)
         state = NodeState(config, identity, fingerprint, backend, push)

