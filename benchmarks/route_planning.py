@@ -15,21 +15,16 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-from swarm.routing import Candidate, plan_route
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import git_sha  # noqa: E402
+from swarm.routing import Candidate, plan_route  # noqa: E402
 
 MODEL = "sha256:bench"
-
-
-def git_sha() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip() or None
 
 
 def random_table(rng: random.Random, num_peers: int, num_layers: int, max_span: int) -> list[Candidate]:

@@ -114,6 +114,7 @@ class GenerationStats:
     decode_s: float = 0.0  # from the first new token to the last
     finish_reason: str = ""  # "eos", "stop", "length"
     token_ids: list[int] = field(default_factory=list)
+    failovers: list[tuple[str, float]] = field(default_factory=list)  # (why, seconds stalled) per re-route
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -127,8 +127,12 @@ class RouteSession:
             await state.ws.send_bytes(wire.encode(message))
             await self._opened[state.session_id]
 
-    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last") -> torch.Tensor:
-        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D]."""
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor:
+        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D].
+
+        A step not answered within `timeout` (default `step_timeout_s`) fails with
+        `PeerUnavailable` naming the first hop that has not acknowledged it.
+        """
         if self.broken is not None:
             raise self.broken
         step = self._step
@@ -141,10 +145,12 @@ class RouteSession:
             if first.ws is None or first.ws.closed:
                 raise PeerUnavailable(f"connection to {first.hop} is closed")
             await first.ws.send_bytes(wire.encode(message))
-            return await asyncio.wait_for(done, self.config.step_timeout_s)
+            return await asyncio.wait_for(done, timeout or self.config.step_timeout_s)
         except asyncio.TimeoutError:
             laggard = next((s.hop for s in self.hops if s.acked < step), self.hops[-1].hop)
-            raise PeerUnavailable(f"step {step} timed out after {self.config.step_timeout_s:g} s waiting for {laggard}") from None
+            error = PeerUnavailable(f"step {step} timed out after {timeout or self.config.step_timeout_s:g} s waiting for {laggard}")
+            error.hop = laggard
+            raise error from None
         finally:
             self._pending.pop(step, None)
 
@@ -162,7 +168,9 @@ class RouteSession:
                     self._fail_all(BadRequest(f"{state.hop} sent a malformed message: {type(exc).__name__}"))
         finally:
             if state.ws.close_code is not None or state.ws.closed:
-                self._fail_all(PeerUnavailable(f"{state.hop} closed the connection"))
+                error = PeerUnavailable(f"{state.hop} closed the connection")
+                error.hop = state.hop
+                self._fail_all(error)
 
     def _dispatch(self, state: _HopState, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -178,7 +186,8 @@ class RouteSession:
                 _resolve(pending.done, wire.unpack_tensor(message.get("hidden")))
         if kind == "error":
             error = error_from_code(str(message.get("code")), f"{state.hop}: {message.get('message')}")
-            error.hop = state.hop  # which hop reported it, for re-routing
+            # which hop failed, for re-routing: the reporter, or the next hop it could not push to
+            error.hop = next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop)
             opened = self._opened.get(message.get("session"))
             if opened is not None and not opened.done():
                 _fail(opened, error)

@@ -41,7 +41,9 @@ UNMEASURED_RTT_S = 0.005  # planning cost of a peer whose round trip we have not
 @dataclass(frozen=True)
 class ClientConfig:
     wire_dtype: str = "bfloat16"
-    max_attempts: int = 4  # routes tried when hops refuse before giving up
+    max_attempts: int = 4  # routes tried when hops refuse (at open, or mid-generation) before giving up
+    min_deadline_s: float = 1.0  # a one-token step is given max(this, deadline_factor x its usual time)
+    deadline_factor: float = 10.0
     refresh_s: float = 10.0  # re-ask bootstrap peers when the view is older than this
     rtt_probes: int = 32  # at most this many peers get their round trip measured per refresh
     session: SessionConfig = field(default_factory=SessionConfig)
@@ -128,10 +130,10 @@ class SwarmModel:
 
     # --- generation --------------------------------------------------------------------
 
-    async def _open(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None) -> RouteSession:
-        """A session along `route` (or the best route); refusing hops are excluded and the route re-planned."""
-        await self.refresh(http)
-        exclude: set[str] = set()
+    async def _open(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset()) -> RouteSession:
+        """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned."""
+        await self.refresh(http, force=bool(exclude))
+        exclude = set(exclude)
         refusals: list[str] = []
         last: Exception | None = None
         for attempt in range(self.config.max_attempts):
@@ -157,14 +159,16 @@ class SwarmModel:
     async def stream_result(self, prompt_ids: Sequence[int], params: SamplingParams, route: Route | None = None) -> AsyncIterator[tuple[str, GenerationStats, list[str]]]:
         """Yields (text piece, stats so far, route) as tokens are decoded."""
         stats = GenerationStats()
+        max_length = len(prompt_ids) + params.max_new_tokens
         async with aiohttp.ClientSession() as http:
-            session = await self._open(http, len(prompt_ids) + params.max_new_tokens, route)
-            names = [str(h) for h in session.route]
+            blocks = FailoverBlocks(lambda exclude, first: self._open(http, max_length, route if first else None, exclude), self.config)
+            await blocks.start()
+            stats.failovers = blocks.failovers
             try:
-                async for token in stream_tokens(self.head, session, prompt_ids, params, stats):
-                    yield token.text, stats, names
+                async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats):
+                    yield token.text, stats, blocks.route
             finally:
-                await session.close()
+                await blocks.close()
 
     def _ids(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
         if isinstance(prompt, list):
@@ -198,6 +202,74 @@ class SwarmModel:
 
     def generate_batch(self, prompts: Sequence[str], *, chat: bool = True, **sampling) -> list[str]:
         return [r.text for r in asyncio.run(self.agenerate_batch(prompts, chat=chat, **sampling))]
+
+
+class FailoverBlocks:
+    """All blocks of one generation, surviving hops that die, stall or refuse mid-way.
+
+    It keeps every hidden state it sent (the client's own embeddings: [positions, D]),
+    so when a step fails it plans a route avoiding the failed peer, opens sessions
+    along it and replays the whole prefix there as one prefill, which rebuilds every
+    hop's cache; then generation goes on. Greedy output matches a run without the
+    failure up to float rounding (a prefill sums in another order than single steps).
+
+    A one-token step gets a deadline derived from this session's measured step time,
+    so a node that hangs or is cut off is noticed in about `deadline_factor` steps'
+    time rather than at a fixed timeout.
+    """
+
+    def __init__(self, open_session, config: ClientConfig) -> None:
+        self._open = open_session  # (exclude, first) -> an opened RouteSession
+        self.config = config
+        self.session: RouteSession | None = None
+        self.exclude: set[str] = set()
+        self.prefix: torch.Tensor | None = None  # inputs of positions [0, len)
+        self.step_times: list[float] = []
+        self.failovers: list[tuple[str, float]] = []  # (why, seconds the generation stalled)
+
+    @property
+    def route(self) -> list[str]:
+        return [str(h) for h in self.session.route] if self.session else []
+
+    async def start(self) -> None:
+        self.session = await self._open(frozenset(), True)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _deadline(self, tokens: int) -> float | None:
+        if tokens > 1 or len(self.step_times) < 3:
+            return None  # the session's own (generous) timeout
+        usual = sorted(self.step_times[-16:])[len(self.step_times[-16:]) // 2]
+        return max(self.config.min_deadline_s, self.config.deadline_factor * usual)
+
+    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        prefix = self.prefix[:start] if self.prefix is not None else hidden[:0]
+        send, at = hidden, start
+        for attempt in range(self.config.max_attempts + 1):
+            began = time.perf_counter()
+            try:
+                out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
+            except TransientError as exc:
+                if attempt == self.config.max_attempts:
+                    raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
+                hop = getattr(exc, "hop", None)
+                if hop is not None and hop.peer_id:
+                    self.exclude.add(hop.peer_id)
+                log.info("step at position %d failed (%s); re-routing around %s", start, exc, hop)
+                await self.session.close()
+                self.session = await self._open(frozenset(self.exclude), False)
+                send, at = torch.cat([prefix, hidden]), 0  # replay: rebuilds every new hop's cache
+                self.failovers.append((str(exc), time.perf_counter() - began))
+                continue
+            if send.shape[0] == 1:
+                self.step_times.append(time.perf_counter() - began)
+            elif at == 0 and self.failovers:
+                self.failovers[-1] = (self.failovers[-1][0], self.failovers[-1][1] + time.perf_counter() - began)
+            self.prefix = torch.cat([prefix, hidden])
+            return out
+        raise AssertionError("unreachable: the loop returns or raises")
 
 
 async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, timeout: float = 2.0) -> float | None:

@@ -80,3 +80,19 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             node.proc.wait(30)
         except subprocess.TimeoutExpired:
             node.kill()
+
+
+def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5) -> tuple[NodeProcess, list[NodeProcess]]:
+    """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it."""
+    period = ["--gossip-period", str(gossip_period)]
+    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap")
+    nodes = start_nodes([["--blocks", span, "--bootstrap", bootstrap.url, *period] for span in spans], tmp)
+    return bootstrap, nodes
+
+
+async def refresh(client) -> None:
+    """Make a SwarmModel re-read the swarm now."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        await client.refresh(http, force=True)

@@ -16,7 +16,7 @@ import pytest
 from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
 from client.swarm import ClientConfig, SwarmModel
 from swarm.model import DEFAULT_MODEL, resolve_model
-from tests.nodes import start_nodes, stop_nodes
+from tests.nodes import refresh, start_nodes, start_swarm, stop_nodes
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
 NEW_TOKENS = 24
@@ -24,10 +24,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("client")
-    (bootstrap,) = start_nodes([["--no-model", "--gossip-period", "0.5"]], tmp / "b")
-    spans = ["0:10", "10:20", "20:30", "0:15", "15:30"]
-    nodes = start_nodes([["--blocks", s, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"] for s in spans], tmp)
+    bootstrap, nodes = start_swarm(tmp_path_factory.mktemp("client"), ["0:10", "10:20", "20:30", "0:15", "15:30"])
     yield bootstrap, nodes
     stop_nodes([bootstrap, *nodes])
 
@@ -47,16 +44,9 @@ def _local_greedy(head, span, prompt: str) -> list[int]:
 
 def _route_through(client, nodes, spans: set[tuple[int, int]]):
     """The client's best route using only the nodes holding `spans`."""
-    asyncio.run(_refresh(client))
+    asyncio.run(refresh(client))
     others = frozenset(n.peer_id for n in nodes if n.blocks not in spans)
     return client.plan(exclude=others)
-
-
-async def _refresh(client) -> None:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
-        await client.refresh(http, force=True)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
