@@ -95,6 +95,18 @@ def test_sync_api_and_chat(client):
     assert "".join(asyncio.run(stream()))
 
 
+def test_chat_cli_keeps_history_and_shows_the_route(swarm):
+    bootstrap, _ = swarm
+    script = "What is the capital of France?\n/route\nAnd of Germany?\n/reset\n/quit\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "client.cli", "chat", "--bootstrap", bootstrap.url, "--max-new-tokens", "20"],
+        input=script, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "Berlin" in done.stdout  # the second question needs the first
+    assert "->" in done.stderr and "(conversation forgotten)" in done.stderr
+
+
 def test_busy_node_is_routed_around(tmp_path, swarm):
     """A node that looks best ([0,30) in one hop) but refuses every session: the client goes elsewhere."""
     bootstrap, nodes = swarm
