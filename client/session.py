@@ -43,6 +43,7 @@ class SessionConfig:
     max_frame: int = wire.DEFAULT_MAX_FRAME
     open_timeout_s: float = 30.0
     step_timeout_s: float = 60.0  # for one step through the whole route
+    close_timeout_s: float = 1.0  # a hop that does not answer our close (cut off, dead) is dropped after this
 
 
 @dataclass
@@ -104,7 +105,12 @@ class RouteSession:
         loop = asyncio.get_running_loop()
         for state in self.hops:
             try:
-                state.ws = await self.http.ws_connect(f"{state.hop.url.rstrip('/')}/session", max_msg_size=2 * self.config.max_frame, compress=0)
+                state.ws = await self.http.ws_connect(
+                    f"{state.hop.url.rstrip('/')}/session",
+                    max_msg_size=2 * self.config.max_frame,
+                    compress=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=self.config.close_timeout_s),
+                )
             except (aiohttp.ClientError, OSError) as exc:
                 error = PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}")
                 error.hop = state.hop  # which hop failed, for re-routing

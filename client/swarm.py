@@ -226,6 +226,7 @@ class FailoverBlocks:
         self.prefix: torch.Tensor | None = None  # inputs of positions [0, len)
         self.step_times: list[float] = []
         self.failovers: list[tuple[str, float]] = []  # (why, seconds the generation stalled)
+        self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
 
     @property
     def route(self) -> list[str]:
@@ -237,6 +238,7 @@ class FailoverBlocks:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _deadline(self, tokens: int) -> float | None:
         if tokens > 1 or len(self.step_times) < 3:
@@ -258,7 +260,7 @@ class FailoverBlocks:
                 if hop is not None and hop.peer_id:
                     self.exclude.add(hop.peer_id)
                 log.info("step at position %d failed (%s); re-routing around %s", start, exc, hop)
-                await self.session.close()
+                self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
                 self.session = await self._open(frozenset(self.exclude), False)
                 send, at = torch.cat([prefix, hidden]), 0  # replay: rebuilds every new hop's cache
                 self.failovers.append((str(exc), time.perf_counter() - began))
