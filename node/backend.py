@@ -74,6 +74,7 @@ class Backend:
         self._pending: deque[_Step] = deque()
         self._wakeup = asyncio.Event()
         # One compute thread: `swarm-node` passes its main thread (see node/compute.py); else a worker.
+        self._owns_executor = executor is None  # a lent executor (the node's main thread) outlives this backend
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._batcher: asyncio.Task | None = None
         self._idle = asyncio.Event()  # set while nothing is queued or computing
@@ -91,7 +92,8 @@ class Backend:
         if self._batcher:
             self._batcher.cancel()
             await asyncio.gather(self._batcher, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def drain(self) -> None:
         """Wait until every queued step has been computed."""

@@ -9,6 +9,7 @@ moving raises the bottleneck by more than a margin, so nodes do not flap.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 
 from swarm.peers import PeerRecord
@@ -25,14 +26,19 @@ def block_throughput(records: Iterable[PeerRecord], model_digest: str, num_layer
     return totals
 
 
-def choose_span(totals: Sequence[float], count: int) -> tuple[int, int]:
-    """The `count` contiguous blocks whose weakest block is weakest (then least total; then first).
+def choose_span(totals: Sequence[float], count: int, rng: random.Random | None = None) -> tuple[int, int]:
+    """The `count` contiguous blocks whose weakest block is weakest, then with the least total.
 
     Taking the window that contains the swarm's bottleneck is what raises it; among
-    such windows, the one with the least throughput overall helps most.
+    such windows, the one with the least throughput overall helps most. Remaining
+    ties go to the first window, or to a random one with `rng`: nodes that start
+    together into an empty swarm then spread instead of piling onto block 0.
     """
     count = max(1, min(count, len(totals)))
-    best = min(range(len(totals) - count + 1), key=lambda s: (min(totals[s : s + count]), sum(totals[s : s + count]), s))
+    score = {s: (min(totals[s : s + count]), sum(totals[s : s + count])) for s in range(len(totals) - count + 1)}
+    best_score = min(score.values())
+    tied = [s for s, value in score.items() if value == best_score]
+    best = rng.choice(tied) if rng else tied[0]
     return best, best + count
 
 

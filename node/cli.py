@@ -37,7 +37,9 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
-def parse_blocks(text: str) -> tuple[int, int]:
+def parse_blocks(text: str) -> tuple[int, int] | str:
+    if text == "auto":
+        return text
     try:
         start, end = (int(part) for part in text.split(":"))
     except ValueError:
@@ -67,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve blocks [START, END) of a model to a layerswarm swarm over HTTP and websockets.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END", help="the blocks to serve, e.g. 0:10 (required unless --no-model)")
+    parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END|auto", help="the blocks to serve, e.g. 0:10, or auto: the --num-blocks where the swarm is weakest, moving when that changes (required unless --no-model)")
+    parser.add_argument("--num-blocks", type=int, default=None, metavar="K", help="with --blocks auto: how many contiguous blocks to hold")
+    parser.add_argument("--rebalance-period", type=float, default=30.0, metavar="SECONDS", help="with --blocks auto: how often to check the swarm's coverage (default 30)")
+    parser.add_argument("--min-dwell", type=float, default=120.0, metavar="SECONDS", help="with --blocks auto: never move sooner than this after the last move (default 120)")
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
@@ -99,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.blocks is None) == (not args.no_model):
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
+    if args.blocks == "auto" and not (args.num_blocks and args.num_blocks > 0):
+        parser.error("--blocks auto needs --num-blocks K")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
         config = _node_config(args)
         lock, identity = _identity(args)
-        span, fingerprint = _load(args)  # on the main thread, which computes with it (node/compute.py)
+        span, fingerprint, loader = _load(args)  # on the main thread, which computes with it (node/compute.py)
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _serve_beside(args, config, identity, span, fingerprint)
+        return _serve_beside(args, config, identity, span, fingerprint, loader)
     finally:
         lock.close()
 
@@ -123,9 +130,12 @@ def _identity(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    """(span, fingerprint) of the blocks to serve, or (None, None) for a bootstrap peer."""
+    """(span, fingerprint, loader) of the blocks to serve, or Nones for a bootstrap peer.
+
+    `loader(start, end)` reads another span of the same checkpoint, for `--blocks auto` moves.
+    """
     if args.blocks is None:
-        return None, None
+        return None, None, None
     import torch
 
     from swarm.model import load_span, open_checkpoint
@@ -133,18 +143,47 @@ def _load(args: argparse.Namespace):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     show = _progress() if sys.stderr.isatty() else None
+
+    def loader(start: int, end: int):
+        with open_checkpoint(args.model) as checkpoint:
+            return load_span(checkpoint, start, end, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
+
     with open_checkpoint(args.model) as checkpoint:
-        span = load_span(checkpoint, *args.blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
         fingerprint = checkpoint.fingerprint()
+        blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config.num_layers)
+        span = load_span(checkpoint, *blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
     if show:
         show("")
-    return span, fingerprint
+    return span, fingerprint, loader
+
+
+def _auto_blocks(args: argparse.Namespace, digest: str, num_layers: int) -> tuple[int, int]:
+    """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
+    import random
+
+    import aiohttp
+
+    from node.balance import block_throughput, choose_span
+    from swarm.discovery.gossip import fetch_peers
+
+    async def records():
+        found = []
+        async with aiohttp.ClientSession() as http:
+            for url in args.bootstrap:
+                try:
+                    found += await fetch_peers(http, url.rstrip("/"), 5.0)
+                except SwarmError as exc:
+                    logging.getLogger(__name__).warning("bootstrap %s: %s", url, exc)
+        return found
+
+    totals = block_throughput(asyncio.run(records()), digest, num_layers)
+    return choose_span(totals, args.num_blocks, random.Random())
 
 
 def _node_config(args: argparse.Namespace):
     from node.backend import BackendConfig
     from node.discovery import DiscoveryConfig
-    from node.server import NodeConfig
+    from node.server import NodeConfig, RebalanceConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
 
@@ -161,10 +200,11 @@ def _node_config(args: argparse.Namespace):
         session_timeout_s=args.session_timeout,
         backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
+        rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
     )
 
 
-def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint) -> int:
+def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader) -> int:
     """Serve from an event loop in a second thread while this (main) thread runs the model.
 
     Signals arrive on the main thread; they set the loop's stop event, and the loop
@@ -186,7 +226,7 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint)
             control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
             if control.get("stop_requested"):
                 control["stop"].set()
-            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute)
+            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute, loader=loader)
 
         try:
             asyncio.run(run())

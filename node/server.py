@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import contextlib
 import logging
+import random
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from node.backend import Backend, BackendConfig
+from node.balance import block_throughput, should_move
 from node.channel import Channel
 from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.push import PushPool
@@ -58,6 +60,16 @@ class NodeConfig:
     shutdown_grace_s: float = 30.0  # how long SIGTERM waits for steps in flight
     backend: BackendConfig = field(default_factory=BackendConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """`--blocks auto`: move to where the swarm is weakest, at most every `dwell_s`."""
+
+    period_s: float = 30.0  # how often coverage is checked
+    dwell_s: float = 120.0  # no move sooner than this after starting or the last move
+    margin: float = 0.2  # a move must raise the bottleneck by more than this (relative)
 
 
 @dataclass
@@ -77,6 +89,8 @@ class NodeState:
     tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
     step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
     shutting_down: bool = False
+    moving: bool = False  # between spans: new sessions are refused as busy
+    moves: int = 0
     started: float = field(default_factory=time.time)
 
     @property
@@ -123,6 +137,7 @@ class NodeState:
             "protocol": wire.PROTOCOL_VERSION,
             "peers": len(self.table),
             "shutting_down": self.shutting_down,
+            "moves": self.moves,
             "uptime_s": time.time() - self.started,
             "record": base64.b64encode(self.record().to_bytes()).decode(),
             "model": None,
@@ -252,6 +267,8 @@ async def _handle_frame(state: NodeState, channel: Channel, frame: bytes) -> Non
 async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
     if state.shutting_down:
         raise ShuttingDown("node is shutting down: open the session elsewhere")
+    if state.moving:
+        raise Busy("node is moving to other blocks: open the session elsewhere")
     session_id = wire.session_id(message)
     state.span  # noqa: B018 - refuses on a node that holds no blocks
     _check_model(state, message)
@@ -386,6 +403,7 @@ async def serve(
     ready: Callable[[NodeState], None] | None = None,
     stop: asyncio.Event | None = None,
     executor: concurrent.futures.Executor | None = None,
+    loader: Callable[[int, int], Span] | None = None,
 ) -> None:
     """Run a node until `stop` is set (or SIGTERM/SIGINT, when this is the main thread), then shut
     down gracefully. `span` None: a bootstrap peer. `executor` runs the model (see node/compute.py)."""
@@ -396,10 +414,14 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        backend = await stack.enter_async_context(Backend(span, config.backend, executor)) if span is not None else None
         push = PushPool(http, config.max_frame)
         stack.push_async_callback(push.close)
-        state = NodeState(config, identity, fingerprint, backend, push)
+        state = NodeState(config, identity, fingerprint, None, push)
+        stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
+        if span is not None:
+            state.backend = Backend(span, config.backend, executor)
+            await state.backend.__aenter__()
+        backend = state.backend
         runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -412,11 +434,54 @@ async def serve(
             NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), http)
         )
         state.spawn(_reap_idle(state), "reaper")
+        if config.rebalance is not None and loader is not None and backend is not None:
+            state.spawn(_rebalance(state, config.rebalance, loader, executor), "rebalancer")
         if ready:
             ready(state)
         await stop.wait()
         log.info("shutting down")
         await shutdown(state)
+
+
+async def _rebalance(state: NodeState, config: RebalanceConfig, loader, executor) -> None:
+    """Every period (after the dwell), move to a better span if the swarm's coverage calls for it."""
+    last_move = time.monotonic()
+    while True:
+        await asyncio.sleep(config.period_s * random.uniform(0.8, 1.2))  # jitter: nodes do not all move at once
+        if state.shutting_down or time.monotonic() - last_move < config.dwell_s:
+            continue
+        span = state.span
+        totals = block_throughput(state.table.records(time.time()), state.fingerprint.digest, span.config.num_layers)
+        target = should_move(totals, (span.start, span.end), state.backend.throughput, margin=config.margin)
+        if target is None:
+            continue
+        log.info("moving from blocks [%d, %d) to [%d, %d)", span.start, span.end, *target)
+        await move(state, target, loader, executor)
+        last_move = time.monotonic()
+
+
+async def move(state: NodeState, target: tuple[int, int], loader, executor) -> None:
+    """Serve `target` instead: sessions here are told to move (they fail over), then the new blocks load."""
+    state.moving = True
+    try:
+        for session in state.sessions:
+            _close_session(state, session)
+            await session.owner.send(wire.error_message(ShuttingDown("node is moving to other blocks: move the session elsewhere"), session=session.id))
+        old = state.backend
+        await old.drain()
+        span = await asyncio.get_running_loop().run_in_executor(executor, loader, *target)  # on the compute thread
+        new = Backend(span, state.config.backend, executor)
+        await new.__aenter__()
+        state.backend = new
+        await old.__aexit__(None, None, None)  # its weights go with it
+        state.moves += 1
+    finally:
+        state.moving = False
+
+
+async def _close_backend(state: NodeState) -> None:
+    if state.backend is not None:
+        await state.backend.__aexit__(None, None, None)
 
 
 async def _cancel_tasks(state: NodeState) -> None:

@@ -45,3 +45,71 @@ def test_move_only_when_the_bottleneck_rises_by_more_than_the_margin():
 def test_the_only_server_of_a_span_does_not_abandon_it():
     totals = [10, 10, 10, 10, 0, 0, 0, 0]  # we alone hold [0,4)
     assert should_move(totals, (0, 4), 10.0) is None
+
+
+# --- real nodes ---------------------------------------------------------------------------------
+
+TTL = 3.0
+
+
+def _spans(url: str) -> dict[str, tuple[int, int]]:
+    """peer id -> span, as the bootstrap peer's table has it now."""
+    import asyncio
+
+    import aiohttp
+
+    from swarm.discovery.gossip import fetch_peers
+
+    async def fetch():
+        async with aiohttp.ClientSession() as http:
+            return await fetch_peers(http, url, 5.0)
+
+    return {r.peer_id: tuple(r.span) for r in asyncio.run(fetch()) if r.span}
+
+
+def _uncovered(spans, skip=frozenset()) -> int:
+    counts = [0] * 30
+    for peer, span in spans.items():
+        if peer not in skip:
+            for block in range(*span):
+                counts[block] += 1
+    return counts.count(0)
+
+
+def _until_covered(url: str, timeout: float, skip=frozenset()) -> float:
+    began = time.monotonic()
+    while _uncovered(_spans(url), skip):
+        assert time.monotonic() - began < timeout, f"not covered after {timeout} s: {_spans(url)}"
+        time.sleep(0.2)  # another process's table: polled, there is no event to await
+    return time.monotonic() - began
+
+
+def test_auto_nodes_cover_the_model_and_close_a_hole(tmp_path):
+    """Five `--blocks auto --num-blocks 15` nodes cover all 30 blocks; kill the two whose loss
+    leaves the biggest hole, and the other three move to close it.
+
+    Bound for the hole: record TTL (3 s) + a rebalance period (1 s, jittered) + the move
+    (loading 15 blocks, a few seconds here) + gossip: 25 s is asserted.
+    """
+    import itertools
+
+    from tests.nodes import start_nodes, stop_nodes
+
+    gossip = ["--gossip-period", "0.3", "--record-ttl", str(TTL)]
+    (bootstrap,) = start_nodes([["--no-model", *gossip]], tmp_path / "b")
+    auto = ["--blocks", "auto", "--num-blocks", "15", "--rebalance-period", "1", "--min-dwell", "2", "--bootstrap", bootstrap.url, *gossip]
+    nodes = start_nodes([auto] * 5, tmp_path)
+    try:
+        covered = _until_covered(bootstrap.url, 60)
+        print(f"5 auto nodes cover all 30 blocks {covered:.1f} s after they were ready")
+        spans = _spans(bootstrap.url)
+        victims = max(itertools.combinations(nodes, 2), key=lambda pair: _uncovered(spans, {n.peer_id for n in pair}))
+        gone = frozenset(n.peer_id for n in victims)
+        hole = _uncovered(spans, gone)
+        for victim in victims:
+            victim.kill()
+        healed = _until_covered(bootstrap.url, 60, skip=gone)
+        print(f"killed 2 of 5 (spans {sorted(spans.values())}), leaving {hole} blocks uncovered: covered again after {healed:.1f} s")
+        assert healed < 25
+    finally:
+        stop_nodes([bootstrap, *nodes])
