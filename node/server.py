@@ -95,6 +95,7 @@ class NodeState:
 
     @property
     def span(self) -> Span:
+        """The blocks served; `BadSpan` on a bootstrap peer, which serves none."""
         if self.backend is None:
             raise BadSpan("this node serves no blocks (it is a bootstrap peer)")
         return self.backend.span
@@ -215,6 +216,7 @@ async def post_forward(request: web.Request) -> web.Response:
 
 
 def _check_model(state: NodeState, message: dict[str, Any]) -> None:
+    state.span  # noqa: B018 - raises BadSpan on a node that holds no blocks (and has no model)
     model = wire.field(message, "model", str)
     if model != state.fingerprint.digest:
         raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {model}")
@@ -270,7 +272,6 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
     if state.moving:
         raise Busy("node is moving to other blocks: open the session elsewhere")
     session_id = wire.session_id(message)
-    state.span  # noqa: B018 - refuses on a node that holds no blocks
     _check_model(state, message)
     blocks = wire.block_range(message)
     state.backend.check_blocks(blocks)

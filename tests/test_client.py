@@ -107,10 +107,11 @@ def test_chat_cli_keeps_history_and_shows_the_route(swarm):
     assert "->" in done.stderr and "(conversation forgotten)" in done.stderr
 
 
-def test_busy_node_is_routed_around(tmp_path, swarm):
-    """A node that looks best ([0,30) in one hop) but refuses every session: the client goes elsewhere."""
+@pytest.mark.parametrize("limit", [["--max-sessions", "0"], ["--kv-memory", "1MiB"]], ids=["sessions", "kv-budget"])
+def test_busy_node_is_routed_around(tmp_path, swarm, limit):
+    """A node that looks best ([0,30) in one hop) but refuses every session as busy: the client goes elsewhere."""
     bootstrap, nodes = swarm
-    (busy,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0", "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
+    (busy,) = start_nodes([["--blocks", "0:30", *limit, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
     try:
         model = SwarmModel(DEFAULT_MODEL, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
         result = asyncio.run(model.agenerate("What is the capital of France?", max_new_tokens=16))
