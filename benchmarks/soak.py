@@ -26,7 +26,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
-from client.generate import SamplingParams  # noqa: E402
 from client.swarm import ClientConfig, SwarmModel  # noqa: E402
 from swarm.model import DEFAULT_MODEL  # noqa: E402
 from tests.nodes import start_nodes, stop_nodes  # noqa: E402

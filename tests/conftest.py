@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swarm.model import DEFAULT_MODEL, load_head, load_span, open_checkpoint, resolve_model
+from tests.netns import lan_factory  # noqa: F401 - the namespace tests' fixture
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,12 @@ def hf_model():
     path = resolve_model(DEFAULT_MODEL)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    """A float32-wire SwarmModel on the module's `swarm` (a fixture each such module defines)."""
+    from client.swarm import ClientConfig, SwarmModel
+
+    bootstrap, _ = swarm
+    return SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))

@@ -90,6 +90,19 @@ def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5) -> tupl
     return bootstrap, nodes
 
 
+def module_swarm(name: str, spans: list[str]):
+    """A module-scoped pytest fixture: `start_swarm` with these spans, stopped after the module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def swarm(tmp_path_factory):
+        bootstrap, nodes = start_swarm(tmp_path_factory.mktemp(name), spans)
+        yield bootstrap, nodes
+        stop_nodes([bootstrap, *nodes])
+
+    return swarm
+
+
 async def refresh(client) -> None:
     """Make a SwarmModel re-read the swarm now."""
     import aiohttp

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from swarm.model import Segment, load_head, load_span, open_checkpoint
+from swarm.model import Segment, load_span, open_checkpoint
 from swarm.model.block import rope_inv_freq
 from swarm.model.config import ModelConfig
 

@@ -16,23 +16,13 @@ import pytest
 from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
 from client.swarm import ClientConfig, SwarmModel
 from swarm.model import DEFAULT_MODEL, resolve_model
-from tests.nodes import refresh, start_nodes, start_swarm, stop_nodes
+from tests.nodes import module_swarm, refresh, start_nodes, stop_nodes
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
-    bootstrap, nodes = start_swarm(tmp_path_factory.mktemp("client"), ["0:10", "10:20", "20:30", "0:15", "15:30"])
-    yield bootstrap, nodes
-    stop_nodes([bootstrap, *nodes])
-
-
-@pytest.fixture(scope="module")
-def client(swarm):
-    bootstrap, _ = swarm
-    return SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+swarm = module_swarm("client", ["0:10", "10:20", "20:30", "0:15", "15:30"])  # `client` (conftest) is a float32-wire SwarmModel on it
 
 
 def _local_greedy(head, span, prompt: str) -> list[int]:

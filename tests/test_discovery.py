@@ -15,7 +15,6 @@ from swarm import wire
 from swarm.discovery.gossip import fetch_peers
 from swarm.identity import Identity
 from swarm.peers import PeerRecord
-from tests.netns import lan_factory  # noqa: F401 - a fixture
 from tests.nodes import start_nodes, stop_nodes
 
 PERIOD = 0.3  # gossip period in these tests
@@ -148,7 +147,7 @@ def test_mdns_on_loopback_finds_a_node_and_its_goodbye_removes_it(tmp_path):
         node.kill()
 
 
-def test_mdns_across_network_namespaces(lan_factory, tmp_path):  # noqa: F811 - the fixture
+def test_mdns_across_network_namespaces(lan_factory, tmp_path):
     lan = lan_factory(3)
     a, b, client = lan.hosts
     nodes = []

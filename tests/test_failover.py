@@ -10,26 +10,14 @@ import sys
 import pytest
 
 from client.generate import SamplingParams
-from client.swarm import ClientConfig, SwarmModel
-from swarm.model import DEFAULT_MODEL
-from tests.netns import Lines, lan_factory  # noqa: F401 - a fixture
-from tests.nodes import refresh, start_nodes, start_swarm, stop_nodes
+from tests.netns import Lines
+from tests.nodes import module_swarm, refresh, start_nodes, stop_nodes
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
-    bootstrap, nodes = start_swarm(tmp_path_factory.mktemp("failover"), ["0:10", "10:20", "10:20", "10:20", "20:30"])
-    yield bootstrap, nodes
-    stop_nodes([bootstrap, *nodes])
-
-
-@pytest.fixture(scope="module")
-def client(swarm):
-    bootstrap, _ = swarm
-    return SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+swarm = module_swarm("failover", ["0:10", "10:20", "10:20", "10:20", "20:30"])  # `client` (conftest) is a float32-wire SwarmModel on it
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def test_middle_hop_lost_mid_generation(client, swarm, baseline, how):
         assert middle.proc.wait(60) == 0
 
 
-def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, head, full_span):  # noqa: F811
+def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, head, full_span):
     """Pull the cable of the middle hop: no error arrives, the step deadline fires, the session moves."""
     lan = lan_factory(5)
     home, a, b1, b2, c = lan.hosts
