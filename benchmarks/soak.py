@@ -77,6 +77,14 @@ async def main() -> None:
                 latencies.append(time.monotonic() - began)
             turn += 1
 
+    samples: dict[str, list[int]] = {}  # peer id -> resident bytes every 5 s (a restart starts a new list)
+
+    async def sample() -> None:
+        while time.monotonic() < deadline:
+            for node in nodes:
+                samples.setdefault(node.peer_id + str(node.proc.pid), []).append(_rss(node))
+            await asyncio.sleep(5)
+
     async def chaos() -> int:
         kills = 0
         while time.monotonic() + args.kill_every < deadline:
@@ -94,7 +102,7 @@ async def main() -> None:
         return kills
 
     try:
-        results = await asyncio.gather(chaos(), *(client(i) for i in range(args.clients)))
+        results = await asyncio.gather(chaos(), sample(), *(client(i) for i in range(args.clients)))
         kills = results[0]
         growth = {peer: _rss(n) - rss_start[peer] for n in nodes for peer in [n.peer_id] if peer in rss_start}
         p = {"seconds": args.seconds, "clients": args.clients, "kill_every_s": args.kill_every, "nodes": len(nodes)}
@@ -110,6 +118,17 @@ async def main() -> None:
             p,
             human=f"resident memory growth of each node since its (re)start: {', '.join(f'{v / 2**20:+.0f} MiB' for v in growth.values())}",
         )
+        # memory over time: growth in each process's second half against its first half shows a plateau
+        halves = [(s[len(s) // 2] - s[0], s[-1] - s[len(s) // 2]) for s in samples.values() if len(s) >= 4]
+        if halves:
+            emit(
+                "soak_node_rss_growth_second_half_max",
+                max(second for _, second in halves) / 2**20,
+                "MiB",
+                p,
+                human="resident memory per node process, first half / second half of its life: "
+                + ", ".join(f"{a / 2**20:+.0f}/{b / 2**20:+.0f} MiB" for a, b in halves),
+            )
         for reason in failed[:5]:
             say(f"failed: {reason}")
     finally:

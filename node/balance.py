@@ -74,3 +74,10 @@ def should_move(
 
 def _uncovered(totals: Sequence[float]) -> int:
     return sum(1 for t in totals if t <= 0.0)
+
+
+def blocks_that_fit(max_memory: int, block_bytes: int, kv_memory: int, reserve: float = 0.1) -> int:
+    """How many blocks a node can hold in `max_memory` bytes: what is left after the KV budget
+    and a `reserve` share for activations and the runtime, in whole blocks (at least 1)."""
+    usable = max_memory * (1 - reserve) - kv_memory
+    return max(1, int(usable // block_bytes))

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END|auto", help="the blocks to serve, e.g. 0:10, or auto: the --num-blocks where the swarm is weakest, moving when that changes (required unless --no-model)")
     parser.add_argument("--num-blocks", type=int, default=None, metavar="K", help="with --blocks auto: how many contiguous blocks to hold")
+    parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE", help="with --blocks auto and no --num-blocks: hold as many blocks as fit in SIZE beside --kv-memory")
     parser.add_argument("--rebalance-period", type=float, default=30.0, metavar="SECONDS", help="with --blocks auto: how often to check the swarm's coverage (default 30)")
     parser.add_argument("--min-dwell", type=float, default=120.0, metavar="SECONDS", help="with --blocks auto: never move sooner than this after the last move (default 120)")
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.blocks is None) == (not args.no_model):
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
-    if args.blocks == "auto" and not (args.num_blocks and args.num_blocks > 0):
-        parser.error("--blocks auto needs --num-blocks K")
+    if args.blocks == "auto" and not ((args.num_blocks and args.num_blocks > 0) or args.max_memory):
+        parser.error("--blocks auto needs --num-blocks K or --max-memory SIZE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
@@ -177,7 +178,21 @@ def _auto_blocks(args: argparse.Namespace, digest: str, num_layers: int) -> tupl
         return found
 
     totals = block_throughput(asyncio.run(records()), digest, num_layers)
-    return choose_span(totals, args.num_blocks, random.Random())
+    return choose_span(totals, args.num_blocks or _blocks_in_memory(args, num_layers), random.Random())
+
+
+def _blocks_in_memory(args: argparse.Namespace, num_layers: int) -> int:
+    import torch
+
+    from node.balance import blocks_that_fit
+    from swarm.model import open_checkpoint
+
+    with open_checkpoint(args.model) as checkpoint:
+        config = checkpoint.config
+    element = torch.empty((), dtype=getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))).element_size()
+    count = min(num_layers, blocks_that_fit(args.max_memory, config.block_params() * element, args.kv_memory))
+    logging.getLogger(__name__).info("--max-memory %d bytes holds %d blocks", args.max_memory, count)
+    return count
 
 
 def _node_config(args: argparse.Namespace):

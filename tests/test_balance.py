@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from node.balance import block_throughput, bottleneck, choose_span, should_move
+from node.balance import block_throughput, blocks_that_fit, bottleneck, choose_span, should_move
 from swarm.identity import Identity
 from swarm.peers import PeerRecord
 
@@ -40,6 +40,12 @@ def test_move_only_when_the_bottleneck_rises_by_more_than_the_margin():
     totals = [11, 11, 11, 11, 10, 10, 10, 10]
     assert should_move(totals, (0, 4), 1.0) is None
     assert bottleneck(totals) == 10
+
+
+def test_blocks_that_fit_a_memory_budget():
+    # 1 GB, 10% reserve, 200 MB of KV: 700 MB for 100 MB blocks
+    assert blocks_that_fit(10**9, 10**8, 2 * 10**8) == 7
+    assert blocks_that_fit(10**8, 10**9, 0) == 1  # never nothing
 
 
 def test_the_only_server_of_a_span_does_not_abandon_it():
