@@ -82,7 +82,8 @@ async def main() -> None:
     async def sample() -> None:
         while time.monotonic() < deadline:
             for node in nodes:
-                samples.setdefault(node.peer_id + str(node.proc.pid), []).append(_rss(node))
+                if rss := _rss(node) if node.proc.poll() is None else 0:  # a killed process has no memory to show
+                    samples.setdefault(node.peer_id + str(node.proc.pid), []).append(rss)
             await asyncio.sleep(5)
 
     async def chaos() -> int:
