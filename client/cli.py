@@ -293,7 +293,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 }
                 for r in records
             ],
-            "coverage": coverage_lines(records),
+            "coverage": coverage_lines(view.table, now),
             "unreachable": view.unreachable,
         }))
         return 0
@@ -302,7 +302,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         span = f"{r.span[0]}:{r.span[1]}" if r.span else "-"
         model = (r.model_digest or "-")[:12]
         print(f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s")
-    for line in coverage_lines(records):
+    for line in coverage_lines(view.table, now):
         print(line)
     for url in view.unreachable:
         print(f"unreachable bootstrap peer: {url}", file=sys.stderr)

@@ -64,19 +64,15 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
     return view
 
 
-def coverage_lines(records: list[PeerRecord]) -> list[str]:
+def coverage_lines(table: PeerTable, now: float) -> list[str]:
     """One line per model: which blocks are served how many times, and which are missing."""
     lines = []
     models: dict[str, PeerRecord] = {}
-    for record in records:
+    for record in table.records(now):
         if record.model_digest and record.span is not None:
             models.setdefault(record.model_digest, record)
     for digest, sample in sorted(models.items()):
-        counts = [0] * sample.num_layers
-        for record in records:
-            if record.model_digest == digest and record.span is not None and record.num_layers == sample.num_layers:
-                for block in range(*record.span):
-                    counts[block] += 1
+        counts = table.coverage(digest, sample.num_layers, now)
         runs, start = [], 0
         for block in range(1, len(counts) + 1):
             if block == len(counts) or counts[block] != counts[start]:

@@ -151,14 +151,14 @@ def _load(args: argparse.Namespace):
 
     with open_checkpoint(args.model) as checkpoint:
         fingerprint = checkpoint.fingerprint()
-        blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config.num_layers)
+        blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config)
         span = load_span(checkpoint, *blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
     if show:
         show("")
     return span, fingerprint, loader
 
 
-def _auto_blocks(args: argparse.Namespace, digest: str, num_layers: int) -> tuple[int, int]:
+def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, int]:
     """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
     import random
 
@@ -177,20 +177,17 @@ def _auto_blocks(args: argparse.Namespace, digest: str, num_layers: int) -> tupl
                     logging.getLogger(__name__).warning("bootstrap %s: %s", url, exc)
         return found
 
-    totals = block_throughput(asyncio.run(records()), digest, num_layers)
-    return choose_span(totals, args.num_blocks or _blocks_in_memory(args, num_layers), random.Random())
+    totals = block_throughput(asyncio.run(records()), digest, config.num_layers)
+    return choose_span(totals, args.num_blocks or _blocks_in_memory(args, config), random.Random())
 
 
-def _blocks_in_memory(args: argparse.Namespace, num_layers: int) -> int:
+def _blocks_in_memory(args: argparse.Namespace, config) -> int:
     import torch
 
     from node.balance import blocks_that_fit
-    from swarm.model import open_checkpoint
 
-    with open_checkpoint(args.model) as checkpoint:
-        config = checkpoint.config
     element = torch.empty((), dtype=getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))).element_size()
-    count = min(num_layers, blocks_that_fit(args.max_memory, config.block_params() * element, args.kv_memory))
+    count = min(config.num_layers, blocks_that_fit(args.max_memory, config.block_params() * element, args.kv_memory))
     logging.getLogger(__name__).info("--max-memory %d bytes holds %d blocks", args.max_memory, count)
     return count
 
