@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Protocol, Sequence
 
 import torch
 
 from swarm.errors import BadRequest
 from swarm.model.block import Segment, Span
 from swarm.model.head import Head
+
+if TYPE_CHECKING:
+    from client.failover import Failover
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class GenerationStats:
     decode_s: float = 0.0  # from the first new token to the last
     finish_reason: str = ""  # "eos", "stop", "length"
     token_ids: list[int] = field(default_factory=list)
-    failovers: list[tuple[str, float]] = field(default_factory=list)  # (why, seconds stalled) per re-route
+    failovers: list[Failover] = field(default_factory=list)  # one per hop routed around
 
     @property
     def decode_tokens_per_s(self) -> float:

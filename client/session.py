@@ -5,6 +5,12 @@ next hop's session; a step goes to the first hop and the result comes back from
 the last. Every hop acknowledges each step to the client, so the client sees at
 once which hop failed. Everything opened is closed on exit, also on errors and
 cancellation.
+
+`replace` swaps one failed hop for a new sub-route over the same blocks while
+every other hop keeps its session and KV cache: the prefix is run statelessly
+(POST /forward) through the hops before the gap to get the gap's inputs, the new
+hops prefill from them, then the hop before the gap is retargeted to push into
+the new sub-route and the new sub-route's last hop to push to the hop after it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -54,6 +61,7 @@ class _HopState:
     reader: asyncio.Task | None = None
     acked: int = -1  # last step this hop acknowledged
     compute_ms: float = 0.0  # model time of the last acknowledged step
+    retired: bool = False  # replaced by failover: its connection closing is expected
 
 
 @dataclass
@@ -78,7 +86,8 @@ class RouteSession:
         self.hops = [_HopState(h, secrets.token_urlsafe(12)) for h in hops]
         self._step = 0
         self._pending: dict[int, _Pending] = {}
-        self._opened: dict[str, asyncio.Future] = {}
+        self._replies: dict[str, asyncio.Future] = {}  # session id -> its awaited "opened"/"retargeted"
+        self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
 
     @property
@@ -102,8 +111,11 @@ class RouteSession:
         await self.close()
 
     async def _open_all(self) -> None:
-        loop = asyncio.get_running_loop()
-        for state in self.hops:
+        await self._connect(self.hops)
+        await self._open(self.hops, None)
+
+    async def _connect(self, states: Sequence[_HopState]) -> None:
+        for state in states:
             try:
                 state.ws = await self.http.ws_connect(
                     f"{state.hop.url.rstrip('/')}/session",
@@ -112,14 +124,14 @@ class RouteSession:
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.config.close_timeout_s),
                 )
             except (aiohttp.ClientError, OSError) as exc:
-                error = PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}")
-                error.hop = state.hop  # which hop failed, for re-routing
-                raise error from None
+                raise _at(PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}"), state.hop) from None
             state.reader = asyncio.create_task(self._read(state), name=f"session-reader {state.hop}")
-        # Open from the last hop backwards so every hop's push target exists before it is used.
-        for index in reversed(range(len(self.hops))):
-            state = self.hops[index]
-            after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+
+    async def _open(self, states: Sequence[_HopState], after: _HopState | None) -> None:
+        """Open `states` (a chain) from the last backwards, so every push target exists before it is used."""
+        for index in reversed(range(len(states))):
+            state = states[index]
+            target = states[index + 1] if index + 1 < len(states) else after
             message = {
                 "type": "open",
                 "session": state.session_id,
@@ -127,11 +139,20 @@ class RouteSession:
                 "max_length": self.max_length,
                 "dtype": self.config.wire_dtype,
                 "model": self.model,
-                "next": {"url": after.hop.url, "session": after.session_id} if after else None,
+                "next": _address(target),
             }
-            self._opened[state.session_id] = loop.create_future()
+            await self._request(state, message)
+
+    async def _request(self, state: _HopState, message: dict[str, Any]) -> None:
+        """Send a control message to one hop and wait for its reply ("opened", "retargeted")."""
+        reply = self._replies[state.session_id] = asyncio.get_running_loop().create_future()
+        try:
+            if state.ws is None or state.ws.closed:
+                raise _at(PeerUnavailable(f"connection to {state.hop} is closed"), state.hop)
             await state.ws.send_bytes(wire.encode(message))
-            await self._opened[state.session_id]
+            await reply
+        finally:
+            self._replies.pop(state.session_id, None)
 
     async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor:
         """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D].
@@ -141,24 +162,91 @@ class RouteSession:
         """
         if self.broken is not None:
             raise self.broken
+        return await self._run(self.hops, hidden, start, output, timeout or self.config.step_timeout_s)
+
+    async def _run(self, chain: Sequence[_HopState], hidden: torch.Tensor, start: int, output: str, timeout: float) -> torch.Tensor:
+        """One step sent to `chain[0]`, answered by the chain's last hop."""
         step = self._step
         self._step += 1
         done = asyncio.get_running_loop().create_future()
         self._pending[step] = _Pending(step, done)
-        first = self.hops[0]
+        first = chain[0]
         message = {"type": "step", "session": first.session_id, "step": step, "position": start, "output": output, "hidden": wire.pack_tensor(hidden, self.config.wire_dtype)}
         try:
             if first.ws is None or first.ws.closed:
-                raise PeerUnavailable(f"connection to {first.hop} is closed")
+                raise _at(PeerUnavailable(f"connection to {first.hop} is closed"), first.hop)
             await first.ws.send_bytes(wire.encode(message))
-            return await asyncio.wait_for(done, timeout or self.config.step_timeout_s)
+            return await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
-            laggard = next((s.hop for s in self.hops if s.acked < step), self.hops[-1].hop)
-            error = PeerUnavailable(f"step {step} timed out after {timeout or self.config.step_timeout_s:g} s waiting for {laggard}")
-            error.hop = laggard
-            raise error from None
+            laggard = next((s.hop for s in chain if s.acked < step), chain[-1].hop)
+            raise _at(PeerUnavailable(f"step {step} timed out after {timeout:g} s waiting for {laggard}"), laggard) from None
         finally:
             self._pending.pop(step, None)
+
+    async def replace(self, failed: RemoteHop, hops: Sequence[RemoteHop], prefix: torch.Tensor) -> None:
+        """Put `hops` (covering exactly `failed`'s blocks) in place of `failed`; other hops keep their caches.
+
+        `prefix` holds the route's inputs (block 0) for every position already
+        computed; the new hops' caches are rebuilt from it. Errors are
+        `TransientError`s naming the hop that failed. When it is one of `hops`,
+        `failed` is still in the route and `replace` may be called again with
+        other hops; when it is a hop the session meant to keep, the session is
+        beyond repair and should be closed.
+        """
+        index = self.route.index(failed)
+        if not hops or hops[0].start != failed.start or hops[-1].end != failed.end:
+            raise BadRequest(f"a replacement for {failed} must cover blocks [{failed.start}, {failed.end})")
+        for a, b in zip(hops, hops[1:]):
+            if a.end != b.start:
+                raise BadRequest(f"replacement is not contiguous: {a} then {b}")
+        old = self.hops[index]
+        if not old.retired:
+            old.retired = True  # its connection closing is no longer news
+            self._retiring.append(asyncio.ensure_future(self._close_hop(old)))  # a dead hop may take a while
+        before = self.hops[index - 1] if index > 0 else None
+        after = self.hops[index + 1] if index + 1 < len(self.hops) else None
+        fresh = [_HopState(h, secrets.token_urlsafe(12)) for h in hops]
+        times = [time.perf_counter()]
+        try:
+            boundary = prefix
+            for state in self.hops[:index]:  # the gap's inputs: the prefix through the hops before it
+                boundary = await self._forward_once(state.hop, boundary)
+            times.append(time.perf_counter())
+            await self._connect(fresh)
+            await self._open(fresh, None)
+            times.append(time.perf_counter())
+            if boundary.shape[0]:
+                await self._run(fresh, boundary, 0, "last", self.config.step_timeout_s)
+            times.append(time.perf_counter())
+            if after is not None:
+                await self._request(fresh[-1], {"type": "retarget", "session": fresh[-1].session_id, "next": _address(after)})
+        except BaseException:
+            for state in fresh:
+                state.retired = True
+            self._retiring.append(asyncio.ensure_future(asyncio.gather(*(self._close_hop(s) for s in fresh))))
+            raise
+        self.hops[index : index + 1] = fresh
+        if before is not None:  # last: until now `before` pushed to the old hop, or nowhere
+            await self._request(before, {"type": "retarget", "session": before.session_id, "next": _address(fresh[0])})
+        times.append(time.perf_counter())
+        if self.broken is not None and self.broken.hop not in self.route:
+            self.broken = None  # it was about a hop that is gone now
+        phases = " ".join(f"{name} {1e3 * (b - a):.0f} ms" for name, a, b in zip(("boundary", "open", "prefill", "retarget"), times, times[1:]))
+        log.info("replaced %s with %s for %d positions: %s", failed, " -> ".join(map(str, hops)), prefix.shape[0], phases)
+
+    async def _forward_once(self, hop: RemoteHop, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states through `hop`'s blocks without touching any session (POST /forward)."""
+        body = wire.encode({"type": "forward", "model": self.model, "blocks": [hop.start, hop.end], "hidden": wire.pack_tensor(hidden, self.config.wire_dtype)})
+        try:
+            async with self.http.post(
+                f"{hop.url.rstrip('/')}/forward", data=body, headers={"Content-Type": "application/msgpack"}, timeout=aiohttp.ClientTimeout(total=self.config.step_timeout_s)
+            ) as response:
+                message = wire.decode(await response.read(), self.config.max_frame)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise _at(PeerUnavailable(f"cannot forward through {hop}: {exc or type(exc).__name__}"), hop) from None
+        if message.get("type") == "error":
+            raise _at(error_from_code(str(message.get("code")), f"{hop}: {message.get('message')}"), hop)
+        return wire.unpack_tensor(message.get("hidden"), hidden_size=hidden.shape[1], max_tokens=hidden.shape[0])
 
     async def _read(self, state: _HopState) -> None:
         assert state.ws is not None
@@ -173,16 +261,16 @@ class RouteSession:
                 except (ValueError, TypeError, KeyError) as exc:  # a node that breaks the protocol
                     self._fail_all(BadRequest(f"{state.hop} sent a malformed message: {type(exc).__name__}"))
         finally:
-            if state.ws.close_code is not None or state.ws.closed:
-                error = PeerUnavailable(f"{state.hop} closed the connection")
-                error.hop = state.hop
-                self._fail_all(error)
+            if not state.retired and (state.ws.close_code is not None or state.ws.closed):
+                self._fail_all(_at(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
 
     def _dispatch(self, state: _HopState, message: dict[str, Any]) -> None:
+        if state.retired:
+            return
         kind = message["type"]
         step = message.get("step")
-        if kind == "opened":
-            _resolve(self._opened.get(message.get("session")), None)
+        if kind in ("opened", "retargeted"):
+            _resolve(self._replies.get(message.get("session")), None)
         elif kind in ("ack", "result"):
             state.acked = max(state.acked, int(step))
             state.compute_ms = float(message.get("compute_ms", 0.0))
@@ -192,35 +280,49 @@ class RouteSession:
                 _resolve(pending.done, wire.unpack_tensor(message.get("hidden")))
         if kind == "error":
             error = error_from_code(str(message.get("code")), f"{state.hop}: {message.get('message')}")
-            # which hop failed, for re-routing: the reporter, or the next hop it could not push to
-            error.hop = next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop)
-            opened = self._opened.get(message.get("session"))
-            if opened is not None and not opened.done():
-                _fail(opened, error)
-            elif isinstance(step, int) and step in self._pending:
-                _fail(self._pending[step].done, error)
+            # the hop to route around: the reporter, or the next hop it could not push to
+            _at(error, next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop))
+            reply = self._replies.get(message.get("session"))
+            if reply is not None and not reply.done():
+                _fail(reply, error)
+            elif isinstance(step, int):
+                # A step's error fails that step. One no longer awaited is about a step failover
+                # already replaced (a hop before the failed one finishing it late): nothing to do.
+                _fail(self._pending[step].done if step in self._pending else None, error)
             else:
                 self._fail_all(error)
 
     def _fail_all(self, error: SwarmError) -> None:
         if self.broken is None:
             self.broken = error
-        for future in list(self._opened.values()) + [p.done for p in self._pending.values()]:
+        for future in list(self._replies.values()) + [p.done for p in self._pending.values()]:
             _fail(future, error)
 
     async def close(self) -> None:
         """Close every hop's session and connection. Safe to call twice."""
-        for state in self.hops:
-            ws = state.ws
-            if ws is not None and not ws.closed:
-                try:
-                    await ws.send_bytes(wire.encode({"type": "close", "session": state.session_id}))
-                    await ws.close()
-                except (ConnectionError, RuntimeError, aiohttp.ClientError):
-                    pass
-            if state.reader is not None:
-                state.reader.cancel()
-        await asyncio.gather(*(s.reader for s in self.hops if s.reader), return_exceptions=True)
+        await asyncio.gather(*(self._close_hop(s) for s in self.hops), *self._retiring, return_exceptions=True)
+
+    async def _close_hop(self, state: _HopState) -> None:
+        ws = state.ws
+        if ws is not None and not ws.closed:
+            try:
+                await ws.send_bytes(wire.encode({"type": "close", "session": state.session_id}))
+                await ws.close()
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass
+        if state.reader is not None:
+            state.reader.cancel()
+            await asyncio.gather(state.reader, return_exceptions=True)
+
+
+def _address(state: _HopState | None) -> dict[str, str] | None:
+    """Where a hop pushes its output: the next hop's session, or None to answer the client."""
+    return {"url": state.hop.url, "session": state.session_id} if state is not None else None
+
+
+def _at(error: SwarmError, hop: RemoteHop) -> SwarmError:
+    error.hop = hop
+    return error
 
 
 def _resolve(future: asyncio.Future | None, value: Any) -> None:

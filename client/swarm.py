@@ -24,6 +24,7 @@ from typing import AsyncIterator, Sequence
 import aiohttp
 import torch
 
+from client.failover import FailoverBlocks
 from client.generate import GenerationStats, SamplingParams, stream_tokens
 from client.peers import DiscoveryOptions, SwarmView, discover
 from client.session import RemoteHop, RouteSession, SessionConfig
@@ -111,13 +112,18 @@ class SwarmModel:
             )
         return out
 
-    def plan(self, exclude: frozenset[str] = frozenset()) -> Route:
+    def plan(self, exclude: frozenset[str] = frozenset(), start: int = 0, end: int | None = None) -> Route:
+        """The best route over blocks [start, end) (default: all) avoiding the peers in `exclude`."""
         candidates = self.candidates()
         if not candidates:
             others = sorted({f"{r.model.get('architecture')}-{r.model.get('shape')}-{r.model_digest[:12]}" for r in self.view.table.records(time.time()) if r.model_digest})
             served = f"; the swarm serves: {', '.join(others)}" if others else ""
             raise NoRoute(f"no peer serves model {self.fingerprint}{served}")
-        return plan_route(candidates, self.num_layers, self.fingerprint.digest, exclude=exclude)
+        return plan_route(candidates, self.num_layers, self.fingerprint.digest, start=start, end=end, exclude=exclude)
+
+    def plan_hops(self, exclude: frozenset[str], start: int, end: int) -> list[RemoteHop]:
+        """Hops to replace a failed one over [start, end); `NoRoute` when the swarm has none."""
+        return self._remote(self.plan(exclude, start, end))
 
     def _remote(self, route: Route) -> list[RemoteHop]:
         hops = []
@@ -130,7 +136,7 @@ class SwarmModel:
 
     # --- generation --------------------------------------------------------------------
 
-    async def _open(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset()) -> RouteSession:
+    async def open_session(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset()) -> RouteSession:
         """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned."""
         await self.refresh(http, force=bool(exclude))
         exclude = set(exclude)
@@ -148,8 +154,7 @@ class SwarmModel:
                 return await session.__aenter__()
             except TransientError as exc:
                 last = exc
-                hop = getattr(exc, "hop", None)
-                failed = hop.peer_id if hop is not None else planned.hops[0].peer_id
+                failed = exc.hop.peer_id if isinstance(exc.hop, RemoteHop) and exc.hop.peer_id else planned.hops[0].peer_id
                 log.info("route %s refused at %s (%s); planning around it", planned, failed, exc)
                 exclude.add(failed)
                 refusals.append(f"{exc.code}: {exc}")
@@ -161,7 +166,7 @@ class SwarmModel:
         stats = GenerationStats()
         max_length = len(prompt_ids) + params.max_new_tokens
         async with aiohttp.ClientSession() as http:
-            blocks = FailoverBlocks(lambda exclude, first: self._open(http, max_length, route if first else None, exclude), self.config)
+            blocks = FailoverBlocks(self, http, max_length, route)
             await blocks.start()
             stats.failovers = blocks.failovers
             try:
@@ -202,76 +207,6 @@ class SwarmModel:
 
     def generate_batch(self, prompts: Sequence[str], *, chat: bool = True, **sampling) -> list[str]:
         return [r.text for r in asyncio.run(self.agenerate_batch(prompts, chat=chat, **sampling))]
-
-
-class FailoverBlocks:
-    """All blocks of one generation, surviving hops that die, stall or refuse mid-way.
-
-    It keeps every hidden state it sent (the client's own embeddings: [positions, D]),
-    so when a step fails it plans a route avoiding the failed peer, opens sessions
-    along it and replays the whole prefix there as one prefill, which rebuilds every
-    hop's cache; then generation goes on. Greedy output matches a run without the
-    failure up to float rounding (a prefill sums in another order than single steps).
-
-    A one-token step gets a deadline derived from this session's measured step time,
-    so a node that hangs or is cut off is noticed in about `deadline_factor` steps'
-    time rather than at a fixed timeout.
-    """
-
-    def __init__(self, open_session, config: ClientConfig) -> None:
-        self._open = open_session  # (exclude, first) -> an opened RouteSession
-        self.config = config
-        self.session: RouteSession | None = None
-        self.exclude: set[str] = set()
-        self.prefix: torch.Tensor | None = None  # inputs of positions [0, len)
-        self.step_times: list[float] = []
-        self.failovers: list[tuple[str, float]] = []  # (why, seconds the generation stalled)
-        self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
-
-    @property
-    def route(self) -> list[str]:
-        return [str(h) for h in self.session.route] if self.session else []
-
-    async def start(self) -> None:
-        self.session = await self._open(frozenset(), True)
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-        await asyncio.gather(*self._closing, return_exceptions=True)
-
-    def _deadline(self, tokens: int) -> float | None:
-        if tokens > 1 or len(self.step_times) < 3:
-            return None  # the session's own (generous) timeout
-        usual = sorted(self.step_times[-16:])[len(self.step_times[-16:]) // 2]
-        return max(self.config.min_deadline_s, self.config.deadline_factor * usual)
-
-    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        prefix = self.prefix[:start] if self.prefix is not None else hidden[:0]
-        send, at = hidden, start
-        for attempt in range(self.config.max_attempts + 1):
-            began = time.perf_counter()
-            try:
-                out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
-            except TransientError as exc:
-                if attempt == self.config.max_attempts:
-                    raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
-                hop = getattr(exc, "hop", None)
-                if hop is not None and hop.peer_id:
-                    self.exclude.add(hop.peer_id)
-                log.info("step at position %d failed (%s); re-routing around %s", start, exc, hop)
-                self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
-                self.session = await self._open(frozenset(self.exclude), False)
-                send, at = torch.cat([prefix, hidden]), 0  # replay: rebuilds every new hop's cache
-                self.failovers.append((str(exc), time.perf_counter() - began))
-                continue
-            if send.shape[0] == 1:
-                self.step_times.append(time.perf_counter() - began)
-            elif at == 0 and self.failovers:
-                self.failovers[-1] = (self.failovers[-1][0], self.failovers[-1][1] + time.perf_counter() - began)
-            self.prefix = torch.cat([prefix, hidden])
-            return out
-        raise AssertionError("unreachable: the loop returns or raises")
 
 
 async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, timeout: float = 2.0) -> float | None:

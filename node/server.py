@@ -91,6 +91,7 @@ class NodeState:
     shutting_down: bool = False
     moving: bool = False  # between spans: new sessions are refused as busy
     moves: int = 0
+    sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
     started: float = field(default_factory=time.time)
 
     @property
@@ -160,6 +161,7 @@ class NodeState:
             "throughput": backend.throughput,
             "load": backend.load,
             "sessions": backend.sessions,
+            "sessions_opened": self.sessions_opened,
             "max_sessions": backend.config.max_sessions,
             "max_length": backend.max_length,
             "kv_free_bytes": backend.kv_free,
@@ -283,6 +285,7 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
         raise BadRequest(f"session {session_id} is already open on this node")
     cache = state.backend.open_cache(blocks, max_length)
     state.sessions.add(Session(session_id, channel, blocks, max_length, dtype, next_hop, cache))
+    state.sessions_opened += 1
     log.debug("opened session %s blocks %s max_length %d", session_id, blocks, max_length)
     await channel.send({"type": "opened", "session": session_id, "blocks": list(blocks), "max_length": max_length})
 
@@ -304,6 +307,12 @@ async def _on_step(state: NodeState, channel: Channel, message: dict[str, Any]) 
         # A new step from the client; steps pushed by a previous hop are in flight and still run.
         raise ShuttingDown("node is shutting down: move the session elsewhere")
     step = wire.non_negative_int(message, "step")
+    if channel is not session.owner and step < session.newest_step:
+        # A hop that failover replaced, finishing late: its output is stale, and running it would
+        # rewind this cache behind steps that already ran.
+        log.debug("dropped stale step %d pushed to session %s (newest %d)", step, session.id, session.newest_step)
+        return
+    session.newest_step = max(session.newest_step, step)
     position = wire.non_negative_int(message, "position")
     output = message.get("output", "all")
     if output not in ("all", "last"):
@@ -339,6 +348,15 @@ async def _finish_step(state: NodeState, session: Session, step: int, position: 
     await session.owner.send({"type": "ack", **context, "blocks": list(session.blocks), **timing})
 
 
+async def _on_retarget(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
+    """Push this session's later outputs somewhere else: failover splices a new sub-route in after us."""
+    session = state.sessions.get(wire.session_id(message))
+    if channel is not session.owner:
+        raise BadRequest(f"only the owner of session {session.id} may retarget it")
+    session.next_hop = _next_hop(message.get("next"))
+    await channel.send({"type": "retargeted", "session": session.id})
+
+
 async def _on_close(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
     session = state.sessions.get(wire.session_id(message))
     _close_session(state, session)
@@ -351,7 +369,7 @@ def _close_session(state: NodeState, session: Session) -> None:
     state.backend.free_cache(session.cache)
 
 
-_HANDLERS: dict[str, _Handler] = {"open": _on_open, "step": _on_step, "close": _on_close}
+_HANDLERS: dict[str, _Handler] = {"open": _on_open, "step": _on_step, "retarget": _on_retarget, "close": _on_close}
 
 
 async def _reap_idle(state: NodeState) -> None:

@@ -25,6 +25,7 @@ class Session:
     wire_dtype: str
     next_hop: NextHop | None
     cache: KVCache
+    newest_step: int = -1  # highest step number run so far
     last_active: float = field(default_factory=time.monotonic)
 
     def touch(self) -> None:

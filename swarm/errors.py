@@ -15,6 +15,7 @@ class SwarmError(Exception):
     """Root of every layerswarm error. `code` is what travels on the wire."""
 
     code = "internal"
+    hop: object | None = None  # the client sets the route hop the error came from, to route around it
 
 
 class TransientError(SwarmError):

@@ -9,6 +9,7 @@ the failovers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import warnings
@@ -30,7 +31,7 @@ async def main(bootstrap: str, avoid: str, new_tokens: int) -> None:
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
     async for _, stats, _ in model.stream_result(model.head.encode_prompt(PROMPT, chat=True), params, route):
         print(f"token {len(stats.token_ids)}", flush=True)
-    print(json.dumps({"tokens": stats.token_ids, "failovers": stats.failovers}), flush=True)
+    print(json.dumps({"tokens": stats.token_ids, "failovers": [dataclasses.asdict(f) for f in stats.failovers]}), flush=True)
 
 
 if __name__ == "__main__":

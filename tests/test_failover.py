@@ -1,15 +1,27 @@
-"""Generation survives a hop that dies (SIGKILL) or leaves (SIGTERM) mid-way, with a replica alive."""
+"""Generation survives a hop that dies (SIGKILL) or leaves (SIGTERM) mid-way, with a replica alive.
+
+Only the lost hop's blocks move: the healthy first and last hops keep their
+sessions (no second session is opened on them) and the tokens equal a run
+with no failure.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
+import urllib.request
 
+import aiohttp
 import pytest
+import torch
 
 from client.generate import SamplingParams
+from client.session import RemoteHop, RouteSession, SessionConfig
+from swarm.errors import PeerUnavailable
+from swarm.model import Segment
 from tests.netns import Lines
 from tests.nodes import module_swarm, refresh, start_nodes, stop_nodes
 
@@ -17,47 +29,115 @@ PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 64
 
 
-swarm = module_swarm("failover", ["0:10", "10:20", "10:20", "10:20", "20:30"])  # `client` (conftest) is a float32-wire SwarmModel on it
+# `client` (conftest) is a float32-wire SwarmModel on this swarm. Tests run in file order
+# and kill nodes as they go: each picks live ones, and every span keeps a live replica.
+swarm = module_swarm("failover", ["0:10", "0:10", "10:20", "10:20", "10:20", "20:30", "20:30"])
 
 
 @pytest.fixture(scope="module")
 def baseline(client):
     ids = client.head.encode_prompt(PROMPT, chat=True)
-    return asyncio.run(_generate(client, ids, None, None)).token_ids
+    return asyncio.run(_generate(client, ids, None, {})).token_ids
 
 
-async def _generate(client, ids, route, after_10_tokens):
+async def _generate(client, ids, route, at_token: dict):
+    """Generate NEW_TOKENS greedily, calling at_token[n]() once n tokens have come."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
     stats = None
     async for _, stats, _ in client.stream_result(ids, params, route):
-        if after_10_tokens is not None and len(stats.token_ids) == 10:
-            after_10_tokens()
+        action = at_token.pop(len(stats.token_ids), None)
+        if action is not None:
+            action()
     return stats
 
 
-def _route_via(client, nodes, middle):
+def _live(nodes, blocks):
+    return [n for n in nodes if n.blocks == blocks and n.proc.poll() is None]
+
+
+def _route_via(client, nodes, chosen):
+    """The client's route through exactly the `chosen` nodes (one per span)."""
     asyncio.run(refresh(client))
-    others = frozenset(n.peer_id for n in nodes if n.blocks == (10, 20) and n is not middle)
+    others = frozenset(n.peer_id for n in nodes if n not in chosen and n.blocks in {c.blocks for c in chosen})
     route = client.plan(exclude=others)
-    assert middle.peer_id in route.peers
+    assert route.peers == tuple(c.peer_id for c in chosen)
     return route
+
+
+def _run_losing(client, nodes, baseline, lost, at_token: dict):
+    """Generate along live nodes through `lost`; the failure must cost `lost`'s hop alone."""
+    chosen = [lost if lost.blocks == blocks else _live(nodes, blocks)[0] for blocks in ((0, 10), (10, 20), (20, 30))]
+    route = _route_via(client, nodes, chosen)
+    kept = [n for n in chosen if n is not lost]
+    opened = [_info(n)["sessions_opened"] for n in kept]
+    stats = asyncio.run(_generate(client, client.head.encode_prompt(PROMPT, chat=True), route, at_token))
+    assert stats.token_ids == baseline
+    assert [f.how for f in stats.failovers] == ["splice"], stats.failovers
+    assert stats.failovers[0].failed.startswith(lost.peer_id[:8])
+    assert [_info(n)["sessions_opened"] for n in kept] == [o + 1 for o in opened], "healthy hops must keep their sessions"
+    return stats.failovers[0]
+
+
+async def test_replace_splices_a_two_hop_sub_route_after_a_refused_one(swarm, full_span, checkpoint):
+    """RouteSession.replace directly: a replacement that cannot be reached fails with its hop named
+    and leaves the session repairable; a two-hop replacement then carries on exactly."""
+    _, nodes = swarm  # first in the module: every replica is alive
+    a, b, c = (_live(nodes, blocks)[0] for blocks in ((0, 10), (10, 20), (20, 30)))
+    spares = [n for n in _live(nodes, (10, 20)) if n is not b]
+    x = torch.randn(12, 576, generator=torch.Generator().manual_seed(3))
+    reference = full_span(x, [Segment(full_span.new_cache(12), 0, 12)])
+    digest = checkpoint.fingerprint().digest
+    async with aiohttp.ClientSession() as http:
+        async with RouteSession(http, _hops([a, b, c]), digest, 16, SessionConfig(wire_dtype="float32")) as session:
+            await session.forward(x[:8], 0)
+            for i in (8, 9):
+                torch.testing.assert_close(await session.forward(x[i : i + 1], i), reference[i : i + 1], atol=5e-4, rtol=1e-4)
+            nowhere = RemoteHop("http://127.0.0.1:9", 10, 20, "nowhere")
+            with pytest.raises(PeerUnavailable) as refused:
+                await session.replace(session.route[1], [nowhere], x[:10])
+            assert refused.value.hop == nowhere
+            two = [RemoteHop(spares[0].url, 10, 15, spares[0].peer_id), RemoteHop(spares[1].url, 15, 20, spares[1].peer_id)]
+            await session.replace(session.route[1], two, x[:10])
+            assert session.route[1:3] == two
+            for i in (10, 11):
+                torch.testing.assert_close(await session.forward(x[i : i + 1], i), reference[i : i + 1], atol=5e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_middle_hop_lost_mid_generation(client, swarm, baseline, how):
     _, nodes = swarm
-    middles = [n for n in nodes if n.blocks == (10, 20) and n.proc.poll() is None]
-    middle = middles[0]
-    route = _route_via(client, nodes, middle)
-    ids = client.head.encode_prompt(PROMPT, chat=True)
-    lose = middle.kill if how == "sigkill" else (lambda: middle.proc.send_signal(15))
-    stats = asyncio.run(_generate(client, ids, route, lose))
-    assert stats.token_ids == baseline
-    assert stats.failovers, "the route should have changed"
-    stall = sum(seconds for _, seconds in stats.failovers)
-    print(f"{how}: {len(stats.failovers)} failover(s), generation stalled {stall:.3f} s")
+    middle = _live(nodes, (10, 20))[0]
+    lose = middle.kill if how == "sigkill" else (lambda: middle.proc.send_signal(signal.SIGTERM))
+    failover = _run_losing(client, nodes, baseline, middle, {10: lose})
+    print(f"{how}: generation stalled {failover.stall_s:.3f} s")
     if how == "sigterm":
         assert middle.proc.wait(60) == 0
+
+
+def test_last_hop_killed_is_replaced_from_boundary_states(client, swarm, baseline):
+    """The new last hop's cache is rebuilt from the prefix run through the two healthy hops."""
+    _, nodes = swarm
+    last = _live(nodes, (20, 30))[0]
+    failover = _run_losing(client, nodes, baseline, last, {10: last.kill})
+    print(f"last hop SIGKILL: generation stalled {failover.stall_s:.3f} s")
+
+
+def test_hung_first_hop_is_replaced_by_deadline_and_its_late_push_dropped(client, swarm, baseline):
+    """SIGSTOP the first hop: no error comes, the step deadline fires and the hop is replaced.
+    Woken 20 tokens later, it pushes its stale step to the middle hop, which must drop it
+    (running it would rewind the middle hop's cache)."""
+    _, nodes = swarm
+    first = _live(nodes, (0, 10))[0]
+    try:
+        failover = _run_losing(client, nodes, baseline, first, {10: lambda: first.proc.send_signal(signal.SIGSTOP), 30: lambda: first.proc.send_signal(signal.SIGCONT)})
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    assert "timed out" in failover.reason
+    print(f"hung first hop: generation stalled {failover.stall_s:.3f} s")
+
+
+def _hops(nodes):
+    return [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes]
 
 
 def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, head, full_span):
@@ -89,8 +169,13 @@ def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, h
     ids = head.encode_prompt(PROMPT, chat=True)
     local = asyncio.run(_local(head, full_span, ids))
     assert result["tokens"] == local
-    assert result["failovers"], "the deadline should have moved the session"
+    assert [f["how"] for f in result["failovers"]] == ["splice"], result["failovers"]
     print(f"link cut: failovers {result['failovers']}")
+
+
+def _info(node) -> dict:
+    with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+        return json.load(response)
 
 
 async def _local(head, span, ids):

@@ -166,6 +166,9 @@ def _bad_inputs(digest: str):
     yield _step("bad", -1, X), "bad_request"  # rewinds before the start
     yield _step("bad", 0, torch.randn(17, 576)), "bad_request"  # more tokens than max_length 16
     yield _step("bad", 10, torch.randn(1, 576)), "bad_position"
+    yield {"type": "retarget", "session": "never-opened", "next": None}, "session_not_found"
+    yield {"type": "retarget", "session": "bad", "next": "http://elsewhere"}, "bad_request"
+    yield {"type": "retarget", "session": "bad", "next": {"url": "file:///etc/passwd", "session": "s"}}, "bad_request"
     yield {"type": "open", "session": "bad2", "blocks": [5, 15], "max_length": 8, "dtype": "float32", "model": digest}, "bad_span"
     yield {"type": "open", "session": "bad3", "blocks": [0, 10], "max_length": 8, "dtype": "float32", "model": "0" * 32}, "model_mismatch"
     yield {"type": "open", "session": "bad4", "blocks": [0, 10], "max_length": 8, "dtype": "int4", "model": digest}, "bad_request"
@@ -186,6 +189,9 @@ async def test_bad_inputs_get_typed_errors_and_disturb_nobody(swarm_nodes, local
             reply = await bad.ask(message)
             assert reply["type"] == "error" and reply["code"] == code, (index, reply)
             assert reply["message"]
+        # only a session's owner may redirect its output
+        assert (await healthy.ask({"type": "retarget", "session": "bad", "next": None}))["code"] == "bad_request"
+        assert (await bad.ask({"type": "retarget", "session": "bad", "next": None}))["type"] == "retargeted"
         # the bad connection still works, and so does the healthy session next door
         assert (await bad.ask(_step("bad", 0, X)))["type"] == "result"
         second = await healthy.ask(_step("healthy", 1, X, step=1))

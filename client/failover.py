@@ -1,0 +1,139 @@
+"""One generation's blocks, surviving hops that die, stall or refuse mid-way.
+
+When a step fails, the hop it names is excluded and only its blocks are
+re-planned: the new sub-route is spliced into the running session
+(`RouteSession.replace`), its caches rebuilt from the prefix, and every healthy
+hop keeps its session and cache. The failed step is then sent again; positions
+address the caches, so a hop that already ran it just writes the same entries.
+When no sub-route exists (or the splice itself fails), the whole route is
+planned again and the prefix replayed on it as one prefill.
+
+A one-token step gets a deadline derived from this session's measured step
+time, so a node that hangs or is cut off is noticed in about `deadline_factor`
+steps' time rather than at a fixed timeout. Greedy output matches a run without
+the failure up to float rounding (a prefill sums in another order than steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+import torch
+
+from client.session import RemoteHop, RouteSession
+from swarm.errors import NoRoute, TransientError
+
+if TYPE_CHECKING:
+    from client.swarm import SwarmModel
+    from swarm.routing import Route
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failover:
+    """One recovery: why, what was replaced, how, and how long generation stalled for it."""
+
+    reason: str
+    failed: str  # the hop routed around
+    how: str  # "splice": only the failed hop's blocks moved; "reroute": a whole new route
+    replacement: str  # the hops that took over
+    stall_s: float = 0.0
+
+
+class FailoverBlocks:
+    """All blocks of the model for one generation: `await blocks.forward(hidden, position)`."""
+
+    def __init__(self, model: SwarmModel, http: aiohttp.ClientSession, max_length: int, route: Route | None = None) -> None:
+        self.model = model
+        self.http = http
+        self.max_length = max_length
+        self.config = model.config
+        self.first_route = route
+        self.session: RouteSession | None = None
+        self.exclude: set[str] = set()
+        self.prefix: torch.Tensor | None = None  # inputs of positions [0, len)
+        self.step_times: list[float] = []
+        self.failovers: list[Failover] = []
+        self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
+
+    @property
+    def route(self) -> list[str]:
+        return [str(h) for h in self.session.route] if self.session else []
+
+    async def start(self) -> None:
+        self.session = await self.model.open_session(self.http, self.max_length, self.first_route)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _deadline(self, tokens: int) -> float | None:
+        if tokens > 1 or len(self.step_times) < 3:
+            return None  # the session's own (generous) timeout
+        recent = sorted(self.step_times[-16:])
+        return max(self.config.min_deadline_s, self.config.deadline_factor * recent[len(recent) // 2])
+
+    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        prefix = self.prefix[:start] if self.prefix is not None else hidden[:0]
+        send, at = hidden, start
+        recovering: list[tuple[Failover, float]] = []  # this step's recoveries and when each began
+        for attempt in range(self.config.max_attempts + 1):
+            began = time.perf_counter()
+            try:
+                out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
+            except TransientError as exc:
+                if attempt == self.config.max_attempts:
+                    raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
+                _settle(recovering, began)
+                failover = await self._recover(exc, prefix)
+                recovering.append((failover, began))
+                self.failovers.append(failover)
+                send, at = (hidden, start) if failover.how == "splice" else (torch.cat([prefix, hidden]), 0)
+                continue
+            if recovering:
+                _settle(recovering, time.perf_counter())
+            elif send.shape[0] == 1:
+                self.step_times.append(time.perf_counter() - began)
+            self.prefix = torch.cat([prefix, hidden])
+            return out
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def _recover(self, exc: TransientError, prefix: torch.Tensor) -> Failover:
+        """Route around the hop `exc` names: splice a sub-route in where possible, else re-route."""
+        hop = exc.hop if isinstance(exc.hop, RemoteHop) else None
+        if hop is not None and hop.peer_id:
+            self.exclude.add(hop.peer_id)
+        log.info("step failed (%s); routing around %s", exc, hop)
+        if hop is not None and hop in self.session.route:
+            for _ in range(self.config.max_attempts):
+                try:
+                    hops = self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+                    await self.session.replace(hop, hops, prefix)
+                    return Failover(str(exc), str(hop), "splice", " -> ".join(map(str, hops)))
+                except NoRoute as why:
+                    log.info("no replacement for %s alone (%s); planning a whole new route", hop, why)
+                    break
+                except TransientError as why:
+                    if isinstance(why.hop, RemoteHop) and why.hop.peer_id:
+                        self.exclude.add(why.hop.peer_id)
+                    if why.hop not in hops:  # a hop we meant to keep failed too
+                        log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, why.hop, why)
+                        break
+                    log.info("replacement %s for %s refused (%s); trying another", why.hop, hop, why)
+        self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
+        self.session = await self.model.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
+        return Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route))
+
+
+def _settle(recovering: list[tuple[Failover, float]], now: float) -> None:
+    """The stall of the latest recovery ends now (a later failure or the step's success)."""
+    if recovering:
+        failover, began = recovering[-1]
+        failover.stall_s = now - began
