@@ -147,12 +147,19 @@ class RouteSession:
         """Send a control message to one hop and wait for its reply ("opened", "retargeted")."""
         reply = self._replies[state.session_id] = asyncio.get_running_loop().create_future()
         try:
-            if state.ws is None or state.ws.closed:
-                raise _at(PeerUnavailable(f"connection to {state.hop} is closed"), state.hop)
-            await state.ws.send_bytes(wire.encode(message))
+            await self._send(state, message)
             await reply
         finally:
             self._replies.pop(state.session_id, None)
+
+    async def _send(self, state: _HopState, message: dict[str, Any]) -> None:
+        # A connection can be closing before its reader has noticed; the write then raises.
+        try:
+            if state.ws is None or state.ws.closed:
+                raise ConnectionResetError("closed")
+            await state.ws.send_bytes(wire.encode(message))
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise _at(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
 
     async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor:
         """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D].
@@ -173,9 +180,7 @@ class RouteSession:
         first = chain[0]
         message = {"type": "step", "session": first.session_id, "step": step, "position": start, "output": output, "hidden": wire.pack_tensor(hidden, self.config.wire_dtype)}
         try:
-            if first.ws is None or first.ws.closed:
-                raise _at(PeerUnavailable(f"connection to {first.hop} is closed"), first.hop)
-            await first.ws.send_bytes(wire.encode(message))
+            await self._send(first, message)
             return await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
             laggard = next((s.hop for s in chain if s.acked < step), chain[-1].hop)

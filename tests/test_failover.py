@@ -101,6 +101,14 @@ async def test_replace_splices_a_two_hop_sub_route_after_a_refused_one(swarm, fu
             assert session.route[1:3] == two
             for i in (10, 11):
                 torch.testing.assert_close(await session.forward(x[i : i + 1], i), reference[i : i + 1], atol=5e-4, rtol=1e-4)
+            # A connection already closing when its reader has not yet noticed (the soak met it):
+            # the write fails, and that is the first hop's loss, not an untyped error.
+            first = session.hops[0]
+            first.reader.cancel()
+            first.ws._writer.transport.close()  # private: the only way to open this window on purpose
+            with pytest.raises(PeerUnavailable) as lost:
+                await session.forward(x[11:12], 12)
+            assert lost.value.hop == session.route[0]
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
