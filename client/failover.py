@@ -8,6 +8,9 @@ address the caches, so a hop that already ran it just writes the same entries.
 When no sub-route exists (or the splice itself fails), the whole route is
 planned again and the prefix replayed on it as one prefill.
 
+A node shutting down (SIGTERM) says `draining` first and keeps serving; the
+session is moved off it the same way before the next step, so no step fails.
+
 A one-token step gets a deadline derived from this session's measured step
 time, so a node that hangs or is cut off is noticed in about `deadline_factor`
 steps' time rather than at a fixed timeout. Greedy output matches a run without
@@ -25,8 +28,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 import torch
 
-from client.session import RemoteHop, RouteSession
-from swarm.errors import NoRoute, TransientError
+from client.session import RemoteHop, RouteSession, at_hop
+from swarm.errors import NoRoute, ShuttingDown, SwarmError, TransientError
 
 if TYPE_CHECKING:
     from client.swarm import SwarmModel
@@ -82,9 +85,22 @@ class FailoverBlocks:
 
     async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         prefix = self.prefix[:start] if self.prefix is not None else hidden[:0]
-        send, at = hidden, start
         recovering: list[tuple[Failover, float]] = []  # this step's recoveries and when each began
+        rerouted = False
+        for hop in self.session.take_draining():  # its node is leaving: move while it still serves
+            if hop not in self.session.route:
+                continue  # a re-route for another draining hop took it out already
+            began = time.perf_counter()
+            try:
+                failover = await self._recover(at_hop(ShuttingDown(f"{hop} is draining"), hop), prefix)
+            except SwarmError as exc:
+                log.warning("%s is draining and its blocks could not move (%s); staying on it", hop, exc)
+                continue
+            recovering.append((failover, began))
+            self.failovers.append(failover)
+            rerouted = rerouted or failover.how == "reroute"
         for attempt in range(self.config.max_attempts + 1):
+            send, at = (torch.cat([prefix, hidden]), 0) if rerouted else (hidden, start)
             began = time.perf_counter()
             try:
                 out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
@@ -95,7 +111,7 @@ class FailoverBlocks:
                 failover = await self._recover(exc, prefix)
                 recovering.append((failover, began))
                 self.failovers.append(failover)
-                send, at = (hidden, start) if failover.how == "splice" else (torch.cat([prefix, hidden]), 0)
+                rerouted = failover.how == "reroute"
                 continue
             if recovering:
                 _settle(recovering, time.perf_counter())
@@ -110,7 +126,7 @@ class FailoverBlocks:
         hop = exc.hop if isinstance(exc.hop, RemoteHop) else None
         if hop is not None and hop.peer_id:
             self.exclude.add(hop.peer_id)
-        log.info("step failed (%s); routing around %s", exc, hop)
+        log.info("routing around %s: %s", hop, exc)
         if hop is not None and hop in self.session.route:
             for _ in range(self.config.max_attempts):
                 try:
@@ -127,8 +143,9 @@ class FailoverBlocks:
                         log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, why.hop, why)
                         break
                     log.info("replacement %s for %s refused (%s); trying another", why.hop, hop, why)
+        session = await self.model.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
         self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
-        self.session = await self.model.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
+        self.session = session
         return Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route))
 
 

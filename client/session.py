@@ -62,6 +62,7 @@ class _HopState:
     acked: int = -1  # last step this hop acknowledged
     compute_ms: float = 0.0  # model time of the last acknowledged step
     retired: bool = False  # replaced by failover: its connection closing is expected
+    draining: bool = False  # its node is shutting down and asked for the session to move
 
 
 @dataclass
@@ -94,6 +95,14 @@ class RouteSession:
     def route(self) -> list[RemoteHop]:
         return [h.hop for h in self.hops]
 
+    def take_draining(self) -> list[RemoteHop]:
+        """Hops whose node said it is shutting down since the last call: they still serve, but
+        each should be `replace`d before its node goes."""
+        draining = [h for h in self.hops if h.draining]
+        for state in draining:
+            state.draining = False
+        return [h.hop for h in draining]
+
     @property
     def compute_ms(self) -> list[float]:
         """Each hop's model time for the last step it acknowledged."""
@@ -124,7 +133,7 @@ class RouteSession:
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.config.close_timeout_s),
                 )
             except (aiohttp.ClientError, OSError) as exc:
-                raise _at(PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}"), state.hop) from None
+                raise at_hop(PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}"), state.hop) from None
             state.reader = asyncio.create_task(self._read(state), name=f"session-reader {state.hop}")
 
     async def _open(self, states: Sequence[_HopState], after: _HopState | None) -> None:
@@ -159,7 +168,7 @@ class RouteSession:
                 raise ConnectionResetError("closed")
             await state.ws.send_bytes(wire.encode(message))
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise _at(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
+            raise at_hop(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
 
     async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor:
         """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D].
@@ -184,7 +193,7 @@ class RouteSession:
             return await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
             laggard = next((s.hop for s in chain if s.acked < step), chain[-1].hop)
-            raise _at(PeerUnavailable(f"step {step} timed out after {timeout:g} s waiting for {laggard}"), laggard) from None
+            raise at_hop(PeerUnavailable(f"step {step} timed out after {timeout:g} s waiting for {laggard}"), laggard) from None
         finally:
             self._pending.pop(step, None)
 
@@ -248,9 +257,9 @@ class RouteSession:
             ) as response:
                 message = wire.decode(await response.read(), self.config.max_frame)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise _at(PeerUnavailable(f"cannot forward through {hop}: {exc or type(exc).__name__}"), hop) from None
+            raise at_hop(PeerUnavailable(f"cannot forward through {hop}: {exc or type(exc).__name__}"), hop) from None
         if message.get("type") == "error":
-            raise _at(error_from_code(str(message.get("code")), f"{hop}: {message.get('message')}"), hop)
+            raise at_hop(error_from_code(str(message.get("code")), f"{hop}: {message.get('message')}"), hop)
         return wire.unpack_tensor(message.get("hidden"), hidden_size=hidden.shape[1], max_tokens=hidden.shape[0])
 
     async def _read(self, state: _HopState) -> None:
@@ -267,7 +276,7 @@ class RouteSession:
                     self._fail_all(BadRequest(f"{state.hop} sent a malformed message: {type(exc).__name__}"))
         finally:
             if not state.retired and (state.ws.close_code is not None or state.ws.closed):
-                self._fail_all(_at(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
+                self._fail_all(at_hop(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
 
     def _dispatch(self, state: _HopState, message: dict[str, Any]) -> None:
         if state.retired:
@@ -276,6 +285,8 @@ class RouteSession:
         step = message.get("step")
         if kind in ("opened", "retargeted"):
             _resolve(self._replies.get(message.get("session")), None)
+        elif kind == "draining":
+            state.draining = True
         elif kind in ("ack", "result"):
             state.acked = max(state.acked, int(step))
             state.compute_ms = float(message.get("compute_ms", 0.0))
@@ -286,7 +297,7 @@ class RouteSession:
         if kind == "error":
             error = error_from_code(str(message.get("code")), f"{state.hop}: {message.get('message')}")
             # the hop to route around: the reporter, or the next hop it could not push to
-            _at(error, next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop))
+            at_hop(error, next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop))
             reply = self._replies.get(message.get("session"))
             if reply is not None and not reply.done():
                 _fail(reply, error)
@@ -325,7 +336,7 @@ def _address(state: _HopState | None) -> dict[str, str] | None:
     return {"url": state.hop.url, "session": state.session_id} if state is not None else None
 
 
-def _at(error: SwarmError, hop: RemoteHop) -> SwarmError:
+def at_hop(error: SwarmError, hop: RemoteHop) -> SwarmError:
     error.hop = hop
     return error
 

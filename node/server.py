@@ -57,7 +57,8 @@ class NodeConfig:
     public_url: str | None = None  # what peers dial; default http://host:port
     max_frame: int = wire.DEFAULT_MAX_FRAME
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
-    shutdown_grace_s: float = 30.0  # how long SIGTERM waits for steps in flight
+    drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
+    shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
     backend: BackendConfig = field(default_factory=BackendConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
@@ -88,7 +89,8 @@ class NodeState:
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
     step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
-    shutting_down: bool = False
+    shutting_down: bool = False  # SIGTERM: new sessions and forwards are refused, open sessions still step
+    closing: bool = False  # then, past the drain: steps from clients are refused too
     moving: bool = False  # between spans: new sessions are refused as busy
     moves: int = 0
     sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
@@ -303,7 +305,7 @@ def _next_hop(raw: object) -> NextHop | None:
 
 async def _on_step(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:
     session = state.sessions.get(wire.session_id(message))
-    if state.shutting_down and channel is session.owner:
+    if state.closing and channel is session.owner:
         # A new step from the client; steps pushed by a previous hop are in flight and still run.
         raise ShuttingDown("node is shutting down: move the session elsewhere")
     step = wire.non_negative_int(message, "step")
@@ -396,10 +398,13 @@ def build_app(state: NodeState) -> web.Application:
 
 
 async def shutdown(state: NodeState) -> None:
-    """Leave discovery, refuse new sessions, finish steps in flight, then close sessions with `shutting_down`."""
+    """Leave discovery, refuse new sessions, ask owners to move theirs (serving them meanwhile), finish
+    steps in flight, then close what is left with `shutting_down`."""
     state.shutting_down = True
     if state.discovery is not None:
         await state.discovery.leave()  # first: clients stop routing here while sessions finish
+    await _drain_sessions(state)
+    state.closing = True
     try:
         if state.backend is not None:
             await asyncio.wait_for(state.backend.drain(), state.config.shutdown_grace_s)
@@ -412,6 +417,22 @@ async def shutdown(state: NodeState) -> None:
         await session.owner.send(wire.error_message(ShuttingDown("node is shutting down: move the session elsewhere"), session=session.id))
     for ws in list(state.sockets):  # a copy: handlers remove themselves as they end
         await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node shutting down")
+
+
+async def _drain_sessions(state: NodeState) -> None:
+    """Tell every session's owner to move it, and wait (up to `drain_timeout_s`) until all have.
+
+    The node serves them all the while, so a client splices the session onto
+    another peer between two steps and no step fails."""
+    if not len(state.sessions):
+        return
+    for session in state.sessions:
+        await session.owner.send({"type": "draining", "session": session.id})
+    log.info("draining: waiting up to %.0f s for %d sessions to move elsewhere", state.config.drain_timeout_s, len(state.sessions))
+    try:
+        await asyncio.wait_for(state.sessions.emptied.wait(), state.config.drain_timeout_s)
+    except asyncio.TimeoutError:
+        log.info("draining: %d sessions did not move; closing them", len(state.sessions))
 
 
 async def serve(

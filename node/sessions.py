@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class Session:
 class Sessions:
     def __init__(self) -> None:
         self._by_id: dict[str, Session] = {}
+        self.emptied = asyncio.Event()  # set while no session is open (a draining node waits on it)
+        self.emptied.set()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -46,6 +49,7 @@ class Sessions:
         if session.id in self._by_id:
             raise BadRequest(f"session {session.id} is already open on this node")
         self._by_id[session.id] = session
+        self.emptied.clear()
 
     def get(self, session_id: str) -> Session:
         session = self._by_id.get(session_id)
@@ -59,6 +63,8 @@ class Sessions:
     def pop(self, session_id: str) -> Session:
         session = self.get(session_id)
         del self._by_id[session_id]
+        if not self._by_id:
+            self.emptied.set()
         return session
 
     def owned_by(self, owner: Channel) -> list[Session]:

@@ -270,22 +270,22 @@ async def test_forward_endpoint(swarm_nodes, local_spans, digest):
 # --- lifecycle ------------------------------------------------------------------------------
 
 
-async def test_idle_session_expires_and_sigterm_finishes_the_step_then_says_shutting_down(tmp_path, digest):
-    (node,) = start_nodes([["--blocks", "0:4", "--session-timeout", "1"]], tmp_path)
+async def test_idle_session_expires_and_sigterm_drains_then_says_shutting_down(tmp_path, digest):
+    (node,) = start_nodes([["--blocks", "0:4", "--session-timeout", "1", "--drain-timeout", "0.5"]], tmp_path)
     try:
         async with aiohttp.ClientSession() as http, Raw(http, node.url) as raw:
             assert (await raw.open("idle", digest, blocks=(0, 4)))["type"] == "opened"
             expired = await raw.recv()  # nothing is sent: the reaper frees it after ~1 s
             assert expired["code"] == "session_not_found" and "idle" in expired["message"]
 
-            async with RouteSession(http, [RemoteHop(node.url, 0, 4)], digest, 64) as session:
-                step = asyncio.ensure_future(session.forward(torch.randn(40, 576), 0))
-                await asyncio.sleep(0)  # the step is on its way
-                node.proc.send_signal(15)
-                out = await step  # the step in flight finishes
-                assert out.shape == (1, 576)
-                with pytest.raises(ShuttingDown):
-                    await session.forward(torch.randn(1, 576), 40)
+            assert (await raw.open("leaving", digest, blocks=(0, 4), max_length=64))["type"] == "opened"
+            await raw.send(_step("leaving", 0, torch.randn(40, 576)))
+            node.proc.send_signal(15)
+            # the step in flight finishes, and the owner is asked to move the session
+            assert {(await raw.recv())["type"] for _ in range(2)} == {"result", "draining"}
+            assert (await raw.ask(_step("leaving", 40, X, step=1)))["type"] == "result", "a draining node still serves"
+            assert (await raw.recv())["code"] == "shutting_down", "a session not moved within --drain-timeout is closed"
+            assert (await raw.ws.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), "then the node hangs up"
         assert node.proc.wait(60) == 0
     finally:
         node.kill()
