@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import msgpack
@@ -32,6 +33,8 @@ import torch
 from swarm.errors import BadRequest, FrameTooLarge, SwarmError, UnsupportedVersion
 
 PROTOCOL_VERSION = 1
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)  # see unpack_tensor
+
 DEFAULT_MAX_FRAME = 64 * 2**20
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -155,8 +158,8 @@ def unpack_tensor(obj: object, *, hidden_size: int | None = None, max_tokens: in
     element = torch.empty((), dtype=dtype).element_size()
     if len(data) != math.prod(shape) * element:
         raise BadRequest(f"tensor data is {len(data)} bytes, shape {shape} of {obj['dtype']} needs {math.prod(shape) * element}")
-    # torch warns (once) that `bytes` are not writable: the tensor is only read, the
-    # model computes new tensors from it, so the zero-copy view is safe.
+    # `bytes` are not writable: the tensor is only read (the model computes new tensors
+    # from it), so the zero-copy view is safe and torch's warning about it is silenced below.
     tensor = torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(tokens, width)
     if not bool(torch.isfinite(tensor).all()):
         raise BadRequest("tensor holds NaN or infinite values")
