@@ -130,7 +130,7 @@ class FailoverBlocks:
         if hop is not None and hop in self.session.route:
             for _ in range(self.config.max_attempts):
                 try:
-                    hops = self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+                    hops = await self._plan_hops(hop)
                     await self.session.replace(hop, hops, prefix)
                     return Failover(str(exc), str(hop), "splice", " -> ".join(map(str, hops)))
                 except NoRoute as why:
@@ -147,6 +147,16 @@ class FailoverBlocks:
         self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
         self.session = session
         return Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route))
+
+    async def _plan_hops(self, hop: RemoteHop) -> list[RemoteHop]:
+        """A sub-route for `hop`'s blocks, from a view re-read when stale (records expire
+        during a long generation) and once more, fresh, if the view has none."""
+        await self.model.refresh(self.http)
+        try:
+            return self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+        except NoRoute:
+            await self.model.refresh(self.http, force=True)
+            return self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
 
 
 def _settle(recovering: list[tuple[Failover, float]], now: float) -> None:

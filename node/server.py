@@ -141,6 +141,7 @@ class NodeState:
             "protocol": wire.PROTOCOL_VERSION,
             "peers": len(self.table),
             "shutting_down": self.shutting_down,
+            "moving": self.moving,
             "moves": self.moves,
             "uptime_s": time.time() - self.started,
             "record": base64.b64encode(self.record().to_bytes()).decode(),
@@ -423,7 +424,7 @@ async def _drain_sessions(state: NodeState) -> None:
     """Tell every session's owner to move it, and wait (up to `drain_timeout_s`) until all have.
 
     The node serves them all the while, so a client splices the session onto
-    another peer between two steps and no step fails."""
+    another peer between two steps and no step fails (on SIGTERM and before a move)."""
     if not len(state.sessions):
         return
     for session in state.sessions:
@@ -501,9 +502,11 @@ async def _rebalance(state: NodeState, config: RebalanceConfig, loader, executor
 
 
 async def move(state: NodeState, target: tuple[int, int], loader, executor) -> None:
-    """Serve `target` instead: sessions here are told to move (they fail over), then the new blocks load."""
+    """Serve `target` instead: sessions here are told to move (served until they have, as on
+    SIGTERM; any left are closed with `shutting_down`), then the new blocks load."""
     state.moving = True
     try:
+        await _drain_sessions(state)
         for session in state.sessions:
             _close_session(state, session)
             await session.owner.send(wire.error_message(ShuttingDown("node is moving to other blocks: move the session elsewhere"), session=session.id))

@@ -1,4 +1,4 @@
-"""Choosing and moving spans from the swarm's coverage (pure)."""
+"""Choosing and moving spans from the swarm's coverage: the pure choice, then real `--blocks auto` nodes."""
 
 from __future__ import annotations
 
@@ -117,5 +117,69 @@ def test_auto_nodes_cover_the_model_and_close_a_hole(tmp_path):
         healed = _until_covered(bootstrap.url, 60, skip=gone)
         print(f"killed 2 of 5 (spans {sorted(spans.values())}), leaving {hole} blocks uncovered: covered again after {healed:.1f} s")
         assert healed < 25
+    finally:
+        stop_nodes([bootstrap, *nodes])
+
+
+def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
+    """An auto node decides to move while a generation runs through it: it says `draining`,
+    serves until the client has spliced its blocks onto a replica, and only then loads
+    its new span. The generation never sees an error and its tokens equal a quiet run."""
+    import asyncio
+    import json
+    import urllib.request
+
+    from client.generate import SamplingParams
+    from client.swarm import ClientConfig, SwarmModel
+    from swarm.model import DEFAULT_MODEL
+    from tests.nodes import refresh, start_nodes, stop_nodes
+
+    def info(node) -> dict:
+        with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+            return json.load(response)
+
+    def until(node, predicate, timeout: float = 60.0) -> dict:
+        began = time.monotonic()
+        while not predicate(state := info(node)):
+            assert time.monotonic() - began < timeout, state
+            time.sleep(0.1)  # another process's state: polled, there is no event to await
+        return state
+
+    gossip = ["--gossip-period", "0.3", "--record-ttl", str(TTL)]
+    (bootstrap,) = start_nodes([["--no-model", *gossip]], tmp_path / "b")
+    fixed = [["--blocks", span, "--bootstrap", bootstrap.url, *gossip] for span in ("0:15", "15:30")]
+    nodes = start_nodes(fixed, tmp_path / "f")
+    auto = ["--blocks", "auto", "--num-blocks", "15", "--rebalance-period", "1", "--min-dwell", "0", "--drain-timeout", "60"]
+    nodes += start_nodes([[*auto, "--bootstrap", bootstrap.url, *gossip]], tmp_path / "a")
+    mover = nodes[-1]
+    span = f"{mover.blocks[0]}:{mover.blocks[1]}"
+    try:
+        client = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+        ids = client.head.encode_prompt("Tell me about the sea.", chat=True)
+        params = SamplingParams(max_new_tokens=32, stop_at_eos=False)
+        replica = next(n for n in nodes[:2] if n.blocks == mover.blocks)
+
+        async def generate(route=None, at_token_10=None):
+            async for _, stats, _ in client.stream_result(ids, params, route):
+                if len(stats.token_ids) == 10 and at_token_10:
+                    await at_token_10()
+            return stats
+
+        async def add_replica_and_wait_for_the_move():
+            # A second replica of the mover's span makes moving worth it; the mover then
+            # waits for this (paused) session to move before it goes.
+            nodes.extend(await asyncio.to_thread(start_nodes, [["--blocks", span, "--bootstrap", bootstrap.url, *gossip]], tmp_path / "d"))
+            await asyncio.to_thread(until, mover, lambda state: state["moving"])
+
+        quiet = asyncio.run(generate())
+        asyncio.run(refresh(client))
+        route = client.plan(exclude=frozenset({replica.peer_id}))
+        assert mover.peer_id in route.peers
+        stats = asyncio.run(generate(route, add_replica_and_wait_for_the_move))
+        assert stats.token_ids == quiet.token_ids
+        assert [f.how for f in stats.failovers] == ["splice"] and "draining" in stats.failovers[0].reason, stats.failovers
+        moved = until(mover, lambda state: state["moves"] == 1 and not state["moving"])
+        assert tuple(moved["span"]) != mover.blocks
+        print(f"moving node handed its session over: stall {stats.failovers[0].stall_s:.3f} s, now serves {moved['span']}")
     finally:
         stop_nodes([bootstrap, *nodes])
