@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
-from tests.soak import soak  # noqa: E402
+from tests.soak import SPANS, soak  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     report = asyncio.run(soak(Path(tempfile.mkdtemp()), args.seconds, args.clients, args.kill_every, args.new_tokens, say))
-    p = {"seconds": args.seconds, "clients": args.clients, "kill_every_s": args.kill_every, "nodes": 5}
+    p = {"seconds": args.seconds, "clients": args.clients, "kill_every_s": args.kill_every, "nodes": len(SPANS)}
     failovers = sum(report.failovers.values())
     emit("soak_requests_done", report.done, "requests", p)
     emit("soak_requests_failed", len(report.failed), "requests", p, human=f"{report.done} requests, {len(report.failed)} failed, {report.kills} kills")

@@ -85,36 +85,31 @@ class FailoverBlocks:
 
     async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         prefix = self.prefix[:start] if self.prefix is not None else hidden[:0]
-        recovering: list[tuple[Failover, float]] = []  # this step's recoveries and when each began
-        rerouted = False
+        first = len(self.failovers)  # this step's recoveries are self.failovers[first:]
+        latest: tuple[Failover, float] | None = None  # this step's latest recovery and when its stall began
         for hop in self.session.take_draining():  # its node is leaving: move while it still serves
             if hop not in self.session.route:
                 continue  # a re-route for another draining hop took it out already
             began = time.perf_counter()
             try:
-                failover = await self._recover(at_hop(ShuttingDown(f"{hop} is draining"), hop), prefix)
+                latest = (await self._recover(at_hop(ShuttingDown(f"{hop} is draining"), hop), prefix), began)
             except SwarmError as exc:
                 log.warning("%s is draining and its blocks could not move (%s); staying on it", hop, exc)
-                continue
-            recovering.append((failover, began))
-            self.failovers.append(failover)
-            rerouted = rerouted or failover.how == "reroute"
         for attempt in range(self.config.max_attempts + 1):
-            send, at = (torch.cat([prefix, hidden]), 0) if rerouted else (hidden, start)
+            # After a re-route in this step every cache on the new route is empty: replay the prefix.
+            replay = any(f.how == "reroute" for f in self.failovers[first:])
+            send, at = (torch.cat([prefix, hidden]), 0) if replay else (hidden, start)
             began = time.perf_counter()
             try:
                 out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
             except TransientError as exc:
                 if attempt == self.config.max_attempts:
                     raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
-                _settle(recovering, began)
-                failover = await self._recover(exc, prefix)
-                recovering.append((failover, began))
-                self.failovers.append(failover)
-                rerouted = failover.how == "reroute"
+                _settle(latest, began)
+                latest = (await self._recover(exc, prefix), began)
                 continue
-            if recovering:
-                _settle(recovering, time.perf_counter())
+            if latest is not None:
+                _settle(latest, time.perf_counter())
             elif send.shape[0] == 1:
                 self.step_times.append(time.perf_counter() - began)
             self.prefix = torch.cat([prefix, hidden])
@@ -132,7 +127,7 @@ class FailoverBlocks:
                 try:
                     hops = await self._plan_hops(hop)
                     await self.session.replace(hop, hops, prefix)
-                    return Failover(str(exc), str(hop), "splice", " -> ".join(map(str, hops)))
+                    return self._record(Failover(str(exc), str(hop), "splice", " -> ".join(map(str, hops))))
                 except NoRoute as why:
                     log.info("no replacement for %s alone (%s); planning a whole new route", hop, why)
                     break
@@ -146,7 +141,11 @@ class FailoverBlocks:
         session = await self.model.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
         self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
         self.session = session
-        return Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route))
+        return self._record(Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route)))
+
+    def _record(self, failover: Failover) -> Failover:
+        self.failovers.append(failover)
+        return failover
 
     async def _plan_hops(self, hop: RemoteHop) -> list[RemoteHop]:
         """A sub-route for `hop`'s blocks, from a view re-read when stale (records expire
@@ -159,8 +158,8 @@ class FailoverBlocks:
             return self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
 
 
-def _settle(recovering: list[tuple[Failover, float]], now: float) -> None:
+def _settle(latest: tuple[Failover, float] | None, now: float) -> None:
     """The stall of the latest recovery ends now (a later failure or the step's success)."""
-    if recovering:
-        failover, began = recovering[-1]
+    if latest is not None:
+        failover, began = latest
         failover.stall_s = now - began

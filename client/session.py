@@ -77,9 +77,7 @@ class RouteSession:
     def __init__(self, http: aiohttp.ClientSession, hops: Sequence[RemoteHop], model: str, max_length: int, config: SessionConfig | None = None) -> None:
         if not hops:
             raise BadRequest("a route needs at least one hop")
-        for a, b in zip(hops, hops[1:]):
-            if a.end != b.start:
-                raise BadRequest(f"route is not contiguous: {a} then {b}")
+        _check_contiguous(hops, "route")
         self.http = http
         self.model = model
         self.max_length = max_length
@@ -210,9 +208,7 @@ class RouteSession:
         index = self.route.index(failed)
         if not hops or hops[0].start != failed.start or hops[-1].end != failed.end:
             raise BadRequest(f"a replacement for {failed} must cover blocks [{failed.start}, {failed.end})")
-        for a, b in zip(hops, hops[1:]):
-            if a.end != b.start:
-                raise BadRequest(f"replacement is not contiguous: {a} then {b}")
+        _check_contiguous(hops, "replacement")
         old = self.hops[index]
         if not old.retired:
             old.retired = True  # its connection closing is no longer news
@@ -329,6 +325,12 @@ class RouteSession:
         if state.reader is not None:
             state.reader.cancel()
             await asyncio.gather(state.reader, return_exceptions=True)
+
+
+def _check_contiguous(hops: Sequence[RemoteHop], what: str) -> None:
+    for a, b in zip(hops, hops[1:]):
+        if a.end != b.start:
+            raise BadRequest(f"{what} is not contiguous: {a} then {b}")
 
 
 def _address(state: _HopState | None) -> dict[str, str] | None:
