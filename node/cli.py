@@ -196,7 +196,7 @@ def _blocks_in_memory(args: argparse.Namespace, config) -> int:
 def _node_config(args: argparse.Namespace):
     from node.backend import BackendConfig
     from node.discovery import DiscoveryConfig
-    from node.server import NodeConfig, RebalanceConfig
+    from node.state import NodeConfig, RebalanceConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
 

@@ -1,0 +1,162 @@
+"""What a node's handlers share: its configuration, its phase, its sessions and peers, and `/info`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable
+
+from aiohttp import web
+
+from node.backend import Backend, BackendConfig
+from node.discovery import DiscoveryConfig, NodeDiscovery
+from node.push import PushPool
+from node.sessions import Sessions
+from swarm import wire
+from swarm.discovery.mdns import Advert
+from swarm.errors import BadSpan
+from swarm.identity import Identity
+from swarm.model import ModelFingerprint, Span
+from swarm.peers import PeerRecord, PeerTable
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """`--blocks auto`: move to where the swarm is weakest, at most every `dwell_s`."""
+
+    period_s: float = 30.0  # how often coverage is checked
+    dwell_s: float = 120.0  # no move sooner than this after starting or the last move
+    margin: float = 0.2  # a move must raise the bottleneck by more than this (relative)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None  # what peers dial; default http://host:port
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    session_timeout_s: float = 300.0  # an idle session's cache is freed after this
+    drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
+    shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
+
+
+class Phase(enum.Enum):
+    """Where a node is in its life. Only ever moves forward, except MOVING -> SERVING."""
+
+    SERVING = "serving"
+    MOVING = "moving"  # between spans: sessions are moved off, new ones refused as busy
+    DRAINING = "draining"  # SIGTERM: new sessions and forwards refused, open sessions still step
+    CLOSING = "closing"  # past the drain: steps from clients refused too, steps in flight finish
+
+    @property
+    def leaving(self) -> bool:
+        return self in (Phase.DRAINING, Phase.CLOSING)
+
+
+@dataclass
+class NodeState:
+    """Everything the handlers share; built once by `serve`, owned by the app."""
+
+    config: NodeConfig
+    identity: Identity
+    fingerprint: ModelFingerprint | None  # None with the backend: a bootstrap peer that holds no blocks
+    backend: Backend | None
+    push: PushPool
+    url: str = ""
+    table: PeerTable = field(default_factory=PeerTable)
+    discovery: NodeDiscovery | None = None
+    sessions: Sessions = field(default_factory=Sessions)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
+    step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
+    phase: Phase = Phase.SERVING
+    moves: int = 0
+    sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
+    started: float = field(default_factory=time.time)
+
+    @property
+    def span(self) -> Span:
+        """The blocks served; `BadSpan` on a bootstrap peer, which serves none."""
+        if self.backend is None:
+            raise BadSpan("this node serves no blocks (it is a bootstrap peer)")
+        return self.backend.span
+
+    def spawn(self, coro: Awaitable[Any], name: str, step: bool = False) -> None:
+        owner = self.step_tasks if step else self.tasks
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        owner.add(task)
+        task.add_done_callback(owner.discard)
+
+    def record(self, leaving: bool = False) -> PeerRecord:
+        """This node's signed record, fresh; `leaving` makes the tombstone a graceful exit publishes."""
+        backend, ttl = self.backend, self.config.discovery.gossip.record_ttl_s
+        common = dict(addresses=(self.url,), now=time.time(), ttl=ttl, leaving=leaving)
+        if backend is None:
+            return PeerRecord.create(self.identity, **common)
+        span = backend.span
+        return PeerRecord.create(
+            self.identity,
+            **common,
+            model=self.fingerprint.to_dict(),
+            num_layers=span.config.num_layers,
+            span=(span.start, span.end),
+            throughput=backend.throughput,
+            load=min(1.0, backend.load),
+            free_kv_bytes=max(0, backend.kv_free),
+        )
+
+    def advert(self, port: int) -> Advert:
+        backend = self.backend
+        span = (backend.span.start, backend.span.end) if backend else None
+        return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "peer_id": self.identity.peer_id,
+            "public_key": self.identity.public_key_bytes.hex(),
+            "url": self.url,
+            "protocol": wire.PROTOCOL_VERSION,
+            "peers": len(self.table),
+            "phase": self.phase.value,
+            "shutting_down": self.phase.leaving,
+            "moving": self.phase is Phase.MOVING,
+            "moves": self.moves,
+            "uptime_s": time.time() - self.started,
+            "record": base64.b64encode(self.record().to_bytes()).decode(),
+            "model": None,
+            "span": None,
+        }
+        backend = self.backend
+        if backend is None:
+            return info
+        span = backend.span
+        return {
+            **info,
+            "model": self.fingerprint.to_dict(),
+            "model_id": str(self.fingerprint),
+            "num_layers": span.config.num_layers,
+            "hidden_size": span.config.hidden_size,
+            "span": [span.start, span.end],
+            "dtype": str(span.dtype).removeprefix("torch."),
+            "device": str(span.device),
+            "throughput": backend.throughput,
+            "load": backend.load,
+            "sessions": backend.sessions,
+            "sessions_opened": self.sessions_opened,
+            "max_sessions": backend.config.max_sessions,
+            "max_length": backend.max_length,
+            "kv_free_bytes": backend.kv_free,
+            "kv_total_bytes": backend.config.kv_memory_bytes,
+            "steps": backend.steps_done,
+            "batches": backend.batches_done,
+        }
+
+
+STATE = web.AppKey("state", NodeState)
