@@ -38,7 +38,7 @@ def build_app(state: NodeState) -> web.Application:
     app = web.Application(client_max_size=state.config.max_frame)
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
-    app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame))
+    app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
     return app
 
 
@@ -85,7 +85,7 @@ async def serve(
         http = await stack.enter_async_context(aiohttp.ClientSession())
         push = PushPool(http, config.max_frame)
         stack.push_async_callback(push.close)
-        state = NodeState(config, identity, fingerprint, None, push)
+        state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor)
@@ -100,7 +100,7 @@ async def serve(
         host, port = runner.addresses[0][:2]
         state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         state.discovery = await stack.enter_async_context(
-            NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), http)
+            NodeDiscovery(config.discovery, state.table, state.record, state.advert(port))
         )
         state.spawn(reap_idle(state), "reaper")
         if config.rebalance is not None and loader is not None and backend is not None:

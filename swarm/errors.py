@@ -149,6 +149,12 @@ class RecordRejected(BadRequest):
         self.reason = reason
 
 
+class AddressRefused(BadRequest):
+    """An address this node will not dial: not a base URL, or outside its address policy (swarm/addresses.py)."""
+
+    code = "address_refused"
+
+
 def _all_subclasses(cls: type[SwarmError]) -> list[type[SwarmError]]:
     found = [cls]
     for sub in cls.__subclasses__():

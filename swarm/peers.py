@@ -19,6 +19,16 @@ Checks happen in three places, so no bad record ever reaches routing:
 - `PeerTable.merge` keeps only the newest record per peer and never raises on records
   from outside: it counts each refusal by reason in `PeerTable.refused`.
 
+A node's table also makes strangers prove themselves (`TableConfig.require_proof`): a
+record for a new peer id, or with a new first address, is held *pending* (not in
+`records`, `coverage`, `newer_than` or `len`) until the node has dialled that address and
+the peer there signed a fresh nonce with the record's key (swarm/discovery/proof.py);
+`settle` then admits or drops it. Refreshes of a proven (peer id, address) go straight in.
+Pending records are bounded in number and budgeted per source (`origin`: the sender's IP,
+or the peer that answered), so one source cannot flood the table; a full pending set
+evicts from the source holding the most, and proven records are never pushed out by
+pending ones. A proven peer that fails `max_strikes` exchanges in a row loses its place.
+
 Everything here is pure: time (`now`, unix seconds) is always an argument.
 """
 
@@ -26,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
@@ -250,12 +260,45 @@ def refusal_reason(error: SwarmError) -> str:
 
 @dataclass(frozen=True)
 class TableConfig:
-    """What a peer table accepts."""
+    """What a peer table accepts. A node's table requires proofs; a client's checking table does not."""
 
     max_skew_s: float = DEFAULT_MAX_SKEW_S
     max_ttl_s: float = DEFAULT_MAX_TTL_S
-    max_peers: int = 10_000  # bounds memory: new peers beyond it are refused as "table_full"
+    max_peers: int = 10_000  # bounds memory: proven and pending together; beyond it new peers are "table_full"
+    require_proof: bool = False  # hold records of new peers (or new addresses) pending until `settle`
+    max_pending: int = 256  # records awaiting a proof, all sources together
+    source_budget: int = 64  # new pending records one source may add per window; beyond: "source_budget"
+    source_window_s: float = 10.0
+    proof_backoff_s: float = 30.0  # a (peer, address) whose proof failed is refused this long
+    max_strikes: int = 3  # failed exchanges in a row before a proven peer is dropped
 
+    def __post_init__(self) -> None:
+        if not (self.max_peers >= 1 and self.max_pending >= 1 and self.source_budget >= 1 and self.max_strikes >= 1):
+            raise ValueError("max_peers, max_pending, source_budget and max_strikes must be at least 1")
+        if not (self.source_window_s > 0 and self.proof_backoff_s >= 0):
+            raise ValueError("source_window_s must be positive and proof_backoff_s not negative")
+
+    def limits(self) -> dict[str, float | int | bool]:
+        """The numbers, for /info."""
+        return {
+            "max_peers": self.max_peers,
+            "require_proof": self.require_proof,
+            "max_pending": self.max_pending,
+            "source_budget": self.source_budget,
+            "source_window_s": self.source_window_s,
+            "proof_backoff_s": self.proof_backoff_s,
+            "max_strikes": self.max_strikes,
+        }
+
+
+@dataclass
+class _Pending:
+    record: PeerRecord
+    origin: str  # the budget key of the source that brought it
+
+
+_MAX_FAILED = 4096  # (peer, address) pairs remembered as failed: bounds memory under a flood
+_MAX_BUDGETS = 4096  # sources with a running budget window
 
 Verifier = Callable[[PeerRecord, float], None]  # raises a SwarmError to refuse a record at `now`
 
@@ -270,6 +313,11 @@ class PeerTable:
     A peer whose newest record is a tombstone (`leaving`) is gone: `len`, `in`, `get`,
     `records` and `coverage` leave it out. Only gossip sees the tombstone (`versions`,
     `newer_than`), until `expire` drops it; it still counts towards `max_peers`.
+
+    With `config.require_proof`, records of unproven peers wait in `pending()` until
+    `settle`; `on_pending` (set by the prover) is called whenever one is added, and
+    `dialable` (set by the node's address policy) refuses addresses it would never dial.
+    Records merged with source "self" are the node's own and need no proof.
     """
 
     def __init__(self, config: TableConfig | None = None, *, verifier: Verifier | None = None) -> None:
@@ -281,6 +329,14 @@ class PeerTable:
         self._versions: dict[str, float] = {}  # peer id -> its record's issued_at, kept beside for cheap gossip diffs
         self._tombstones = 0  # how many of _records are leaving: len() stays O(1)
         self.refused: Counter[str] = Counter()  # reason -> count
+        self._pending: dict[str, _Pending] = {}  # peer id -> newest unproven record, oldest first
+        self._pending_by_origin: Counter[str] = Counter()
+        self._budgets: dict[str, tuple[float, int]] = {}  # origin -> (window start, pending records added)
+        self._proven: dict[str, tuple[str, float]] = {}  # peer id -> (address proven, since when)
+        self._failed: OrderedDict[tuple[str, str], float] = OrderedDict()  # (peer id, address) -> refused until
+        self._strikes: Counter[str] = Counter()  # peer id -> failed exchanges in a row
+        self.on_pending: Callable[[], None] | None = None
+        self.dialable: Callable[[str], bool] | None = None
 
     def __len__(self) -> int:
         """Peers held that have not left (expired ones count until `expire`)."""
@@ -289,14 +345,20 @@ class PeerTable:
     def __contains__(self, peer_id: object) -> bool:
         return isinstance(peer_id, str) and self.get(peer_id) is not None
 
-    def merge(self, record: PeerRecord, now: float, source: str = "gossip") -> bool:
-        """Take `record` if it is valid and newer than the one held for its peer (tombstones included)."""
+    def merge(self, record: PeerRecord, now: float, source: str = "gossip", origin: str | None = None) -> bool:
+        """Take `record` if it is valid and newer than the one held for its peer (tombstones included).
+
+        With `require_proof`, a record that needs a proof is held pending (and True returned);
+        `origin` (else `source`) is whose budget it is charged to.
+        """
         current = self._records.get(record.peer_id)
         if current is not None and record.issued_at <= current.issued_at:
             # Checked before the signature: records we already hold come back with every exchange.
             if record.issued_at == current.issued_at and record.signature == current.signature:
                 return False  # the same record again: normal in gossip, not a refusal
             return self._refuse("stale", source, record.peer_id)
+        if self.config.require_proof and source != "self" and not self._is_proven(record, current):
+            return self._hold(record, now, source, origin or source)
         try:
             self._verify(record, now)
         except SwarmError as error:
@@ -305,6 +367,10 @@ class PeerTable:
             self.expire(now)
             if len(self._records) >= self.config.max_peers:
                 return self._refuse("table_full", source, record.peer_id)
+        self._admit(record, current, source)
+        return True
+
+    def _admit(self, record: PeerRecord, current: PeerRecord | None, source: str) -> None:
         self._put(record)
         if record.leaving:
             if current is not None and not current.leaving:
@@ -315,18 +381,169 @@ class PeerTable:
             log.info("new peer %s via %s: %s span %s", record.peer_id, source, record.addresses[0], record.span)
         else:
             log.debug("peer %s refreshed via %s", record.peer_id, source)
+
+    def _is_proven(self, record: PeerRecord, current: PeerRecord | None) -> bool:
+        """Whether `record` may skip the proof: a refresh of a proven (peer, address), or a goodbye of a held peer."""
+        if record.leaving:
+            return current is not None  # signed by the key we hold: it can only take the peer out
+        proven = self._proven.get(record.peer_id)
+        return proven is not None and proven[0] == record.addresses[0]
+
+    def _hold(self, record: PeerRecord, now: float, source: str, origin: str) -> bool:
+        """Put `record` in the pending set, cheapest checks first; a refusal is counted."""
+        peer_id, address = record.peer_id, record.addresses[0]
+        pending = self._pending.get(peer_id)
+        if pending is not None and record.issued_at <= pending.record.issued_at:
+            if record.issued_at == pending.record.issued_at and record.signature == pending.record.signature:
+                return False
+            return self._refuse("stale", source, peer_id)
+        if record.leaving:  # the goodbye of a peer we never admitted: nothing to hide, nothing worth holding
+            if pending is not None:
+                try:
+                    self._verify(record, now)
+                except SwarmError as error:
+                    return self._refuse(refusal_reason(error), source, peer_id, error)
+                self._unpend(peer_id)
+            return False
+        if self._failed.get((peer_id, address), -math.inf) > now:
+            return self._refuse("proof_failed", source, peer_id)
+        if self.dialable is not None and not self.dialable(address):
+            return self._refuse("address_policy", source, peer_id)
+        if pending is None and not self._charge(origin, now):
+            return self._refuse("source_budget", source, peer_id)
+        try:
+            self._verify(record, now)
+        except SwarmError as error:
+            return self._refuse(refusal_reason(error), source, peer_id, error)
+        if pending is None and not self._make_room(origin, now):
+            return self._refuse("table_full" if self._full() else "pending_full", source, peer_id)
+        if pending is not None:
+            self._unpend(peer_id)
+        self._pending[peer_id] = _Pending(record, origin)
+        self._pending_by_origin[origin] += 1
+        log.debug("peer %s pending a proof of %s (via %s)", peer_id, address, source)
+        if self.on_pending is not None:
+            self.on_pending()
         return True
 
-    def merge_wire(self, raw: object, now: float, source: str = "gossip") -> bool:
+    def _charge(self, origin: str, now: float) -> bool:
+        """Count one new pending record against `origin`'s budget for the current window."""
+        start, used = self._budgets.get(origin, (now, 0))
+        if now - start >= self.config.source_window_s:
+            start, used = now, 0
+        if used >= self.config.source_budget:
+            return False
+        if origin not in self._budgets and len(self._budgets) >= _MAX_BUDGETS:
+            window = self.config.source_window_s
+            for key in [key for key, (began, _) in self._budgets.items() if now - began >= window]:
+                del self._budgets[key]
+            if len(self._budgets) >= _MAX_BUDGETS:
+                return False  # this many sources inside one window: a flood from many addresses
+        self._budgets[origin] = (start, used + 1)
+        return True
+
+    def _full(self) -> bool:
+        return len(self._records) + len(self._pending) >= self.config.max_peers
+
+    def _make_room(self, origin: str, now: float) -> bool:
+        """Whether one more pending record fits, evicting the oldest of the source that holds the most pending."""
+        if self._full():
+            self.expire(now)
+        if len(self._pending) < self.config.max_pending and not self._full():
+            return True
+        if not self._pending:
+            return False  # the table is full of proven peers: those are never pushed out
+        top, held = self._pending_by_origin.most_common(1)[0]
+        if self._pending_by_origin[origin] + 1 >= held:
+            return False  # this source already holds its share
+        victim = next(peer_id for peer_id, entry in self._pending.items() if entry.origin == top)
+        self._unpend(victim)
+        self.refused["evicted_pending"] += 1
+        return True
+
+    def _unpend(self, peer_id: str) -> _Pending | None:
+        entry = self._pending.pop(peer_id, None)
+        if entry is not None:
+            self._pending_by_origin[entry.origin] -= 1
+            if self._pending_by_origin[entry.origin] <= 0:
+                del self._pending_by_origin[entry.origin]
+        return entry
+
+    def pending(self) -> list[PeerRecord]:
+        """Records awaiting a proof, oldest first."""
+        return [entry.record for entry in self._pending.values()]
+
+    def settle(self, peer_id: str, address: str, proven: bool, now: float) -> bool:
+        """The outcome of dialling `address` for `peer_id`'s pending record; whether it was admitted.
+
+        A failed proof drops the pending record and refuses that (peer, address) for
+        `proof_backoff_s`. A proof for an address the pending record no longer names (it
+        moved meanwhile) admits nothing: the newer record waits for its own proof.
+        """
+        entry = self._pending.get(peer_id)
+        if entry is None or entry.record.addresses[0] != address:
+            return False
+        self._unpend(peer_id)
+        record = entry.record
+        if not proven:
+            self.refused["proof_failed"] += 1
+            self._failed[(peer_id, address)] = now + self.config.proof_backoff_s
+            self._failed.move_to_end((peer_id, address))
+            while len(self._failed) > _MAX_FAILED:
+                self._failed.popitem(last=False)
+            log.debug("peer %s failed its proof at %s", peer_id, address)
+            return False
+        current = self._records.get(peer_id)
+        if current is not None and record.issued_at <= current.issued_at:
+            return False
+        if not record.is_live(now):
+            return self._refuse("expired", "proof", peer_id)
+        if current is None and len(self._records) >= self.config.max_peers:
+            self.expire(now)
+            if len(self._records) >= self.config.max_peers:
+                return self._refuse("table_full", "proof", peer_id)
+        since = self._proven.get(peer_id, (address, now))[1]
+        self._proven[peer_id] = (address, since)
+        self._strikes.pop(peer_id, None)
+        self._admit(record, current, f"proof of {address}")
+        return True
+
+    def standing(self, peer_id: str) -> float | None:
+        """Since when (unix seconds) `peer_id` has been proven; None for an unproven peer."""
+        proven = self._proven.get(peer_id)
+        return None if proven is None else proven[1]
+
+    def exchange_failed(self, peer_id: str) -> bool:
+        """Count a failed exchange with a proven peer; whether that cost it its place in the table."""
+        if peer_id not in self._proven:
+            return False
+        self._strikes[peer_id] += 1
+        if self._strikes[peer_id] < self.config.max_strikes:
+            return False
+        log.info("peer %s dropped after %d failed exchanges in a row", peer_id, self._strikes[peer_id])
+        self.refused["lost_standing"] += 1
+        self.remove(peer_id)
+        return True
+
+    def exchange_ok(self, peer_id: str) -> None:
+        self._strikes.pop(peer_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for /info and logs: held, pending, and refusals by reason."""
+        return {"peers": len(self), "pending": len(self._pending), "refused": dict(self.refused)}
+
+    def merge_wire(self, raw: object, now: float, source: str = "gossip", origin: str | None = None) -> bool:
         """`merge` of a wire dict from outside; a malformed one is counted, never raised."""
         try:
             record = PeerRecord.from_wire(raw)
         except SwarmError as error:
             return self._refuse(refusal_reason(error), source, None, error)
-        return self.merge(record, now, source)
+        return self.merge(record, now, source, origin)
 
     def expire(self, now: float) -> list[str]:
         """Drop records (and tombstones) past their expiry; returns the peer ids dropped."""
+        for peer_id in [peer_id for peer_id, entry in self._pending.items() if not entry.record.is_live(now)]:
+            self._unpend(peer_id)
         gone = [peer_id for peer_id, record in self._records.items() if not record.is_live(now)]
         for peer_id in gone:
             record = self._drop(peer_id)
@@ -337,7 +554,8 @@ class PeerTable:
         return gone
 
     def remove(self, peer_id: str) -> bool:
-        """Forget `peer_id` (tombstone included); whether a peer that had not left was held."""
+        """Forget `peer_id` (tombstone and pending record included); whether a peer that had not left was held."""
+        self._unpend(peer_id)
         if peer_id not in self._records:
             return False
         return not self._drop(peer_id).leaving
@@ -390,6 +608,8 @@ class PeerTable:
     def _drop(self, peer_id: str) -> PeerRecord:
         record = self._records.pop(peer_id)
         del self._versions[peer_id]
+        self._proven.pop(peer_id, None)  # standing goes with the record: a peer that returns proves itself again
+        self._strikes.pop(peer_id, None)
         self._tombstones -= int(record.leaving)
         return record
 

@@ -108,7 +108,29 @@ async def test_swarm_peers_cli_lists_the_swarm_and_its_coverage(gossip_swarm):
     assert refused.returncode == 2 and refused.stderr.strip() == "error: no bootstrap peer answered: http://127.0.0.1:1"
 
 
+async def _prover_of(identity: Identity, stack) -> str:
+    """Serve `identity`'s proof endpoint on 127.0.0.1 port 0; its URL (the record's address)."""
+    from aiohttp import web
+
+    from swarm.discovery.gossip import peers_routes
+    from swarm.peers import PeerTable
+
+    table = PeerTable()
+    runner = web.AppRunner(web.Application())
+    runner.app.add_routes(peers_routes(table, identity=identity))
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    table.merge(PeerRecord.create(identity, addresses=(url,), now=time.time(), ttl=60.0), time.time(), source="self")
+    return url
+
+
 async def test_forged_records_are_refused_by_a_real_node(gossip_swarm):
+    import asyncio
+    import contextlib
+
     _, nodes = gossip_swarm
     target = nodes[0].url
     me, other = Identity.generate(), Identity.generate()
@@ -117,18 +139,26 @@ async def test_forged_records_are_refused_by_a_real_node(gossip_swarm):
     stolen_id = dict(PeerRecord.create(other, addresses=("http://127.0.0.1:9",), now=time.time(), ttl=TTL).to_wire(), peer_id=me.peer_id)
     expired = PeerRecord.create(me, addresses=("http://127.0.0.1:9",), now=time.time() - 100, ttl=TTL).to_wire()
     future = PeerRecord.create(me, addresses=("http://127.0.0.1:9",), now=time.time() + 3600, ttl=TTL).to_wire()
-    async with aiohttp.ClientSession() as http:
-        for record in (forged, stolen_id, expired, future):
+    async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
+        for record in (forged, stolen_id, expired, future, good.to_wire()):
             async with http.post(f"{target}/peers", data=wire.encode({"type": "peers", "records": [record]})) as response:
                 assert response.status == 200
         async with http.post(f"{target}/peers", data=b"\x00garbage") as response:
             assert response.status == 400 and wire.decode(await response.read())["code"] == "bad_request"
         ids = {r.peer_id for r in await fetch_peers(http, target, 5.0)}
+        # `good` is genuine, but nobody at its address holds its key: never listed
         assert me.peer_id not in ids and other.peer_id not in ids
-        # and a genuine record is still taken
-        async with http.post(f"{target}/peers", data=wire.encode({"type": "peers", "records": [good.to_wire()]})) as response:
+        # a genuine record whose address answers with its key is proven and listed at once
+        url = await _prover_of(me, stack)
+        proven = PeerRecord.create(me, addresses=(url,), now=time.time(), ttl=TTL)
+        async with http.post(f"{target}/peers", data=wire.encode({"type": "peers", "records": [proven.to_wire()]})) as response:
             assert response.status == 200
-        assert me.peer_id in {r.peer_id for r in await fetch_peers(http, target, 5.0)}
+        for _ in range(100):
+            if me.peer_id in {r.peer_id for r in await fetch_peers(http, target, 5.0)}:
+                break
+            await asyncio.sleep(0.05)  # the proof runs in the node process: no event to await from here
+        else:
+            raise AssertionError("a proven record was not listed within 5 s")
 
 
 def _peers_via_mdns(prefix: list[str], interface: str, wait: float = 3.0) -> set[str]:

@@ -27,7 +27,8 @@ from swarm.discovery.exchange import exchange
 from swarm.discovery.gossip import Gossip, GossipConfig, fetch_peers, peers_routes
 from swarm.errors import BadRequest, PeerUnavailable, SignatureInvalid
 from swarm.identity import Identity
-from swarm.peers import PeerRecord, PeerTable, verify_record
+from swarm.discovery.proof import PROOF_PATH, ProofConfig, Prover, check_proof, proof_answer
+from swarm.peers import PeerRecord, PeerTable, TableConfig, verify_record
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +148,22 @@ async def start_sim(
     identity: Identity | None = None,
     span: tuple[int, int] = (0, NUM_LAYERS),
     farewell: bool = False,
+    proof: bool = False,
 ) -> Sim:
+    """One node; with `proof`, its table holds new peers pending until a `Prover` proves them."""
     identity = identity or Identity.generate()
-    table = PeerTable()
+    table = PeerTable(TableConfig(require_proof=proof))
     stack = AsyncExitStack()
-    url = await serve(stack, peers_routes(table))
+    url = await serve(stack, peers_routes(table, identity=identity))
 
     def record(leaving: bool = False) -> PeerRecord:  # re-signed every round, as a node does
         return make(identity, now=time.time(), ttl=ttl, url=url, model=MODEL, num_layers=NUM_LAYERS, span=span, leaving=leaving)
 
     config = GossipConfig(bootstrap=tuple(bootstrap), period_s=PERIOD, fanout=2, timeout_s=1.0, record_ttl_s=ttl)
     gossip = Gossip(config, table, record, http, farewell=(lambda: record(leaving=True)) if farewell else None)
+    if proof:
+        table.merge(record(), time.time(), source="self")
+        await stack.enter_async_context(Prover(table, http, ProofConfig(timeout_s=1.0)))
     await stack.enter_async_context(gossip)
     return Sim(identity, table, url, gossip, stack)
 
@@ -407,3 +413,61 @@ async def test_frames_stay_within_their_limits(http: aiohttp.ClientSession) -> N
         assert len(await fetch_peers(http, capped, timeout=1.0, max_records=30)) == 30
         with pytest.raises(BadRequest):
             await fetch_peers(http, capped, timeout=1.0, max_records=29)  # the client's own limit
+
+
+# --- proofs of address and key -----------------------------------------------------------------
+
+
+async def test_proving_gossipers_converge_and_never_dial_unproven_records(http: aiohttp.ClientSession) -> None:
+    async with AsyncExitStack() as stack:
+        posts: list[str] = []
+
+        async def record_post(request: web.Request) -> web.Response:
+            posts.append(request.path)  # a listener that knows no key: it must never get gossip
+            return web.Response(status=404)
+
+        async def no_key(request: web.Request) -> web.Response:
+            return web.Response(body=wire.encode({"type": "proof", "peer_id": "x", "addresses": [], "signature": b""}))
+
+        trap = await serve(stack, [web.post("/peers", record_post), web.get(PROOF_PATH, no_key)])
+        sims = await start_swarm(http, 4, proof=True)
+        for sim in sims:
+            stack.push_async_callback(sim.stop)
+        everyone = {sim.identity.peer_id for sim in sims}
+        sybils = [make(Identity.generate(), now=time.time(), url=trap) for _ in range(20)]
+        sybils += [make(Identity.generate(), now=time.time(), url=sims[1].url) for _ in range(5)]  # another peer's address
+        status, _ = await post(http, sims[0].url, peers_frame(*(r.to_wire() for r in sybils)))
+        assert status == 200
+        took = await until(lambda: all(peer_ids(sim) == everyone for sim in sims), sims[0].gossip)
+        log.info("4 proving gossipers converged in %.2f s", took)
+        for sim in sims:
+            await sim.gossip.wait_rounds(2)
+        assert all(peer_ids(sim) == everyone for sim in sims)  # no Sybil was ever listed, nor gossiped on
+        assert posts == []  # nobody pushed gossip to an address that did not prove its key
+        assert sims[0].table.refused["proof_failed"] == len(sybils) and sims[0].table.pending() == []
+
+
+async def test_the_proof_endpoint_signs_its_own_addresses_only(http: aiohttp.ClientSession) -> None:
+    me, relay = Identity.generate(), Identity.generate()
+    own = make(me, now=time.time(), url="http://10.0.0.1:1")
+    nonce = bytes(range(32))
+    answer = proof_answer(me, own, nonce.hex())
+    check_proof(answer, own, "http://10.0.0.1:1/", nonce)
+    with pytest.raises(SignatureInvalid):
+        check_proof(answer, own, "http://10.0.0.66:1", nonce)  # relayed from another address: the signed list says so
+    with pytest.raises(SignatureInvalid):
+        check_proof(answer, own, "http://10.0.0.1:1", bytes(32))  # an old answer for another nonce
+    with pytest.raises(SignatureInvalid):
+        check_proof(proof_answer(relay, own, nonce.hex()), own, "http://10.0.0.1:1", nonce)  # another key
+    async with AsyncExitStack() as stack:
+        table = PeerTable()
+        url = await serve(stack, peers_routes(table, identity=me))
+        async with http.get(url + PROOF_PATH, params={"nonce": nonce.hex()}) as response:
+            assert response.status == 503  # no own record yet
+            assert wire.decode(await response.read())["code"] == "shutting_down"
+        table.merge(own, time.time(), source="self")
+        for bad in ("", "zz" * 32, "00" * 31):
+            async with http.get(url + PROOF_PATH, params={"nonce": bad}) as response:
+                assert response.status == 400 and wire.decode(await response.read())["code"] == "bad_request"
+        async with http.get(url + PROOF_PATH, params={"nonce": nonce.hex()}) as response:
+            check_proof(wire.decode(await response.read()), own, "http://10.0.0.1:1", nonce)

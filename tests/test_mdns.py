@@ -260,3 +260,23 @@ def test_namespaces_discover_goodbye_partition_and_crash(lan_factory: Callable[[
         f"partition removal {partition:.2f} s, back {back:.2f} s after heal; SIGKILL removal {crash:.2f} s"
     )
     assert partition <= bound_s + 0.5 and crash <= bound_s + 0.5
+
+
+async def test_a_node_that_moves_re_announces_its_advert() -> None:
+    from node.discovery import DiscoveryConfig, NodeDiscovery
+
+    class Advertiser:  # stands in for an entered, advertising Mdns
+        advertising = True
+
+        def __init__(self) -> None:
+            self.adverts: list[Advert] = []
+
+        async def update(self, advert: Advert) -> None:
+            self.adverts.append(advert)
+
+    me = Identity.generate()
+    discovery = NodeDiscovery(DiscoveryConfig(), PeerTable(), lambda leaving: signed(me, 1), Advert(me.peer_id, 1, model="m", span=(0, 10)))
+    await discovery.moved(Advert(me.peer_id, 1, model="m", span=(10, 20)))  # no mDNS: nothing to say
+    discovery.mdns = Advertiser()  # type: ignore[assignment]
+    await discovery.moved(Advert(me.peer_id, 1, model="m", span=(10, 20)))
+    assert [advert.span for advert in discovery.mdns.adverts] == [(10, 20)]  # type: ignore[attr-defined]

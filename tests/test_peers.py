@@ -415,3 +415,123 @@ def test_gossip_from_one_bootstrap_peer_converges_in_few_rounds() -> None:
     assert all(len(table) == peers for table in tables), f"not converged after {round_} rounds"
     assert round_ <= 4
     assert all(not table.refused for table in tables)
+
+
+# --- proofs: pending and proven records, budgets, eviction (pure) -------------------------------
+
+PROVING = TableConfig(require_proof=True, max_pending=4, source_budget=3, source_window_s=10.0, proof_backoff_s=30.0)
+
+
+def fresh(address: str = "http://10.0.0.1:31337", now: float = NOW, **fields: Any) -> PeerRecord:
+    return make(Identity.generate(), now=now, addresses=[address], **fields)
+
+
+def test_a_new_peer_is_pending_until_proven_and_then_refreshes_freely(alice: Identity) -> None:
+    table = PeerTable(PROVING)
+    woken: list[int] = []
+    table.on_pending = lambda: woken.append(1)
+    first = make(alice, now=NOW)
+    assert table.merge(first, NOW, origin="ip:1") and woken == [1]
+    # pending: invisible to gossip, clients and routing
+    assert alice.peer_id not in table and len(table) == 0 and table.records(NOW) == []
+    assert table.newer_than({}, NOW) == [] and table.versions() == {} and table.coverage(MODEL["digest"], 30, NOW)[0] == 0
+    assert table.pending() == [first] and not table.merge(first, NOW, origin="ip:1")  # the same record again: no news
+    assert table.settle(alice.peer_id, first.addresses[0], True, NOW + 1)
+    assert table.records(NOW + 1) == [first] and table.standing(alice.peer_id) == NOW + 1 and table.pending() == []
+    # a refresh at the proven address needs no proof and costs no budget
+    refresh = make(alice, now=NOW + 2)
+    assert table.merge(refresh, NOW + 2, origin="ip:1") and table.get(alice.peer_id) == refresh
+    # a new address is pending while the proven record stays listed
+    moved = make(alice, now=NOW + 3, addresses=["http://10.0.0.2:1"])
+    assert table.merge(moved, NOW + 3, origin="ip:1")
+    assert table.get(alice.peer_id) == refresh and table.pending() == [moved]
+    assert not table.settle(alice.peer_id, "http://10.0.0.1:31337", True, NOW + 4)  # a proof of another address admits nothing
+    assert table.settle(alice.peer_id, "http://10.0.0.2:1", True, NOW + 4) and table.get(alice.peer_id) == moved
+    assert table.standing(alice.peer_id) == NOW + 1  # standing survives a move
+
+
+def test_own_record_and_tables_without_proofs_need_none(alice: Identity) -> None:
+    table = PeerTable(PROVING)
+    assert table.merge(make(alice), NOW, source="self") and alice.peer_id in table
+    plain = PeerTable()
+    assert plain.merge(fresh(), NOW) and len(plain) == 1 and plain.pending() == []
+
+
+def test_a_failed_proof_drops_the_record_and_backs_off(alice: Identity) -> None:
+    table = PeerTable(PROVING)
+    record = make(alice)
+    table.merge(record, NOW, origin="ip:1")
+    assert not table.settle(alice.peer_id, record.addresses[0], False, NOW + 1)
+    assert table.pending() == [] and alice.peer_id not in table and table.refused["proof_failed"] == 1
+    assert not table.merge(make(alice, now=NOW + 2), NOW + 2, origin="ip:2") and table.refused["proof_failed"] == 2
+    assert table.merge(make(alice, now=NOW + 40), NOW + 40, origin="ip:2")  # after the backoff it may try again
+    assert table.merge(make(alice, now=NOW + 3, addresses=["http://10.0.0.9:1"]), NOW + 3, origin="ip:2") is False  # stale
+    assert table.merge(make(alice, now=NOW + 41, addresses=["http://10.0.0.9:1"]), NOW + 41, origin="ip:2")  # another address
+
+
+def test_each_source_has_a_budget_of_pending_records_per_window() -> None:
+    table = PeerTable(replace(PROVING, max_pending=100))
+    assert all(table.merge(fresh(), NOW, origin="ip:attacker") for _ in range(3))
+    assert not table.merge(fresh(), NOW, origin="ip:attacker") and table.refused["source_budget"] == 1
+    assert table.merge(fresh(), NOW, origin="ip:honest")  # other sources are not affected
+    assert table.merge(fresh(now=NOW + 10), NOW + 10, origin="ip:attacker")  # a new window
+    forged = replace(fresh(), signature=bytes(64))
+    for _ in range(5):
+        table.merge(forged, NOW + 10, origin="ip:forger")
+    assert table.refused["signature_invalid"] == 3 and table.refused["source_budget"] == 3  # forgeries spend it too
+
+
+def test_a_full_pending_set_evicts_from_the_source_holding_most() -> None:
+    table = PeerTable(replace(PROVING, source_budget=100))
+    flood = [fresh() for _ in range(4)]
+    assert all(table.merge(record, NOW, origin="ip:attacker") for record in flood)
+    assert not table.merge(fresh(), NOW, origin="ip:attacker") and table.refused["pending_full"] == 1
+    newcomer = fresh()
+    assert table.merge(newcomer, NOW, origin="ip:newcomer")
+    assert newcomer in table.pending() and flood[0] not in table.pending() and table.refused["evicted_pending"] == 1
+
+
+def test_proven_peers_are_never_pushed_out_by_pending_ones() -> None:
+    table = PeerTable(replace(PROVING, max_peers=4, source_budget=100))
+    proven = [fresh() for _ in range(2)]
+    for record in proven:
+        table.merge(record, NOW, origin="ip:a")
+        table.settle(record.peer_id, record.addresses[0], True, NOW)
+    waiting = [fresh(), fresh()]
+    assert all(table.merge(record, NOW, origin="ip:b") for record in waiting)
+    assert not table.merge(fresh(), NOW, origin="ip:b") and table.refused["table_full"] == 1
+    assert table.merge(fresh(), NOW, origin="ip:c")  # evicts b's oldest pending record, never a proven one
+    assert all(record.peer_id in table for record in proven) and waiting[0] not in table.pending()
+    assert not table.merge(fresh(), NOW, origin="ip:d")  # b and c hold one each: no source holds more than its share
+    for record in table.pending():
+        table.settle(record.peer_id, record.addresses[0], True, NOW)
+    assert len(table) == 4 and not table.merge(fresh(), NOW, origin="ip:d")  # full of proven peers: nothing to evict
+
+
+def test_tombstones_of_unknown_peers_are_not_held_and_address_filter_applies(alice: Identity) -> None:
+    table = PeerTable(PROVING)
+    table.dialable = lambda url: "10.0.0.1" not in url
+    assert not table.merge(make(alice, leaving=True), NOW, origin="ip:1") and table.versions() == {}
+    assert not table.merge(make(alice), NOW, origin="ip:1") and table.refused["address_policy"] == 1
+    record = make(alice, addresses=["http://10.0.0.2:1"])
+    assert table.merge(record, NOW, origin="ip:1")
+    assert not table.merge(make(alice, now=NOW + 1, addresses=["http://10.0.0.2:1"], leaving=True), NOW + 1, origin="ip:1")
+    assert table.pending() == []  # its goodbye withdrew the pending record
+
+
+def test_a_proven_peer_that_keeps_failing_exchanges_leaves(alice: Identity) -> None:
+    table = PeerTable(PROVING)
+    record = make(alice)
+    table.merge(record, NOW, origin="ip:1")
+    table.settle(alice.peer_id, record.addresses[0], True, NOW)
+    assert not table.exchange_failed(alice.peer_id) and not table.exchange_failed(alice.peer_id)
+    table.exchange_ok(alice.peer_id)  # a success resets the count
+    assert not table.exchange_failed(alice.peer_id) and not table.exchange_failed(alice.peer_id)
+    assert table.exchange_failed(alice.peer_id) and alice.peer_id not in table and table.standing(alice.peer_id) is None
+    assert table.merge(make(alice, now=NOW + 1), NOW + 1, origin="ip:1") and table.pending()  # back only with a new proof
+
+
+def test_table_config_checks_and_shows_its_limits() -> None:
+    with pytest.raises(ValueError):
+        TableConfig(source_budget=0)
+    assert TableConfig().limits()["max_pending"] == 256 and TableConfig(require_proof=True).limits()["require_proof"]

@@ -3,8 +3,17 @@
 A node announces itself to its bootstrap peers as soon as it starts. Then every period
 (with a little jitter, so nodes started together do not fire together) it merges a
 freshly signed record of itself into its table, expires stale records and swaps tables
-with `fanout` random peers: it POSTs its live records to `/peers`, and the receiver
-merges them and answers with what the sender lacks or holds older. Every record is
+with its bootstrap peers, `anchors` peers of long standing and `fanout` random peers: it
+POSTs its live records to `/peers`, and the receiver merges them and answers with what
+the sender lacks or holds older.
+
+Gossip dials only operator-given bootstrap URLs and proven peers: a node's table holds
+records of new peers pending until their address answered with their key
+(swarm/discovery/proof.py), and pending records are neither gossiped, nor answered in
+`GET /peers`, nor dialled. Bootstrap peers and the longest-proven peers are in every
+round, so a flood of records, however large, cannot cut honest nodes off from each other.
+Records pushed to `POST /peers` are charged to the sender's IP address, records in an
+answer to the peer that answered (`PeerTable`'s per-source budget). Every record is
 signed by its owner, so a relay can drop records but never change them; the table
 refuses the rest and counts why (`PeerTable.refused`).
 
@@ -19,7 +28,9 @@ then spreads like any other record.
 
 Failures of one exchange (refused connection, timeout, a bad answer) are counted and
 logged at debug: a swarm always has some dead or misbehaving peers, and the next round
-tries others.
+tries others. A proven peer that fails `TableConfig.max_strikes` exchanges in a row loses
+its place. Errors a node sends to peers name what was wrong with their frame, never what
+the network said.
 """
 
 from __future__ import annotations
@@ -37,8 +48,9 @@ import aiohttp
 from aiohttp import web
 
 from swarm import wire
-from swarm.errors import BadRequest, FrameTooLarge, PeerUnavailable, SwarmError, error_from_code
-from swarm.identity import is_peer_id
+from swarm.discovery.proof import PROOF_PATH, ProofConfig, proof_answer
+from swarm.errors import BadRequest, FrameTooLarge, PeerUnavailable, ShuttingDown, SwarmError, error_from_code
+from swarm.identity import Identity, is_peer_id
 from swarm.peers import MAX_RECORD_BYTES, PeerRecord, PeerTable, is_base_url
 
 log = logging.getLogger(__name__)
@@ -61,10 +73,12 @@ class GossipConfig:
     bootstrap: tuple[str, ...] = ()  # base URLs, "http://host:port"
     period_s: float = 5.0  # between rounds
     fanout: int = 3  # random peers per round
+    anchors: int = 2  # peers of longest standing per round, besides the random ones and the bootstrap peers
     timeout_s: float = 3.0  # per exchange, connect to last byte
     record_ttl_s: float = 60.0  # a dead node is gone from every table within this (plus a period)
     max_frame: int = DEFAULT_MAX_FRAME  # bytes, either way
     max_records: int = DEFAULT_MAX_RECORDS  # per frame, either way
+    proof: ProofConfig = ProofConfig()  # how records of new peers are proven
 
     def __post_init__(self) -> None:
         if isinstance(self.bootstrap, str):
@@ -80,6 +94,22 @@ class GossipConfig:
             raise ValueError("record_ttl_s must span at least two periods, or records expire before their refresh spreads")
         if self.max_frame < MAX_RECORD_BYTES + _FRAME_OVERHEAD:
             raise ValueError(f"max_frame must hold at least one record ({MAX_RECORD_BYTES + _FRAME_OVERHEAD} bytes)")
+        if self.anchors < 0:
+            raise ValueError("anchors must not be negative")
+
+    def limits(self) -> dict[str, float | int]:
+        """The numbers, for /info."""
+        return {
+            "period_s": self.period_s,
+            "fanout": self.fanout,
+            "anchors": self.anchors,
+            "timeout_s": self.timeout_s,
+            "record_ttl_s": self.record_ttl_s,
+            "max_frame": self.max_frame,
+            "max_records": self.max_records,
+            "proof_concurrency": self.proof.concurrency,
+            "proof_timeout_s": self.proof.timeout_s,
+        }
 
 
 class Gossip:
@@ -159,9 +189,9 @@ class Gossip:
             raise ValueError("farewell() must return a tombstone: create it with leaving=True")
         self._own = record
         self.table.merge(record, self._clock(), source="self")
-        targets = self._targets(all_bootstrap=True)
+        targets = self._targets()
         frame = _peers_frame([record], self.config.max_records, self.config.max_frame)
-        told = sum(await asyncio.gather(*(self._push_pull(url, frame) for url in targets)))
+        told = sum(await asyncio.gather(*(self._push_pull(url, peer_id, frame) for url, peer_id in targets)))
         log.info("left the swarm: told %d of %d peers", told, len(targets))
         return told
 
@@ -172,21 +202,21 @@ class Gossip:
             await asyncio.wait([task])  # a crash was logged by _log_crash; cancelling us still propagates
 
     async def _run(self) -> None:
-        await self._round(all_bootstrap=True)  # the announcement
+        await self._round()  # the announcement
         while True:
             await asyncio.sleep(self.config.period_s * self._rng.uniform(1 - _JITTER, 1 + _JITTER))
-            await self._round(all_bootstrap=False)
+            await self._round()
 
-    async def _round(self, *, all_bootstrap: bool) -> None:
+    async def _round(self) -> None:
         now = self._clock()
         own = self._own_record()
         if own is not None:
             self._own = own
             self.table.merge(own, now, source="self")
         self.table.expire(now)
-        targets = self._targets(all_bootstrap=all_bootstrap)
+        targets = self._targets()
         frame = _peers_frame(self._push_records(now), self.config.max_records, self.config.max_frame)
-        done = sum(await asyncio.gather(*(self._push_pull(url, frame) for url in targets)))
+        done = sum(await asyncio.gather(*(self._push_pull(url, peer_id, frame) for url, peer_id in targets)))
         async with self._round_done:
             self.rounds += 1
             self._round_done.notify_all()
@@ -203,29 +233,51 @@ class Gossip:
         records.sort(key=lambda record: record.peer_id != own_id)  # stable: own first, the rest stays shuffled
         return records
 
-    def _targets(self, *, all_bootstrap: bool) -> list[str]:
-        """`fanout` random peers among the live records and bootstrap URLs, never this node;
-        with `all_bootstrap`, every bootstrap peer and `fanout` others."""
+    def _targets(self) -> list[tuple[str, str | None]]:
+        """(url, peer id or None) to exchange with: every bootstrap peer, `anchors` of the
+        `2 * anchors` longest-proven peers, and `fanout` random others; never this node.
+
+        Only bootstrap URLs and the table's records (proven ones, in a node's table) are
+        candidates: a record nobody proved is never dialled for gossip.
+        """
         own_id = None if self._own is None else self._own.peer_id
         mine = set() if self._own is None else {_base(address) for address in self._own.addresses}
         bootstrap = [url for url in self.config.bootstrap if url not in mine]
-        known = {_base(r.addresses[0]) for r in self.table.records(self._clock()) if r.peer_id != own_id}
-        if all_bootstrap:
-            others = sorted(known - mine - set(bootstrap))
-            return [*bootstrap, *self._rng.sample(others, min(self.config.fanout, len(others)))]
-        candidates = sorted((known | set(bootstrap)) - mine)
-        return self._rng.sample(candidates, min(self.config.fanout, len(candidates)))
+        chosen: dict[str, str | None] = {url: None for url in bootstrap}
+        peers = {}  # url -> peer id, of the table's live records
+        for record in self.table.records(self._clock()):
+            url = _base(record.addresses[0])
+            if record.peer_id != own_id and url not in mine:
+                peers[url] = record.peer_id
+        for url in set(chosen) & set(peers):
+            chosen[url] = peers[url]  # a bootstrap peer we proved: its failures count against it too
+        if self.config.anchors:
+            standing = sorted(
+                (since, url) for url, peer_id in peers.items() if (since := self.table.standing(peer_id)) is not None
+            )
+            oldest = [url for _, url in standing[: 2 * self.config.anchors] if url not in chosen]
+            for url in self._rng.sample(oldest, min(self.config.anchors, len(oldest))):
+                chosen[url] = peers[url]
+        others = sorted(set(peers) - set(chosen))
+        for url in self._rng.sample(others, min(self.config.fanout, len(others))):
+            chosen[url] = peers[url]
+        return list(chosen.items())
 
-    async def _push_pull(self, url: str, frame: bytes) -> bool:
-        """One exchange: push `frame`, merge the answer. Whether it worked; a failure is only counted."""
+    async def _push_pull(self, url: str, peer_id: str | None, frame: bytes) -> bool:
+        """One exchange: push `frame`, merge the answer. Whether it worked; a failure is counted,
+        and costs a proven peer standing (`PeerTable.exchange_failed`)."""
         try:
             message = await _call(self._http, "POST", url, self.config.timeout_s, self.config.max_frame, frame)
             records = _records_of(message, self.config.max_records)
         except SwarmError as error:  # PeerUnavailable, a bad answer, or the error the peer sent
             self.failures += 1
             log.debug("gossip with %s failed: %s: %s", url, error.code, error)
+            if peer_id is not None:
+                self.table.exchange_failed(peer_id)
             return False
-        await _merge_all(self.table, records, self._clock())
+        if peer_id is not None:
+            self.table.exchange_ok(peer_id)
+        await _merge_all(self.table, records, self._clock(), origin=f"peer:{peer_id}" if peer_id else f"url:{url}")
         return True
 
 
@@ -236,8 +288,13 @@ def peers_routes(
     *,
     max_records: int = DEFAULT_MAX_RECORDS,
     rng: random.Random | None = None,
+    identity: Identity | None = None,
 ) -> list[web.RouteDef]:
-    """`POST /peers` (the receiving side of push-pull) and `GET /peers` (live records, for clients).
+    """`POST /peers` (the receiving side of push-pull) and `GET /peers` (live records, for clients);
+    with `identity`, also `GET /peers/proof?nonce=` (swarm/discovery/proof.py), signed for the
+    record of `identity` held in `table` (the node's own, merged by its discovery).
+
+    Records pushed are charged to the sender's IP address (`PeerTable`'s source budget).
 
     A frame refused whole is answered with an error frame (413 when too large, refused
     before its body is read; else 400) and counted in `table.refused` under its wire code
@@ -256,7 +313,7 @@ def peers_routes(
             status = 413 if isinstance(error, FrameTooLarge) else 400
             return web.Response(status=status, body=wire.encode(wire.error_message(error)), content_type=CONTENT_TYPE)
         now = clock()
-        await _merge_all(table, records, now)
+        await _merge_all(table, records, now, origin=f"ip:{request.remote}")
         news = table.newer_than(_summary(records), now)  # after the merge: what the sender sent is no news to it
         shuffler.shuffle(news)
         return web.Response(body=_peers_frame(news, max_records, max_frame), content_type=CONTENT_TYPE)
@@ -265,7 +322,22 @@ def peers_routes(
         records = table.records(clock())
         return web.Response(body=_peers_frame(records, max_records, max_frame), content_type=CONTENT_TYPE)
 
-    return [web.post(PEERS_PATH, post_peers), web.get(PEERS_PATH, get_peers)]
+    async def get_proof(request: web.Request) -> web.Response:
+        assert identity is not None
+        own = table.get(identity.peer_id)
+        try:
+            if own is None:
+                raise ShuttingDown("this node has no live record to prove (starting or leaving)")
+            body = wire.encode(proof_answer(identity, own, request.query.get("nonce")))
+        except SwarmError as error:
+            status = 503 if isinstance(error, ShuttingDown) else 400
+            return web.Response(status=status, body=wire.encode(wire.error_message(error)), content_type=CONTENT_TYPE)
+        return web.Response(body=body, content_type=CONTENT_TYPE)
+
+    routes = [web.post(PEERS_PATH, post_peers), web.get(PEERS_PATH, get_peers)]
+    if identity is not None:
+        routes.append(web.get(PROOF_PATH, get_proof))
+    return routes
 
 
 async def fetch_peers(
@@ -348,11 +420,11 @@ def _summary(records: list[object]) -> dict[str, float]:
     return versions
 
 
-async def _merge_all(table: PeerTable, records: list[object], now: float) -> int:
+async def _merge_all(table: PeerTable, records: list[object], now: float, origin: str | None = None) -> int:
     """Merge raw records, yielding to the loop now and then: signatures cost ~60 us each."""
     taken = 0
     for index, raw in enumerate(records):
-        taken += table.merge_wire(raw, now, source="gossip")
+        taken += table.merge_wire(raw, now, source="gossip", origin=origin)
         if index % _MERGE_SLICE == _MERGE_SLICE - 1:
             await asyncio.sleep(0)
     return taken
@@ -369,7 +441,12 @@ async def _call(
     headers = {"Content-Type": CONTENT_TYPE} if body is not None else None
     try:
         async with http.request(
-            method, url + PEERS_PATH, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            method,
+            url + PEERS_PATH,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,  # a redirect would let a peer choose where we go next
         ) as response:
             data = await _read_limited(response.content, response.content_length, max_frame)
             status = response.status

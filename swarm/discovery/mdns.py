@@ -47,6 +47,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
@@ -260,6 +261,11 @@ class Mdns:
         await (await self._azc.async_register_service(self._info))
         log.info("advertising %s on port %d (ttl %d s)", self._advert.peer_id, self._advert.port, self.config.ttl_s)
 
+    @property
+    def advertising(self) -> bool:
+        """Whether our advert is registered (entered, with an advert)."""
+        return self._azc is not None and self._info is not None
+
     async def update(self, advert: Advert) -> None:
         """Announce a changed advert (same peer id): browsers see new TXT and fetch /info again."""
         if self._azc is None or self._info is None or self._advert is None:
@@ -363,7 +369,9 @@ class Mdns:
         if self._services.get(name) is not service:  # removed while we fetched
             return
         now = time.time()
-        if self.table.merge(record, now, SOURCE):
+        # A table that requires proofs holds it pending until its address answers with its key;
+        # the budget is the advertiser's address, as for records pushed by gossip.
+        if self.table.merge(record, now, SOURCE, origin=f"mdns:{urlsplit(url).hostname}"):
             self.stats["merged"] += 1
             service.learned = True
         elif self.table.get(record.peer_id) == record:  # we or gossip had it already
