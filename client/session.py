@@ -300,9 +300,9 @@ class RouteSession:
                     continue
                 try:
                     self._dispatch(state, parse(wire.decode(msg.data, self.config.max_frame), limits))
-                except SwarmError as exc:  # a node that breaks the protocol: route around it
+                except SwarmError as exc:  # a node that breaks the protocol: transient, so failover routes around it
                     if not state.retired:
-                        self._fail_all(at_hop(BadRequest(f"{state.hop} sent a malformed message: {exc}"), state.hop))
+                        self._fail_all(at_hop(PeerUnavailable(f"{state.hop} sent a malformed message: {exc}"), state.hop))
         finally:
             if not state.retired and (state.ws.close_code is not None or state.ws.closed):
                 self._fail_all(at_hop(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
