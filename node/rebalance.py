@@ -15,8 +15,8 @@ from node.backend import Backend
 from node.balance import block_throughput, should_move
 from node.session_socket import close_session
 from node.state import NodeState, Phase, RebalanceConfig
-from swarm import wire
 from swarm.errors import ShuttingDown
+from swarm.protocol import Draining, Error
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def move(state: NodeState, target: tuple[int, int], loader, executor) -> N
         await drain_sessions(state)
         for session in state.sessions:
             close_session(state, session)
-            await session.owner.send(wire.error_message(ShuttingDown("node is moving to other blocks: move the session elsewhere"), session=session.id))
+            await session.owner.send(Error.of(ShuttingDown("node is moving to other blocks: move the session elsewhere"), session=session.id))
         old = state.backend
         await old.drain()
         span = await asyncio.get_running_loop().run_in_executor(executor, loader, *target)  # on the compute thread
@@ -55,6 +55,8 @@ async def move(state: NodeState, target: tuple[int, int], loader, executor) -> N
         state.backend = new
         await old.__aexit__(None, None, None)  # its weights go with it
         state.moves += 1
+        if state.discovery is not None:
+            await state.discovery.moved(state.advert(state.port))  # mDNS TXT names the new span
     finally:
         if state.phase is Phase.MOVING:  # not if SIGTERM arrived meanwhile
             state.phase = Phase.SERVING
@@ -68,7 +70,7 @@ async def drain_sessions(state: NodeState) -> None:
     if not len(state.sessions):
         return
     for session in state.sessions:
-        await session.owner.send({"type": "draining", "session": session.id})
+        await session.owner.send(Draining(session.id))
     log.info("draining: waiting up to %.0f s for %d sessions to move elsewhere", state.config.drain_timeout_s, len(state.sessions))
     try:
         await asyncio.wait_for(state.sessions.emptied.wait(), state.config.drain_timeout_s)

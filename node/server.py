@@ -25,11 +25,12 @@ from node.push import PushPool
 from node.rebalance import drain_sessions, rebalance
 from node.session_socket import close_session, reap_idle, session_socket
 from node.state import STATE, NodeConfig, NodeState, Phase
-from swarm import wire
 from swarm.discovery.gossip import peers_routes
 from swarm.errors import ShuttingDown
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
+from swarm.peers import PeerTable
+from swarm.protocol import Error
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ async def shutdown(state: NodeState) -> None:
         log.warning("steps still running after %.0f s; closing anyway", state.config.shutdown_grace_s)
     for session in state.sessions:
         close_session(state, session)
-        await session.owner.send(wire.error_message(ShuttingDown("node is shutting down: move the session elsewhere"), session=session.id))
+        await session.owner.send(Error.of(ShuttingDown("node is shutting down: move the session elsewhere"), session=session.id))
     for ws in list(state.sockets):  # a copy: handlers remove themselves as they end
         await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node shutting down")
 
@@ -82,9 +83,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        push = PushPool(http, config.max_frame)
-        stack.push_async_callback(push.close)
+        push = await stack.enter_async_context(PushPool(config.push, config.max_frame))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
@@ -98,6 +97,7 @@ async def serve(
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
+        state.port = port
         state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         state.discovery = await stack.enter_async_context(
             NodeDiscovery(config.discovery, state.table, state.record, state.advert(port))

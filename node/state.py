@@ -13,7 +13,9 @@ from aiohttp import web
 
 from node.backend import Backend, BackendConfig
 from node.discovery import DiscoveryConfig, NodeDiscovery
-from node.push import PushPool
+from node.channel import Channel
+from node.limits import SourceLimit
+from node.push import PushConfig, PushPool
 from node.sessions import Sessions
 from swarm import wire
 from swarm.discovery.mdns import Advert
@@ -41,6 +43,12 @@ class NodeConfig:
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
     drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
     shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
+    # --- per-source limits on /session (a source: an IPv4 address or an IPv6 /64) ---
+    max_sockets_per_source: int = 64  # open /session websockets; beyond: `busy`, then close 1013 (0: no limit)
+    max_sessions_per_source: int = 32  # open sessions; beyond: `busy` (0: no limit)
+    socket_idle_timeout_s: float = 120.0  # a /session websocket that owns no session and sends nothing this long is closed
+    unstepped_session_grace_s: float = 30.0  # a session never stepped is freed this long after its open
+    push: PushConfig = field(default_factory=PushConfig)  # outbound connections to next hops
     backend: BackendConfig = field(default_factory=BackendConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
@@ -69,16 +77,24 @@ class NodeState:
     backend: Backend | None
     push: PushPool
     url: str = ""
+    port: int = 0  # the port listened on (what mDNS advertises)
     table: PeerTable = field(default_factory=PeerTable)
     discovery: NodeDiscovery | None = None
     sessions: Sessions = field(default_factory=Sessions)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    channels: set[Channel] = field(default_factory=set)  # inbound /session connections (idle ones are closed)
     tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
     step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
     phase: Phase = Phase.SERVING
     moves: int = 0
     sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
     started: float = field(default_factory=time.time)
+    socket_limit: SourceLimit = field(init=False)  # open /session websockets per source
+    session_limit: SourceLimit = field(init=False)  # open sessions per source
+
+    def __post_init__(self) -> None:
+        self.socket_limit = SourceLimit(self.config.max_sockets_per_source, "connections")
+        self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
 
     @property
     def span(self) -> Span:
@@ -117,6 +133,22 @@ class NodeState:
         span = (backend.span.start, backend.span.end) if backend else None
         return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
 
+    def limits(self) -> dict[str, Any]:
+        """The /session and push limits, for `/info`."""
+        config = self.config
+        return {
+            "max_frame": config.max_frame,
+            "max_sockets_per_source": config.max_sockets_per_source,
+            "max_sessions_per_source": config.max_sessions_per_source,
+            "socket_idle_timeout_s": config.socket_idle_timeout_s,
+            "unstepped_session_grace_s": config.unstepped_session_grace_s,
+            "session_timeout_s": config.session_timeout_s,
+            "push_connect_timeout_s": config.push.connect_timeout_s,
+            "push_limit_per_host": config.push.limit_per_host,
+            "push_max_channels": config.push.max_channels,
+            "push_idle_s": config.push.idle_s,
+        }
+
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "peer_id": self.identity.peer_id,
@@ -130,6 +162,8 @@ class NodeState:
             "moves": self.moves,
             "uptime_s": time.time() - self.started,
             "record": base64.b64encode(self.record().to_bytes()).decode(),
+            "limits": self.limits(),
+            "discovery": None if self.discovery is None else {**self.discovery.limits(), "peer_table": self.table.stats()},
             "model": None,
             "span": None,
         }
