@@ -20,12 +20,17 @@ a route look faster than it ran. Measurements older than `stale_s` are dropped
 (a peer that was slow once may have been busy), and the peer falls back to its
 clamped claim.
 
-**Claims.** An unmeasured peer is ranked by its claim, clamped so that it can
-never look more than `claim_factor` times faster per block than the reference:
-the fastest peer this client has measured among the candidates, or, when none
-is measured yet, the median claim of the candidates (a few liars cannot move a
-median). So an inflated claim buys at most one trial: the route it wins is
-measured like any other, and from then on the peer is ranked by what it did.
+**Claims.** A claim ranks a peer only while the client has measured none of
+the candidates, and even then it is clamped: no peer may look more than
+`claim_factor` times faster per block than the median claim (a few liars
+cannot move a median). Once any candidate is measured, claims are ignored: an
+unmeasured peer counts as `claim_factor` times faster than the fastest measured
+one, whatever it says. That is optimism with a bound: every peer that would be
+on a good route gets one trial, a liar gains nothing over an honest newcomer,
+and an honest peer whose claim came out pessimistic (its self-benchmark ran
+while the machine was busy: an order of magnitude is common) is still tried.
+The trial route is measured like any other, and from then on the peer is ranked
+by what it did. So an inflated claim buys at most one trial.
 
 **Bans.** A hop that misbehaves (closes its connection, errors, misses a step
 deadline, sends frames the client cannot read) is banned for this client for
@@ -139,20 +144,19 @@ class Measurements:
     def per_block_costs(self, claims: Iterable[tuple[str, float]], now: float) -> dict[str, float]:
         """Seconds per block to plan with, for each (peer id, claimed blocks/s) of one model.
 
-        Measured peers count as measured; the rest by their claim, clamped against the
-        reference (module docstring).
+        Measured peers count as measured; the rest as the module docstring's "Claims" says.
         """
         claims = list(claims)
         measured = {p: m for p, _ in claims if (m := self.measured_per_block(p, now)) is not None}
-        priors = {p: 1.0 / t if math.isfinite(t) and t > 0 else math.inf for p, t in claims}
         if measured:
-            reference = min(measured.values())
-        else:
-            finite = [v for v in priors.values() if math.isfinite(v)]
-            reference = statistics.median(finite) if finite else self.config.default_per_block_s
-        floor = reference / self.config.claim_factor
-        ceiling = max(reference, self.config.default_per_block_s) * 100  # no claim at all: slow, but finite
-        return {p: measured[p] if p in measured else min(max(priors[p], floor), ceiling) for p, _ in claims}
+            optimistic = min(measured.values()) / self.config.claim_factor
+            return {p: measured.get(p, optimistic) for p, _ in claims}
+        priors = {p: 1.0 / t if math.isfinite(t) and t > 0 else math.inf for p, t in claims}
+        finite = [v for v in priors.values() if math.isfinite(v)]
+        median = statistics.median(finite) if finite else self.config.default_per_block_s
+        floor = median / self.config.claim_factor
+        ceiling = max(median, self.config.default_per_block_s) * 100  # no claim at all: slow, but finite
+        return {p: min(max(priors[p], floor), ceiling) for p, _ in claims}
 
     def ban(self, peer_id: str, reason: str, now: float) -> float:
         """Ban a misbehaving peer; returns for how long (seconds)."""

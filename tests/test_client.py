@@ -111,6 +111,46 @@ def test_busy_node_is_routed_around(tmp_path, swarm, limit):
         stop_nodes([busy])
 
 
+def test_inflated_claim_cannot_keep_the_route_over_measured_peers(tmp_path, client, swarm):
+    """Route hijack, the client half: a real but slow node (float16 on CPU, ~4x slower per block)
+    serves all 30 blocks and its record's throughput is inflated a millionfold through the
+    planner's claims seam. Clamped, the claim buys at most one trial route; once measured, the
+    route follows measured speed and the greedy text equals an undisturbed run's."""
+    bootstrap, _ = swarm
+    prompt = PROMPTS[0]
+    undisturbed = asyncio.run(client.agenerate(prompt, max_new_tokens=NEW_TOKENS))
+    (slow,) = start_nodes([["--blocks", "0:30", "--dtype", "float16", "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
+    try:
+        inflate = lambda r: r.throughput * 1e6 if r.peer_id == slow.peer_id else r.throughput  # noqa: E731
+        model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
+        asyncio.run(refresh(model))
+        claimed = {c.peer_id: c.per_block_s for c in model.candidates()}
+        assert claimed[slow.peer_id] >= min(claimed.values()) * 0.99, "a clamped claim is no better than factor x the best"
+        runs = [asyncio.run(model.agenerate(prompt, max_new_tokens=NEW_TOKENS)) for _ in range(3)]
+        routes = [[hop.split("[")[0] for hop in r.route] for r in runs]
+        measured = model.planner.measurements
+        now = model.planner.clock()
+        print(f"routes {routes}; measured ms/block: " + ", ".join(f"{p[:8]} {v * 1e3:.2f}" for p in measured.peers if (v := measured.measured_per_block(p, now)) is not None), {c.peer_id[:8]: round(c.per_block_s * 1e3, 2) for c in model.candidates()})
+        assert not any(slow.peer_id.startswith(hop) for hop in routes[-1] + routes[-2]), routes
+        assert runs[-1].stats.token_ids == undisturbed.stats.token_ids
+        if any(slow.peer_id.startswith(hop) for hop in routes[0]):  # it had its trial: it measured slower than the honest hops
+            honest = [measured.measured_per_block(p, now) for p in model.planner.measurements.peers if p != slow.peer_id]
+            assert measured.measured_per_block(slow.peer_id, now) > min(v for v in honest if v is not None)
+    finally:
+        stop_nodes([slow])
+
+
+def test_cli_discovery_options_reach_the_model():
+    """Regression: `--wait` (and the rest of the discovery flags) were dropped: SwarmModel built its own options."""
+    from client.cli import _swarm_model, build_parser
+
+    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25"])
+    model = _swarm_model(args)
+    assert model.discovery.mdns_wait_s == 0.25
+    assert model.discovery.bootstrap == ("http://127.0.0.1:1",) and model.discovery.mdns is not None
+    assert _swarm_model(args, bootstrap=["http://127.0.0.1:2"]).discovery.mdns_wait_s == 0.25
+
+
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=timeout)
 
