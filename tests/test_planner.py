@@ -16,7 +16,7 @@ from client.measure import Measurements, StepHop, TrustConfig, apportion
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner
 from client.session import RemoteHop
-from swarm.errors import Busy, BadRequest, NoRoute, PeerUnavailable, ShuttingDown
+from swarm.errors import BadRequest, Busy, NoRoute, PeerUnavailable, ShuttingDown
 from swarm.identity import Identity
 from swarm.peers import PeerRecord
 
