@@ -5,6 +5,9 @@ the checkpoint, whose fingerprint picks the peers that serve the same weights.
 Each generation finds peers (bootstrap peers, optionally mDNS), plans the
 fastest route, opens a session along it and streams tokens. A hop that refuses
 (busy, shutting down, unreachable) is excluded and the route planned again.
+"Fastest" is what this client measured (client/measure.py): a record's claimed
+throughput is only a prior, and a hop that misbehaves is banned for a while.
+Planning and session opening live in client/planner.py (`self.planner`).
 
     model = SwarmModel("smollm2-135m-instruct", bootstrap=["http://10.0.0.5:7000"])
     print(model.generate("What is the capital of France?"))
