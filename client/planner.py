@@ -69,8 +69,10 @@ class Planner:
         *,
         claims: Callable[[PeerRecord], float] = claimed_throughput,
         clock: Callable[[], float] = time.monotonic,
+        model_name: str = "",
     ) -> None:
         self.model_digest = model_digest
+        self.model_name = model_name or model_digest  # for messages: the fingerprint's readable name
         self.num_layers = num_layers
         self.discovery = discovery
         self.config = config
@@ -123,7 +125,7 @@ class Planner:
         """The best route over blocks [start, end) (default: all) avoiding `exclude` and, where possible, banned peers."""
         candidates = self.candidates()
         if not candidates:
-            raise NoRoute(f"no peer serves model {self.model_digest}{self._served_elsewhere()}")
+            raise NoRoute(f"no peer serves model {self.model_name}{self._served_elsewhere()}")
         return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
 
     def plan_routes(self, count: int) -> list[Route]:

@@ -72,7 +72,7 @@ class SwarmModel:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
             self.head: Head = load_head(checkpoint, dtype)
-        self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims)
+        self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
 
     @property
     def discovery(self) -> DiscoveryOptions:
