@@ -1,12 +1,12 @@
-"""Soak: 8 clients generating for 2 minutes while a node is killed and restarted every 20 s.
+"""Soak: 8 clients generating while a node is killed and restarted, 6 times, at most every 20 s.
 
 The swarm and the load are `tests/soak.py` (five nodes, every block served at
 least twice). Reports requests done, requests failed (the aim is none),
 failovers by kind (splice: only the dead hop's blocks moved; reroute: a whole
-new route), and each node's resident memory since its start and per half of its
+new route), how long it ran, and each node's resident memory since its start and per half of its
 life (growth in the second half near zero means it levels off).
 
-Run: `python benchmarks/soak.py [--seconds 120] [--clients 8] [--kill-every 20]`.
+Run: `python benchmarks/soak.py [--kills 6] [--clients 8] [--kill-every 20]`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ from tests.soak import SPANS, soak  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--kill-every", type=float, default=20.0)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--kills", type=int, default=6, help="kill-and-restart rounds (default 6)")
+    parser.add_argument("--clients", type=int, default=8, help="clients generating in a loop (default 8)")
+    parser.add_argument("--kill-every", type=float, default=20.0, metavar="SECONDS", help="least time between kills (default 20)")
+    parser.add_argument("--settle", type=int, default=None, help="requests completed after each restart before the next kill (default: --clients)")
+    parser.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (default 900)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per request (default 16)")
     args = parser.parse_args()
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    report = asyncio.run(soak(Path(tempfile.mkdtemp()), args.seconds, args.clients, args.kill_every, args.new_tokens, say))
-    p = {"seconds": args.seconds, "clients": args.clients, "kill_every_s": args.kill_every, "nodes": len(SPANS)}
+    report = asyncio.run(
+        soak(Path(tempfile.mkdtemp()), args.kills, args.clients, args.new_tokens, kill_every=args.kill_every, settle=args.settle, max_seconds=args.max_seconds, say=say)
+    )
+    p = {"kills": args.kills, "clients": args.clients, "kill_every_s": args.kill_every, "nodes": len(SPANS)}
+    emit("soak_seconds", report.seconds, "s", p, human=f"ran {report.seconds:.0f} s{' (timed out)' if report.timed_out else ''}")
     failovers = sum(report.failovers.values())
     emit("soak_requests_done", report.done, "requests", p)
     emit("soak_requests_failed", len(report.failed), "requests", p, human=f"{report.done} requests, {len(report.failed)} failed, {report.kills} kills")

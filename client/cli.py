@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import warnings
+from dataclasses import replace
 
 from swarm.errors import SwarmError
 from swarm.model import DEFAULT_MODEL
@@ -91,15 +92,10 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
 
     from client.swarm import ClientConfig, SwarmModel
 
-    options = _discovery_options(args)
-    return SwarmModel(
-        args.model,
-        bootstrap=bootstrap if bootstrap is not None else options.bootstrap,
-        mdns=args.mdns,
-        mdns_interfaces=args.mdns_interface,
-        config=ClientConfig(wire_dtype=args.wire_dtype),
-        dtype=getattr(torch, args.dtype),
-    )
+    options = _discovery_options(args)  # all of it (--wait too), not only the bootstrap list
+    if bootstrap is not None:
+        options = replace(options, bootstrap=tuple(bootstrap))
+    return SwarmModel(args.model, discovery=options, config=ClientConfig(wire_dtype=args.wire_dtype), dtype=getattr(torch, args.dtype))
 
 
 def _print_stream(args: argparse.Namespace, pieces) -> int:

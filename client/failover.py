@@ -15,6 +15,12 @@ A one-token step gets a deadline derived from this session's measured step
 time, so a node that hangs or is cut off is noticed in about `deadline_factor`
 steps' time rather than at a fixed timeout. Greedy output matches a run without
 the failure up to float rounding (a prefill sums in another order than steps).
+
+Every one-token step is also a measurement: its wall time and each hop's
+reported model time go to the `Planner`, which ranks peers by them; a hop that
+fails is banned there (client/measure.py), so later generations avoid it too.
+Planning and opening sessions live in client/planner.py, which this module and
+client/swarm.py both use.
 """
 
 from __future__ import annotations
@@ -23,17 +29,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 import torch
 
+from client.planner import Planner, failed_hop
 from client.session import RemoteHop, RouteSession, at_hop
 from swarm.errors import NoRoute, ShuttingDown, SwarmError, TransientError
-
-if TYPE_CHECKING:
-    from client.swarm import SwarmModel
-    from swarm.routing import Route
+from swarm.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +55,11 @@ class Failover:
 class FailoverBlocks:
     """All blocks of the model for one generation: `await blocks.forward(hidden, position)`."""
 
-    def __init__(self, model: SwarmModel, http: aiohttp.ClientSession, max_length: int, route: Route | None = None) -> None:
-        self.model = model
+    def __init__(self, planner: Planner, http: aiohttp.ClientSession, max_length: int, route: Route | None = None) -> None:
+        self.planner = planner
         self.http = http
         self.max_length = max_length
-        self.config = model.config
+        self.config = planner.config
         self.first_route = route
         self.session: RouteSession | None = None
         self.exclude: set[str] = set()
@@ -70,7 +73,7 @@ class FailoverBlocks:
         return [str(h) for h in self.session.route] if self.session else []
 
     async def start(self) -> None:
-        self.session = await self.model.open_session(self.http, self.max_length, self.first_route)
+        self.session = await self.planner.open_session(self.http, self.max_length, self.first_route)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -106,24 +109,31 @@ class FailoverBlocks:
                 if attempt == self.config.max_attempts:
                     raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
                 _settle(latest, began)
-                latest = (await self._recover(exc, prefix), began)
+                try:
+                    latest = (await self._recover(exc, prefix), began)
+                except TransientError as why:  # e.g. no bootstrap peer answered: the next attempt tries again
+                    log.info("recovering from %s failed (%s)", exc, why)
                 continue
+            wall = time.perf_counter() - began
             if latest is not None:
                 _settle(latest, time.perf_counter())
             elif send.shape[0] == 1:
-                self.step_times.append(time.perf_counter() - began)
+                self.step_times.append(wall)
+                self.planner.record_step(self.session.route, self.session.compute_ms, wall)
             self.prefix = torch.cat([prefix, hidden])
             return out
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def _recover(self, exc: TransientError, prefix: torch.Tensor) -> Failover:
         """Route around the hop `exc` names: splice a sub-route in where possible, else re-route."""
-        hop = exc.hop if isinstance(exc.hop, RemoteHop) else None
+        hop = failed_hop(exc)
         if hop is not None and hop.peer_id:
             self.exclude.add(hop.peer_id)
+        self.planner.penalize(exc)
         log.info("routing around %s: %s", hop, exc)
         if hop is not None and hop in self.session.route:
             for _ in range(self.config.max_attempts):
+                hops: list[RemoteHop] = []  # planning itself may fail, before any hop is chosen
                 try:
                     hops = await self._plan_hops(hop)
                     await self.session.replace(hop, hops, prefix)
@@ -132,13 +142,15 @@ class FailoverBlocks:
                     log.info("no replacement for %s alone (%s); planning a whole new route", hop, why)
                     break
                 except TransientError as why:
-                    if isinstance(why.hop, RemoteHop) and why.hop.peer_id:
-                        self.exclude.add(why.hop.peer_id)
-                    if why.hop not in hops:  # a hop we meant to keep failed too
-                        log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, why.hop, why)
+                    culprit = failed_hop(why)
+                    if culprit is not None and culprit.peer_id:
+                        self.exclude.add(culprit.peer_id)
+                    self.planner.penalize(why)
+                    if culprit is None or culprit not in hops:  # planning failed, or a hop we meant to keep failed too
+                        log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, culprit, why)
                         break
-                    log.info("replacement %s for %s refused (%s); trying another", why.hop, hop, why)
-        session = await self.model.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
+                    log.info("replacement %s for %s refused (%s); trying another", culprit, hop, why)
+        session = await self.planner.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
         self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
         self.session = session
         return self._record(Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route)))
@@ -150,12 +162,12 @@ class FailoverBlocks:
     async def _plan_hops(self, hop: RemoteHop) -> list[RemoteHop]:
         """A sub-route for `hop`'s blocks, from a view re-read when stale (records expire
         during a long generation) and once more, fresh, if the view has none."""
-        await self.model.refresh(self.http)
+        await self.planner.refresh(self.http)
         try:
-            return self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+            return self.planner.plan_hops(frozenset(self.exclude), hop.start, hop.end)
         except NoRoute:
-            await self.model.refresh(self.http, force=True)
-            return self.model.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+            await self.planner.refresh(self.http, force=True)
+            return self.planner.plan_hops(frozenset(self.exclude), hop.start, hop.end)
 
 
 def _settle(latest: tuple[Failover, float] | None, now: float) -> None:

@@ -2,15 +2,21 @@
 
 A bootstrap peer and five nodes (every block served at least twice: [0,15) x2,
 [15,30) x2, [0,30)), N clients each generating short greedy replies in a loop
-for the whole run, and every `kill_every` seconds one node (in turn) is
-SIGKILLed and started again with the same identity. Used at full length by
-`benchmarks/soak.py` and shortened by `tests/test_soak.py`.
+for the whole run, and `kills` times one node (in turn) is SIGKILLed and
+started again with the same identity. The run is driven by events, not by the
+clock: a kill comes once `kill_every` seconds have passed since the previous
+one *and* the clients completed `settle` requests since the previous node came
+back; after the last kill the run ends once `settle` more requests completed.
+So every kill is followed by service on a busy machine as on a quiet one, and
+`max_seconds` is only a bound for a swarm that stopped answering. Used at full
+length by `benchmarks/soak.py` and shortened by `tests/test_soak.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,6 +41,8 @@ class SoakReport:
     failed: list[str] = field(default_factory=list)  # "ErrorType: message" per failed request
     failovers: collections.Counter = field(default_factory=collections.Counter)  # how ("splice", "reroute") -> count
     kills: int = 0
+    timed_out: bool = False  # max_seconds passed before every kill was made and followed by requests
+    seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # seconds per request
     growth: dict[str, int] = field(default_factory=dict)  # peer -> resident bytes gained since its (re)start
     samples: dict[str, list[int]] = field(default_factory=dict)  # node process -> resident bytes every SAMPLE_EVERY_S
@@ -52,7 +60,22 @@ def _rss(node: NodeProcess) -> int:
         return 0
 
 
-async def soak(tmp: Path, seconds: float, clients: int, kill_every: float, new_tokens: int, say: Callable[[str], None] = print) -> SoakReport:
+async def soak(
+    tmp: Path,
+    kills: int,
+    clients: int,
+    new_tokens: int,
+    *,
+    kill_every: float = 0.0,
+    settle: int | None = None,
+    max_seconds: float = 600.0,
+    say: Callable[[str], None] = print,
+) -> SoakReport:
+    """`kills` kill-and-restart rounds under `clients` looping clients (see the module docstring).
+
+    `settle` (default: `clients`) requests must complete after each restart before the next kill.
+    """
+    settle = clients if settle is None else settle
     say("starting a bootstrap peer and five nodes ...")
     (bootstrap,) = start_nodes([["--no-model", *PERIOD]], tmp / "b")
     nodes = start_nodes([["--blocks", s, "--bootstrap", bootstrap.url, *PERIOD] for s in SPANS], tmp)
@@ -60,12 +83,15 @@ async def soak(tmp: Path, seconds: float, clients: int, kill_every: float, new_t
     rss_start = {n.peer_id: _rss(n) for n in nodes}
     model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16", refresh_s=1.0))
     report = SoakReport()
-    deadline = time.monotonic() + seconds
+    stop = asyncio.Event()
+    progress = asyncio.Condition()  # notified whenever a request completes
+    began_at = time.monotonic()
+    restarts: list[asyncio.Future] = []
 
     async def client(index: int) -> None:
         prompts = [f"Count from {index} to {index + 5}.", "Name a fruit.", "What is the capital of France?"]
         turn = 0
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             began = time.monotonic()
             try:
                 result = await model.agenerate(prompts[turn % len(prompts)], max_new_tokens=new_tokens)
@@ -75,32 +101,60 @@ async def soak(tmp: Path, seconds: float, clients: int, kill_every: float, new_t
                 report.done += 1
                 report.failovers.update(f.how for f in result.stats.failovers)
                 report.latencies.append(time.monotonic() - began)
+            async with progress:
+                progress.notify_all()
             turn += 1
 
+    async def served(count: int) -> None:
+        """Until `count` more requests (done or failed) have completed."""
+        target = report.done + len(report.failed) + count
+        async with progress:
+            await progress.wait_for(lambda: report.done + len(report.failed) >= target)
+
     async def sample() -> None:
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             for node in nodes:
                 if rss := _rss(node) if node.proc.poll() is None else 0:  # a killed process has no memory to show
                     report.samples.setdefault(f"{node.peer_id}:{node.proc.pid}", []).append(rss)
-            await asyncio.sleep(SAMPLE_EVERY_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
 
     async def chaos() -> None:
-        while time.monotonic() + kill_every < deadline:
-            await asyncio.sleep(kill_every)
+        await served(settle)  # every client is up and answering
+        last_kill = time.monotonic()
+        for _ in range(kills):
+            await asyncio.sleep(max(0.0, last_kill + kill_every - time.monotonic()))
             index = KILL_ORDER[report.kills % len(KILL_ORDER)]
             victim = nodes[index]
             say(f"killing {victim.blocks} node {victim.peer_id[:8]} and starting it again")
+            last_kill = time.monotonic()
             victim.kill()
-            (back,) = await asyncio.to_thread(
+            restart = asyncio.ensure_future(asyncio.to_thread(
                 start_nodes, [["--blocks", SPANS[index], "--bootstrap", bootstrap.url, *PERIOD, "--identity", str(keys[index])]], tmp / f"restart{report.kills}"
-            )
+            ))
+            restarts.append(restart)  # a thread cannot be cancelled: if the run times out now, its node is stopped at the end
+            (back,) = await asyncio.shield(restart)
             nodes[index] = back
             rss_start[back.peer_id] = _rss(back)  # a restarted node is measured from its new start
             report.kills += 1
+            await served(settle)
+
+    async def run() -> None:
+        workers = [asyncio.create_task(client(i)) for i in range(clients)] + [asyncio.create_task(sample())]
+        try:
+            await asyncio.wait_for(chaos(), max_seconds)
+        except asyncio.TimeoutError:
+            report.timed_out = True
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
 
     try:
-        await asyncio.gather(chaos(), sample(), *(client(i) for i in range(clients)))
+        await run()
+        report.seconds = time.monotonic() - began_at
         report.growth = {n.peer_id: _rss(n) - rss_start[n.peer_id] for n in nodes if n.peer_id in rss_start}
     finally:
-        stop_nodes([bootstrap, *nodes])
+        started = await asyncio.gather(*restarts, return_exceptions=True)
+        strays = [n for found in started if isinstance(found, list) for n in found if n not in nodes]
+        stop_nodes([bootstrap, *nodes, *strays])
     return report

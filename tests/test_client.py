@@ -7,9 +7,12 @@ and a two-node replica chain [0,15) [15,30).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +112,72 @@ def test_busy_node_is_routed_around(tmp_path, swarm, limit):
         assert not any(busy.peer_id[:8] in hop for hop in result.route)
     finally:
         stop_nodes([busy])
+
+
+@contextlib.contextmanager
+def _cpu_quota(pid: int, percent: int):
+    """Hold process `pid` to `percent` of one CPU (a cgroup v1 or v2 cpu quota): a real slow node."""
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
+    name = f"layerswarm-slow-{os.getpid()}-{pid}"
+    group = v1 / name if (v1 / "cpu.cfs_quota_us").exists() else v2 / name
+    try:
+        group.mkdir()
+        if group.parent == v1:
+            (group / "cpu.cfs_quota_us").write_text(str(1000 * percent))  # per 100 ms period
+        else:
+            (group / "cpu.max").write_text(f"{1000 * percent} 100000")
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        pytest.skip(f"cannot limit a process's CPU here: {exc}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (group.parent / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
+def test_inflated_claim_cannot_keep_the_route_over_measured_peers(tmp_path, client, swarm):
+    """Route hijack, the client half: a real node held to 5% of a CPU (tens of times slower per
+    block) serves all 30 blocks, and its record's throughput is inflated a millionfold through
+    the planner's claims seam. Clamped, the claim buys at most one (short) trial route; once
+    measured, the route follows measured speed and the greedy text equals an undisturbed run's."""
+    bootstrap, _ = swarm
+    prompt = PROMPTS[0]
+    undisturbed = asyncio.run(client.agenerate(prompt, max_new_tokens=NEW_TOKENS))
+    (slow,) = start_nodes([["--blocks", "0:30", "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
+    try:
+        with _cpu_quota(slow.proc.pid, 5):
+            inflate = lambda r: r.throughput * 1e6 if r.peer_id == slow.peer_id else r.throughput  # noqa: E731
+            model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
+            asyncio.run(refresh(model))
+            claimed = {c.peer_id: c.per_block_s for c in model.candidates()}
+            assert claimed[slow.peer_id] >= min(claimed.values()), "a clamped claim is no better than the median by more than the factor"
+            trial = asyncio.run(model.agenerate(prompt, max_new_tokens=2))  # the prefill and one measured step
+            runs = [asyncio.run(model.agenerate(prompt, max_new_tokens=NEW_TOKENS)) for _ in range(2)]
+    finally:
+        stop_nodes([slow])
+    routes = [[hop.split("[")[0] for hop in r.route] for r in (trial, *runs)]
+    measured = model.planner.measurements
+    now = model.planner.clock()
+    speeds = {p: v for p in measured.peers if (v := measured.measured_per_block(p, now)) is not None}
+    print(f"routes {routes}; measured ms/block: " + ", ".join(f"{p[:8]} {v * 1e3:.2f}" for p, v in speeds.items()))
+    assert not any(slow.peer_id.startswith(hop) for hop in routes[1] + routes[2]), routes
+    assert [r.stats.token_ids for r in runs] == [undisturbed.stats.token_ids] * 2
+    if slow.peer_id in speeds:  # it had its trial: measured, it was slower than every honest hop
+        assert speeds[slow.peer_id] > max(v for p, v in speeds.items() if p != slow.peer_id), speeds
+
+
+def test_cli_discovery_options_reach_the_model():
+    """Regression: `--wait` (and the rest of the discovery flags) were dropped: SwarmModel built its own options."""
+    from client.cli import _swarm_model, build_parser
+
+    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25"])
+    model = _swarm_model(args)
+    assert model.discovery.mdns_wait_s == 0.25
+    assert model.discovery.bootstrap == ("http://127.0.0.1:1",) and model.discovery.mdns is not None
+    assert _swarm_model(args, bootstrap=["http://127.0.0.1:2"]).discovery.mdns_wait_s == 0.25
 
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -195,3 +195,99 @@ async def _local(head, span, ids):
     async for _ in stream_tokens(head, LocalBlocks(span, len(ids) + NEW_TOKENS), ids, params, stats):
         pass
     return stats.token_ids
+
+
+# --- pure: FailoverBlocks against a fake planner and fake sessions (no network) --------------
+
+
+class _FakeSession:
+    """A route that fails its next `failures` steps at its first hop, then echoes its input."""
+
+    def __init__(self, hops, failures: int = 0) -> None:
+        self.route = list(hops)
+        self.failures = failures
+        self.compute_ms = [1.0] * len(hops)
+        self.closed = False
+
+    def take_draining(self):
+        return []
+
+    async def forward(self, hidden, start, timeout=None):
+        if self.failures:
+            self.failures -= 1
+            error = PeerUnavailable(f"{self.route[0]} closed the connection")
+            error.hop = self.route[0]
+            raise error
+        return hidden
+
+    async def replace(self, failed, hops, prefix):  # pragma: no cover - planning fails first here
+        raise AssertionError("no splice expected")
+
+    async def close(self):
+        self.closed = True
+
+
+class _FakePlanner:
+    """Planning a sub-route fails as the view cannot be re-read (bootstrap down): a TransientError
+    that names no hop. Whole routes come from `sessions`, in order."""
+
+    def __init__(self, sessions, config) -> None:
+        from swarm.errors import NoRoute
+
+        self.config = config
+        self.sessions = list(sessions)
+        self.penalized: list[BaseException] = []
+        self.steps: list[tuple] = []
+        self._no_route = NoRoute
+
+    async def refresh(self, http, force=False):
+        raise PeerUnavailable("no bootstrap peer answered: http://127.0.0.1:1")
+
+    def plan_hops(self, exclude, start, end):  # pragma: no cover - refresh raises first
+        raise AssertionError("unreachable")
+
+    async def open_session(self, http, max_length, route=None, exclude=frozenset()):
+        if not self.sessions:
+            raise PeerUnavailable("no bootstrap peer answered: http://127.0.0.1:1")
+        return self.sessions.pop(0)
+
+    def penalize(self, error):
+        self.penalized.append(error)
+
+    def record_step(self, route, compute_ms, wall_s):
+        self.steps.append((tuple(route), tuple(compute_ms), wall_s))
+
+
+async def test_recover_survives_planning_that_fails_before_choosing_hops():
+    """Regression: `_recover` read `hops` before assignment when `_plan_hops` raised a
+    TransientError, and the UnboundLocalError killed `swarm chat`. Now it re-routes."""
+    from client.failover import FailoverBlocks
+    from client.planner import ClientConfig
+
+    hops = [RemoteHop("http://127.0.0.1:9", 0, 30, "dead")]
+    first, second = _FakeSession(hops, failures=1), _FakeSession([RemoteHop("http://127.0.0.1:8", 0, 30, "alive")])
+    planner = _FakePlanner([first, second], ClientConfig(max_attempts=3))
+    blocks = FailoverBlocks(planner, None, 16)
+    await blocks.start()
+    x = torch.ones(1, 4)
+    assert torch.equal(await blocks.forward(x, 0), x)
+    assert [f.how for f in blocks.failovers] == ["reroute"]
+    assert blocks.route == ["alive[0:30)"] and blocks.exclude == {"dead"}
+    assert [e.hop.peer_id for e in planner.penalized if e.hop is not None] == ["dead"]
+    await blocks.forward(x, 1)
+    assert [s[0][0].peer_id for s in planner.steps] == ["alive"]  # a clean one-token step is a measurement
+    await blocks.close()
+    assert first.closed
+
+
+async def test_recover_that_keeps_failing_ends_in_a_typed_error():
+    """When neither a splice nor a new route can be had, the user gets NoRoute, not a crash."""
+    from client.failover import FailoverBlocks
+    from client.planner import ClientConfig
+    from swarm.errors import NoRoute
+
+    session = _FakeSession([RemoteHop("http://127.0.0.1:9", 0, 30, "dead")], failures=99)
+    blocks = FailoverBlocks(_FakePlanner([session], ClientConfig(max_attempts=2)), None, 16)
+    await blocks.start()
+    with pytest.raises(NoRoute):
+        await blocks.forward(torch.ones(1, 4), 0)

@@ -1,0 +1,221 @@
+"""Planning routes and opening sessions: what `SwarmModel` and `FailoverBlocks` both need.
+
+A `Planner` owns the client's view of the swarm (records from bootstrap peers and
+mDNS), what the client measured of each peer (`client/measure.py`) and its bans.
+It turns them into routing candidates ranked by measurements rather than by the
+peers' own claims, plans routes and sub-routes, and opens sessions along them,
+planning around hops that refuse. It knows nothing of generation: `SwarmModel`
+(client/swarm.py) and `FailoverBlocks` (client/failover.py) both build on it,
+so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import aiohttp
+
+from client.measure import Measurements, StepHop, TrustConfig
+from client.peers import DiscoveryOptions, SwarmView, discover
+from client.session import RemoteHop, RouteSession, SessionConfig
+from swarm.errors import Busy, NoRoute, ShuttingDown, SwarmError, TransientError
+from swarm.peers import PeerRecord
+from swarm.routing import Candidate, Route, plan_route, plan_routes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    wire_dtype: str = "bfloat16"
+    max_attempts: int = 4  # routes tried when hops refuse (at open, or mid-generation) before giving up
+    min_deadline_s: float = 1.0  # a one-token step is given max(this, deadline_factor x its usual time)
+    deadline_factor: float = 10.0
+    refresh_s: float = 10.0  # re-ask bootstrap peers when the view is older than this
+    rtt_probes: int = 32  # at most this many peers get their round trip measured per refresh
+    session: SessionConfig = field(default_factory=SessionConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+
+
+def claimed_throughput(record: PeerRecord) -> float:
+    """What a record says of its peer's speed (blocks/s): a prior, see client/measure.py."""
+    return record.throughput
+
+
+def failed_hop(error: BaseException) -> RemoteHop | None:
+    """The route hop an error is about, when the session named one."""
+    hop = getattr(error, "hop", None)
+    return hop if isinstance(hop, RemoteHop) else None
+
+
+def is_misbehaviour(error: BaseException) -> bool:
+    """Whether a hop's failure should ban it: everything but saying it is full or leaving."""
+    return isinstance(error, SwarmError) and not isinstance(error, (Busy, ShuttingDown))
+
+
+class Planner:
+    """Routes over the peers serving one model (by fingerprint digest), ranked by measurement."""
+
+    def __init__(
+        self,
+        model_digest: str,
+        num_layers: int,
+        discovery: DiscoveryOptions,
+        config: ClientConfig,
+        *,
+        claims: Callable[[PeerRecord], float] = claimed_throughput,
+        clock: Callable[[], float] = time.monotonic,
+        model_name: str = "",
+    ) -> None:
+        self.model_digest = model_digest
+        self.model_name = model_name or model_digest  # for messages: the fingerprint's readable name
+        self.num_layers = num_layers
+        self.discovery = discovery
+        self.config = config
+        self.claims = claims  # a test seam: what a record claims
+        self.clock = clock
+        self.view = SwarmView()
+        self.measurements = Measurements(config.trust)
+        self._refreshed: float | None = None
+
+    # --- the view ---------------------------------------------------------------------
+
+    async def refresh(self, http: aiohttp.ClientSession, force: bool = False) -> None:
+        """Re-read the swarm when the view is stale (or `force`), and measure new peers' round trips."""
+        if not force and self._refreshed is not None and self.clock() - self._refreshed < self.config.refresh_s:
+            return
+        await discover(http, self.discovery, self.view)
+        self._refreshed = self.clock()
+        mine = [r for r in self.records() if r.span]
+        unmeasured = [r for r in mine if self.measurements.rtt(r.peer_id) is None][: self.config.rtt_probes]
+        rtts = await asyncio.gather(*(_measure_rtt(http, r) for r in unmeasured))
+        for record, rtt in zip(unmeasured, rtts):
+            if rtt is not None:
+                self.measurements.record_rtt(record.peer_id, rtt)
+
+    def records(self) -> list[PeerRecord]:
+        """Live records of peers serving this model."""
+        return [r for r in self.view.table.records(time.time()) if r.model_digest == self.model_digest and r.num_layers == self.num_layers]
+
+    def candidates(self) -> list[Candidate]:
+        """The planner's view of every peer serving this model; speeds as `Measurements.per_block_costs` rules."""
+        records = [r for r in self.records() if r.span is not None]
+        costs = self.measurements.per_block_costs(((r.peer_id, self.claims(r)) for r in records), self.clock())
+        unmeasured_rtt = self.config.trust.unmeasured_rtt_s
+        return [
+            Candidate(
+                peer_id=r.peer_id,
+                start=r.span[0],
+                end=r.span[1],
+                per_block_s=costs[r.peer_id],
+                load=min(1.0, max(0.0, r.load)),
+                rtt_s=rtt if (rtt := self.measurements.rtt(r.peer_id)) is not None else unmeasured_rtt,
+                model=self.model_digest,
+            )
+            for r in records
+        ]
+
+    # --- planning ----------------------------------------------------------------------
+
+    def plan(self, exclude: frozenset[str] = frozenset(), start: int = 0, end: int | None = None) -> Route:
+        """The best route over blocks [start, end) (default: all) avoiding `exclude` and, where possible, banned peers."""
+        candidates = self.candidates()
+        if not candidates:
+            raise NoRoute(f"no peer serves model {self.model_name}{self._served_elsewhere()}")
+        return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
+
+    def plan_routes(self, count: int) -> list[Route]:
+        """`count` routes spread over replicas (see `swarm.routing.plan_routes`)."""
+        candidates = self.candidates()
+        return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, exclude=avoid), frozenset())
+
+    def _unbanned(self, plan, exclude: frozenset[str]):
+        banned = self.measurements.banned(self.clock()) - exclude
+        if banned:
+            try:
+                return plan(exclude | banned)
+            except NoRoute as exc:
+                log.info("banned peers %s are needed for a route (%s); using them", sorted(p[:8] for p in banned), exc)
+        return plan(exclude)
+
+    def _served_elsewhere(self) -> str:
+        others = sorted(
+            {f"{r.model.get('architecture')}-{r.model.get('shape')}-{r.model_digest[:12]}" for r in self.view.table.records(time.time()) if r.model_digest}
+        )
+        return f"; the swarm serves: {', '.join(others)}" if others else ""
+
+    def plan_hops(self, exclude: frozenset[str], start: int, end: int) -> list[RemoteHop]:
+        """Hops to replace a failed one over [start, end); `NoRoute` when the swarm has none."""
+        return self.hops(self.plan(exclude, start, end))
+
+    def hops(self, route: Route) -> list[RemoteHop]:
+        out = []
+        for hop in route.hops:
+            record = self.view.table.get(hop.peer_id)
+            if record is None:
+                raise NoRoute(f"peer {hop.peer_id} left the swarm while planning")
+            out.append(RemoteHop(record.addresses[0], hop.start, hop.end, hop.peer_id))
+        return out
+
+    # --- what the client saw -------------------------------------------------------------
+
+    def record_step(self, route: Sequence[RemoteHop], compute_ms: Sequence[float], wall_s: float) -> None:
+        """A one-token step along `route` took `wall_s`; each hop reported `compute_ms` of model time."""
+        if len(route) != len(compute_ms):
+            return
+        hops = [StepHop(h.peer_id, h.end - h.start, ms / 1e3) for h, ms in zip(route, compute_ms) if h.peer_id]
+        if len(hops) == len(route):
+            self.measurements.record_step(hops, wall_s, self.clock())
+
+    def penalize(self, error: BaseException) -> None:
+        """A hop failed with `error`: ban it if that was misbehaviour (client/measure.py says which)."""
+        hop = failed_hop(error)
+        if hop is None or not hop.peer_id or not is_misbehaviour(error):
+            return
+        seconds = self.measurements.ban(hop.peer_id, f"{getattr(error, 'code', 'error')}: {error}", self.clock())
+        log.info("banning %s for %.0f s: %s", hop, seconds, error)
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def open_session(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset()) -> RouteSession:
+        """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned."""
+        await self.refresh(http, force=bool(exclude))
+        exclude = set(exclude)
+        refusals: list[str] = []
+        last: Exception | None = None
+        session_config = replace(self.config.session, wire_dtype=self.config.wire_dtype)
+        for attempt in range(self.config.max_attempts):
+            try:
+                planned = route if (route is not None and attempt == 0) else self.plan(frozenset(exclude))
+            except NoRoute as exc:
+                if not refusals:
+                    raise
+                raise NoRoute(f"{exc}; refused: {'; '.join(refusals)}") from None
+            session = RouteSession(http, self.hops(planned), self.model_digest, max_length, session_config)
+            try:
+                return await session.__aenter__()
+            except TransientError as exc:
+                last = exc
+                hop = failed_hop(exc)
+                failed = hop.peer_id if hop is not None and hop.peer_id else planned.hops[0].peer_id
+                log.info("route %s refused at %s (%s); planning around it", planned, failed, exc)
+                self.penalize(exc)
+                exclude.add(failed)
+                refusals.append(f"{exc.code}: {exc}")
+                await self.refresh(http, force=True)
+        raise NoRoute(f"no route worked after {self.config.max_attempts} attempts; last error: {last}")
+
+
+async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, timeout: float = 2.0) -> float | None:
+    """Round trip of a small request to the peer (GET /info), or None if it does not answer."""
+    began = time.perf_counter()
+    try:
+        async with http.get(f"{record.addresses[0]}/info", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            await response.read()
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return None
+    return time.perf_counter() - began
