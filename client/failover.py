@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import aiohttp
 import torch
 
-from client.planner import Planner, failed_hop
-from client.session import RemoteHop, RouteSession, at_hop
+from client.planner import Planner
+from client.session import RemoteHop, RouteSession, at_hop, hop_of
 from swarm.errors import NoRoute, ShuttingDown, SwarmError, TransientError
 from swarm.routing import Route
 
@@ -126,7 +126,7 @@ class FailoverBlocks:
 
     async def _recover(self, exc: TransientError, prefix: torch.Tensor) -> Failover:
         """Route around the hop `exc` names: splice a sub-route in where possible, else re-route."""
-        hop = failed_hop(exc)
+        hop = hop_of(exc)
         if hop is not None and hop.peer_id:
             self.exclude.add(hop.peer_id)
         self.planner.penalize(exc)
@@ -142,7 +142,7 @@ class FailoverBlocks:
                     log.info("no replacement for %s alone (%s); planning a whole new route", hop, why)
                     break
                 except TransientError as why:
-                    culprit = failed_hop(why)
+                    culprit = hop_of(why)
                     if culprit is not None and culprit.peer_id:
                         self.exclude.add(culprit.peer_id)
                     self.planner.penalize(why)

@@ -21,7 +21,7 @@ import aiohttp
 
 from client.measure import Measurements, StepHop, TrustConfig
 from client.peers import DiscoveryOptions, SwarmView, discover
-from client.session import RemoteHop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import Busy, NoRoute, ShuttingDown, SwarmError, TransientError
 from swarm.peers import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
@@ -44,12 +44,6 @@ class ClientConfig:
 def claimed_throughput(record: PeerRecord) -> float:
     """What a record says of its peer's speed (blocks/s): a prior, see client/measure.py."""
     return record.throughput
-
-
-def failed_hop(error: BaseException) -> RemoteHop | None:
-    """The route hop an error is about, when the session named one."""
-    hop = getattr(error, "hop", None)
-    return hop if isinstance(hop, RemoteHop) else None
 
 
 def is_misbehaviour(error: BaseException) -> bool:
@@ -173,7 +167,7 @@ class Planner:
 
     def penalize(self, error: BaseException) -> None:
         """A hop failed with `error`: ban it if that was misbehaviour (client/measure.py says which)."""
-        hop = failed_hop(error)
+        hop = hop_of(error)
         if hop is None or not hop.peer_id or not is_misbehaviour(error):
             return
         seconds = self.measurements.ban(hop.peer_id, f"{getattr(error, 'code', 'error')}: {error}", self.clock())
@@ -200,7 +194,7 @@ class Planner:
                 return await session.__aenter__()
             except TransientError as exc:
                 last = exc
-                hop = failed_hop(exc)
+                hop = hop_of(exc)
                 failed = hop.peer_id if hop is not None and hop.peer_id else planned.hops[0].peer_id
                 log.info("route %s refused at %s (%s); planning around it", planned, failed, exc)
                 self.penalize(exc)

@@ -272,7 +272,7 @@ class RouteSession:
         if before is not None:  # last: until now `before` pushed to the old hop, or nowhere
             await self._request(before, Retarget(before.session_id, _address(fresh[0])), Retargeted)
         times.append(time.perf_counter())
-        if self.broken is not None and self.broken.hop not in self.route:
+        if self.broken is not None and hop_of(self.broken) not in self.route:
             self.broken = None  # it was about a hop that is gone now
         phases = " ".join(f"{name} {1e3 * (b - a):.0f} ms" for name, a, b in zip(("boundary", "open", "prefill", "retarget"), times, times[1:]))
         log.info("replaced %s with %s for %d positions: %s", failed, " -> ".join(map(str, hops)), prefix.shape[0], phases)
@@ -392,8 +392,18 @@ def _usable_record(record: PeerRecord, hop: RemoteHop) -> bool:
 
 
 def at_hop(error: SwarmError, hop: RemoteHop) -> SwarmError:
-    error.hop = hop
+    """Mark `error` with the route hop it came from, so failover routes around that hop.
+
+    A client-side annotation on the instance (read back with `hop_of`): the error
+    vocabulary in swarm/errors.py stays free of client objects."""
+    error.hop = hop  # type: ignore[attr-defined]
     return error
+
+
+def hop_of(error: BaseException) -> RemoteHop | None:
+    """The route hop `at_hop` marked `error` with, if any."""
+    hop = getattr(error, "hop", None)
+    return hop if isinstance(hop, RemoteHop) else None
 
 
 def _resolve(future: asyncio.Future | None, value: Any) -> None:

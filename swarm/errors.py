@@ -15,7 +15,6 @@ class SwarmError(Exception):
     """Root of every layerswarm error. `code` is what travels on the wire."""
 
     code = "internal"
-    hop: object | None = None  # the client sets the route hop the error came from, to route around it
 
 
 class TransientError(SwarmError):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.netns import Lan, Lines, lan_factory  # noqa: F401  (lan_factory is a fixture)
+from tests.netns import Lan, Lines
 from tests.nodes import start_nodes, stop_nodes
 
 FLOOD = 3000  # records per target per wave

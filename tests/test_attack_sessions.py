@@ -9,7 +9,6 @@ address, and a client at another address still gets the same greedy tokens.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
@@ -25,7 +24,7 @@ from aiohttp import web
 from client.session import RemoteHop, RouteSession, SessionConfig
 from node.push import check_next_hop
 from swarm import protocol, wire
-from swarm.errors import BadAddress, HopNotProven, PeerUnavailable
+from swarm.errors import BadAddress, HopNotProven
 from swarm.identity import Identity
 from swarm.model import Segment
 from swarm.peers import PeerRecord, PeerTable

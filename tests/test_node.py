@@ -18,7 +18,7 @@ import torch
 
 from client.session import RemoteHop, RouteSession, SessionConfig
 from swarm import wire
-from swarm.errors import BadRequest, Busy, ModelMismatch, PeerUnavailable, ShuttingDown
+from swarm.errors import BadRequest, Busy, ModelMismatch, PeerUnavailable
 from swarm.model import Segment, load_span
 from tests.nodes import start_nodes, stop_nodes
 
