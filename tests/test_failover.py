@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from client.generate import SamplingParams
-from client.session import RemoteHop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import PeerUnavailable
 from swarm.model import Segment
 from tests.netns import Lines
@@ -273,7 +273,7 @@ async def test_recover_survives_planning_that_fails_before_choosing_hops():
     assert torch.equal(await blocks.forward(x, 0), x)
     assert [f.how for f in blocks.failovers] == ["reroute"]
     assert blocks.route == ["alive[0:30)"] and blocks.exclude == {"dead"}
-    assert [e.hop.peer_id for e in planner.penalized if e.hop is not None] == ["dead"]
+    assert [hop_of(e).peer_id for e in planner.penalized if hop_of(e) is not None] == ["dead"]
     await blocks.forward(x, 1)
     assert [s[0][0].peer_id for s in planner.steps] == ["alive"]  # a clean one-token step is a measurement
     await blocks.close()
