@@ -91,9 +91,9 @@ async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
     return info["steps"], info["batches"]
 
 
-async def aggregate(url: str, digest: str, layers: int, hidden: int, sessions: int, seconds: float) -> tuple[float, float]:
+async def aggregate(url: str, peer_id: str, digest: str, layers: int, hidden: int, sessions: int, seconds: float) -> tuple[float, float]:
     """(tokens/s summed over `sessions` concurrent one-token loops through one node, mean batch size)."""
-    hop = [RemoteHop(url, 0, layers)]
+    hop = [RemoteHop(url, 0, layers, peer_id)]
     counts = [0] * sessions
     stop = asyncio.Event()
 
@@ -152,7 +152,7 @@ async def main() -> None:
         base_median, base_p99 = _quantiles(await bare)
         emit("bare_websocket_round_trip_median", base_median * 1e3, "ms", {"steps": args.steps})
         for count in (1, 2):
-            hops = [RemoteHop(n.url, *n.blocks) for n in nodes[:count]]
+            hops = [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes[:count]]  # each hop proves this peer id at open
             per_hop, compute = await overhead(hops, digest, args.steps, hidden)
             median, p99 = _quantiles(per_hop)
             params = {"hops": count, "steps": args.steps, "wire": "float32", "model": model, "device": args.device}
@@ -162,7 +162,7 @@ async def main() -> None:
             emit("hop_overhead_vs_bare_websocket", median / base_median, "ratio", params)
         single = None
         for sessions in (1, 8, 32):
-            rate, batch = await aggregate(nodes[2].url, digest, layers, hidden, sessions, args.seconds)
+            rate, batch = await aggregate(nodes[2].url, nodes[2].peer_id, digest, layers, hidden, sessions, args.seconds)
             single = single or rate
             emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": layers, "model": model, "device": args.device}, device=args.device, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session), mean batch {batch:.1f}")
             emit("mean_batch_size", batch, "sessions", {"sessions": sessions})

@@ -6,6 +6,15 @@ the last. Every hop acknowledges each step to the client, so the client sees at
 once which hop failed. Everything opened is closed on exit, also on errors and
 cancellation.
 
+Every hop proves who it is: `open` carries a fresh nonce, and the hop's `opened`
+must be signed over it by the key whose hash is the peer id the route was
+planned with (`RemoteHop.peer_id`), else the hop is refused with `HopNotProven`
+naming it (failover routes around it). Each hop also gets a secret push token
+at open, which only the hop before it learns (in `next`). The client believes
+a `result` only from the last hop of the chain it sent the step to, an `ack`
+only from a hop of that chain (with that hop's session id), and `opened` /
+`retargeted` only from the hop it asked.
+
 `replace` swaps one failed hop for a new sub-route over the same blocks while
 every other hop keeps its session and KV cache: the prefix is run statelessly
 (POST /forward) through the hops before the gap to get the gap's inputs, the new
@@ -26,7 +35,12 @@ import aiohttp
 import torch
 
 from swarm import wire
-from swarm.errors import BadRequest, PeerUnavailable, SwarmError, error_from_code
+from swarm.errors import BadRequest, HopNotProven, PeerUnavailable, SwarmError, error_from_code
+from swarm.identity import peer_id_from_public_key, verify
+from swarm.peers import PeerRecord, verify_record
+from swarm.protocol import (
+    Ack, Close, Draining, Error, Limits, Message, NextHop, Open, Opened, Result, Retarget, Retargeted, Step, opened_payload, parse,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +52,8 @@ class RemoteHop:
     url: str
     start: int
     end: int
-    peer_id: str = ""
+    peer_id: str = ""  # the hop must prove this identity at open
+    record: PeerRecord | None = field(default=None, compare=False, repr=False)  # its signed record, if discovery has it
 
     def __str__(self) -> str:
         return f"{self.peer_id[:8] or self.url}[{self.start}:{self.end})"
@@ -53,10 +68,15 @@ class SessionConfig:
     close_timeout_s: float = 1.0  # a hop that does not answer our close (cut off, dead) is dropped after this
 
 
-@dataclass
+@dataclass(eq=False)  # identity: hops are told apart by object, never by value
 class _HopState:
     hop: RemoteHop
-    session_id: str
+    session_id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)  # its push token
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # it signs this at open
+    record: PeerRecord | None = field(default=None, repr=False)  # its signed record (from `opened` or discovery)
+    reply: asyncio.Future | None = field(default=None, repr=False)  # the answer awaited from it, if any
+    expect: type[Message] | None = None  # ... and its type
     ws: aiohttp.ClientWebSocketResponse | None = None
     reader: asyncio.Task | None = None
     acked: int = -1  # last step this hop acknowledged
@@ -69,6 +89,7 @@ class _HopState:
 class _Pending:
     step: int
     done: asyncio.Future = field(repr=False)
+    chain: tuple[_HopState, ...] = ()  # the hops this step runs through: acks from these, the result from the last
 
 
 class RouteSession:
@@ -82,10 +103,10 @@ class RouteSession:
         self.model = model
         self.max_length = max_length
         self.config = config or SessionConfig()
-        self.hops = [_HopState(h, secrets.token_urlsafe(12)) for h in hops]
+        self.hops = [_HopState(h, record=h.record) for h in hops]
         self._step = 0
         self._pending: dict[int, _Pending] = {}
-        self._replies: dict[str, asyncio.Future] = {}  # session id -> its awaited "opened"/"retargeted"
+        self._asking: set[_HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
         self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
 
@@ -126,12 +147,14 @@ class RouteSession:
             try:
                 state.ws = await self.http.ws_connect(
                     f"{state.hop.url.rstrip('/')}/session",
-                    max_msg_size=2 * self.config.max_frame,
+                    max_msg_size=self.config.max_frame,
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.config.close_timeout_s),
                 )
             except (aiohttp.ClientError, OSError) as exc:
                 raise at_hop(PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}"), state.hop) from None
+            if state.ws.closed or state.ws.close_code is not None:
+                raise at_hop(PeerUnavailable(f"{state.hop} closed the connection at once"), state.hop)
             state.reader = asyncio.create_task(self._read(state), name=f"session-reader {state.hop}")
 
     async def _open(self, states: Sequence[_HopState], after: _HopState | None) -> None:
@@ -139,32 +162,42 @@ class RouteSession:
         for index in reversed(range(len(states))):
             state = states[index]
             target = states[index + 1] if index + 1 < len(states) else after
-            message = {
-                "type": "open",
-                "session": state.session_id,
-                "blocks": [state.hop.start, state.hop.end],
-                "max_length": self.max_length,
-                "dtype": self.config.wire_dtype,
-                "model": self.model,
-                "next": _address(target),
-            }
-            await self._request(state, message)
+            blocks = (state.hop.start, state.hop.end)
+            message = Open(state.session_id, blocks, self.max_length, self.config.wire_dtype, self.model, state.nonce, state.token, _address(target))
+            opened = await self._request(state, message, Opened)
+            self._check_opened(state, opened)
 
-    async def _request(self, state: _HopState, message: dict[str, Any]) -> None:
-        """Send a control message to one hop and wait for its reply ("opened", "retargeted")."""
-        reply = self._replies[state.session_id] = asyncio.get_running_loop().create_future()
+    def _check_opened(self, state: _HopState, opened: Opened) -> None:
+        """The hop signed our nonce with the key of the peer we routed to, or it is refused."""
+        hop = state.hop
+        blocks = (hop.start, hop.end)
+        if not hop.peer_id or opened.peer_id != hop.peer_id or peer_id_from_public_key(opened.public_key) != hop.peer_id:
+            raise at_hop(HopNotProven(f"{hop} answered with the key of another peer"), hop)
+        if opened.blocks != blocks or not verify(opened.public_key, opened.signature, opened_payload(state.nonce, state.session_id, blocks)):
+            raise at_hop(HopNotProven(f"{hop} did not sign our nonce for its session"), hop)
+        record = opened.record
+        if record is not None and _usable_record(record, hop):
+            state.record = record  # the previous hop needs it to admit this one as its next hop
+
+    async def _request(self, state: _HopState, message: Message, expect: type[Message]) -> Message:
+        """Send a control message to one hop and wait for its reply (`opened`, `retargeted`): only that
+        hop's reply of that type, for that session, counts."""
+        state.reply = asyncio.get_running_loop().create_future()
+        state.expect = expect
+        self._asking.add(state)
         try:
             await self._send(state, message)
-            await reply
+            return await state.reply
         finally:
-            self._replies.pop(state.session_id, None)
+            state.reply, state.expect = None, None
+            self._asking.discard(state)
 
-    async def _send(self, state: _HopState, message: dict[str, Any]) -> None:
+    async def _send(self, state: _HopState, message: Message) -> None:
         # A connection can be closing before its reader has noticed; the write then raises.
         try:
             if state.ws is None or state.ws.closed:
                 raise ConnectionResetError("closed")
-            await state.ws.send_bytes(wire.encode(message))
+            await state.ws.send_bytes(wire.encode(message.to_wire()))
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise at_hop(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
 
@@ -183,9 +216,9 @@ class RouteSession:
         step = self._step
         self._step += 1
         done = asyncio.get_running_loop().create_future()
-        self._pending[step] = _Pending(step, done)
+        self._pending[step] = _Pending(step, done, tuple(chain))
         first = chain[0]
-        message = {"type": "step", "session": first.session_id, "step": step, "position": start, "output": output, "hidden": wire.pack_tensor(hidden, self.config.wire_dtype)}
+        message = Step(first.session_id, step, start, hidden, self.config.wire_dtype, output)
         try:
             await self._send(first, message)
             return await asyncio.wait_for(done, timeout)
@@ -215,7 +248,7 @@ class RouteSession:
             self._retiring.append(asyncio.ensure_future(self._close_hop(old)))  # a dead hop may take a while
         before = self.hops[index - 1] if index > 0 else None
         after = self.hops[index + 1] if index + 1 < len(self.hops) else None
-        fresh = [_HopState(h, secrets.token_urlsafe(12)) for h in hops]
+        fresh = [_HopState(h, record=h.record) for h in hops]
         times = [time.perf_counter()]
         try:
             boundary = prefix
@@ -229,7 +262,7 @@ class RouteSession:
                 await self._run(fresh, boundary, 0, "last", self.config.step_timeout_s)
             times.append(time.perf_counter())
             if after is not None:
-                await self._request(fresh[-1], {"type": "retarget", "session": fresh[-1].session_id, "next": _address(after)})
+                await self._request(fresh[-1], Retarget(fresh[-1].session_id, _address(after)), Retargeted)
         except BaseException:
             for state in fresh:
                 state.retired = True
@@ -237,7 +270,7 @@ class RouteSession:
             raise
         self.hops[index : index + 1] = fresh
         if before is not None:  # last: until now `before` pushed to the old hop, or nowhere
-            await self._request(before, {"type": "retarget", "session": before.session_id, "next": _address(fresh[0])})
+            await self._request(before, Retarget(before.session_id, _address(fresh[0])), Retargeted)
         times.append(time.perf_counter())
         if self.broken is not None and self.broken.hop not in self.route:
             self.broken = None  # it was about a hop that is gone now
@@ -260,54 +293,63 @@ class RouteSession:
 
     async def _read(self, state: _HopState) -> None:
         assert state.ws is not None
+        limits = Limits(max_tokens=self.max_length)
         try:
             async for msg in state.ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
                 try:
-                    self._dispatch(state, wire.decode(msg.data, self.config.max_frame))
-                except SwarmError as exc:
-                    self._fail_all(exc)
-                except (ValueError, TypeError, KeyError) as exc:  # a node that breaks the protocol
-                    self._fail_all(BadRequest(f"{state.hop} sent a malformed message: {type(exc).__name__}"))
+                    self._dispatch(state, parse(wire.decode(msg.data, self.config.max_frame), limits))
+                except SwarmError as exc:  # a node that breaks the protocol: transient, so failover routes around it
+                    if not state.retired:
+                        self._fail_all(at_hop(PeerUnavailable(f"{state.hop} sent a malformed message: {exc}"), state.hop))
         finally:
             if not state.retired and (state.ws.close_code is not None or state.ws.closed):
                 self._fail_all(at_hop(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
 
-    def _dispatch(self, state: _HopState, message: dict[str, Any]) -> None:
+    def _dispatch(self, state: _HopState, message: Message) -> None:
         if state.retired:
             return
-        kind = message["type"]
-        step = message.get("step")
-        if kind in ("opened", "retargeted"):
-            _resolve(self._replies.get(message.get("session")), None)
-        elif kind == "draining":
-            state.draining = True
-        elif kind in ("ack", "result"):
-            state.acked = max(state.acked, int(step))
-            state.compute_ms = float(message.get("compute_ms", 0.0))
-        if kind == "result":
-            pending = self._pending.get(step)
-            if pending:
-                _resolve(pending.done, wire.unpack_tensor(message.get("hidden")))
-        if kind == "error":
-            error = error_from_code(str(message.get("code")), f"{state.hop}: {message.get('message')}")
+        if isinstance(message, (Opened, Retargeted)):
+            # only the reply we asked this hop for, about its own session
+            if state.expect is type(message) and message.session == state.session_id:
+                _resolve(state.reply, message)
+        elif isinstance(message, Draining):
+            if message.session == state.session_id:
+                state.draining = True
+        elif isinstance(message, (Ack, Result)):
+            pending = self._pending.get(message.step)
+            if message.session != state.session_id or pending is None or state not in pending.chain:
+                return  # not a hop this step runs through (or a step no longer awaited)
+            if isinstance(message, Result) and state is not pending.chain[-1]:
+                return  # only the chain's last hop answers with the output
+            state.acked = max(state.acked, message.step)
+            state.compute_ms = message.compute_ms
+            if isinstance(message, Result):
+                _resolve(pending.done, message.hidden)
+        elif isinstance(message, Error):
+            if message.session is not None and message.session != state.session_id:
+                return  # about a session that is not this hop's: not ours to believe
+            error = error_from_code(message.code, f"{state.hop}: {message.message}")
             # the hop to route around: the reporter, or the next hop it could not push to
-            at_hop(error, next((h.hop for h in self.hops if h.hop.url == message.get("hop")), state.hop))
-            reply = self._replies.get(message.get("session"))
-            if reply is not None and not reply.done():
-                _fail(reply, error)
-            elif isinstance(step, int):
+            known = [*self.hops, *self._asking, *(s for p in self._pending.values() for s in p.chain)]
+            blamed = next((h.hop for h in known if message.hop is not None and h.hop.peer_id == message.hop), state.hop)
+            at_hop(error, blamed)
+            if state.reply is not None and not state.reply.done():
+                _fail(state.reply, error)
+            elif message.step is not None:
                 # A step's error fails that step. One no longer awaited is about a step failover
                 # already replaced (a hop before the failed one finishing it late): nothing to do.
-                _fail(self._pending[step].done if step in self._pending else None, error)
+                pending = self._pending.get(message.step)
+                _fail(pending.done if pending is not None and state in pending.chain else None, error)
             else:
                 self._fail_all(error)
 
     def _fail_all(self, error: SwarmError) -> None:
         if self.broken is None:
             self.broken = error
-        for future in list(self._replies.values()) + [p.done for p in self._pending.values()]:
+        replies = [s.reply for s in self._asking if s.reply is not None]
+        for future in replies + [p.done for p in self._pending.values()]:
             _fail(future, error)
 
     async def close(self) -> None:
@@ -318,7 +360,7 @@ class RouteSession:
         ws = state.ws
         if ws is not None and not ws.closed:
             try:
-                await ws.send_bytes(wire.encode({"type": "close", "session": state.session_id}))
+                await ws.send_bytes(wire.encode(Close(state.session_id).to_wire()))
                 await ws.close()
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
@@ -333,9 +375,20 @@ def _check_contiguous(hops: Sequence[RemoteHop], what: str) -> None:
             raise BadRequest(f"{what} is not contiguous: {a} then {b}")
 
 
-def _address(state: _HopState | None) -> dict[str, str] | None:
-    """Where a hop pushes its output: the next hop's session, or None to answer the client."""
-    return {"url": state.hop.url, "session": state.session_id} if state is not None else None
+def _address(state: _HopState | None) -> NextHop | None:
+    """Where a hop pushes its output: the next hop's session, who it is and its token, or None to answer the client."""
+    if state is None:
+        return None
+    return NextHop(state.hop.url.rstrip("/"), state.session_id, state.hop.peer_id, state.token, state.record)
+
+
+def _usable_record(record: PeerRecord, hop: RemoteHop) -> bool:
+    """Whether a hop's own record may be passed on to the hop before it: valid now, its peer, its address."""
+    try:
+        verify_record(record, time.time())
+    except SwarmError:
+        return False
+    return record.peer_id == hop.peer_id and hop.url.rstrip("/") in record.addresses
 
 
 def at_hop(error: SwarmError, hop: RemoteHop) -> SwarmError:

@@ -8,28 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from swarm import wire
+from swarm.protocol import Message
 
 log = logging.getLogger(__name__)
 
 
 class Channel:
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, name: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, name: str, source: str = "") -> None:
         self.ws = ws
         self.name = name
+        self.source = source  # the per-source limits' key of whoever is at the other end (inbound only)
+        self.proved = False  # inbound: this connection already had its one `proof` signed
+        self.last_used = time.monotonic()  # last frame in or out: idle connections are closed
         self._lock = asyncio.Lock()
 
     @property
     def closed(self) -> bool:
         return self.ws.closed
 
-    async def send(self, message: dict[str, Any]) -> bool:
-        frame = wire.encode(message)
+    async def send(self, message: Message | dict[str, Any]) -> bool:
+        frame = wire.encode(message if isinstance(message, dict) else message.to_wire())
         async with self._lock:
             if self.ws.closed:
                 return False
@@ -38,4 +43,5 @@ class Channel:
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
                 log.debug("send to %s failed: %s", self.name, exc)
                 return False
+        self.last_used = time.monotonic()
         return True

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, keep serving open sessions this long while their clients move them elsewhere (default 10)")
     parser.add_argument("--session-timeout", type=float, default=300.0, metavar="SECONDS", help="free an idle session's cache after this (default 300)")
     parser.add_argument("--max-frame", type=parse_size, default=parse_size("64MiB"), metavar="SIZE", help="largest accepted frame (default 64MiB)")
+    parser.add_argument("--max-sockets-per-source", type=int, default=64, metavar="N", help="open /session websockets one address (IPv6: one /64) may hold; more are answered busy (default 64, 0: no limit)")
+    parser.add_argument("--max-sessions-per-source", type=int, default=32, metavar="N", help="open sessions one address may hold; more are answered busy (default 32, 0: no limit)")
+    parser.add_argument("--socket-idle-timeout", type=float, default=120.0, metavar="SECONDS", help="close a /session websocket that owns no session and sent nothing this long (default 120)")
+    parser.add_argument("--unstepped-session-grace", type=float, default=30.0, metavar="SECONDS", help="free a session that was never stepped this long after its open (default 30)")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
@@ -196,7 +200,7 @@ def _blocks_in_memory(args: argparse.Namespace, config) -> int:
 def _node_config(args: argparse.Namespace):
     from node.backend import BackendConfig
     from node.discovery import DiscoveryConfig
-    from node.server import NodeConfig, RebalanceConfig
+    from node.state import NodeConfig, RebalanceConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
 
@@ -212,6 +216,10 @@ def _node_config(args: argparse.Namespace):
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
+        max_sockets_per_source=args.max_sockets_per_source,
+        max_sessions_per_source=args.max_sessions_per_source,
+        socket_idle_timeout_s=args.socket_idle_timeout,
+        unstepped_session_grace_s=args.unstepped_session_grace,
         backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,

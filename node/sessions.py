@@ -1,36 +1,40 @@
-"""The inference sessions a node holds: who owns each, where it pushes, its KV cache."""
+"""The inference sessions a node holds: who owns each, where it pushes, its KV cache and push token."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from dataclasses import dataclass, field
 
 from node.channel import Channel
+from node.limits import Held
 from swarm.errors import BadRequest, SessionNotFound
 from swarm.model.block import KVCache
-
-
-@dataclass(frozen=True)
-class NextHop:
-    url: str
-    session: str
+from swarm.protocol import NextHop
 
 
 @dataclass
 class Session:
     id: str
-    owner: Channel  # the client's websocket: acks, results and errors go here
+    owner: Channel  # the client's websocket: acks, results and errors go here; only it may close or retarget
     blocks: tuple[int, int]
     max_length: int
     wire_dtype: str
-    next_hop: NextHop | None
+    next_hop: NextHop | None  # checked by node/push.py `check_next_hop` before it is set
     cache: KVCache
-    newest_step: int = -1  # highest step number run so far
+    push_token: str = field(repr=False)  # the previous hop must present it with every pushed step
+    hold: Held | None = None  # this session's place in its source's session count
+    newest_step: int = -1  # highest step number run so far (-1: never stepped)
+    opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
+
+    def may_push(self, token: str | None) -> bool:
+        """Whether a step carrying `token` may come from someone other than the owner (constant time)."""
+        return token is not None and hmac.compare_digest(token.encode(), self.push_token.encode())
 
 
 class Sessions:
@@ -70,6 +74,13 @@ class Sessions:
     def owned_by(self, owner: Channel) -> list[Session]:
         return [s for s in self._by_id.values() if s.owner is owner]
 
-    def idle(self, timeout_s: float, now: float | None = None) -> list[Session]:
+    def expired(self, timeout_s: float, grace_s: float, now: float | None = None) -> list[tuple[Session, str]]:
+        """Sessions to free, with why: idle for `timeout_s`, or never stepped within `grace_s` of opening."""
         now = time.monotonic() if now is None else now
-        return [s for s in self._by_id.values() if now - s.last_active > timeout_s]
+        out = []
+        for s in self._by_id.values():
+            if s.newest_step < 0 and now - s.opened_at > grace_s:
+                out.append((s, f"was never stepped within {grace_s:g} s of opening"))
+            elif now - s.last_active > timeout_s:
+                out.append((s, f"expired after {timeout_s:g} s idle"))
+        return out

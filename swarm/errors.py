@@ -126,6 +126,29 @@ class SignatureInvalid(SwarmError):
     code = "signature_invalid"
 
 
+# --- sessions as capabilities, hops that prove who they are ------------------------------
+
+
+class NotPermitted(BadRequest):
+    """A frame about a session from someone who may not send it: `close`/`retarget` from anyone
+    but the owner, a pushed step without the session's push token, a second `prove`."""
+
+    code = "not_permitted"
+
+
+class BadAddress(BadRequest):
+    """A next hop that is not a bare http(s)://host:port URL of a peer proven to serve the next blocks."""
+
+    code = "bad_address"
+
+
+class HopNotProven(TransientError):
+    """A hop (or a node's next hop) that did not prove it holds the key of the peer it was routed
+    to: a wrong key, a bad signature, no answer to the challenge. Route around it."""
+
+    code = "hop_not_proven"
+
+
 # --- identity and peer records ---------------------------------------------------------
 
 

@@ -7,17 +7,24 @@ they are unpacked, and every field a peer sends is checked here, at the edge,
 with a typed error (never an assert): a bad frame costs its sender an error
 reply, never the node.
 
-Message types (fields beyond `type` and `v`):
+Message types (fields beyond `type` and `v`), as typed classes in swarm/protocol.py,
+whose `from_wire` checks a whole message before anything acts on it:
 
-    open     session, blocks [i, j], max_length, dtype, model, next? {url, session}
-    opened   session, blocks, max_length
-    step     session, step, position, hidden (tensor [T, D]), output? ("all" | "last")
-    ack      session, step, blocks, compute_ms, queue_ms, batch   (every hop -> session owner)
-    result   session, step, blocks, compute_ms, queue_ms, batch, hidden   (last hop -> owner)
-    close    session
-    closed   session
-    error    code, message, session?, step?
-    forward  blocks [i, j], model, hidden              (POST /forward, stateless)
+    open       session, blocks [i, j], max_length, dtype, model, nonce (bytes), token (this hop's push token),
+               next? {url, session, peer_id, token, record? (the next hop's signed peer record)}
+    opened     session, blocks, max_length, peer_id, public_key, signature (over the tagged nonce, session, blocks), record?
+    step       session, step, position, hidden (tensor [T, D]), output? ("all" | "last"), token? (on a push)
+    ack        session, step, blocks, compute_ms, queue_ms, batch   (every hop -> session owner)
+    result     session, step, blocks, compute_ms, queue_ms, batch, hidden   (last hop -> owner)
+    retarget   session, next? (as in open)                         (owner only)
+    retargeted session
+    close      session                                             (owner only)
+    closed     session
+    draining   session                                             (node -> owner: move the session)
+    error      code, message, session?, step?, hop? (peer id of the next hop at fault)
+    prove      nonce                                               (pushing node -> next hop, once per connection)
+    proof      peer_id, public_key, signature (over the tagged nonce)
+    forward    blocks [i, j], model, hidden              (POST /forward, stateless)
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 
 import aiohttp
 import msgpack
@@ -133,7 +134,14 @@ class Raw:
         return await self.recv()
 
     async def open(self, session: str, digest: str, blocks=(0, 10), max_length: int = 16, **extra) -> dict:
-        return await self.ask({"type": "open", "session": session, "blocks": list(blocks), "max_length": max_length, "dtype": "float32", "model": digest, **extra})
+        return await self.ask(open_message(session, digest, blocks, max_length, **extra))
+
+
+def open_message(session: str, digest: str, blocks=(0, 10), max_length: int = 16, **extra) -> dict:
+    return {
+        "type": "open", "session": session, "blocks": list(blocks), "max_length": max_length, "dtype": "float32", "model": digest,
+        "nonce": secrets.token_bytes(16), "token": secrets.token_urlsafe(16), **extra,
+    }  # fmt: skip
 
 
 def _step(session: str, position: int, hidden: torch.Tensor, step: int = 0, **extra) -> dict:
@@ -164,17 +172,20 @@ def _bad_inputs(digest: str):
     yield _step("never-opened", 0, X), "session_not_found"
     yield _step("bad", 5, X), "bad_position"  # skips ahead of the empty cache
     yield _step("bad", -1, X), "bad_request"  # rewinds before the start
-    yield _step("bad", 0, torch.randn(17, 576)), "bad_request"  # more tokens than max_length 16
+    yield _step("bad", 0, torch.randn(17, 576)), "length_exceeded"  # more tokens than max_length 16
     yield _step("bad", 10, torch.randn(1, 576)), "bad_position"
     yield {"type": "retarget", "session": "never-opened", "next": None}, "session_not_found"
     yield {"type": "retarget", "session": "bad", "next": "http://elsewhere"}, "bad_request"
-    yield {"type": "retarget", "session": "bad", "next": {"url": "file:///etc/passwd", "session": "s"}}, "bad_request"
-    yield {"type": "open", "session": "bad2", "blocks": [5, 15], "max_length": 8, "dtype": "float32", "model": digest}, "bad_span"
-    yield {"type": "open", "session": "bad3", "blocks": [0, 10], "max_length": 8, "dtype": "float32", "model": "0" * 32}, "model_mismatch"
-    yield {"type": "open", "session": "bad4", "blocks": [0, 10], "max_length": 8, "dtype": "int4", "model": digest}, "bad_request"
-    yield {"type": "open", "session": "bad5", "blocks": [0, 10], "max_length": 8192, "dtype": "float32", "model": digest}, "busy"  # KV budget
-    yield {"type": "open", "session": "bad", "blocks": [0, 10], "max_length": 8, "dtype": "float32", "model": digest}, "bad_request"  # already open
-    yield wire.encode({"type": "step", "session": "bad", "pad": b"\x00" * (1024 * 1024 + 10)}), "frame_too_large"
+    yield {"type": "retarget", "session": "bad", "next": {"url": "file:///etc/passwd", "session": "s", "peer_id": "a" * 32, "token": "t" * 16}}, "bad_address"
+    yield open_message("bad2", digest, (5, 15), 8), "bad_span"
+    yield open_message("bad3", "0" * 32, (0, 10), 8), "model_mismatch"
+    yield open_message("bad4", digest, (0, 10), 8, dtype="int4"), "bad_request"
+    yield open_message("bad5", digest, (0, 10), 8192), "busy"  # KV budget
+    yield open_message("bad6", digest, (0, 10), 8, nonce=b"short"), "bad_request"
+    yield open_message("bad7", digest, (0, 10), 8, token="short"), "bad_request"
+    yield open_message("bad", digest, (0, 10), 8), "bad_request"  # already open
+    yield {"type": "prove", "nonce": b"n" * 16}, "proof"  # anyone may ask a node to prove its key, once per connection
+    yield {"type": "prove", "nonce": b"n" * 16}, "not_permitted"
 
 
 async def test_bad_inputs_get_typed_errors_and_disturb_nobody(swarm_nodes, local_spans, digest):
@@ -187,10 +198,13 @@ async def test_bad_inputs_get_typed_errors_and_disturb_nobody(swarm_nodes, local
         assert (await bad.open("bad", digest))["type"] == "opened"
         for index, (message, code) in enumerate(_bad_inputs(digest)):
             reply = await bad.ask(message)
+            if code == "proof":
+                assert reply["type"] == "proof" and reply["peer_id"] == node.peer_id
+                continue
             assert reply["type"] == "error" and reply["code"] == code, (index, reply)
             assert reply["message"]
         # only a session's owner may redirect its output
-        assert (await healthy.ask({"type": "retarget", "session": "bad", "next": None}))["code"] == "bad_request"
+        assert (await healthy.ask({"type": "retarget", "session": "bad", "next": None}))["code"] == "not_permitted"
         assert (await bad.ask({"type": "retarget", "session": "bad", "next": None}))["type"] == "retargeted"
         # the bad connection still works, and so does the healthy session next door
         assert (await bad.ask(_step("bad", 0, X)))["type"] == "result"
@@ -204,6 +218,13 @@ async def test_bad_inputs_get_typed_errors_and_disturb_nobody(swarm_nodes, local
         assert closed["type"] == "closed"
         reply = await bad.ask(_step("bad", 1, X))
         assert reply["code"] == "session_not_found"
+        # a frame over the limit is cut while it is read: the connection closes with 1009
+        await bad.send(wire.encode({"type": "step", "session": "bad", "pad": b"\x00" * (1024 * 1024 + 10)}))
+        closing = await bad.ws.receive()
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and bad.ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # and the healthy session next door still works
+        third = await healthy.ask(_step("healthy", 2, X, step=2))
+        assert third["type"] == "result"
 
 
 async def test_too_many_sessions_is_busy_and_a_dropped_connection_frees_them(swarm_nodes, digest):
@@ -240,7 +261,7 @@ async def test_route_session_raises_typed_errors(swarm_nodes, digest):
         with pytest.raises(BadRequest, match="not contiguous"):
             RouteSession(http, [hops[0], hops[2]], digest, 16)
         with pytest.raises(PeerUnavailable):
-            async with RouteSession(http, [RemoteHop("http://127.0.0.1:1", 0, 30)], digest, 16):
+            async with RouteSession(http, [RemoteHop("http://127.0.0.1:1", 0, 30, hops[0].peer_id)], digest, 16):
                 pass
 
 

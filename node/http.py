@@ -1,0 +1,71 @@
+"""The node's plain-HTTP routes: `GET /info` and the stateless `POST /forward`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from node.state import STATE, NodeState
+from swarm import wire
+from swarm.errors import (
+    BadRequest,
+    BadSpan,
+    Busy,
+    FrameTooLarge,
+    ModelMismatch,
+    SessionNotFound,
+    ShuttingDown,
+    SwarmError,
+)
+
+# HTTP status for each error class on the plain-HTTP routes (most specific first)
+_HTTP_STATUS = (
+    (FrameTooLarge, 413),
+    (ModelMismatch, 409),
+    (SessionNotFound, 404),
+    (Busy, 503),
+    (ShuttingDown, 503),
+    (BadRequest, 400),
+    (BadSpan, 400),
+)
+
+
+async def get_info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].info())
+
+
+async def post_forward(request: web.Request) -> web.Response:
+    """Stateless forward of hidden states through a sub-span (prefill-only work, verification)."""
+    state = request.app[STATE]
+    try:
+        if request.content_length is None or request.content_length > state.config.max_frame:
+            raise FrameTooLarge(f"body must have a Content-Length of at most {state.config.max_frame} bytes")
+        if state.phase.leaving:
+            raise ShuttingDown("node is shutting down")
+        message = wire.decode(await request.read(), state.config.max_frame)
+        if message["type"] != "forward":
+            raise BadRequest(f"POST /forward takes a 'forward' message, not {message['type']!r}")
+        span = state.span
+        check_model(state, message)
+        blocks = wire.block_range(message)
+        state.backend.check_blocks(blocks)
+        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=span.config.hidden_size, max_tokens=state.backend.max_length)
+        out = await state.backend.forward(blocks, hidden)
+        dtype = message["hidden"]["dtype"]
+        body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
+        return web.Response(body=body, content_type="application/msgpack")
+    except SwarmError as exc:
+        return error_response(exc)
+
+
+def error_response(exc: SwarmError) -> web.Response:
+    status = next((code for cls, code in _HTTP_STATUS if isinstance(exc, cls)), 500)
+    return web.Response(status=status, body=wire.encode(wire.error_message(exc)), content_type="application/msgpack")
+
+
+def check_model(state: NodeState, message: dict[str, Any]) -> None:
+    state.span  # noqa: B018 - raises BadSpan on a node that holds no blocks (and has no model)
+    model = wire.field(message, "model", str)
+    if model != state.fingerprint.digest:
+        raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {model}")

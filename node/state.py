@@ -1,0 +1,194 @@
+"""What a node's handlers share: its configuration, its phase, its sessions and peers, and `/info`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable
+
+from aiohttp import web
+
+from node.backend import Backend, BackendConfig
+from node.discovery import DiscoveryConfig, NodeDiscovery
+from node.channel import Channel
+from node.limits import SourceLimit
+from node.push import PushConfig, PushPool
+from node.sessions import Sessions
+from swarm import wire
+from swarm.discovery.mdns import Advert
+from swarm.errors import BadSpan
+from swarm.identity import Identity
+from swarm.model import ModelFingerprint, Span
+from swarm.peers import PeerRecord, PeerTable
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    """`--blocks auto`: move to where the swarm is weakest, at most every `dwell_s`."""
+
+    period_s: float = 30.0  # how often coverage is checked
+    dwell_s: float = 120.0  # no move sooner than this after starting or the last move
+    margin: float = 0.2  # a move must raise the bottleneck by more than this (relative)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    public_url: str | None = None  # what peers dial; default http://host:port
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    session_timeout_s: float = 300.0  # an idle session's cache is freed after this
+    drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
+    shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
+    # --- per-source limits on /session (a source: an IPv4 address or an IPv6 /64) ---
+    max_sockets_per_source: int = 64  # open /session websockets; beyond: `busy`, then close 1013 (0: no limit)
+    max_sessions_per_source: int = 32  # open sessions; beyond: `busy` (0: no limit)
+    socket_idle_timeout_s: float = 120.0  # a /session websocket that owns no session and sends nothing this long is closed
+    unstepped_session_grace_s: float = 30.0  # a session never stepped is freed this long after its open
+    push: PushConfig = field(default_factory=PushConfig)  # outbound connections to next hops
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
+
+
+class Phase(enum.Enum):
+    """Where a node is in its life. Only ever moves forward, except MOVING -> SERVING."""
+
+    SERVING = "serving"
+    MOVING = "moving"  # between spans: sessions are moved off, new ones refused as busy
+    DRAINING = "draining"  # SIGTERM: new sessions and forwards refused, open sessions still step
+    CLOSING = "closing"  # past the drain: steps from clients refused too, steps in flight finish
+
+    @property
+    def leaving(self) -> bool:
+        return self in (Phase.DRAINING, Phase.CLOSING)
+
+
+@dataclass
+class NodeState:
+    """Everything the handlers share; built once by `serve`, owned by the app."""
+
+    config: NodeConfig
+    identity: Identity
+    fingerprint: ModelFingerprint | None  # None with the backend: a bootstrap peer that holds no blocks
+    backend: Backend | None
+    push: PushPool
+    url: str = ""
+    table: PeerTable = field(default_factory=PeerTable)
+    discovery: NodeDiscovery | None = None
+    sessions: Sessions = field(default_factory=Sessions)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    channels: set[Channel] = field(default_factory=set)  # inbound /session connections (idle ones are closed)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # service tasks (reaper, discovery)
+    step_tasks: set[asyncio.Task] = field(default_factory=set)  # steps computing or being delivered
+    phase: Phase = Phase.SERVING
+    moves: int = 0
+    sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
+    started: float = field(default_factory=time.time)
+    socket_limit: SourceLimit = field(init=False)  # open /session websockets per source
+    session_limit: SourceLimit = field(init=False)  # open sessions per source
+
+    def __post_init__(self) -> None:
+        self.socket_limit = SourceLimit(self.config.max_sockets_per_source, "connections")
+        self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
+
+    @property
+    def span(self) -> Span:
+        """The blocks served; `BadSpan` on a bootstrap peer, which serves none."""
+        if self.backend is None:
+            raise BadSpan("this node serves no blocks (it is a bootstrap peer)")
+        return self.backend.span
+
+    def spawn(self, coro: Awaitable[Any], name: str, step: bool = False) -> None:
+        owner = self.step_tasks if step else self.tasks
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        owner.add(task)
+        task.add_done_callback(owner.discard)
+
+    def record(self, leaving: bool = False) -> PeerRecord:
+        """This node's signed record, fresh; `leaving` makes the tombstone a graceful exit publishes."""
+        backend, ttl = self.backend, self.config.discovery.gossip.record_ttl_s
+        common = dict(addresses=(self.url,), now=time.time(), ttl=ttl, leaving=leaving)
+        if backend is None:
+            return PeerRecord.create(self.identity, **common)
+        span = backend.span
+        return PeerRecord.create(
+            self.identity,
+            **common,
+            model=self.fingerprint.to_dict(),
+            num_layers=span.config.num_layers,
+            span=(span.start, span.end),
+            throughput=backend.throughput,
+            load=min(1.0, backend.load),
+            free_kv_bytes=max(0, backend.kv_free),
+        )
+
+    def advert(self, port: int) -> Advert:
+        backend = self.backend
+        span = (backend.span.start, backend.span.end) if backend else None
+        return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
+
+    def limits(self) -> dict[str, Any]:
+        """The /session and push limits, for `/info`."""
+        config = self.config
+        return {
+            "max_frame": config.max_frame,
+            "max_sockets_per_source": config.max_sockets_per_source,
+            "max_sessions_per_source": config.max_sessions_per_source,
+            "socket_idle_timeout_s": config.socket_idle_timeout_s,
+            "unstepped_session_grace_s": config.unstepped_session_grace_s,
+            "session_timeout_s": config.session_timeout_s,
+            "push_connect_timeout_s": config.push.connect_timeout_s,
+            "push_limit_per_host": config.push.limit_per_host,
+            "push_max_channels": config.push.max_channels,
+            "push_idle_s": config.push.idle_s,
+        }
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "peer_id": self.identity.peer_id,
+            "public_key": self.identity.public_key_bytes.hex(),
+            "url": self.url,
+            "protocol": wire.PROTOCOL_VERSION,
+            "peers": len(self.table),
+            "phase": self.phase.value,
+            "shutting_down": self.phase.leaving,
+            "moving": self.phase is Phase.MOVING,
+            "moves": self.moves,
+            "uptime_s": time.time() - self.started,
+            "record": base64.b64encode(self.record().to_bytes()).decode(),
+            "limits": self.limits(),
+            "model": None,
+            "span": None,
+        }
+        backend = self.backend
+        if backend is None:
+            return info
+        span = backend.span
+        return {
+            **info,
+            "model": self.fingerprint.to_dict(),
+            "model_id": str(self.fingerprint),
+            "num_layers": span.config.num_layers,
+            "hidden_size": span.config.hidden_size,
+            "span": [span.start, span.end],
+            "dtype": str(span.dtype).removeprefix("torch."),
+            "device": str(span.device),
+            "throughput": backend.throughput,
+            "load": backend.load,
+            "sessions": backend.sessions,
+            "sessions_opened": self.sessions_opened,
+            "max_sessions": backend.config.max_sessions,
+            "max_length": backend.max_length,
+            "kv_free_bytes": backend.kv_free,
+            "kv_total_bytes": backend.config.kv_memory_bytes,
+            "steps": backend.steps_done,
+            "batches": backend.batches_done,
+        }
+
+
+STATE = web.AppKey("state", NodeState)
