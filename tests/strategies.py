@@ -7,6 +7,7 @@ a lucky draw) and never write a hypothesis database into the checkout.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -132,3 +133,34 @@ def record_fields(draw: st.DrawFn) -> dict[str, Any]:
         end = draw(st.integers(start + 1, num_layers))
         fields.update(model=draw(models), num_layers=num_layers, span=draw(st.none() | st.just((start, end))))
     return fields
+
+
+# --- oracles: what the wire format allows, written from its rules, not from swarm/wire.py ----
+
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def element_values(dtype: str, data: bytes) -> list[float]:
+    """The numbers in `data`, decoded with struct (little-endian, like torch on every host we run)."""
+    if dtype == "float32":
+        return [v for (v,) in struct.iter_unpack("<f", data)]
+    if dtype == "float16":
+        return [v for (v,) in struct.iter_unpack("<e", data)]
+    return [struct.unpack("<f", b"\x00\x00" + data[i : i + 2])[0] for i in range(0, len(data), 2)]  # bfloat16: top half
+
+
+def tensor_oracle(obj: Any, hidden_size: int | None, max_tokens: int | None) -> bool:
+    """Whether `unpack_tensor` must accept `obj`, from the wire contract alone."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("dtype"), str) or obj["dtype"] not in ELEMENT_BYTES:
+        return False
+    shape, data = obj.get("shape"), obj.get("data")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int for n in shape)):
+        return False
+    tokens, width = shape
+    if tokens < 1 or width < 1 or not isinstance(data, bytes):
+        return False
+    if (hidden_size is not None and width != hidden_size) or (max_tokens is not None and tokens > max_tokens):
+        return False
+    if len(data) != tokens * width * ELEMENT_BYTES[obj["dtype"]]:
+        return False
+    return all(math.isfinite(v) for v in element_values(obj["dtype"], data))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -23,8 +24,7 @@ from swarm import protocol, wire
 from swarm.errors import BadRequest, SwarmError
 from swarm.identity import is_peer_id
 from swarm.peers import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
-from tests.strategies import EDGE_INTS, FUZZ, IDENTITIES, SCALARS, fuzz, packable
-from tests.test_fuzz_wire import tensor_oracle
+from tests.strategies import EDGE_INTS, IDENTITIES, SCALARS, fuzz, packable, tensor_oracle
 
 LIMITS = protocol.Limits(hidden_size=8, max_tokens=4)
 

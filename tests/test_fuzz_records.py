@@ -71,9 +71,9 @@ def test_from_bytes_of_arbitrary_bytes_raises_only_swarm_errors(data: bytes) -> 
 @FUZZ
 @given(st.binary(max_size=64).map(lambda head: head + bytes(MAX_RECORD_BYTES + 1 - len(head))))
 def test_oversized_bytes_are_refused_before_decoding(data: bytes) -> None:
-    with mock.patch.object(msgpack, "unpackb", side_effect=AssertionError("decoded an oversized record")):
-        with pytest.raises(RecordRejected) as refused:
-            PeerRecord.from_bytes(data)
+    decoded = AssertionError("decoded an oversized record")
+    with mock.patch.object(msgpack, "unpackb", side_effect=decoded), pytest.raises(RecordRejected) as refused:
+        PeerRecord.from_bytes(data)
     assert refused.value.reason == "oversized"
 
 

@@ -8,7 +8,6 @@ is accepted and nothing valid is refused.
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 from typing import Any
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from swarm import wire
 from swarm.errors import BadRequest, FrameTooLarge, UnsupportedVersion
-from tests.strategies import EDGE_INTS, FUZZ, INT64, SCALARS, fuzz, mutate_bytes, nested, packable
+from tests.strategies import EDGE_INTS, ELEMENT_BYTES, FUZZ, INT64, SCALARS, fuzz, mutate_bytes, nested, packable, tensor_oracle
 
 # --- decode ---------------------------------------------------------------------------------
 
@@ -114,9 +113,9 @@ def test_deep_nesting_is_refused_or_decoded_never_a_recursion_error(depth: int, 
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 63))
 def test_frames_over_the_limit_are_refused_before_unpacking(frame: bytes, limit: int) -> None:
     assume(len(frame) > limit)
-    with mock.patch.object(wire.msgpack, "unpackb", side_effect=AssertionError("unpacked an oversized frame")):
-        with pytest.raises(FrameTooLarge):
-            wire.decode(frame, max_frame=limit)
+    unpacked = AssertionError("unpacked an oversized frame")
+    with mock.patch.object(wire.msgpack, "unpackb", side_effect=unpacked), pytest.raises(FrameTooLarge):
+        wire.decode(frame, max_frame=limit)
 
 
 @FUZZ
@@ -314,35 +313,6 @@ def test_wire_dtype_names_exactly_the_wire_dtypes(name: Any) -> None:
 
 
 # --- tensors ---------------------------------------------------------------------------------
-
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def element_values(dtype: str, data: bytes) -> list[float]:
-    """The numbers in `data`, decoded with struct (little-endian, like torch on every host we run)."""
-    if dtype == "float32":
-        return [v for (v,) in struct.iter_unpack("<f", data)]
-    if dtype == "float16":
-        return [v for (v,) in struct.iter_unpack("<e", data)]
-    return [struct.unpack("<f", b"\x00\x00" + data[i : i + 2])[0] for i in range(0, len(data), 2)]  # bfloat16: top half
-
-
-def tensor_oracle(obj: Any, hidden_size: int | None, max_tokens: int | None) -> bool:
-    """Whether `unpack_tensor` must accept `obj`, from the wire contract alone."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("dtype"), str) or obj["dtype"] not in ELEMENT_BYTES:
-        return False
-    shape, data = obj.get("shape"), obj.get("data")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int for n in shape)):
-        return False
-    tokens, width = shape
-    if tokens < 1 or width < 1 or not isinstance(data, bytes):
-        return False
-    if (hidden_size is not None and width != hidden_size) or (max_tokens is not None and tokens > max_tokens):
-        return False
-    if len(data) != tokens * width * ELEMENT_BYTES[obj["dtype"]]:
-        return False
-    return all(math.isfinite(v) for v in element_values(obj["dtype"], data))
-
 
 @st.composite
 def wire_tensors(draw: st.DrawFn) -> dict[str, Any]:
