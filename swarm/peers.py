@@ -715,8 +715,8 @@ def _check_addresses(addresses: object) -> None:
 
 def is_base_url(address: str) -> bool:
     """"http://host:port" or "https://host:port", nothing more (no user, path, query)."""
-    if not address.isascii() or not address.isprintable() or " " in address:
-        return False
+    if not address.isascii() or not address.isprintable() or " " in address or "?" in address or "#" in address:
+        return False  # '?' and '#' too: urlsplit gives a bare one an empty query or fragment
     try:
         parts = urlsplit(address)
         port = parts.port  # raises ValueError when out of range

@@ -129,13 +129,13 @@ def _bytes(message: Mapping[str, Any], name: str, low: int, high: int) -> bytes:
 
 
 def check_session_id(value: object, name: str = "session") -> str:
-    if not isinstance(value, str) or not _SESSION_ID.match(value):
+    if not isinstance(value, str) or not _SESSION_ID.fullmatch(value):  # match's `$` passes a final newline
         raise BadMessage(f"field '{name}' must be 1-64 characters of letters, digits, '-' or '_'")
     return value
 
 
 def check_token(value: object, name: str = "token") -> str:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise BadMessage(f"field '{name}' must be 16-64 characters of letters, digits, '-' or '_'")
     return value
 

@@ -68,7 +68,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_F
     if not isinstance(message, dict):
         raise BadRequest("frame is not a msgpack map")
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 also == 1
         raise UnsupportedVersion(f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
     if not isinstance(message.get("type"), str):
         raise BadRequest("message has no string 'type'")
@@ -104,7 +104,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def session_id(message: dict[str, Any]) -> str:
     value = field(message, "session", str)
-    if not _SESSION_ID.match(value):
+    if not _SESSION_ID.fullmatch(value):  # match's `$` also matches before a final newline
         raise BadRequest("session id must be 1-64 characters of letters, digits, '-' or '_'")
     return value
 
@@ -158,6 +158,8 @@ def unpack_tensor(obj: object, *, hidden_size: int | None = None, max_tokens: in
     tokens, width = shape
     if tokens < 1:
         raise BadRequest("tensor holds no tokens")
+    if width < 1:  # torch.frombuffer raises ValueError on empty data
+        raise BadRequest("tensor has no hidden width")
     if hidden_size is not None and width != hidden_size:
         raise BadRequest(f"hidden size {width} does not match the model's {hidden_size}")
     if max_tokens is not None and tokens > max_tokens:
