@@ -28,6 +28,7 @@ import aiohttp
 
 from node.channel import Channel
 from swarm import wire
+from swarm.addresses import base_url
 from swarm.errors import BadAddress, HopNotProven, PeerUnavailable, SwarmError
 from swarm.identity import peer_id_from_public_key, verify
 from swarm.peers import PeerRecord, PeerTable, verify_record
@@ -67,7 +68,7 @@ def check_next_hop(next_hop: NextHop, end: int, model_digest: str, num_layers: i
                 continue
         elif not record.is_live(now):
             continue
-        if next_hop.url not in (a.rstrip("/") for a in record.addresses):
+        if next_hop.url not in (base_url(a) for a in record.addresses):
             why = f"peer {next_hop.peer_id} does not list that address"
             continue
         if record.model_digest != model_digest or record.num_layers != num_layers:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 from swarm.errors import AddressRefused
 
 MAX_URL_CHARS = 256
+_HOST_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")  # urlsplit lowercases `hostname`
 
 
 class Reach(enum.Enum):
@@ -95,6 +97,8 @@ def base_url(url: str) -> str:
     host = parts.hostname
     if not host or port is None or port == 0:
         raise AddressRefused("address lacks a host or an explicit port")
+    if not (_HOST_NAME.fullmatch(host) or (":" in host and _ip(host) is not None)):
+        raise AddressRefused("address host is neither a DNS name nor an IP address")
     shown = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown}:{port}"
 

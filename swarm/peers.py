@@ -41,11 +41,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import msgpack
 
-from swarm.errors import RecordRejected, SignatureInvalid, SwarmError
+from swarm.addresses import base_url
+from swarm.errors import AddressRefused, RecordRejected, SignatureInvalid, SwarmError
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, is_peer_id, peer_id_from_public_key, verify
 
 log = logging.getLogger(__name__)
@@ -714,25 +714,12 @@ def _check_addresses(addresses: object) -> None:
 
 
 def is_base_url(address: str) -> bool:
-    """"http://host:port" or "https://host:port", nothing more (no user, path, query)."""
-    if not address.isascii() or not address.isprintable() or " " in address or "?" in address or "#" in address:
-        return False  # '?' and '#' too: urlsplit gives a bare one an empty query or fragment
+    """"http://host:port" or "https://host:port", nothing more (see `swarm.addresses.base_url`)."""
     try:
-        parts = urlsplit(address)
-        port = parts.port  # raises ValueError when out of range
-    except ValueError:
+        base_url(address)
+    except AddressRefused:
         return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and port is not None
-        and port > 0
-        and parts.username is None
-        and parts.password is None
-        and parts.path in ("", "/")
-        and not parts.query
-        and not parts.fragment
-    )
+    return True
 
 
 def _check_model(model: object) -> None:

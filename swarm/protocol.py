@@ -29,13 +29,13 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
-from urllib.parse import urlsplit
 
 import msgpack
 import torch
 
 from swarm import wire
-from swarm.errors import BadAddress, BadRequest, SwarmError
+from swarm.addresses import base_url
+from swarm.errors import AddressRefused, BadAddress, BadRequest, SwarmError
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, is_peer_id
 from swarm.peers import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
 
@@ -169,26 +169,14 @@ def _dtype(message: Mapping[str, Any], name: str = "dtype") -> str:
 
 
 def check_base_url(url: object) -> str:
-    """`url` if it is exactly scheme://host[:port] (http or https), else `BadAddress`.
+    """`url` as a canonical bare http(s)://host:port, else `BadAddress`.
 
-    No path (a trailing "/" is dropped), query, fragment or user info: a node dials
-    `<url>/session` and nothing a stranger can steer."""
-    if not isinstance(url, str) or len(url) > MAX_URL_CHARS:
-        raise BadAddress(f"next hop url must be a string of at most {MAX_URL_CHARS} characters")
-    if not url.isascii() or not url.isprintable() or any(c in url for c in " \\@?#"):
-        raise BadAddress("next hop url must be a bare http(s)://host:port")
+    No path, query, fragment or user info: a node dials `<url>/session` and nothing a
+    stranger can steer (the rules are `swarm.addresses.base_url`'s)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port  # ValueError when out of range
-    except ValueError:
-        raise BadAddress("next hop url has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadAddress("next hop url must be http(s)://host:port")
-    if parts.username is not None or parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise BadAddress("next hop url must have no user, path, query or fragment")
-    if port == 0:
-        raise BadAddress("next hop url has port 0")
-    return url.rstrip("/")
+        return base_url(url)
+    except AddressRefused as why:
+        raise BadAddress(f"next hop url must be a bare http(s)://host:port: {why}") from None
 
 
 # --- payloads that get signed --------------------------------------------------------------
