@@ -339,3 +339,33 @@ def test_per_source_limits_answer_busy_while_another_source_still_generates(lan_
         assert flood.wait(30) == 0
     finally:
         stop_nodes([node])
+
+
+async def test_a_node_on_a_public_address_never_pushes_to_loopback_or_private_addresses(nodes, digest, tmp_path):
+    """Address policy (swarm/addresses.py): a node whose public URL is on the internet refuses a next
+    hop on loopback or a private range, even one with a valid record, before dialling it."""
+    port = _free_port()
+    # The name is never resolved: the policy reads it (a DNS name with a dot is public); we dial 127.0.0.1.
+    (public,) = start_nodes([["--blocks", "0:10", "--port", str(port), "--public-url", "http://node.example.org:7000"]], tmp_path)
+    here = f"http://127.0.0.1:{port}"
+    try:
+        stranger = Identity.generate()
+        async with Listener() as listener, aiohttp.ClientSession() as http, Raw(http, here) as raw:
+            info = await (await http.get(f"{here}/info")).json()
+            assert info["discovery"]["address_policy"]["reach"] == "public"
+            b_record = await _record(http, nodes[1])
+            inside = PeerRecord.create(stranger, addresses=(listener.url,), now=time.time(), ttl=60, model=dict(b_record.model), num_layers=30, span=(10, 20))
+            for index, (url, peer_id, record) in enumerate([(listener.url, stranger.peer_id, inside), (nodes[1].url, nodes[1].peer_id, b_record)]):
+                reply = await raw.ask(open_message(f"inward{index}", digest, next=_next(url, peer_id, record)))
+                assert reply["type"] == "error" and reply["code"] == "address_refused", reply
+        assert listener.requests == [] and listener.frames == [], "a public node dialled a loopback address"
+    finally:
+        stop_nodes([public])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
