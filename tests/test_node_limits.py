@@ -78,3 +78,174 @@ def test_zero_means_no_limit_and_negative_is_refused():
 )
 def test_source_key(address, key):
     assert source_key(address) == key
+
+
+# --- the backend: budget, queue, chunks, crash (in-process, two real blocks) ---------------
+
+import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
+import threading  # noqa: E402
+
+import torch  # noqa: E402
+
+from node.backend import Backend, BackendConfig  # noqa: E402
+from swarm.errors import LengthExceeded, SessionNotFound, ShuttingDown  # noqa: E402
+from swarm.model import load_span  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def span(checkpoint):
+    return load_span(checkpoint, 0, 2, torch.float32)
+
+
+class GatedExecutor(concurrent.futures.ThreadPoolExecutor):
+    """One worker; once `close()` is called every later job waits until `open()`. `started` is set
+    (on the loop) when a gated job has been handed over, so a test knows a batch is computing."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    def close(self) -> None:
+        self.gate.clear()
+
+    def open(self) -> None:
+        self.gate.set()
+
+    def submit(self, fn, /, *args, **kwargs):
+        if not self.gate.is_set():
+            self.started.set()
+        gate = self.gate
+
+        def gated():
+            gate.wait()
+            return fn(*args, **kwargs)
+
+        return super().submit(gated)
+
+
+def hidden(span, tokens: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(tokens, span.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+async def test_freeing_a_cache_drops_its_waiting_step_and_returns_the_budget(span):
+    async with Backend(span, BackendConfig(kv_memory_bytes=2**30)) as backend:
+        cache = backend.open_cache((0, 2), 16)
+        assert backend.kv_used == cache.nbytes and backend.sessions == 1
+        done = backend.submit(cache, (0, 2), hidden(span, 1), 0)
+        backend.free_cache(cache)  # before the batcher took it
+        with pytest.raises(SessionNotFound):
+            await done
+        assert (backend.kv_used, backend.sessions) == (0, 0)
+        with pytest.raises(SessionNotFound):
+            backend.submit(cache, (0, 2), hidden(span, 1), 1)  # a freed cache takes no more steps
+
+
+async def test_a_cache_freed_while_its_step_computes_keeps_its_budget_until_the_compute_ends(span):
+    executor = GatedExecutor()
+    async with Backend(span, BackendConfig(kv_memory_bytes=2**30), executor) as backend:
+        cache = backend.open_cache((0, 2), 16)
+        executor.close()
+        done = backend.submit(cache, (0, 2), hidden(span, 1), 0)
+        queued = backend.submit(cache, (0, 2), hidden(span, 1), 1)  # its next step, still waiting
+        await executor.started.wait()
+        backend.free_cache(cache)
+        backend.free_cache(cache)  # twice: a second close path is harmless
+        # the compute still writes into the cache: its memory is not free for another session yet
+        assert (backend.kv_used, backend.sessions) == (cache.nbytes, 1)
+        executor.open()
+        for future in (done, queued):
+            with pytest.raises(SessionNotFound):
+                await future
+        await backend.drain()
+        assert (backend.kv_used, backend.sessions) == (0, 0)
+    executor.shutdown()
+
+
+async def test_a_dead_batcher_fails_waiting_steps_and_refuses_new_work(span, monkeypatch):
+    async with Backend(span, BackendConfig()) as backend:
+        cache = backend.open_cache((0, 2), 16)
+
+        def broken():
+            raise RuntimeError("a bug in the batcher")
+
+        monkeypatch.setattr(backend, "_take_batch", broken)
+        done = backend.submit(cache, (0, 2), hidden(span, 1), 0)
+        with pytest.raises(ShuttingDown, match="compute loop failed"):
+            await asyncio.wait_for(done, 30)  # not a hang
+        await asyncio.wait_for(backend.stopped.wait(), 30)
+        assert isinstance(backend.failure, ShuttingDown)
+        with pytest.raises(ShuttingDown):
+            backend.submit(cache, (0, 2), hidden(span, 1), 0)
+        with pytest.raises(ShuttingDown):
+            backend.open_cache((0, 2), 16)
+        with pytest.raises(ShuttingDown):
+            await backend.forward((0, 2), hidden(span, 4))
+
+
+async def test_a_forward_counts_as_a_session_and_against_the_kv_budget(span):
+    per_token = span.new_cache(1).nbytes
+    async with Backend(span, BackendConfig(max_sessions=1, kv_memory_bytes=100 * per_token, max_forward_tokens=64)) as backend:
+        cache = backend.open_cache((0, 2), 8)
+        with pytest.raises(Busy, match="sessions"):
+            await backend.forward((0, 2), hidden(span, 4))  # the one session slot is taken
+        backend.free_cache(cache)
+        out = await backend.forward((0, 2), hidden(span, 4))
+        assert out.shape == (4, span.config.hidden_size)
+        assert (backend.kv_used, backend.sessions, backend.forwards) == (0, 0, 0)
+        with pytest.raises(LengthExceeded, match="limit of 64"):
+            await backend.forward((0, 2), hidden(span, 65))
+    async with Backend(span, BackendConfig(kv_memory_bytes=10 * per_token)) as backend:
+        with pytest.raises(Busy, match="KV cache"):
+            await backend.forward((0, 2), hidden(span, 11))
+
+
+async def test_forwards_beyond_the_limit_are_busy_at_once(span):
+    executor = GatedExecutor()
+    async with Backend(span, BackendConfig(max_forwards=2), executor) as backend:
+        executor.close()
+        running = [asyncio.ensure_future(backend.forward((0, 2), hidden(span, 4))) for _ in range(2)]
+        await executor.started.wait()
+        with pytest.raises(Busy, match="limit of 2 forwards"):
+            await backend.forward((0, 2), hidden(span, 4))
+        executor.open()
+        await asyncio.gather(*running)
+        assert backend.forwards == 0
+        await backend.forward((0, 2), hidden(span, 4))  # room again
+    executor.shutdown()
+
+
+async def test_a_long_step_runs_in_chunks_with_the_same_output(span):
+    x = hidden(span, 300)
+    async with Backend(span, BackendConfig(prefill_chunk_tokens=1000)) as whole:
+        reference = await whole.forward((0, 2), x)
+    async with Backend(span, BackendConfig(prefill_chunk_tokens=64)) as chunked:
+        out = await chunked.forward((0, 2), x)
+        assert chunked.chunks_done == 4  # 4 x 64 tokens, then the last 44 ride as a small step
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+
+
+async def test_one_token_steps_go_ahead_of_a_long_prefill(span):
+    async with Backend(span, BackendConfig(prefill_chunk_tokens=32, prefill_every=1000)) as backend:
+        long = asyncio.ensure_future(backend.forward((0, 2), hidden(span, 640)))
+        await asyncio.sleep(0)  # the forward is queued
+        cache = backend.open_cache((0, 2), 64)
+        for position in range(8):  # a decoding session: each step waits at most one chunk
+            await backend.step(cache, (0, 2), hidden(span, 1, seed=position), position)
+        assert not long.done()
+        await long
+        assert backend.chunks_done == 640 // 32 - 1
+
+
+async def test_a_long_step_still_progresses_while_small_steps_keep_coming(span):
+    async with Backend(span, BackendConfig(prefill_chunk_tokens=32, prefill_every=2)) as backend:
+        long = asyncio.ensure_future(backend.forward((0, 2), hidden(span, 200)))
+        cache = backend.open_cache((0, 2), 256)
+        position = 0
+        while not long.done():  # a small step is always waiting: chunks ride every other batch
+            await backend.step(cache, (0, 2), hidden(span, 1, seed=position), position)
+            position += 1
+        await long
+        assert position <= 2 * (200 // 32) + 2
