@@ -47,6 +47,27 @@ def parse_blocks(text: str) -> tuple[int, int] | str:
     return start, end
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def default_identity_path() -> Path:
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "layerswarm" / "node.key"
@@ -86,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, keep serving open sessions this long while their clients move them elsewhere (default 10)")
     parser.add_argument("--session-timeout", type=float, default=300.0, metavar="SECONDS", help="free an idle session's cache after this (default 300)")
     parser.add_argument("--max-frame", type=parse_size, default=parse_size("64MiB"), metavar="SIZE", help="largest accepted frame (default 64MiB)")
+    limits = parser.add_argument_group("limits", "what one stranger may take (per source: an IPv4 address or an IPv6 /64; 0: no limit); all shown in /info")
+    limits.add_argument("--max-tcp-per-source", type=_count, default=64, metavar="N", help="open TCP connections from one source; more are answered busy and closed (default 64)")
+    limits.add_argument("--max-connections-per-source", type=_count, default=16, metavar="N", help="open /session websockets from one source (default 16)")
+    limits.add_argument("--max-sessions-per-source", type=_count, default=16, metavar="N", help="open sessions owned by one source (default 16)")
+    limits.add_argument("--max-forwards-per-source", type=_count, default=2, metavar="N", help="concurrent POST /forward from one source (default 2)")
+    limits.add_argument("--max-forwards", type=_positive, default=4, metavar="N", help="POST /forward in the node at once, from all sources; more are answered busy (default 4)")
+    limits.add_argument("--max-forward-tokens", type=_positive, default=None, metavar="N", help="longest POST /forward in tokens (default: --max-length, since a client's failover replays a whole session prefix through it)")
+    limits.add_argument("--max-batch-tokens", type=_positive, default=8192, metavar="N", help="tokens in one batched forward, summed over sessions (default 8192)")
+    limits.add_argument("--prefill-chunk", type=_positive, default=64, metavar="N", help="longer steps and forwards run in chunks of N tokens behind one-token steps, so a long prompt delays others by one chunk at most (default 64, for CPU; a GPU takes 512 or more)")
+    limits.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS", help="a connection's request headers must arrive within this; also how long an idle connection stays open (default 10)")
+    limits.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="a request's body must arrive within this (default 30)")
+    limits.add_argument("--ws-idle-timeout", type=_seconds, default=120.0, metavar="SECONDS", help="close a /session websocket that sends nothing for this long (default 120)")
+    limits.add_argument("--session-start-grace", type=_seconds, default=30.0, metavar="SECONDS", help="close a session that was opened but never stepped after this (default 30)")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
@@ -142,7 +176,7 @@ def _load(args: argparse.Namespace):
 
     from swarm.model import load_span, open_checkpoint
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     show = _progress() if sys.stderr.isatty() else None
 
@@ -205,6 +239,8 @@ def _node_config(args: argparse.Namespace):
         mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all") if args.mdns else None
     except ValueError as exc:
         raise SwarmError(f"bad discovery option: {exc}") from None
+    if mdns is not None:
+        _check_local_addresses(args.mdns_interface)
     return NodeConfig(
         host=args.host,
         port=args.port,
@@ -212,10 +248,58 @@ def _node_config(args: argparse.Namespace):
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
-        backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
+        max_tcp_per_source=args.max_tcp_per_source,
+        max_forwards_per_source=args.max_forwards_per_source,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections_per_source=args.max_connections_per_source,
+        max_sessions_per_source=args.max_sessions_per_source,
+        ws_idle_timeout_s=args.ws_idle_timeout,
+        session_start_grace_s=args.session_start_grace,
+        backend=BackendConfig(
+            max_sessions=args.max_sessions,
+            kv_memory_bytes=args.kv_memory,
+            max_length=args.max_length,
+            max_batch_tokens=args.max_batch_tokens,
+            prefill_chunk_tokens=args.prefill_chunk,
+            max_forwards=args.max_forwards,
+            max_forward_tokens=args.max_forward_tokens or args.max_length,
+        ),
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
     )
+
+
+def _check_local_addresses(addresses: list[str]) -> None:
+    """Each address must be one of this machine's (zeroconf would fail deep inside with ENODEV)."""
+    import socket
+
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError as exc:
+                raise SwarmError(f"--mdns-interface {address} is not an address of this machine ({exc.strerror})") from None
+
+
+def _device(name: str):
+    """The torch device `--device` names, or `SwarmError` for one this machine cannot use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SwarmError(f"--device {name!r} is not a device (try cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise SwarmError(f"--device {name}: this machine (or this torch build) has no {device.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise SwarmError(f"--device {name}: there are only {count} {device.type} devices")
+    return device
 
 
 def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader) -> int:
@@ -262,7 +346,7 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
     compute.run()
     thread.join()
     error = outcome.get("error")
-    if isinstance(error, SwarmError):
+    if isinstance(error, (SwarmError, OSError)):  # OSError: a port in use, an interface gone
         print(f"error: {error}", file=sys.stderr)
         return 2
     if error is not None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.limits import source_key
 from node.state import STATE, NodeState
 from swarm import wire
 from swarm.errors import (
@@ -36,7 +37,12 @@ async def get_info(request: web.Request) -> web.Response:
 
 
 async def post_forward(request: web.Request) -> web.Response:
-    """Stateless forward of hidden states through a sub-span (prefill-only work, verification)."""
+    """Stateless forward of hidden states through a sub-span (prefill-only work, verification).
+
+    Its tokens are capped by `max_forward_tokens` (by default the session length: a client's
+    failover splice sends a whole prefix here); its scratch cache is a session while it lives
+    (node/backend.py), and beyond the per-source and node-wide counts it is answered `busy`.
+    The body was read in time by the `body_in_time` middleware (node/accept.py)."""
     state = request.app[STATE]
     try:
         if request.content_length is None or request.content_length > state.config.max_frame:
@@ -50,8 +56,10 @@ async def post_forward(request: web.Request) -> web.Response:
         check_model(state, message)
         blocks = wire.block_range(message)
         state.backend.check_blocks(blocks)
-        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=span.config.hidden_size, max_tokens=state.backend.max_length)
-        out = await state.backend.forward(blocks, hidden)
+        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=span.config.hidden_size, max_tokens=state.backend.max_forward_tokens)
+        # Per source first: one stranger's forwards must not take all of the node's `max_forwards`.
+        with state.forward_sources.acquire(source_key(request.remote)):
+            out = await state.backend.forward(blocks, hidden)
         dtype = message["hidden"]["dtype"]
         body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
         return web.Response(body=body, content_type="application/msgpack")

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from node.backend import Backend, BackendConfig
 from node.discovery import DiscoveryConfig, NodeDiscovery
+from node.limits import SourceLimit
 from node.push import PushPool
 from node.sessions import Sessions
 from swarm import wire
@@ -41,6 +42,15 @@ class NodeConfig:
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
     drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
     shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
+    # Per-source limits (node/limits.py; 0: none) and timeouts against strangers (node/accept.py)
+    max_tcp_per_source: int = 64  # open TCP connections from one source (IPv4 address, IPv6 /64)
+    max_forwards_per_source: int = 2  # concurrent POST /forward from one source
+    header_timeout_s: float = 10.0  # a connection's request headers must be complete within this; also the idle-connection timeout
+    body_timeout_s: float = 30.0  # a request's body must be read within this
+    max_connections_per_source: int = 16  # open /session websockets from one source
+    max_sessions_per_source: int = 16  # open sessions owned by one source
+    ws_idle_timeout_s: float = 120.0  # a /session websocket that sends nothing for this long is closed
+    session_start_grace_s: float = 30.0  # a session never stepped is closed after this
     backend: BackendConfig = field(default_factory=BackendConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
@@ -78,6 +88,7 @@ class NodeState:
     phase: Phase = Phase.SERVING
     moves: int = 0
     sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
+    forward_sources: SourceLimit = field(default_factory=lambda: SourceLimit(0, "forwards"))  # set by serve
     started: float = field(default_factory=time.time)
 
     @property
@@ -117,6 +128,34 @@ class NodeState:
         span = (backend.span.start, backend.span.end) if backend else None
         return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
 
+    def limits(self) -> dict[str, Any]:
+        """Every limit a stranger meets here, for `/info` (0: no limit)."""
+        c = self.config
+        limits: dict[str, Any] = {
+            "max_frame": c.max_frame,
+            "max_tcp_per_source": c.max_tcp_per_source,
+            "max_connections_per_source": c.max_connections_per_source,
+            "max_sessions_per_source": c.max_sessions_per_source,
+            "max_forwards_per_source": c.max_forwards_per_source,
+            "header_timeout_s": c.header_timeout_s,
+            "body_timeout_s": c.body_timeout_s,
+            "ws_idle_timeout_s": c.ws_idle_timeout_s,
+            "session_start_grace_s": c.session_start_grace_s,
+            "session_timeout_s": c.session_timeout_s,
+        }
+        if self.backend is not None:
+            b = self.backend
+            limits |= {
+                "max_sessions": b.config.max_sessions,
+                "max_length": b.max_length,
+                "kv_memory_bytes": b.config.kv_memory_bytes,
+                "max_forwards": b.config.max_forwards,
+                "max_forward_tokens": b.max_forward_tokens,
+                "max_batch_tokens": b.config.max_batch_tokens,
+                "prefill_chunk_tokens": b.config.prefill_chunk_tokens,
+            }
+        return limits
+
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "peer_id": self.identity.peer_id,
@@ -130,6 +169,7 @@ class NodeState:
             "moves": self.moves,
             "uptime_s": time.time() - self.started,
             "record": base64.b64encode(self.record().to_bytes()).decode(),
+            "limits": self.limits(),
             "model": None,
             "span": None,
         }
@@ -156,6 +196,7 @@ class NodeState:
             "kv_total_bytes": backend.config.kv_memory_bytes,
             "steps": backend.steps_done,
             "batches": backend.batches_done,
+            "forwards": backend.forwards,
         }
 
 
