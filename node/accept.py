@@ -12,7 +12,8 @@ Three defences that sit below the handlers:
   both the header timeout of slowloris-style clients and the idle-connection timeout.
 - `body_in_time`: a middleware that reads a request's body within `body_timeout_s` and
   `client_max_size` before the handler runs (aiohttp keeps it for the handler's `read()`),
-  so a slow body or one over the limit ends as a typed error, never a held handler.
+  so a slow body or one over the limit ends as a typed error, never a held handler. A
+  handler that streams its body itself (gossip's `/peers`) is bounded as a whole instead.
 """
 
 from __future__ import annotations
@@ -93,13 +94,20 @@ def _busy_response(exc: SwarmError) -> bytes:
     return head.encode() + body
 
 
-def body_in_time(body_timeout_s: float, limit: int, error_response: Callable[[SwarmError], web.StreamResponse]):
+def body_in_time(body_timeout_s: float, limit: int, error_response: Callable[[SwarmError], web.StreamResponse], streamed: tuple[str, ...] = ("/peers",)):
     """Middleware: a request's body is read whole within `body_timeout_s` and `limit` bytes (the
     app's `client_max_size`, which aiohttp enforces while reading) before its handler runs; else a
     typed error answers it."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.body_exists and request.path in streamed:  # it reads `request.content` itself, quickly
+            try:
+                return await asyncio.wait_for(handler(request), body_timeout_s)
+            except asyncio.TimeoutError:
+                response = error_response(BadRequest(f"the request body did not arrive within {body_timeout_s:g} s"))
+                response.force_close()
+                return response
         if request.body_exists:
             try:
                 if request.content_length is not None and request.content_length > limit:

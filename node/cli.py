@@ -61,6 +61,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-forwards", type=_positive, default=4, metavar="N", help="POST /forward in the node at once, from all sources; more are answered busy (default 4)")
     limits.add_argument("--max-forward-tokens", type=_positive, default=None, metavar="N", help="longest POST /forward in tokens (default: --max-length, since a client's failover replays a whole session prefix through it)")
     limits.add_argument("--max-batch-tokens", type=_positive, default=8192, metavar="N", help="tokens in one batched forward, summed over sessions (default 8192)")
-    limits.add_argument("--prefill-chunk", type=_positive, default=64, metavar="N", help="longer steps and forwards run in chunks of N tokens behind one-token steps, so a long prompt delays others by one chunk at most (default 64, for CPU; a GPU takes 512 or more)")
+    limits.add_argument("--prefill-chunk", type=_positive, default=32, metavar="N", help="longer steps and forwards run in chunks of N tokens behind one-token steps, so a long prompt delays others by one chunk at most (default 32, for CPU; a GPU takes 512 or more)")
+    limits.add_argument("--prefill-share", type=_share, default=0.5, metavar="FRACTION", help="while one-token steps come, chunks of long steps take at most this share of compute time (default 0.5; 1: no pause)")
     limits.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS", help="a connection's request headers must arrive within this; also how long an idle connection stays open (default 10)")
     limits.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="a request's body must arrive within this (default 30)")
     limits.add_argument("--ws-idle-timeout", type=_seconds, default=120.0, metavar="SECONDS", help="close a /session websocket that sends nothing for this long (default 120)")
@@ -262,6 +270,7 @@ def _node_config(args: argparse.Namespace):
             max_length=args.max_length,
             max_batch_tokens=args.max_batch_tokens,
             prefill_chunk_tokens=args.prefill_chunk,
+            prefill_share=args.prefill_share,
             max_forwards=args.max_forwards,
             max_forward_tokens=args.max_forward_tokens or args.max_length,
         ),

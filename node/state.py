@@ -153,6 +153,7 @@ class NodeState:
                 "max_forward_tokens": b.max_forward_tokens,
                 "max_batch_tokens": b.config.max_batch_tokens,
                 "prefill_chunk_tokens": b.config.prefill_chunk_tokens,
+                "prefill_share": b.config.prefill_share,
             }
         return limits
 

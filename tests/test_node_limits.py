@@ -240,7 +240,7 @@ async def test_one_token_steps_go_ahead_of_a_long_prefill(span):
 
 
 async def test_a_long_step_still_progresses_while_small_steps_keep_coming(span):
-    async with Backend(span, BackendConfig(prefill_chunk_tokens=32, prefill_every=2)) as backend:
+    async with Backend(span, BackendConfig(prefill_chunk_tokens=32, prefill_every=2, prefill_share=1.0)) as backend:
         long = asyncio.ensure_future(backend.forward((0, 2), hidden(span, 200)))
         cache = backend.open_cache((0, 2), 256)
         position = 0
