@@ -249,3 +249,153 @@ async def test_a_long_step_still_progresses_while_small_steps_keep_coming(span):
             position += 1
         await long
         assert position <= 2 * (200 // 32) + 2
+
+
+# --- a real node: limits at the door, in /info, on the CLI ------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import aiohttp  # noqa: E402
+
+from swarm import wire  # noqa: E402
+from tests.nodes import start_nodes, stop_nodes  # noqa: E402
+
+TCP_LIMIT = 4
+HEADER_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    (found,) = start_nodes(
+        [["--blocks", "0:2", "--max-tcp-per-source", str(TCP_LIMIT), "--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", "1",
+          "--max-forwards-per-source", "1", "--max-frame", "32MiB", "--max-forward-tokens", "8192"]],
+        tmp_path_factory.mktemp("limits"),
+    )
+    yield found
+    stop_nodes([found])
+
+
+def _from(source: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `source` (any 127/8 address is this machine's)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), limit=0))
+
+
+def _hostport(node) -> tuple[str, int]:
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_info_shows_every_limit(node):
+    async with _from("127.0.0.2") as http, http.get(f"{node.url}/info") as response:
+        limits = (await response.json())["limits"]
+    assert limits["max_tcp_per_source"] == TCP_LIMIT and limits["header_timeout_s"] == HEADER_TIMEOUT_S
+    assert limits["max_forwards_per_source"] == 1 and limits["max_forward_tokens"] == 8192 and limits["body_timeout_s"] == 1
+    for key in ("max_connections_per_source", "max_sessions_per_source", "ws_idle_timeout_s", "session_start_grace_s", "max_sessions",
+                "kv_memory_bytes", "max_forwards", "max_frame", "prefill_chunk_tokens", "prefill_share", "max_batch_tokens"):
+        assert key in limits
+
+
+async def test_half_sent_requests_and_idle_connections_are_cut_by_the_header_timeout(node):
+    host, port = _hostport(node)
+    began = time.monotonic()
+    partial = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+    idle = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+    partial[1].write(b"GET /info HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    for reader, writer in (partial, idle):
+        assert await asyncio.wait_for(reader.read(), HEADER_TIMEOUT_S + 20) == b""  # closed by the node
+        writer.close()
+    assert time.monotonic() - began >= HEADER_TIMEOUT_S * 0.9
+
+
+async def test_connections_over_the_per_source_limit_are_answered_busy(node):
+    host, port = _hostport(node)
+    held = [await asyncio.open_connection(host, port, local_addr=("127.0.0.4", 0)) for _ in range(TCP_LIMIT)]
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.4", 0))
+    answer = await asyncio.wait_for(reader.read(), 10)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503") and wire.decode(body)["code"] == "busy"
+    async with _from("127.0.0.5") as http, http.get(f"{node.url}/info") as response:
+        assert response.status == 200  # another source is let in meanwhile
+    for _, w in [*held, (reader, writer)]:
+        w.close()
+
+
+async def test_a_slow_body_is_refused_in_time(node):
+    host, port = _hostport(node)
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.6", 0))
+    writer.write(b"POST /forward HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\nContent-Length: 1000\r\n\r\n" + b"\x00" * 10)
+    answer = await asyncio.wait_for(reader.read(), 20)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400") and wire.decode(body)["code"] == "bad_request", answer[:200]
+    writer.close()
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(node):
+    host, port = _hostport(node)
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.7", 0))
+    writer.write(b"POST /forward HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+    head, body = (await asyncio.wait_for(reader.read(), 20)).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 413") and wire.decode(body)["code"] == "frame_too_large"
+    writer.close()
+
+
+async def test_forwards_are_limited_per_source(node):
+    async with _from("127.0.0.8") as http, http.get(f"{node.url}/info") as response:
+        info = await response.json()
+
+    def body(tokens: int) -> bytes:
+        hidden = torch.randn(tokens, info["hidden_size"])
+        return wire.encode({"type": "forward", "model": info["model"]["digest"], "blocks": info["span"], "hidden": wire.pack_tensor(hidden, "float32")})
+
+    async def forward(http, data) -> tuple[int, dict]:
+        async with http.post(f"{node.url}/forward", data=data, headers={"Content-Type": "application/msgpack"}) as response:
+            return response.status, wire.decode(await response.read())
+
+    async with _from("127.0.0.8") as attacker, _from("127.0.0.9") as other:
+        long = asyncio.ensure_future(forward(attacker, body(8192)))
+        while True:  # until the node computes it
+            async with other.get(f"{node.url}/info") as response:
+                if (await response.json())["forwards"]:
+                    break
+        status, answer = await forward(attacker, body(16))
+        assert (status, answer["code"]) == (503, "busy") and "forwards from 127.0.0.8" in answer["message"]
+        status, answer = await forward(other, body(16))  # another source still gets through
+        assert (status, answer["type"]) == (200, "result")
+        status, answer = await long
+        assert status == 200 and answer["type"] == "result"
+        status, answer = await forward(attacker, body(8193))
+        assert (status, answer["code"]) == (400, "bad_request")  # over max_forward_tokens
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--blocks", "0:2", "--device", "npu"], "error: --device 'npu' is not a device"),
+        (["--blocks", "0:2", "--device", "cuda"] if not torch.cuda.is_available() else ["--blocks", "0:2", "--device", "cuda:99"], "error: --device cuda"),
+        (["--no-model", "--mdns", "--mdns-interface", "192.0.2.77"], "error: --mdns-interface 192.0.2.77 is not an address of this machine"),
+        (["--no-model", "--mdns", "--mdns-interface", "bogus"], "error: bad discovery option"),
+    ],
+)
+def test_bad_device_or_interface_is_one_line_and_exit_2(args, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "node.cli", "--identity", str(tmp_path / "key"), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_a_node_whose_batcher_died_stops_with_the_error(span, monkeypatch):
+    from types import SimpleNamespace
+
+    from node.server import _watch_compute
+
+    async with Backend(span, BackendConfig()) as backend:
+        state, stop, failure = SimpleNamespace(backend=backend), asyncio.Event(), []
+        watch = asyncio.ensure_future(_watch_compute(state, stop, failure))
+        monkeypatch.setattr(backend, "_take_batch", lambda: 1 / 0)
+        cache = backend.open_cache((0, 2), 4)
+        with pytest.raises(ShuttingDown):
+            await backend.step(cache, (0, 2), hidden(span, 1), 0)
+        await asyncio.wait_for(stop.wait(), 30)  # serve() then shuts down and raises failure[0]
+        await watch
+        assert failure == [backend.failure]
