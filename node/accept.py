@@ -13,7 +13,8 @@ Three defences that sit below the handlers:
 - `body_in_time`: a middleware that reads a request's body within `body_timeout_s` and
   `client_max_size` before the handler runs (aiohttp keeps it for the handler's `read()`),
   so a slow body or one over the limit ends as a typed error, never a held handler. A
-  handler that streams its body itself (gossip's `/peers`) is bounded as a whole instead.
+  handler that streams its body itself (gossip's `/peers`) is bounded as a whole instead;
+  `/forward` calls `read_body` itself after its cheap checks.
 """
 
 from __future__ import annotations
@@ -94,7 +95,30 @@ def _busy_response(exc: SwarmError) -> bytes:
     return head.encode() + body
 
 
-def body_in_time(body_timeout_s: float, limit: int, error_response: Callable[[SwarmError], web.StreamResponse], streamed: tuple[str, ...] = ("/peers",)):
+async def read_body(request: web.Request, timeout_s: float, limit: int) -> bytes:
+    """The whole body within `timeout_s` and `limit` bytes, or a typed error."""
+    if request.content_length is not None and request.content_length > limit:
+        raise FrameTooLarge(f"a body of {request.content_length} bytes is over this node's limit of {limit}")
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout_s:g} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise FrameTooLarge(f"a body over this node's limit of {limit} bytes") from None
+
+
+def body_in_time(
+    body_timeout_s: float,
+    limit: int,
+    error_response: Callable[[SwarmError], web.StreamResponse],
+    streamed: tuple[str, ...] = ("/peers",),
+    own: tuple[str, ...] = ("/forward",),
+):
+    """Middleware: a request's body is read whole within `body_timeout_s` and `limit` bytes (the
+    app's `client_max_size`, which aiohttp enforces while reading) before its handler runs; else a
+    typed error answers it. Handlers in `streamed` read their body themselves and are bounded as a
+    whole; those in `own` call `read_body` themselves, after their cheap checks (a refused
+    /forward is not worth decoding: aiohttp only drains its body)."""
     """Middleware: a request's body is read whole within `body_timeout_s` and `limit` bytes (the
     app's `client_max_size`, which aiohttp enforces while reading) before its handler runs; else a
     typed error answers it."""
@@ -108,16 +132,9 @@ def body_in_time(body_timeout_s: float, limit: int, error_response: Callable[[Sw
                 response = error_response(BadRequest(f"the request body did not arrive within {body_timeout_s:g} s"))
                 response.force_close()
                 return response
-        if request.body_exists:
+        if request.body_exists and request.path not in own:
             try:
-                if request.content_length is not None and request.content_length > limit:
-                    raise FrameTooLarge(f"a body of {request.content_length} bytes is over this node's limit of {limit}")
-                try:
-                    await asyncio.wait_for(request.read(), body_timeout_s)
-                except asyncio.TimeoutError:
-                    raise BadRequest(f"the request body did not arrive within {body_timeout_s:g} s") from None
-                except web.HTTPRequestEntityTooLarge:
-                    raise FrameTooLarge(f"a body over this node's limit of {limit} bytes") from None
+                await read_body(request, body_timeout_s, limit)
             except SwarmError as exc:
                 response = error_response(exc)
                 response.force_close()  # the rest of a refused body is not worth reading

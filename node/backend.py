@@ -254,6 +254,12 @@ class Backend:
     async def step(self, cache: KVCache, blocks: tuple[int, int], hidden: torch.Tensor, position: int) -> torch.Tensor:
         return (await self.submit(cache, blocks, hidden, position)).hidden
 
+    def check_forward_room(self) -> None:
+        """`Busy` when the node already has `max_forwards` (a cheap check before a body is read)."""
+        self._check_alive()
+        if self.forwards >= self.config.max_forwards:
+            raise Busy(f"node is computing its limit of {self.config.max_forwards} forwards: try again later or elsewhere")
+
     async def forward(self, blocks: tuple[int, int], hidden: torch.Tensor) -> torch.Tensor:
         """Stateless forward through `blocks`: a scratch cache of exactly the input's length, counted
         as a session (slot and KV budget) while it lives. `Busy` when the node has no room for it."""
@@ -262,8 +268,7 @@ class Backend:
         tokens = hidden.shape[0]
         if tokens > self.max_forward_tokens:
             raise LengthExceeded(f"a forward of {tokens} tokens is over this node's limit of {self.max_forward_tokens}")
-        if self.forwards >= self.config.max_forwards:
-            raise Busy(f"node is computing its limit of {self.config.max_forwards} forwards: try again later or elsewhere")
+        self.check_forward_room()
         cache = self.open_cache(blocks, tokens)
         self.forwards += 1
         try:
