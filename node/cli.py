@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-batch-tokens", type=_positive, default=8192, metavar="N", help="tokens in one batched forward, summed over sessions (default 8192)")
     limits.add_argument("--prefill-chunk", type=_positive, default=32, metavar="N", help="longer steps and forwards run in chunks of N tokens behind one-token steps, so a long prompt delays others by one chunk at most (default 32, for CPU; a GPU takes 512 or more)")
     limits.add_argument("--prefill-share", type=_share, default=0.5, metavar="FRACTION", help="while one-token steps come, chunks of long steps take at most this share of compute time (default 0.5; 1: no pause)")
-    limits.add_argument("--header-timeout", type=_seconds, default=10.0, metavar="SECONDS", help="a connection's request headers must arrive within this; also how long an idle connection stays open (default 10)")
+    limits.add_argument("--header-timeout", type=_seconds, default=20.0, metavar="SECONDS", help="a connection's request headers must arrive within this; also how long an idle connection stays open, so keep it above clients' keep-alive (aiohttp: 15 s) (default 20)")
     limits.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="a request's body must arrive within this (default 30)")
     limits.add_argument("--ws-idle-timeout", type=_seconds, default=120.0, metavar="SECONDS", help="close a /session websocket that sends nothing for this long (default 120)")
     limits.add_argument("--session-start-grace", type=_seconds, default=30.0, metavar="SECONDS", help="close a session that was opened but never stepped after this (default 30)")

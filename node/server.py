@@ -89,7 +89,7 @@ async def serve(
         http = await stack.enter_async_context(aiohttp.ClientSession())
         push = PushPool(http, config.max_frame)
         stack.push_async_callback(push.close)
-        state = NodeState(config, identity, fingerprint, None, push, forward_sources=SourceLimit(config.max_forwards_per_source, "forwards"))
+        state = NodeState(config, identity, fingerprint, None, push)
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor)

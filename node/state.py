@@ -45,7 +45,9 @@ class NodeConfig:
     # Per-source limits (node/limits.py; 0: none) and timeouts against strangers (node/accept.py)
     max_tcp_per_source: int = 64  # open TCP connections from one source (IPv4 address, IPv6 /64)
     max_forwards_per_source: int = 2  # concurrent POST /forward from one source
-    header_timeout_s: float = 10.0  # a connection's request headers must be complete within this; also the idle-connection timeout
+    # a connection's request headers must be complete within this; also the idle-connection timeout,
+    # so longer than aiohttp clients' 15 s keep-alive: our own peers close idle connections first
+    header_timeout_s: float = 20.0
     body_timeout_s: float = 30.0  # a request's body must be read within this
     max_connections_per_source: int = 16  # open /session websockets from one source
     max_sessions_per_source: int = 16  # open sessions owned by one source
@@ -88,8 +90,11 @@ class NodeState:
     phase: Phase = Phase.SERVING
     moves: int = 0
     sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
-    forward_sources: SourceLimit = field(default_factory=lambda: SourceLimit(0, "forwards"))  # set by serve
+    forward_sources: SourceLimit = field(init=False)  # POST /forward in progress per source
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.forward_sources = SourceLimit(self.config.max_forwards_per_source, "forwards")
 
     @property
     def span(self) -> Span:
