@@ -30,10 +30,9 @@ PROMPT = "Write a long story about a dragon who learns to cook."
 async def legit(bootstrap: str, new_tokens: int) -> None:
     from client.generate import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
+    from swarm.errors import NoRoute
     from swarm.model import DEFAULT_MODEL
     from tests.nodes import refresh
-
-    from swarm.errors import NoRoute
 
     model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
     deadline = time.monotonic() + 60
