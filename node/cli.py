@@ -47,6 +47,34 @@ def parse_blocks(text: str) -> tuple[int, int] | str:
     return start, end
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def default_identity_path() -> Path:
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "layerswarm" / "node.key"
@@ -86,10 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, keep serving open sessions this long while their clients move them elsewhere (default 10)")
     parser.add_argument("--session-timeout", type=float, default=300.0, metavar="SECONDS", help="free an idle session's cache after this (default 300)")
     parser.add_argument("--max-frame", type=parse_size, default=parse_size("64MiB"), metavar="SIZE", help="largest accepted frame (default 64MiB)")
-    parser.add_argument("--max-sockets-per-source", type=int, default=64, metavar="N", help="open /session websockets one address (IPv6: one /64) may hold; more are answered busy (default 64, 0: no limit)")
-    parser.add_argument("--max-sessions-per-source", type=int, default=32, metavar="N", help="open sessions one address may hold; more are answered busy (default 32, 0: no limit)")
-    parser.add_argument("--socket-idle-timeout", type=float, default=120.0, metavar="SECONDS", help="close a /session websocket that owns no session and sent nothing this long (default 120)")
-    parser.add_argument("--unstepped-session-grace", type=float, default=30.0, metavar="SECONDS", help="free a session that was never stepped this long after its open (default 30)")
+    limits = parser.add_argument_group("limits", "what one stranger may take (per source: an IPv4 address or an IPv6 /64; 0: no limit); all shown in /info")
+    limits.add_argument("--max-tcp-per-source", type=_count, default=64, metavar="N", help="open TCP connections from one source; more are answered busy and closed (default 64)")
+    limits.add_argument("--max-sockets-per-source", type=_count, default=64, metavar="N", help="open /session websockets from one source; more are answered busy and closed (default 64)")
+    limits.add_argument("--max-sessions-per-source", type=_count, default=32, metavar="N", help="open sessions owned by one source (default 32)")
+    limits.add_argument("--max-forwards-per-source", type=_count, default=2, metavar="N", help="concurrent POST /forward from one source (default 2)")
+    limits.add_argument("--max-forwards", type=_positive, default=4, metavar="N", help="POST /forward in the node at once, from all sources; more are answered busy (default 4)")
+    limits.add_argument("--max-forward-tokens", type=_positive, default=None, metavar="N", help="longest POST /forward in tokens (default: --max-length, since a client's failover replays a whole session prefix through it)")
+    limits.add_argument("--max-batch-tokens", type=_positive, default=8192, metavar="N", help="tokens in one batched forward, summed over sessions (default 8192)")
+    limits.add_argument("--prefill-chunk", type=_positive, default=32, metavar="N", help="longer steps and forwards run in chunks of N tokens behind one-token steps, so a long prompt delays others by one chunk at most (default 32, for CPU; a GPU takes 512 or more)")
+    limits.add_argument("--prefill-share", type=_share, default=0.5, metavar="FRACTION", help="while one-token steps come, chunks of long steps take at most this share of compute time (default 0.5; 1: no pause)")
+    limits.add_argument("--header-timeout", type=_seconds, default=20.0, metavar="SECONDS", help="a connection's request headers must arrive within this; also how long an idle connection stays open, so keep it above clients' keep-alive (aiohttp: 15 s) (default 20)")
+    limits.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="a request's body must arrive within this (default 30)")
+    limits.add_argument("--socket-idle-timeout", type=_seconds, default=120.0, metavar="SECONDS", help="close a /session websocket that owns no session and sent nothing for this long (default 120)")
+    limits.add_argument("--unstepped-session-grace", type=_seconds, default=30.0, metavar="SECONDS", help="free a session that was opened but never stepped after this (default 30)")
+    peers = parser.add_argument_group("peer admission", "how records of new peers are proven and budgeted (see swarm/peers.py); all shown in /info")
+    peers.add_argument("--max-peers", type=_positive, default=10_000, metavar="N", help="peers held, proven and pending together (default 10000)")
+    peers.add_argument("--max-pending", type=_positive, default=256, metavar="N", help="records of new peers awaiting their proof, all sources together (default 256)")
+    peers.add_argument("--source-budget", type=_positive, default=64, metavar="N", help="new peers one source (an IP, or the peer that answered) may propose per --source-window (default 64)")
+    peers.add_argument("--source-window", type=_seconds, default=10.0, metavar="SECONDS", help="the window of --source-budget (default 10)")
+    peers.add_argument("--proof-timeout", type=_seconds, default=2.0, metavar="SECONDS", help="how long a new peer's address has to answer our nonce with its key (default 2)")
+    peers.add_argument("--proof-concurrency", type=_positive, default=16, metavar="N", help="proofs in flight at once (default 16)")
+    peers.add_argument("--gossip-anchors", type=_count, default=2, metavar="N", help="peers of longest standing gossiped with every round, besides bootstrap and random peers (default 2)")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
@@ -146,7 +192,7 @@ def _load(args: argparse.Namespace):
 
     from swarm.model import load_span, open_checkpoint
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     show = _progress() if sys.stderr.isatty() else None
 
@@ -203,12 +249,20 @@ def _node_config(args: argparse.Namespace):
     from node.state import NodeConfig, RebalanceConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
+    from swarm.discovery.proof import ProofConfig
+    from swarm.peers import TableConfig
 
     try:
-        gossip = GossipConfig(bootstrap=tuple(args.bootstrap), period_s=args.gossip_period, record_ttl_s=args.record_ttl)
+        proof = ProofConfig(concurrency=args.proof_concurrency, timeout_s=args.proof_timeout)
+        gossip = GossipConfig(bootstrap=tuple(args.bootstrap), period_s=args.gossip_period, record_ttl_s=args.record_ttl, anchors=args.gossip_anchors, proof=proof)
+        table = TableConfig(
+            max_peers=args.max_peers, require_proof=True, max_pending=args.max_pending, source_budget=args.source_budget, source_window_s=args.source_window
+        )
         mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all") if args.mdns else None
     except ValueError as exc:
         raise SwarmError(f"bad discovery option: {exc}") from None
+    if mdns is not None:
+        _check_local_addresses(args.mdns_interface)
     return NodeConfig(
         host=args.host,
         port=args.port,
@@ -216,14 +270,59 @@ def _node_config(args: argparse.Namespace):
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
+        max_tcp_per_source=args.max_tcp_per_source,
+        max_forwards_per_source=args.max_forwards_per_source,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         max_sockets_per_source=args.max_sockets_per_source,
         max_sessions_per_source=args.max_sessions_per_source,
         socket_idle_timeout_s=args.socket_idle_timeout,
         unstepped_session_grace_s=args.unstepped_session_grace,
-        backend=BackendConfig(max_sessions=args.max_sessions, kv_memory_bytes=args.kv_memory, max_length=args.max_length),
-        discovery=DiscoveryConfig(gossip=gossip, mdns=mdns),
+        backend=BackendConfig(
+            max_sessions=args.max_sessions,
+            kv_memory_bytes=args.kv_memory,
+            max_length=args.max_length,
+            max_batch_tokens=args.max_batch_tokens,
+            prefill_chunk_tokens=args.prefill_chunk,
+            prefill_share=args.prefill_share,
+            max_forwards=args.max_forwards,
+            max_forward_tokens=args.max_forward_tokens or args.max_length,
+        ),
+        discovery=DiscoveryConfig(gossip=gossip, mdns=mdns, table=table),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
     )
+
+
+def _check_local_addresses(addresses: list[str]) -> None:
+    """Each address must be one of this machine's (zeroconf would fail deep inside with ENODEV)."""
+    import socket
+
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError as exc:
+                raise SwarmError(f"--mdns-interface {address} is not an address of this machine ({exc.strerror})") from None
+
+
+def _device(name: str):
+    """The torch device `--device` names, or `SwarmError` for one this machine cannot use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SwarmError(f"--device {name!r} is not a device (try cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise SwarmError(f"--device {name}: this machine (or this torch build) has no {device.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise SwarmError(f"--device {name}: there are only {count} {device.type} devices")
+    return device
 
 
 def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader) -> int:
@@ -270,7 +369,7 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
     compute.run()
     thread.join()
     error = outcome.get("error")
-    if isinstance(error, SwarmError):
+    if isinstance(error, (SwarmError, OSError)):  # OSError: a port in use, an interface gone
         print(f"error: {error}", file=sys.stderr)
         return 2
     if error is not None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from node.accept import read_body
+from node.limits import source_key
 from node.state import STATE, NodeState
 from swarm import wire
 from swarm.errors import (
@@ -36,22 +38,33 @@ async def get_info(request: web.Request) -> web.Response:
 
 
 async def post_forward(request: web.Request) -> web.Response:
-    """Stateless forward of hidden states through a sub-span (prefill-only work, verification)."""
+    """Stateless forward of hidden states through a sub-span (prefill-only work, verification).
+
+    Its tokens are capped by `max_forward_tokens` (by default the session length: a client's
+    failover splice sends a whole prefix here); its scratch cache is a session while it lives
+    (node/backend.py), and beyond the per-source and node-wide counts it is answered `busy`.
+    The body is read in time (node/accept.py), after the cheap refusals."""
     state = request.app[STATE]
     try:
         if request.content_length is None or request.content_length > state.config.max_frame:
             raise FrameTooLarge(f"body must have a Content-Length of at most {state.config.max_frame} bytes")
         if state.phase.leaving:
             raise ShuttingDown("node is shutting down")
-        message = wire.decode(await request.read(), state.config.max_frame)
-        if message["type"] != "forward":
-            raise BadRequest(f"POST /forward takes a 'forward' message, not {message['type']!r}")
-        span = state.span
-        check_model(state, message)
-        blocks = wire.block_range(message)
-        state.backend.check_blocks(blocks)
-        hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=span.config.hidden_size, max_tokens=state.backend.max_length)
-        out = await state.backend.forward(blocks, hidden)
+        backend = state.backend
+        if backend is None:
+            state.span  # noqa: B018 - raises BadSpan: a bootstrap peer computes nothing
+        # Per source first: one stranger's forwards must not take all of the node's `max_forwards`;
+        # and a refusal comes before the body is read, let alone decoded.
+        with state.forward_sources.acquire(source_key(request.remote)):
+            backend.check_forward_room()
+            message = wire.decode(await read_body(request, state.config.body_timeout_s, state.config.max_frame), state.config.max_frame)
+            if message["type"] != "forward":
+                raise BadRequest(f"POST /forward takes a 'forward' message, not {message['type']!r}")
+            check_model(state, message)
+            blocks = wire.block_range(message)
+            backend.check_blocks(blocks)
+            hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=backend.span.config.hidden_size, max_tokens=backend.max_forward_tokens)
+            out = await backend.forward(blocks, hidden)
         dtype = message["hidden"]["dtype"]
         body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
         return web.Response(body=body, content_type="application/msgpack")

@@ -59,7 +59,7 @@ class SourceLimit:
 class Held:
     """One hold on a `SourceLimit`; `release` is idempotent, so every close path may call it."""
 
-    __slots__ = ("_limit", "source", "_released")
+    __slots__ = ("_limit", "_released", "source")
 
     def __init__(self, limit: SourceLimit, source: str) -> None:
         self._limit = limit

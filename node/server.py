@@ -18,15 +18,17 @@ from typing import Callable
 import aiohttp
 from aiohttp import web
 
+from node.accept import GuardedRunner, body_in_time
 from node.backend import Backend
 from node.discovery import NodeDiscovery
-from node.http import get_info, post_forward
+from node.http import error_response, get_info, post_forward
+from node.limits import SourceLimit
 from node.push import PushPool
 from node.rebalance import drain_sessions, rebalance
 from node.session_socket import close_session, reap_idle, session_socket
 from node.state import STATE, NodeConfig, NodeState, Phase
 from swarm.discovery.gossip import peers_routes
-from swarm.errors import ShuttingDown
+from swarm.errors import ShuttingDown, SwarmError
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
 from swarm.peers import PeerTable
@@ -36,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def build_app(state: NodeState) -> web.Application:
-    app = web.Application(client_max_size=state.config.max_frame)
+    config = state.config
+    limit = max(config.max_frame, config.discovery.gossip.max_frame)  # /peers checks its own, smaller limit
+    app = web.Application(client_max_size=limit, middlewares=[body_in_time(config.body_timeout_s, limit, error_response)])
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
@@ -90,7 +94,10 @@ async def serve(
             state.backend = Backend(span, config.backend, executor)
             await state.backend.__aenter__()
         backend = state.backend
-        runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None)
+        # keepalive_timeout is the header timeout too (node/accept.py says why)
+        runner = GuardedRunner(
+            build_app(state), SourceLimit(config.max_tcp_per_source, "connections"), handle_signals=False, access_log=None, keepalive_timeout=config.header_timeout_s
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         stack.push_async_callback(_cancel_tasks, state)
@@ -103,6 +110,8 @@ async def serve(
             NodeDiscovery(config.discovery, state.table, state.record, state.advert(port))
         )
         state.spawn(reap_idle(state), "reaper")
+        failure: list[SwarmError] = []
+        state.spawn(_watch_compute(state, stop, failure), "compute watch")
         if config.rebalance is not None and loader is not None and backend is not None:
             state.spawn(rebalance(state, config.rebalance, loader, executor), "rebalancer")
         if ready:
@@ -110,6 +119,23 @@ async def serve(
         await stop.wait()
         log.info("shutting down")
         await shutdown(state)
+    if failure:
+        raise failure[0]
+
+
+async def _watch_compute(state: NodeState, stop: asyncio.Event, failure: list[SwarmError]) -> None:
+    """A node whose batcher died (node/backend.py) leaves the swarm: its steps would never be computed.
+
+    Restarting the loop could spin on the same bug, so the node stops instead: gracefully (its
+    sessions are told to move) and the process exits with the error."""
+    while (backend := state.backend) is not None:
+        await backend.stopped.wait()
+        if backend.failure is not None:
+            failure.append(backend.failure)
+            stop.set()
+            return
+        if state.backend is backend:  # closed at shutdown, not replaced by a move
+            return
 
 
 async def _close_backend(state: NodeState) -> None:

@@ -43,9 +43,16 @@ class NodeConfig:
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
     drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
     shutdown_grace_s: float = 30.0  # how long SIGTERM then waits for steps in flight
-    # --- per-source limits on /session (a source: an IPv4 address or an IPv6 /64) ---
-    max_sockets_per_source: int = 64  # open /session websockets; beyond: `busy`, then close 1013 (0: no limit)
-    max_sessions_per_source: int = 32  # open sessions; beyond: `busy` (0: no limit)
+    # --- per-source limits (node/limits.py; a source: an IPv4 address or an IPv6 /64; 0: no limit) ---
+    max_tcp_per_source: int = 64  # open TCP connections; beyond: a raw 503 `busy` at accept (node/accept.py)
+    max_sockets_per_source: int = 64  # open /session websockets; beyond: `busy`, then close 1013
+    max_sessions_per_source: int = 32  # open sessions; beyond: `busy`
+    max_forwards_per_source: int = 2  # concurrent POST /forward
+    # --- timeouts against slow or idle strangers ---
+    # a connection's request headers must be complete within this; also the idle-connection timeout,
+    # so longer than aiohttp clients' 15 s keep-alive: our own peers close idle connections first
+    header_timeout_s: float = 20.0
+    body_timeout_s: float = 30.0  # a request's body must be read within this
     socket_idle_timeout_s: float = 120.0  # a /session websocket that owns no session and sends nothing this long is closed
     unstepped_session_grace_s: float = 30.0  # a session never stepped is freed this long after its open
     push: PushConfig = field(default_factory=PushConfig)  # outbound connections to next hops
@@ -88,6 +95,7 @@ class NodeState:
     phase: Phase = Phase.SERVING
     moves: int = 0
     sessions_opened: int = 0  # since start: lets an operator (and the failover test) see re-opens
+    forward_sources: SourceLimit = field(init=False)  # POST /forward in progress per source
     started: float = field(default_factory=time.time)
     socket_limit: SourceLimit = field(init=False)  # open /session websockets per source
     session_limit: SourceLimit = field(init=False)  # open sessions per source
@@ -95,6 +103,7 @@ class NodeState:
     def __post_init__(self) -> None:
         self.socket_limit = SourceLimit(self.config.max_sockets_per_source, "connections")
         self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
+        self.forward_sources = SourceLimit(self.config.max_forwards_per_source, "forwards")
 
     @property
     def span(self) -> Span:
@@ -134,20 +143,37 @@ class NodeState:
         return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
 
     def limits(self) -> dict[str, Any]:
-        """The /session and push limits, for `/info`."""
-        config = self.config
-        return {
-            "max_frame": config.max_frame,
-            "max_sockets_per_source": config.max_sockets_per_source,
-            "max_sessions_per_source": config.max_sessions_per_source,
-            "socket_idle_timeout_s": config.socket_idle_timeout_s,
-            "unstepped_session_grace_s": config.unstepped_session_grace_s,
-            "session_timeout_s": config.session_timeout_s,
-            "push_connect_timeout_s": config.push.connect_timeout_s,
-            "push_limit_per_host": config.push.limit_per_host,
-            "push_max_channels": config.push.max_channels,
-            "push_idle_s": config.push.idle_s,
+        """Every limit a stranger meets here, for `/info` (0: no limit)."""
+        c = self.config
+        limits: dict[str, Any] = {
+            "max_frame": c.max_frame,
+            "max_tcp_per_source": c.max_tcp_per_source,
+            "max_sockets_per_source": c.max_sockets_per_source,
+            "max_sessions_per_source": c.max_sessions_per_source,
+            "max_forwards_per_source": c.max_forwards_per_source,
+            "header_timeout_s": c.header_timeout_s,
+            "body_timeout_s": c.body_timeout_s,
+            "socket_idle_timeout_s": c.socket_idle_timeout_s,
+            "unstepped_session_grace_s": c.unstepped_session_grace_s,
+            "session_timeout_s": c.session_timeout_s,
+            "push_connect_timeout_s": c.push.connect_timeout_s,
+            "push_limit_per_host": c.push.limit_per_host,
+            "push_max_channels": c.push.max_channels,
+            "push_idle_s": c.push.idle_s,
         }
+        if self.backend is not None:
+            b = self.backend
+            limits |= {
+                "max_sessions": b.config.max_sessions,
+                "max_length": b.max_length,
+                "kv_memory_bytes": b.config.kv_memory_bytes,
+                "max_forwards": b.config.max_forwards,
+                "max_forward_tokens": b.max_forward_tokens,
+                "max_batch_tokens": b.config.max_batch_tokens,
+                "prefill_chunk_tokens": b.config.prefill_chunk_tokens,
+                "prefill_share": b.config.prefill_share,
+            }
+        return limits
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -190,6 +216,7 @@ class NodeState:
             "kv_total_bytes": backend.config.kv_memory_bytes,
             "steps": backend.steps_done,
             "batches": backend.batches_done,
+            "forwards": backend.forwards,
         }
 
 
