@@ -2,7 +2,7 @@
 
 A bootstrap peer and five nodes (every block served at least twice: [0,15) x2,
 [15,30) x2, [0,30)), N clients each generating short greedy replies in a loop
-for the whole run, and `kills` times one node (in turn) is SIGKILLed and
+for the whole run, and `kills` times the busiest node (most sessions now) is SIGKILLed and
 started again with the same identity. The run is driven by events, not by the
 clock: a kill comes once `kill_every` seconds have passed since the previous
 one *and* the clients completed `settle` requests since the previous node came
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import aiohttp
 import psutil
 
 from client.swarm import ClientConfig, SwarmModel
@@ -30,7 +31,6 @@ from swarm.model import DEFAULT_MODEL
 from tests.nodes import NodeProcess, start_nodes, stop_nodes
 
 SPANS = ["0:15", "0:15", "15:30", "15:30", "0:30"]
-KILL_ORDER = [4, 0, 2, 1, 3]  # the whole-model node first: one hop, so every client's cheapest route
 PERIOD = ["--gossip-period", "0.5", "--record-ttl", "5"]
 SAMPLE_EVERY_S = 5.0
 
@@ -51,6 +51,22 @@ class SoakReport:
     def halves(self) -> list[tuple[int, int]]:
         """Per node process with enough samples: growth in the first and in the second half of its life."""
         return [(s[len(s) // 2] - s[0], s[-1] - s[len(s) // 2]) for s in self.samples.values() if len(s) >= 4]
+
+
+async def _busiest(nodes: list[NodeProcess]) -> int:
+    """The index of the node holding the most sessions now (then: opened the most), so a kill always
+    lands on live traffic: clients route by measured speed and may all avoid some nodes."""
+    async def load(node: NodeProcess) -> tuple[int, int]:
+        try:
+            async with http.get(f"{node.url}/info", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                info = await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return (-1, -1)
+        return (info.get("sessions", 0), info.get("sessions_opened", 0))
+
+    async with aiohttp.ClientSession() as http:
+        loads = await asyncio.gather(*(load(node) for node in nodes))
+    return max(range(len(nodes)), key=lambda index: loads[index])
 
 
 def _rss(node: NodeProcess) -> int:
@@ -124,7 +140,7 @@ async def soak(
         last_kill = time.monotonic()
         for _ in range(kills):
             await asyncio.sleep(max(0.0, last_kill + kill_every - time.monotonic()))
-            index = KILL_ORDER[report.kills % len(KILL_ORDER)]
+            index = await _busiest(nodes)
             victim = nodes[index]
             say(f"killing {victim.blocks} node {victim.peer_id[:8]} and starting it again")
             last_kill = time.monotonic()
