@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from swarm.discovery.exchange import exchange
 from swarm.identity import Identity
-from swarm.peers import PeerRecord, PeerTable, verify_record
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord, verify_record
 
 NOW = 1_700_000_000.0  # unix seconds, frozen for the whole simulation
 TTL_S = 600.0

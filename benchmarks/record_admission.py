@@ -41,7 +41,8 @@ from benchmarks.common import emit  # noqa: E402
 from swarm import wire  # noqa: E402
 from swarm.discovery.gossip import fetch_peers, peers_routes  # noqa: E402
 from swarm.identity import Identity  # noqa: E402
-from swarm.peers import PeerRecord, PeerTable  # noqa: E402
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord  # noqa: E402
 from tests.nodes import start_nodes, stop_nodes  # noqa: E402
 
 FRAME_RECORDS = 3000  # about 1 MB, the largest frame a node takes

@@ -17,7 +17,8 @@ import aiohttp
 from swarm.discovery.gossip import fetch_peers
 from swarm.discovery.mdns import Mdns, MdnsConfig
 from swarm.errors import NoRoute, PeerUnavailable
-from swarm.peers import PeerRecord, PeerTable, missing_ranges
+from swarm.peers import PeerTable, missing_ranges
+from swarm.records import PeerRecord
 
 log = logging.getLogger(__name__)
 

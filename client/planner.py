@@ -23,7 +23,7 @@ from client.measure import Measurements, StepHop, TrustConfig
 from client.peers import DiscoveryOptions, SwarmView, discover
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import Busy, NoRoute, ShuttingDown, SwarmError, TransientError
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,24 @@ import torch
 from swarm import wire
 from swarm.errors import BadRequest, HopNotProven, PeerUnavailable, SwarmError, error_from_code
 from swarm.identity import peer_id_from_public_key, verify
-from swarm.peers import PeerRecord, verify_record
 from swarm.protocol import (
-    Ack, Close, Draining, Error, Limits, Message, NextHop, Open, Opened, Result, Retarget, Retargeted, Step, opened_payload, parse,
+    Ack,
+    Close,
+    Draining,
+    Error,
+    Limits,
+    Message,
+    NextHop,
+    Open,
+    Opened,
+    Result,
+    Retarget,
+    Retargeted,
+    Step,
+    opened_payload,
+    parse,
 )  # fmt: skip
+from swarm.records import PeerRecord, verify_record
 
 log = logging.getLogger(__name__)
 

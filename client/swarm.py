@@ -33,7 +33,7 @@ from client.planner import ClientConfig, Planner, claimed_throughput
 from client.session import RemoteHop, RouteSession
 from swarm.discovery.mdns import MdnsConfig
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route
 
 __all__ = ["ClientConfig", "GenerationResult", "SwarmModel"]

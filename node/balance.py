@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 
 
 def block_throughput(records: Iterable[PeerRecord], model_digest: str, num_layers: int, skip: str | None = None) -> list[float]:

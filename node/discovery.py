@@ -25,7 +25,8 @@ from swarm.addresses import AddressPolicy
 from swarm.discovery.gossip import Gossip, GossipConfig
 from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.discovery.proof import Prover
-from swarm.peers import PeerRecord, PeerTable, TableConfig
+from swarm.peers import PeerTable, TableConfig
+from swarm.records import PeerRecord
 
 log = logging.getLogger(__name__)
 

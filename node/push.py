@@ -31,8 +31,9 @@ from swarm import wire
 from swarm.addresses import base_url
 from swarm.errors import BadAddress, HopNotProven, PeerUnavailable, SwarmError
 from swarm.identity import peer_id_from_public_key, verify
-from swarm.peers import PeerRecord, PeerTable, verify_record
+from swarm.peers import PeerTable
 from swarm.protocol import Message, NextHop, Proof, Prove, proof_payload
+from swarm.records import PeerRecord, verify_record
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,37 @@ from node.sessions import Session
 from node.state import STATE, NodeState, Phase
 from swarm import wire
 from swarm.addresses import check_dialable
-from swarm.errors import BadRequest, Busy, HopNotProven, LengthExceeded, ModelMismatch, NotPermitted, PeerUnavailable, SessionNotFound, ShuttingDown, SwarmError
-from swarm.protocol import Ack, Close, Closed, Error, Limits, NextHop, Open, Opened, Proof, Prove, Result, Retarget, Retargeted, Step, check_session_id, opened_payload, proof_payload
+from swarm.errors import (
+    BadRequest,
+    Busy,
+    HopNotProven,
+    LengthExceeded,
+    ModelMismatch,
+    NotPermitted,
+    PeerUnavailable,
+    SessionNotFound,
+    ShuttingDown,
+    SwarmError,
+)
+from swarm.protocol import (
+    Ack,
+    Close,
+    Closed,
+    Error,
+    Limits,
+    NextHop,
+    Open,
+    Opened,
+    Proof,
+    Prove,
+    Result,
+    Retarget,
+    Retargeted,
+    Step,
+    check_session_id,
+    opened_payload,
+    proof_payload,
+)
 
 log = logging.getLogger(__name__)
 

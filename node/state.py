@@ -12,8 +12,8 @@ from typing import Any, Awaitable
 from aiohttp import web
 
 from node.backend import Backend, BackendConfig
-from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.channel import Channel
+from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.limits import SourceLimit
 from node.push import PushConfig, PushPool
 from node.sessions import Sessions
@@ -22,7 +22,8 @@ from swarm.discovery.mdns import Advert
 from swarm.errors import BadSpan
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
-from swarm.peers import PeerRecord, PeerTable
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord
 
 
 @dataclass(frozen=True)

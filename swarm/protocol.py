@@ -37,7 +37,7 @@ from swarm import wire
 from swarm.addresses import base_url
 from swarm.errors import AddressRefused, BadAddress, BadRequest, SwarmError
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, is_peer_id
-from swarm.peers import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
+from swarm.records import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
 
 OPENED_TAG = b"layerswarm/session-opened/v1\n"  # a hop's signature over the client's nonce at open
 PROOF_TAG = b"layerswarm/push-proof/v1\n"  # a next hop's signature over a pushing node's nonce

@@ -23,7 +23,7 @@ from aiohttp import web
 from swarm import wire
 from swarm.discovery.gossip import fetch_peers
 from swarm.identity import Identity
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 
 PROMPT = "Write a short poem about the sea."
 MAX_FRAME = 1 << 20

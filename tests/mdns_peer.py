@@ -22,7 +22,8 @@ from aiohttp import web
 
 from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.identity import Identity
-from swarm.peers import PeerRecord, PeerTable
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord
 
 RECORD_TTL_S = 120.0
 POLL_S = 0.05  # how often the browser compares its table

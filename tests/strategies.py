@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from swarm.identity import Identity
-from swarm.peers import MAX_ADDRESSES, MAX_FREE_KV_BYTES, MAX_LAYERS, MAX_PROTOCOL, MAX_THROUGHPUT, MODEL_KEYS
+from swarm.records import MAX_ADDRESSES, MAX_FREE_KV_BYTES, MAX_LAYERS, MAX_PROTOCOL, MAX_THROUGHPUT, MODEL_KEYS
 
 # Used as a decorator (`@FUZZ`), not a loaded profile: loading one would change the settings
 # of every other hypothesis test in the same pytest run.

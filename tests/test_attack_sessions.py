@@ -27,8 +27,9 @@ from swarm import protocol, wire
 from swarm.errors import BadAddress, HopNotProven
 from swarm.identity import Identity
 from swarm.model import Segment
-from swarm.peers import PeerRecord, PeerTable
+from swarm.peers import PeerTable
 from swarm.protocol import NextHop
+from swarm.records import PeerRecord
 from tests.netns import Lines
 from tests.nodes import start_nodes, stop_nodes
 from tests.test_node import Raw, _local, _step, open_message

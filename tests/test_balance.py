@@ -6,7 +6,7 @@ import time
 
 from node.balance import block_throughput, blocks_that_fit, bottleneck, choose_span, should_move
 from swarm.identity import Identity
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 
 MODEL = {"architecture": "llama", "shape": "L8", "digest": "d" * 32}
 

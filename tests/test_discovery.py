@@ -14,7 +14,7 @@ import pytest
 from swarm import wire
 from swarm.discovery.gossip import fetch_peers
 from swarm.identity import Identity
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 from tests.nodes import start_nodes, stop_nodes
 
 PERIOD = 0.3  # gossip period in these tests

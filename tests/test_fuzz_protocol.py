@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from swarm import protocol, wire
 from swarm.errors import BadRequest, SwarmError
 from swarm.identity import is_peer_id
-from swarm.peers import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
+from swarm.records import MAX_LAYERS, MAX_RECORD_BYTES, PeerRecord
 from tests.strategies import EDGE_INTS, IDENTITIES, SCALARS, fuzz, packable, tensor_oracle
 
 LIMITS = protocol.Limits(hidden_size=8, max_tokens=4)

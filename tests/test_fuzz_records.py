@@ -21,15 +21,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from swarm.errors import RecordRejected, SignatureInvalid, SwarmError
 from swarm.identity import Identity, is_peer_id, peer_id_from_public_key, verify
-from swarm.peers import (
+from swarm.peers import PeerTable, TableConfig
+from swarm.records import (
     DEFAULT_MAX_SKEW_S,
     DEFAULT_MAX_TTL_S,
     MAX_RECORD_BYTES,
     RECORD_TAG,
     WIRE_KEYS,
     PeerRecord,
-    PeerTable,
-    TableConfig,
     is_base_url,
     verify_record,
 )

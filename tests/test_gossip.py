@@ -25,10 +25,11 @@ from aiohttp import web
 from swarm import wire
 from swarm.discovery.exchange import exchange
 from swarm.discovery.gossip import Gossip, GossipConfig, fetch_peers, peers_routes
+from swarm.discovery.proof import PROOF_PATH, ProofConfig, Prover, check_proof, proof_answer
 from swarm.errors import BadRequest, PeerUnavailable, SignatureInvalid
 from swarm.identity import Identity
-from swarm.discovery.proof import PROOF_PATH, ProofConfig, Prover, check_proof, proof_answer
-from swarm.peers import PeerRecord, PeerTable, TableConfig, verify_record
+from swarm.peers import PeerTable, TableConfig
+from swarm.records import PeerRecord, verify_record
 
 log = logging.getLogger(__name__)
 

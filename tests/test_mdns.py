@@ -27,7 +27,8 @@ from zeroconf.asyncio import AsyncServiceInfo
 
 from swarm.discovery.mdns import SERVICE_TYPE, Advert, Mdns, MdnsConfig, _candidate_urls
 from swarm.identity import Identity
-from swarm.peers import PeerRecord, PeerTable
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent

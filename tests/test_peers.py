@@ -12,15 +12,8 @@ import pytest
 from swarm.discovery.exchange import exchange
 from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
 from swarm.identity import Identity
-from swarm.peers import (
-    MAX_RECORD_BYTES,
-    RECORD_TAG,
-    PeerRecord,
-    PeerTable,
-    TableConfig,
-    missing_ranges,
-    verify_record,
-)
+from swarm.peers import PeerTable, TableConfig, missing_ranges
+from swarm.records import MAX_RECORD_BYTES, RECORD_TAG, PeerRecord, verify_record
 
 NOW = 1_700_000_000.0  # unix seconds
 MODEL = {"architecture": "llama", "shape": "L30-d576-ff1536-h9-kv3-v49152", "digest": "0123456789abcdef" * 2}

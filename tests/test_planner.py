@@ -18,7 +18,7 @@ from client.planner import ClientConfig, Planner
 from client.session import RemoteHop
 from swarm.errors import BadRequest, Busy, NoRoute, PeerUnavailable, ShuttingDown
 from swarm.identity import Identity
-from swarm.peers import PeerRecord
+from swarm.records import PeerRecord
 
 DIGEST = "0123456789abcdef" * 2
 MODEL = {"architecture": "llama", "shape": "L30-d576-ff1536-h9-kv3-v49152", "digest": DIGEST}

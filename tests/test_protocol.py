@@ -11,10 +11,26 @@ import torch
 from swarm import protocol, wire
 from swarm.errors import BadAddress, BadRequest
 from swarm.identity import Identity, verify
-from swarm.peers import PeerRecord
 from swarm.protocol import (
-    Ack, Close, Closed, Draining, Error, Forward, Limits, NextHop, Open, Opened, Proof, Prove, Result, Retarget, Retargeted, Step, parse,
+    Ack,
+    Close,
+    Closed,
+    Draining,
+    Error,
+    Forward,
+    Limits,
+    NextHop,
+    Open,
+    Opened,
+    Proof,
+    Prove,
+    Result,
+    Retarget,
+    Retargeted,
+    Step,
+    parse,
 )  # fmt: skip
+from swarm.records import PeerRecord
 
 ID = Identity.generate()
 MODEL = {"architecture": "llama", "shape": "30x576", "digest": "d" * 32}

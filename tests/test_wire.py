@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swarm import wire
-from swarm.errors import BadRequest, FrameTooLarge, UnsupportedVersion, error_from_code, Busy
+from swarm.errors import BadRequest, Busy, FrameTooLarge, UnsupportedVersion, error_from_code
 
 
 def test_frame_round_trip():

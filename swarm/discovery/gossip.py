@@ -51,7 +51,8 @@ from swarm import wire
 from swarm.discovery.proof import PROOF_PATH, ProofConfig, proof_answer
 from swarm.errors import BadRequest, FrameTooLarge, PeerUnavailable, ShuttingDown, SwarmError, error_from_code
 from swarm.identity import Identity, is_peer_id
-from swarm.peers import MAX_RECORD_BYTES, PeerRecord, PeerTable, is_base_url
+from swarm.peers import PeerTable
+from swarm.records import MAX_RECORD_BYTES, PeerRecord, is_base_url
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from swarm.errors import SwarmError
 from swarm.identity import is_peer_id
-from swarm.peers import PROTOCOL_VERSION, PeerRecord, PeerTable, refusal_reason
+from swarm.peers import PeerTable, refusal_reason
+from swarm.records import PROTOCOL_VERSION, PeerRecord
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from swarm import wire
 from swarm.addresses import AddressPolicy, base_url, check_dialable
 from swarm.errors import AddressRefused, BadRequest, PeerUnavailable, SignatureInvalid, SwarmError
 from swarm.identity import Identity, verify
-from swarm.peers import MAX_ADDRESSES, PeerRecord, PeerTable
+from swarm.peers import PeerTable
+from swarm.records import MAX_ADDRESSES, PeerRecord
 
 log = logging.getLogger(__name__)
 

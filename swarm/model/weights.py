@@ -32,7 +32,6 @@ from swarm.aliases import ALIASES, DEFAULT_MODEL  # noqa: F401 - DEFAULT_MODEL i
 from swarm.errors import BadSpan, CheckpointError, ModelNotFound, UnsupportedModel
 from swarm.model.config import ModelConfig
 
-
 # canonical block tensor -> (GGUF name, HF name); `{i}` is the block index.
 _BLOCK_TENSORS = {
     "attn_norm": ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
