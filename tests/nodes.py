@@ -71,6 +71,15 @@ def _pump(node: NodeProcess) -> None:
     node.settled.set()
 
 
+def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProcess]) -> NodeProcess:
+    """One node inside `host`'s network namespace (tests/netns.py), listening on its address and
+    gossiping every 0.5 s; it is appended to `started`, which the test stops at the end."""
+    folder = tmp / f"{host.namespace}-{len(started)}"
+    (node,) = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], folder, prefix=["ip", "netns", "exec", host.namespace])
+    started.append(node)
+    return node
+
+
 def stop_nodes(nodes: list[NodeProcess]) -> None:
     for node in nodes:
         if node.proc.poll() is None:

@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.netns import Lan, Lines
-from tests.nodes import start_nodes, stop_nodes
+from tests.nodes import start_in_namespace, stop_nodes
 
 FLOOD = 3000  # records per target per wave
 TOKENS = 8
@@ -61,9 +61,7 @@ def test_a_sybil_flood_cannot_eclipse_honest_nodes(lan_factory, tmp_path):
     nodes = []
 
     def node(host, *args):
-        found = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], tmp_path / host.namespace, prefix=["ip", "netns", "exec", host.namespace])
-        nodes.extend(found)
-        return found[0]
+        return start_in_namespace(host, tmp_path, list(args), nodes)
 
     try:
         bootstrap = node(home, "--no-model")

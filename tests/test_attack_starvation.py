@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from tests.netns import Lines
-from tests.nodes import start_nodes, stop_nodes
+from tests.nodes import start_in_namespace, stop_nodes
 
 NEW_TOKENS = 24
 HEADER_TIMEOUT_S = 2.0
@@ -31,9 +31,7 @@ def test_a_stranger_cannot_starve_a_legitimate_client(lan_factory, tmp_path):
 
     def node(*args):
         limits = ["--header-timeout", str(HEADER_TIMEOUT_S), "--max-sessions-per-source", str(SESSIONS)]
-        found = start_nodes([["--host", home.address, "--gossip-period", "0.5", *limits, *args]], tmp_path / f"n{len(nodes)}", prefix=["ip", "netns", "exec", home.namespace])
-        nodes.extend(found)
-        return found[0]
+        return start_in_namespace(home, tmp_path, [*limits, *args], nodes)
 
     def legit() -> dict:
         client = lan.run_in(user, [sys.executable, "-m", "tests.starvation_parties", "legit", bootstrap.url, str(NEW_TOKENS)], stderr=subprocess.STDOUT)

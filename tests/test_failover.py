@@ -23,7 +23,7 @@ from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import PeerUnavailable
 from swarm.model import Segment
 from tests.netns import Lines
-from tests.nodes import module_swarm, refresh, start_nodes, stop_nodes
+from tests.nodes import module_swarm, refresh, start_in_namespace, stop_nodes
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 64
@@ -156,9 +156,7 @@ def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, h
     nodes = []
 
     def node(host, *args):
-        found = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], tmp_path / host.namespace, prefix=["ip", "netns", "exec", host.namespace])
-        nodes.extend(found)
-        return found[0]
+        return start_in_namespace(host, tmp_path, list(args), nodes)
 
     try:
         bootstrap = node(home, "--no-model")
