@@ -39,7 +39,7 @@ from aiohttp import web  # noqa: E402
 
 from benchmarks.common import emit  # noqa: E402
 from swarm import wire  # noqa: E402
-from swarm.discovery.gossip import fetch_peers, peers_routes  # noqa: E402
+from swarm.discovery.peers_http import fetch_peers, peers_routes  # noqa: E402
 from swarm.identity import Identity  # noqa: E402
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord  # noqa: E402

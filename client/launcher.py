@@ -76,7 +76,7 @@ class LocalSwarm:
         """Until the bootstrap peer's table lists every node (they announce themselves on start)."""
         import aiohttp
 
-        from swarm.discovery.gossip import fetch_peers
+        from swarm.discovery.peers_http import fetch_peers
 
         expected = {n.peer_id for n in self.nodes}
         async with aiohttp.ClientSession() as http:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from swarm.discovery.gossip import fetch_peers
 from swarm.discovery.mdns import Mdns, MdnsConfig
+from swarm.discovery.peers_http import fetch_peers
 from swarm.errors import NoRoute, PeerUnavailable
 from swarm.peers import PeerTable, missing_ranges
 from swarm.records import PeerRecord

@@ -216,7 +216,7 @@ def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, in
     import aiohttp
 
     from node.balance import block_throughput, choose_span
-    from swarm.discovery.gossip import fetch_peers
+    from swarm.discovery.peers_http import fetch_peers
 
     async def records():
         found = []

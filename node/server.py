@@ -27,7 +27,7 @@ from node.push import PushPool
 from node.rebalance import drain_sessions, rebalance
 from node.session_socket import close_session, reap_idle, session_socket
 from node.state import STATE, NodeConfig, NodeState, Phase
-from swarm.discovery.gossip import peers_routes
+from swarm.discovery.peers_http import peers_routes
 from swarm.errors import ShuttingDown, SwarmError
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from swarm import wire
-from swarm.discovery.gossip import fetch_peers
+from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.records import PeerRecord
 

@@ -64,7 +64,7 @@ def _spans(url: str) -> dict[str, tuple[int, int]]:
 
     import aiohttp
 
-    from swarm.discovery.gossip import fetch_peers
+    from swarm.discovery.peers_http import fetch_peers
 
     async def fetch():
         async with aiohttp.ClientSession() as http:

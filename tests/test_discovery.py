@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from swarm import wire
-from swarm.discovery.gossip import fetch_peers
+from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.records import PeerRecord
 from tests.nodes import start_nodes, stop_nodes
@@ -112,7 +112,7 @@ async def _prover_of(identity: Identity, stack) -> str:
     """Serve `identity`'s proof endpoint on 127.0.0.1 port 0; its URL (the record's address)."""
     from aiohttp import web
 
-    from swarm.discovery.gossip import peers_routes
+    from swarm.discovery.peers_http import peers_routes
     from swarm.peers import PeerTable
 
     table = PeerTable()

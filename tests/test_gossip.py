@@ -24,7 +24,8 @@ from aiohttp import web
 
 from swarm import wire
 from swarm.discovery.exchange import exchange
-from swarm.discovery.gossip import Gossip, GossipConfig, fetch_peers, peers_routes
+from swarm.discovery.gossip import Gossip, GossipConfig
+from swarm.discovery.peers_http import fetch_peers, peers_routes
 from swarm.discovery.proof import PROOF_PATH, ProofConfig, Prover, check_proof, proof_answer
 from swarm.errors import BadRequest, PeerUnavailable, SignatureInvalid
 from swarm.identity import Identity
