@@ -30,7 +30,6 @@ whose `from_wire` checks a whole message before anything acts on it:
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any
 
@@ -49,7 +48,6 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -102,25 +100,11 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def session_id(message: dict[str, Any]) -> str:
-    value = field(message, "session", str)
-    if not _SESSION_ID.fullmatch(value):  # match's `$` also matches before a final newline
-        raise BadRequest("session id must be 1-64 characters of letters, digits, '-' or '_'")
-    return value
-
-
 def block_range(message: dict[str, Any], name: str = "blocks") -> tuple[int, int]:
     value = field(message, name, list)
     if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise BadRequest(f"field '{name}' must be [start, end] integers")
     return int(value[0]), int(value[1])
-
-
-def non_negative_int(message: dict[str, Any], name: str) -> int:
-    value = field(message, name, int)
-    if value < 0:
-        raise BadRequest(f"field '{name}' must be >= 0")
-    return value
 
 
 def wire_dtype(name: object) -> torch.dtype:

@@ -19,7 +19,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from swarm import wire
+from swarm import protocol, wire
 from swarm.errors import BadRequest, FrameTooLarge, UnsupportedVersion
 from tests.strategies import EDGE_INTS, ELEMENT_BYTES, FUZZ, INT64, SCALARS, fuzz, mutate_bytes, nested, packable, tensor_oracle
 
@@ -256,7 +256,7 @@ session_values = st.one_of(
 def test_session_ids_are_1_to_64_safe_characters(value: Any) -> None:
     valid = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None
     try:
-        result = wire.session_id({"type": "step", "session": value})
+        result = protocol.check_session_id(value)  # the one session id rule, used by every message
     except BadRequest:
         assert not valid
         return
@@ -266,7 +266,7 @@ def test_session_ids_are_1_to_64_safe_characters(value: Any) -> None:
 def test_regression_a_session_id_with_a_trailing_newline_is_refused() -> None:
     """Found by the fuzzer: `re.match` with `$` matches before a final newline."""
     with pytest.raises(BadRequest):
-        wire.session_id({"session": "abc\n"})
+        protocol.check_session_id("abc\n")
 
 
 block_values = st.one_of(field_values, st.lists(st.one_of(INT64, EDGE_INTS, st.booleans(), st.floats()), max_size=3))
@@ -286,18 +286,6 @@ def test_block_range_is_two_plain_ints_or_refused(value: Any) -> None:
         assert not valid
         return
     assert valid and (start, end) == tuple(value) and type(start) is int and type(end) is int
-
-
-@fuzz(400)
-@given(field_values)
-def test_non_negative_int_is_a_plain_int_at_least_zero(value: Any) -> None:
-    valid = type(value) is int and value >= 0
-    try:
-        result = wire.non_negative_int({"step": value}, "step")
-    except BadRequest:
-        assert not valid
-        return
-    assert valid and result == value
 
 
 @fuzz(300)
