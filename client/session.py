@@ -266,7 +266,9 @@ class RouteSession:
         times = [time.perf_counter()]
         try:
             boundary = prefix
-            for state in self.hops[:index]:  # the gap's inputs: the prefix through the hops before it
+            # The gap's inputs: the prefix through the hops before it (none when the
+            # prefill itself failed: there is nothing to rebuild, and no hop takes 0 tokens).
+            for state in self.hops[:index] if prefix.shape[0] else ():
                 boundary = await self._forward_once(state.hop, boundary)
             times.append(time.perf_counter())
             await self._connect(fresh)

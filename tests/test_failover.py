@@ -111,6 +111,23 @@ async def test_replace_splices_a_two_hop_sub_route_after_a_refused_one(swarm, fu
             assert lost.value.hop == session.route[0]
 
 
+async def test_replace_before_the_first_step_rebuilds_nothing(swarm, full_span, checkpoint):
+    """A hop lost during the prefill is replaced with an empty prefix: no hop is sent 0 tokens
+    (the soak met `tensor holds no tokens` here), and the prefill then runs on the new route."""
+    _, nodes = swarm
+    a, b, c = (_live(nodes, blocks)[0] for blocks in ((0, 10), (10, 20), (20, 30)))
+    spare = next(n for n in _live(nodes, (10, 20)) if n is not b)
+    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(4))
+    reference = full_span(x, [Segment(full_span.new_cache(6), 0, 6)])
+    digest = checkpoint.fingerprint().digest
+    async with aiohttp.ClientSession() as http:
+        async with RouteSession(http, _hops([a, b, c]), digest, 8, SessionConfig(wire_dtype="float32")) as session:
+            replacement = RemoteHop(spare.url, 10, 20, spare.peer_id)
+            await session.replace(session.route[1], [replacement], x[:0])
+            assert session.route[1] == replacement
+            torch.testing.assert_close(await session.forward(x, 0), reference[-1:], atol=5e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_middle_hop_lost_mid_generation(client, swarm, baseline, how):
     _, nodes = swarm
