@@ -1,0 +1,161 @@
+"""A signed accusation: the evidence that a node sent outputs its blocks do not compute.
+
+The evidence is the accused hop's own sealed transcript (swarm/seal.py) for one
+session: every step's input and output exactly as it received and sent them,
+and its seal over the last step. `check` replays the chain and verifies both
+signatures, so an accusation can only ever hold outputs the accused really
+signed; it is then up to a node that holds the same blocks to re-run
+`inputs()` and compare with `claimed()` (`verdict`) before it believes it.
+
+The steps of the transcript must be one clean prefix: positions 0, 1, ... with
+no gaps or repeats (a generation that failed over is not accused), which makes
+the re-run one stateless prefill of `inputs()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from swarm import wire
+from swarm.errors import BadRequest, SignatureInvalid
+from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_from_public_key, verify
+from swarm.protocol import check_session_id
+from swarm.seal import Disagreement, Transcript, check_seal, difference, tensor_digest
+
+ACCUSATION_TAG = b"layerswarm/accusation/v1\n"
+MAX_EVIDENCE_TOKENS = 4096  # inputs over all steps; a node re-runs them once, as one prefill
+MAX_EVIDENCE_STEPS = 4096
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One step of the accused's transcript: its input and output as wire tensors (dicts of dtype, shape, data)."""
+
+    step: int
+    position: int
+    input: dict[str, Any]
+    output: dict[str, Any]
+
+    def to_wire(self) -> list[Any]:
+        return [self.step, self.position, self.input, self.output]
+
+
+@dataclass(frozen=True)
+class Accusation:
+    """`accused` (an Ed25519 public key) sealed `steps` for `blocks` of `model`; `accuser` signed the charge."""
+
+    model: str
+    blocks: tuple[int, int]
+    session: str
+    accused: bytes
+    steps: tuple[Evidence, ...]
+    seal: bytes  # the accused's seal over the transcript after the last step
+    accuser: bytes = b""
+    signature: bytes = b""
+
+    @property
+    def accused_id(self) -> str:
+        return peer_id_from_public_key(self.accused)
+
+    @property
+    def accuser_id(self) -> str:
+        return peer_id_from_public_key(self.accuser)
+
+    def transcript_digest(self) -> bytes:
+        """The accused's chain replayed over the evidence (what its seal must sign)."""
+        transcript = Transcript(self.model, self.blocks, self.session, self.accused_id)
+        for e in self.steps:
+            transcript.update(e.step, e.position, _digest(e.input), _digest(e.output))
+        return transcript.digest
+
+    def payload(self) -> bytes:
+        """What the accuser signs: the charge and the accused's digest and seal (which commit to every tensor)."""
+        body = [self.model, list(self.blocks), self.session, self.accused, self.transcript_digest(), self.seal]
+        return ACCUSATION_TAG + msgpack.packb(body, use_bin_type=True)
+
+    def signed_by(self, accuser: Identity) -> Accusation:
+        return Accusation(self.model, self.blocks, self.session, self.accused, self.steps, self.seal,
+                          accuser.public_key_bytes, accuser.sign(self.payload()))  # fmt: skip
+
+    def check(self) -> None:
+        """Both signatures hold over the replayed evidence; raises `SignatureInvalid` otherwise."""
+        digest = self.transcript_digest()
+        if not check_seal(self.accused, self.seal, digest):
+            raise SignatureInvalid(f"the evidence is not sealed by {self.accused_id}: nothing it signed is in it")
+        if not verify(self.accuser, self.signature, self.payload()):
+            raise SignatureInvalid("the accuser's signature does not hold")
+
+    def inputs(self) -> torch.Tensor:
+        """Every step's input, in order: [L, D] for positions 0..L-1."""
+        return torch.cat([wire.unpack_tensor(e.input) for e in self.steps]).float()
+
+    def claimed(self) -> tuple[list[int], torch.Tensor]:
+        """The positions the accused sent rows for, and those rows [N, D]."""
+        positions: list[int] = []
+        rows = []
+        for e in self.steps:
+            given, sent = e.input["shape"][0], e.output["shape"][0]
+            positions.extend(range(e.position, e.position + given) if sent == given else [e.position + given - 1])
+            rows.append(wire.unpack_tensor(e.output).float())
+        return positions, torch.cat(rows)
+
+    def verdict(self, reference: torch.Tensor) -> Disagreement:
+        """How far the claimed rows are from `reference` [L, D], the blocks re-run on `inputs()`."""
+        positions, claimed = self.claimed()
+        return difference(claimed, reference[positions].float())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "accusation", "model": self.model, "blocks": list(self.blocks), "session": self.session,
+            "accused": self.accused, "steps": [e.to_wire() for e in self.steps], "seal": self.seal,
+            "accuser": self.accuser, "signature": self.signature,
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any], hidden_size: int | None = None) -> Accusation:
+        """Checked whole: types, sizes, tensors (finite, of `hidden_size`), one clean prefix of positions."""
+        if not isinstance(message, dict) or message.get("type") != "accusation":
+            raise BadRequest("not an accusation")
+        model = wire.field(message, "model", str)
+        if len(model) > 128:
+            raise BadRequest("field 'model' is too long")
+        blocks = wire.block_range(message)
+        if not 0 <= blocks[0] < blocks[1]:
+            raise BadRequest("field 'blocks' must be a non-empty range")
+        session = check_session_id(message.get("session"))
+        keys = {name: wire.field(message, name, bytes) for name in ("accused", "seal", "accuser", "signature")}
+        for name, size in (("accused", PUBLIC_KEY_BYTES), ("accuser", PUBLIC_KEY_BYTES), ("seal", SIGNATURE_BYTES), ("signature", SIGNATURE_BYTES)):
+            if len(keys[name]) != size:
+                raise BadRequest(f"field '{name}' must be {size} bytes")
+        raw = wire.field(message, "steps", list)
+        if not 0 < len(raw) <= MAX_EVIDENCE_STEPS:
+            raise BadRequest(f"an accusation holds 1 to {MAX_EVIDENCE_STEPS} steps")
+        steps, position, dtype = [], 0, None
+        for item in raw:
+            if not isinstance(item, list) or len(item) != 4:
+                raise BadRequest("each step of an accusation is [step, position, input, output]")
+            step, at, given, sent = item
+            if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
+                raise BadRequest("a step number must be a non-negative integer")
+            if at != position:
+                raise BadRequest(f"evidence positions must run 0, 1, ... without gaps (step {step} is at {at!r}, expected {position})")
+            x = wire.unpack_tensor(given, hidden_size=hidden_size, max_tokens=MAX_EVIDENCE_TOKENS - position)
+            y = wire.unpack_tensor(sent, hidden_size=x.shape[1])
+            if y.shape[0] not in (x.shape[0], 1) or {given["dtype"], sent["dtype"]} != {dtype or given["dtype"]}:
+                raise BadRequest("a step's output must be all its rows or the last, in the same wire dtype as every input")
+            dtype = given["dtype"]
+            position += x.shape[0]
+            steps.append(Evidence(step, at, given, sent))
+        return cls(model, blocks, session, keys["accused"], tuple(steps), keys["seal"], keys["accuser"], keys["signature"])
+
+    @property
+    def dtype(self) -> str:
+        return self.steps[0].input["dtype"]
+
+
+def _digest(tensor: dict[str, Any]) -> bytes:
+    return tensor_digest(tensor["dtype"], tensor["shape"], tensor["data"])
