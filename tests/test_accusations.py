@@ -251,9 +251,10 @@ def test_a_flood_of_accusations_from_one_source_is_busy_and_a_client_is_undistur
 
     try:
         bootstrap = start_in_namespace(home, tmp_path, ["--no-model"], nodes)
-        node = start_in_namespace(home, tmp_path, ["--blocks", "0:30", "--bootstrap", bootstrap.url], nodes)
+        accused, judge = (start_in_namespace(home, tmp_path, ["--blocks", "0:30", "--bootstrap", bootstrap.url], nodes) for _ in range(2))
         undisturbed = legit()
-        attacker = lan.run_in(stranger, [sys.executable, "-m", "tests.accusation_flood", node.url, node.peer_id], stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "tests.accusation_flood", accused.url, accused.peer_id, judge.url]
+        attacker = lan.run_in(stranger, argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = Lines(attacker.stdout)
         lines.expect(lambda line: line.startswith("ready"), 120)
         disturbed = legit()
