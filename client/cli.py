@@ -279,7 +279,6 @@ def _discovery_options(args: argparse.Namespace):
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
-
     from client.peers import coverage_lines, discover
 
     async def run():

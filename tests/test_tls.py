@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from client.planner import ClientConfig, Planner
 from client.peers import DiscoveryOptions
+from client.planner import ClientConfig, Planner
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from node.accept import GuardedRunner
 from node.limits import SourceLimit
@@ -471,7 +471,7 @@ async def test_an_impostor_at_a_nodes_address_is_refused_and_the_client_reroutes
 async def test_a_node_pushing_to_that_address_refuses_it_too(tls_swarm, relay, attack):
     """A -> B through the relay: the client's own dial of B (from 127.0.0.2) is forwarded
     untouched, A's push (from 127.0.0.1) meets the attack; A names B in an `identity_mismatch`."""
-    bootstrap, nodes, _ = tls_swarm
+    _, nodes, _ = tls_swarm
     client, route = await _client_routed_through_b(tls_swarm)
     hops = client.planner.hops(route)
     connector = aiohttp.TCPConnector(ssl=False, local_addr=("127.0.0.2", 0))
@@ -500,3 +500,17 @@ async def test_the_client_refuses_a_pinned_hop_at_once_without_opening(tls_swarm
         with pytest.raises(IdentityMismatch, match=f"{nodes[2].peer_id} answered there") as refused:
             await session.__aenter__()
     assert hop_of(refused.value) is hop
+
+
+def test_a_tls_node_refuses_http_urls_in_one_line(tmp_path):
+    """Before anything loads: a TLS node never dials an http bootstrap, nor advertises an http URL."""
+    import subprocess
+    import sys
+
+    for flag, expected in (("--bootstrap", "a TLS node dials https only"), ("--public-url", "this node serves https")):
+        done = subprocess.run(
+            [sys.executable, "-m", "node.cli", "--identity", str(tmp_path / "key"), "--blocks", "0:1", flag, "http://127.0.0.1:9"],
+            check=False, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} http://127.0.0.1:9: {expected}"), lines
