@@ -95,7 +95,13 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
     options = _discovery_options(args)  # all of it (--wait too), not only the bootstrap list
     if bootstrap is not None:
         options = replace(options, bootstrap=tuple(bootstrap))
-    return SwarmModel(args.model, discovery=options, config=ClientConfig(wire_dtype=args.wire_dtype), dtype=getattr(torch, args.dtype))
+    return SwarmModel(args.model, discovery=options, config=ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args)), dtype=getattr(torch, args.dtype))
+
+
+def _transport(args: argparse.Namespace):
+    from swarm.transport import Transport
+
+    return Transport(insecure_http=args.insecure_http)
 
 
 def _print_stream(args: argparse.Namespace, pieces) -> int:
@@ -213,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
 
     async def run() -> int:
-        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say) as swarm:
+        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say, transport=_transport(args)) as swarm:
             model = _swarm_model(args, bootstrap=[swarm.bootstrap_url])
             if args.prompt is None:
                 return await chat_loop(model, params)
@@ -240,6 +246,15 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None
         _add_discovery(parser)
     else:
         parser.set_defaults(bootstrap=[], mdns=False, mdns_interface=[], wait=3.0)
+        _add_insecure(parser, "also start the demo's nodes on plain http")
+
+
+def _add_insecure(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="also dial peers on plain http (no encryption, no identity pinning); by default only https peers are dialled, each pinned to its peer id" + (f"; {extra}" if extra else ""),
+    )
 
 
 def _add_discovery(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +262,7 @@ def _add_discovery(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="also browse the LAN with mDNS (default off)")
     parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="interface address for mDNS (repeatable; default all)")
     parser.add_argument("--wait", type=float, default=3.0, metavar="SECONDS", help="how long to listen for mDNS answers (default 3)")
+    _add_insecure(parser)
 
 
 def _discovery_options(args: argparse.Namespace):
@@ -263,13 +279,13 @@ def _discovery_options(args: argparse.Namespace):
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
-    import aiohttp
 
     from client.peers import coverage_lines, discover
 
     async def run():
-        async with aiohttp.ClientSession() as http:
-            return await discover(http, _discovery_options(args))
+        transport = _transport(args)
+        async with transport.client_session() as http:
+            return await discover(http, _discovery_options(args), transport=transport)
 
     view = asyncio.run(run())
     now = time.time()

@@ -19,6 +19,7 @@ from swarm.discovery.peers_http import fetch_peers
 from swarm.errors import NoRoute, PeerUnavailable
 from swarm.peers import PeerTable, missing_ranges
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,11 @@ class SwarmView:
     unreachable: list[str] = field(default_factory=list)  # bootstrap URLs that did not answer
 
 
-async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view: SwarmView | None = None) -> SwarmView:
-    """Fill (or refresh) a view from every bootstrap peer and, if asked, an mDNS browse."""
+async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view: SwarmView | None = None, transport: Transport | None = None) -> SwarmView:
+    """Fill (or refresh) a view from every bootstrap peer and, if asked, an mDNS browse.
+
+    Bootstrap URLs are dialled unpinned (their identity is not known yet): what they answer is
+    signed records, each verified on its own; dials to the peers of those records are pinned."""
     view = view or SwarmView()
     if not options.bootstrap and options.mdns is None:
         raise NoRoute("no way to find peers: give a bootstrap URL or enable mDNS")
@@ -57,7 +61,7 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
         for record in result:
             view.table.merge(record, now, source="bootstrap")
     if options.mdns is not None:
-        async with Mdns(options.mdns, table=view.table):
+        async with Mdns(options.mdns, table=view.table, transport=transport):
             await asyncio.sleep(options.mdns_wait_s)  # browsing is listening: there is no event for "heard everyone"
     if options.bootstrap and len(view.unreachable) == len(options.bootstrap) and options.mdns is None:
         raise PeerUnavailable(f"no bootstrap peer answered: {', '.join(view.unreachable)}")

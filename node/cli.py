@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
-    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from http://HOST:PORT")
+    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from https://HOST:PORT (http:// with --insecure-http)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--proof-timeout", type=_seconds, default=2.0, metavar="SECONDS", help="how long a new peer's address has to answer our nonce with its key (default 2)")
     peers.add_argument("--proof-concurrency", type=_positive, default=16, metavar="N", help="proofs in flight at once (default 16)")
     peers.add_argument("--gossip-anchors", type=_count, default=2, metavar="N", help="peers of longest standing gossiped with every round, besides bootstrap and random peers (default 2)")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. https://10.0.0.5:7000 (repeatable)")
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve and advertise plain http, and dial http peers too (no encryption, no identity pinning); "
+        "by default the node serves TLS with a certificate carrying its identity key and dials only https peers, each pinned to its peer id",
+    )
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="advertise and browse on the LAN with mDNS (default off: it multicasts on your network)")
@@ -213,14 +219,12 @@ def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, in
     """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
     import random
 
-    import aiohttp
-
     from node.balance import block_throughput, choose_span
     from swarm.discovery.peers_http import fetch_peers
 
     async def records():
         found = []
-        async with aiohttp.ClientSession() as http:
+        async with _transport(args).client_session() as http:
             for url in args.bootstrap:
                 try:
                     found += await fetch_peers(http, url.rstrip("/"), 5.0)
@@ -263,10 +267,17 @@ def _node_config(args: argparse.Namespace):
         raise SwarmError(f"bad discovery option: {exc}") from None
     if mdns is not None:
         _check_local_addresses(args.mdns_interface)
+    transport = _transport(args)
+    for url in args.bootstrap:
+        if not transport.allows(url):
+            raise SwarmError(f"--bootstrap {url}: a TLS node dials https only (give an https URL, or --insecure-http)")
+    if args.public_url and not args.public_url.lower().startswith(f"{transport.scheme}://"):
+        raise SwarmError(f"--public-url {args.public_url}: this node serves {transport.scheme} (--insecure-http: http, else https)")
     return NodeConfig(
         host=args.host,
         port=args.port,
         public_url=args.public_url,
+        transport=transport,
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
@@ -291,6 +302,12 @@ def _node_config(args: argparse.Namespace):
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns, table=table),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
     )
+
+
+def _transport(args: argparse.Namespace):
+    from swarm.transport import Transport
+
+    return Transport(insecure_http=args.insecure_http)
 
 
 def _check_local_addresses(addresses: list[str]) -> None:

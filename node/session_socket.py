@@ -35,6 +35,7 @@ from swarm.errors import (
     BadRequest,
     Busy,
     HopNotProven,
+    IdentityMismatch,
     LengthExceeded,
     ModelMismatch,
     NotPermitted,
@@ -217,7 +218,7 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
     forward = Step(next_hop.session, request.step, request.position, out, session.wire_dtype, request.output, next_hop.token)
     try:
         await state.push.push(next_hop, forward)
-    except (PeerUnavailable, HopNotProven) as exc:
+    except (PeerUnavailable, HopNotProven, IdentityMismatch) as exc:
         await session.owner.send(Error.of(exc, session=session.id, step=request.step, hop=next_hop.peer_id))
         return
     await session.owner.send(Ack(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size))

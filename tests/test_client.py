@@ -55,7 +55,7 @@ def test_three_node_greedy_equals_local_generate(client, swarm, head, full_span,
 def test_bfloat16_wire_stays_close(swarm, head, full_span):
     """bf16 between hops: the measure is the greedy tokens before the first divergence."""
     bootstrap, nodes = swarm
-    bf16 = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16"))
+    bf16 = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16"))
     route = _route_through(bf16, nodes, {(0, 10), (10, 20), (20, 30)})
     agree = []
     for prompt in PROMPTS:
@@ -106,7 +106,7 @@ def test_busy_node_is_routed_around(tmp_path, swarm, limit):
     bootstrap, nodes = swarm
     (busy,) = start_nodes([["--blocks", "0:30", *limit, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
     try:
-        model = SwarmModel(DEFAULT_MODEL, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
+        model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
         result = asyncio.run(model.agenerate("What is the capital of France?", max_new_tokens=16))
         assert "Paris" in result.text
         assert not any(busy.peer_id[:8] in hop for hop in result.route)
@@ -150,7 +150,7 @@ def test_inflated_claim_cannot_keep_the_route_over_measured_peers(tmp_path, clie
     try:
         with _cpu_quota(slow.proc.pid, 5):
             inflate = lambda r: r.throughput * 1e6 if r.peer_id == slow.peer_id else r.throughput  # noqa: E731
-            model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
+            model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
             asyncio.run(refresh(model))
             claimed = {c.peer_id: c.per_block_s for c in model.candidates()}
             assert claimed[slow.peer_id] >= min(claimed.values()), "a clamped claim is no better than the median by more than the factor"
