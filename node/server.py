@@ -42,6 +42,7 @@ def build_app(state: NodeState) -> web.Application:
     limit = max(config.max_frame, config.discovery.gossip.max_frame)  # /peers checks its own, smaller limit
     middlewares = [*config.transport.server_middlewares(), body_in_time(config.body_timeout_s, limit, error_response)]
     app = web.Application(client_max_size=limit, middlewares=middlewares)
+    app.on_response_prepare.extend(config.transport.response_hooks())
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
