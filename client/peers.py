@@ -16,7 +16,7 @@ import aiohttp
 
 from swarm.discovery.mdns import Mdns, MdnsConfig
 from swarm.discovery.peers_http import fetch_peers
-from swarm.errors import NoRoute, NotMember, PeerUnavailable
+from swarm.errors import AddressRefused, NoRoute, NotMember, PeerUnavailable
 from swarm.peers import PeerTable, missing_ranges
 from swarm.records import PeerRecord
 from swarm.transport import Transport
@@ -48,6 +48,10 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
     view = view or SwarmView()
     if not options.bootstrap and options.mdns is None:
         raise NoRoute("no way to find peers: give a bootstrap URL or enable mDNS")
+    transport = transport or Transport()
+    for url in options.bootstrap:
+        if not transport.allows(url):
+            raise AddressRefused(f"bootstrap {url} is plain http: this client dials https only (--insecure-http, or insecure_http=True, allows it)")
     now = time.time()
     results = await asyncio.gather(*(fetch_peers(http, url, options.timeout_s) for url in options.bootstrap), return_exceptions=True)
     view.unreachable = []

@@ -92,7 +92,7 @@ def test_chat_cli_keeps_history_and_shows_the_route(swarm):
     bootstrap, _ = swarm
     script = "What is the capital of France?\n/route\nAnd of Germany?\n/reset\n/quit\n"
     done = subprocess.run(
-        [sys.executable, "-m", "client.cli", "chat", "--bootstrap", bootstrap.url, "--max-new-tokens", "20"],
+        [sys.executable, "-m", "client.cli", "chat", "--insecure-http", "--bootstrap", bootstrap.url, "--max-new-tokens", "20"],
         input=script, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr
@@ -173,7 +173,7 @@ def test_cli_discovery_options_reach_the_model():
     """Regression: `--wait` (and the rest of the discovery flags) were dropped: SwarmModel built its own options."""
     from client.cli import _swarm_model, build_parser
 
-    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25"])
+    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25", "--insecure-http"])
     model = _swarm_model(args)
     assert model.discovery.mdns_wait_s == 0.25
     assert model.discovery.bootstrap == ("http://127.0.0.1:1",) and model.discovery.mdns is not None
@@ -188,8 +188,9 @@ def test_errors_are_one_clear_line(tmp_path):
     (lonely,) = start_nodes([["--blocks", "0:10", "--max-sessions", "0"]], tmp_path)
     try:
         cases = [
-            (["--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
-            (["--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+            (["--insecure-http", "--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
+            (["--insecure-http", "--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+            (["--bootstrap", lonely.url], f"error: bootstrap {lonely.url} is plain http: this client dials https only"),  # never dialled
         ]
         for extra, expected in cases:
             done = _cli("generate", "hi", "--max-new-tokens", "4", *extra)
@@ -201,7 +202,7 @@ def test_errors_are_one_clear_line(tmp_path):
         other = tmp_path / "other.gguf"
         shutil.copyfile(resolve_model(DEFAULT_MODEL), other)
         _flip_a_weight_byte(other)
-        done = _cli("generate", str(other), "hi", "--bootstrap", lonely.url)
+        done = _cli("generate", str(other), "hi", "--insecure-http", "--bootstrap", lonely.url)
         assert done.returncode == 2
         assert done.stderr.strip().startswith("error: no peer serves model llama-"), done.stderr
         assert "the swarm serves: llama-" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -212,7 +213,7 @@ def test_errors_are_one_clear_line(tmp_path):
 def test_busy_everywhere_is_one_clear_line(tmp_path):
     (full,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0"]], tmp_path)
     try:
-        done = _cli("generate", "hi", "--bootstrap", full.url)
+        done = _cli("generate", "hi", "--insecure-http", "--bootstrap", full.url)
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "busy" in lines[0] and lines[0].startswith("error: "), lines
