@@ -313,6 +313,11 @@ async def test_mdns_of_a_private_swarm_reveals_nothing_and_only_members_fetch():
         assert forger.peer_id not in member
 
 
+ATTACKER = Path(__file__).with_name("membership_attacker.py")
+ATTACK_S = 25.0  # longer than the member's generation (head load, a 4 s mDNS listen, 12 tokens)
+ATTACK_CONNECTIONS = 80  # over the default 64 connections per source
+
+
 def _cli_in(lan, host, *args: str, timeout: float = 180.0) -> dict:
     """`swarm ... --json` run inside `host`; its JSON answer."""
     process = lan.run_in(host, [sys.executable, "-m", "client.cli", *args, "--json"], stderr=subprocess.PIPE, cwd=ROOT)
@@ -323,7 +328,8 @@ def _cli_in(lan, host, *args: str, timeout: float = 180.0) -> dict:
 
 def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, tmp_path, keys):
     """Namespaces on one LAN: two members and an open node advertise with mDNS; nobody names a
-    bootstrap peer. Members find each other, generate the open node's text, and never list it."""
+    bootstrap peer. Members find each other, never list the open node, and a member generates
+    the open node's text while a stranger on the open node's address floods the first member."""
     (path, _), _ = keys
     lan = lan_factory(4)
     first, second, outsider_host, client = lan.hosts
@@ -350,9 +356,16 @@ def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, 
         assert found == ids
         assert {p["peer_id"] for p in _cli_in(lan, client, "peers", *mdns)["peers"]} == {outsider.peer_id}
         generate = ["generate", PROMPT, "--max-new-tokens", str(TOKENS), "--wire-dtype", "float32"]
-        private = _cli_in(lan, client, *generate, *mdns, "--swarm-key", str(path))
         public = _cli_in(lan, client, *generate, "--bootstrap", outsider.url, "--insecure-http")
+        # A stranger on its own address hammers the first member (more connections than one source
+        # may hold) while a member generates beside it.
+        attacker = lan.run_in(outsider_host, [sys.executable, str(ATTACKER), members[0].url, str(ATTACK_S), str(ATTACK_CONNECTIONS)], cwd=ROOT)
+        private = _cli_in(lan, client, *generate, *mdns, "--swarm-key", str(path))
+        attack = json.loads(attacker.communicate(timeout=ATTACK_S + 60)[0])
         assert private["text"] == public["text"] and private["text"]
         assert _peers(private["route"]) <= _short(members)
+        assert set(attack["status"]) <= {"401", "503"} and attack["status"]["401"] > 0, attack  # refused or busy, never served
+        assert attack["status"].get("503", 0) + attack["errors"] > 0, attack  # the per-source connection limit held too
+        print(f"attacker answers: {attack}")
     finally:
         stop_nodes(started)
