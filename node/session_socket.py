@@ -38,6 +38,7 @@ from swarm.errors import (
     IdentityMismatch,
     LengthExceeded,
     ModelMismatch,
+    NotMember,
     NotPermitted,
     PeerUnavailable,
     SessionNotFound,
@@ -218,7 +219,7 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
     forward = Step(next_hop.session, request.step, request.position, out, session.wire_dtype, request.output, next_hop.token)
     try:
         await state.push.push(next_hop, forward)
-    except (PeerUnavailable, HopNotProven, IdentityMismatch) as exc:
+    except (PeerUnavailable, HopNotProven, IdentityMismatch, NotMember) as exc:  # NotMember: a next hop outside our swarm
         await session.owner.send(Error.of(exc, session=session.id, step=request.step, hop=next_hop.peer_id))
         return
     await session.owner.send(Ack(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size))
