@@ -21,7 +21,15 @@ import aiohttp
 from aiohttp import web
 
 from benchmarks.common import emit
-from swarm.membership import Membership, SwarmKey, client_proof, format_proof, open_client_middleware, open_server_middleware, server_answer
+from swarm.membership import (
+    Membership,
+    SwarmKey,
+    client_proof,
+    format_proof,
+    open_client_middleware,
+    open_server_middleware,
+    server_answer,
+)
 
 
 async def _hello(request: web.Request) -> web.Response:

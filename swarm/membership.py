@@ -415,9 +415,8 @@ class Membership:
         """The next challenge of an answer that proves the key; else the typed refusal."""
         challenge = decode(response.headers.get(CHALLENGE_HEADER), CHALLENGE_BYTES)
         answer = decode(response.headers.get(ANSWER_HEADER), MAC_BYTES)
-        if challenge is not None and answer is not None:
-            if hmac.compare_digest(answer, server_answer(self.key, nonce, method, target, response.status, challenge)):
-                return challenge
+        if challenge is not None and answer is not None and hmac.compare_digest(answer, server_answer(self.key, nonce, method, target, response.status, challenge)):
+            return challenge
         if response.status == 503 and ANSWER_HEADER not in response.headers:  # a connection limit, before any check
             raise PeerUnavailable(f"{origin} is busy")
         if CHALLENGE_HEADER in response.headers or ANSWER_HEADER in response.headers:

@@ -316,9 +316,8 @@ async def test_private_and_open_never_talk() -> None:
                 await http.post(url + "/echo", data=b"private records")
             with pytest.raises(NotMember, match="not in this private swarm"):
                 await http.ws_connect(url + "/session")
-        async with _session(None) as http:  # open with open: as before
-            async with http.post(url + "/echo", data=b"ab") as response:
-                assert await response.read() == b"POST /echo 2"
+        async with _session(None) as http, http.post(url + "/echo", data=b"ab") as response:  # open with open: as before
+            assert await response.read() == b"POST /echo 2"
         async with aiohttp.ClientSession() as raw:  # a proof at an open node is refused
             headers = {NONCE_HEADER: encode(os.urandom(16)), PROOF_HEADER: "x.y"}
             async with raw.get(url + "/echo", headers=headers) as response:
@@ -351,7 +350,7 @@ async def test_a_replayed_proof_is_refused_and_a_proof_for_one_node_fails_at_ano
     async with _app(node_a) as url_a, _app(node_b) as url_b, _session(client, sent) as http:
         async with http.post(url_a + "/echo", data=b"once") as response:
             assert response.status == 200
-        method, url, headers = sent[-1]
+        _, url, headers = sent[-1]
         replay = {NONCE_HEADER: headers[NONCE_HEADER], PROOF_HEADER: headers[PROOF_HEADER]}
         async with aiohttp.ClientSession() as raw:
             async with raw.post(url, data=b"once", headers=replay) as response:
