@@ -428,6 +428,13 @@ async def _client_routed_through_b(tls_swarm):
     return client, route
 
 
+def _assert_refused_as_impostor(client, node: NodeProcess) -> None:
+    """The client banned `node` for presenting another identity, not for anything else."""
+    measurements = client.planner.measurements
+    assert node.peer_id in measurements.banned(client.planner.clock())
+    assert measurements.peers[node.peer_id].last_offence.startswith("identity_mismatch:")
+
+
 async def test_a_tls_swarm_generates_the_plain_swarms_text(tls_swarm, relay, plain_text):
     bootstrap, nodes, _ = tls_swarm
     await _listed(bootstrap, {n.peer_id for n in nodes})
@@ -448,7 +455,7 @@ async def test_a_man_in_the_middle_is_refused_and_the_client_reroutes(tls_swarm,
     assert relay.seen["mitm"] >= 1  # the client did dial B's address, and met the relay there
     assert result.text == plain_text
     assert not any(name.startswith(nodes[1].peer_id[:8]) for name in result.route)
-    assert nodes[1].peer_id in client.planner.measurements.banned(client.planner.clock())
+    _assert_refused_as_impostor(client, nodes[1])
 
 
 async def test_an_impostor_at_a_nodes_address_is_refused_and_the_client_reroutes(tls_swarm, relay, plain_text):
@@ -458,7 +465,7 @@ async def test_an_impostor_at_a_nodes_address_is_refused_and_the_client_reroutes
     result = await client.agenerate(PROMPT, route=route, max_new_tokens=NEW_TOKENS)
     assert relay.seen["forward"] >= 1 and result.text == plain_text
     assert [name[:8] for name in result.route] == [nodes[0].peer_id[:8], nodes[2].peer_id[:8], nodes[3].peer_id[:8]]
-    assert nodes[1].peer_id in client.planner.measurements.banned(client.planner.clock())
+    _assert_refused_as_impostor(client, nodes[1])
 
 
 @pytest.mark.parametrize("attack", ["mitm", "impostor"])
