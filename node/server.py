@@ -44,6 +44,7 @@ def build_app(state: NodeState) -> web.Application:
     own = ("/forward", "/accusations")  # these read their bodies themselves, after their cheap refusals
     middlewares = [*config.transport.server_middlewares(), body_in_time(config.body_timeout_s, limit, error_response, own=own)]
     app = web.Application(client_max_size=limit, middlewares=middlewares)
+    app.on_response_prepare.extend(config.transport.response_hooks())
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(accusation_routes())

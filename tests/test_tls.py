@@ -40,6 +40,7 @@ from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.discovery.peers_http import fetch_peers
 from swarm.errors import IdentityMismatch
 from swarm.identity import Identity
+from swarm.membership import open_server_middleware
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
 from swarm.transport import PeerPin, PinMismatch, PlainHttpRefused, Transport, certificate_pem, peer_id_of_certificate
@@ -126,7 +127,7 @@ def test_what_a_transport_dials_and_serves():
     assert PLAIN.server_ssl(Identity.generate()) is None
     context = TLS.server_ssl(Identity.generate())
     assert context is not None and context.minimum_version is ssl.TLSVersion.TLSv1_3
-    assert TLS.server_middlewares() == []
+    assert TLS.server_middlewares() == [open_server_middleware]  # an open node refuses membership proofs
 
 
 def test_a_tls_planner_leaves_plain_http_peers_out_of_routes():
