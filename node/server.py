@@ -94,7 +94,7 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         push = await stack.enter_async_context(PushPool(config.push, config.max_frame, config.transport))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
-        state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame))
+        state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame, config.transport))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor)
