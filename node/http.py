@@ -10,6 +10,7 @@ from node.accept import read_body
 from node.limits import source_key
 from node.state import STATE, NodeState
 from swarm import wire
+from swarm.seal import FORWARD_SESSION, Transcript, seal_payload, tensor_digest
 from swarm.errors import (
     BadRequest,
     BadSpan,
@@ -66,10 +67,20 @@ async def post_forward(request: web.Request) -> web.Response:
             hidden = wire.unpack_tensor(message.get("hidden"), hidden_size=backend.span.config.hidden_size, max_tokens=backend.max_forward_tokens)
             out = await backend.forward(blocks, hidden)
         dtype = message["hidden"]["dtype"]
-        body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": wire.pack_tensor(out, dtype)})
+        packed = wire.pack_tensor(out, dtype)
+        seal = forward_seal(state, blocks, message["hidden"], packed)
+        body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": packed, "seal": seal, "peer_id": state.identity.peer_id})
         return web.Response(body=body, content_type="application/msgpack")
     except SwarmError as exc:
         return error_response(exc)
+
+
+def forward_seal(state: NodeState, blocks: tuple[int, int], given: dict[str, Any], sent: dict[str, Any]) -> bytes:
+    """This node's seal over a one-step transcript of a forward (session "forward", step 0, position 0):
+    an answer it can be held to, like any session step's."""
+    transcript = Transcript(state.fingerprint.digest, blocks, FORWARD_SESSION, state.identity.peer_id)
+    digest = transcript.update(0, 0, tensor_digest(given["dtype"], given["shape"], given["data"]), tensor_digest(sent["dtype"], sent["shape"], sent["data"]))
+    return state.identity.sign(seal_payload(digest))
 
 
 def error_response(exc: SwarmError) -> web.Response:

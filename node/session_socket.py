@@ -22,6 +22,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import aiohttp
+import torch
 from aiohttp import web
 
 from node.channel import Channel
@@ -62,6 +63,7 @@ from swarm.protocol import (
     opened_payload,
     proof_payload,
 )
+from swarm.seal import Transcript, digest_of, seal_payload
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +152,12 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
     except BaseException:
         hold.release()
         raise
-    session = Session(request.session, channel, request.blocks, request.max_length, request.dtype, request.next, cache, request.token, hold)
+    identity = state.identity
+    transcript = Transcript(request.model, request.blocks, request.session, identity.peer_id)
+    session = Session(request.session, channel, request.blocks, request.max_length, request.dtype, request.next, cache, request.token, transcript, request.tap, hold)
     state.sessions.add(session)
     state.sessions_opened += 1
     log.debug("opened session %s blocks %s max_length %d", request.session, request.blocks, request.max_length)
-    identity = state.identity
     signature = identity.sign(opened_payload(request.nonce, request.session, request.blocks))
     await channel.send(Opened(request.session, request.blocks, request.max_length, identity.peer_id, identity.public_key_bytes, signature, state.record()))
 
@@ -206,21 +209,32 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
     except SwarmError as exc:
         await session.owner.send(Error.of(exc, session=session.id, step=request.step))
         return
-    out = result.hidden
     # compute_ms: the model alone; queue_ms: from arrival to result (queueing and thread hops included)
     compute_ms, queue_ms = result.compute_s * 1e3, (time.perf_counter() - began) * 1e3
     next_hop = session.next_hop
+    out = result.hidden if next_hop is not None or request.output == "all" else result.hidden[-1:]
+    # Converted once: the push, the digest and a tapped ack all send these very bytes.
+    sent = out.to(dtype=wire.WIRE_DTYPES[session.wire_dtype]).contiguous()
+    # Chained now, before any await: a session's steps finish in order here, so the chain follows them.
+    digest = seal_step(session.transcript, request, sent, session.wire_dtype)
     if next_hop is None:
-        hidden = out[-1:] if request.output == "last" else out
-        await session.owner.send(Result(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size, hidden, session.wire_dtype))
+        seal = state.identity.sign(seal_payload(digest))
+        await session.owner.send(Result(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size, seal, sent, session.wire_dtype))
         return
-    forward = Step(next_hop.session, request.step, request.position, out, session.wire_dtype, request.output, next_hop.token)
+    forward = Step(next_hop.session, request.step, request.position, sent, session.wire_dtype, request.output, next_hop.token)
     try:
         await state.push.push(next_hop, forward)
     except (PeerUnavailable, HopNotProven) as exc:
         await session.owner.send(Error.of(exc, session=session.id, step=request.step, hop=next_hop.peer_id))
         return
-    await session.owner.send(Ack(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size))
+    seal = state.identity.sign(seal_payload(digest))  # after the push: the next hop need not wait for it
+    tapped = (sent, session.wire_dtype) if session.tap else (None, None)
+    await session.owner.send(Ack(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size, seal, *tapped))
+
+
+def seal_step(transcript: Transcript, request: Step, sent: torch.Tensor, dtype: str) -> bytes:
+    """Chain one step into the session's transcript: its input as received, its output as sent."""
+    return transcript.update(request.step, request.position, digest_of(request.hidden, request.dtype), digest_of(sent, dtype))
 
 
 async def _on_retarget(state: NodeState, channel: Channel, message: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from node.limits import Held
 from swarm.errors import BadRequest, SessionNotFound
 from swarm.model.block import KVCache
 from swarm.protocol import NextHop
+from swarm.seal import Transcript
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Session:
     next_hop: NextHop | None  # checked by node/push.py `check_next_hop` before it is set
     cache: KVCache
     push_token: str = field(repr=False)  # the previous hop must present it with every pushed step
+    transcript: Transcript = field(repr=False)  # every step run, chained: what each ack's seal signs
+    tap: bool = False  # the owner wants each output pushed on, in its ack
     hold: Held | None = None  # this session's place in its source's session count
     newest_step: int = -1  # highest step number run so far (-1: never stepped)
     opened_at: float = field(default_factory=time.monotonic)

@@ -275,17 +275,24 @@ class Open(Message):
     nonce: bytes  # fresh random bytes: the hop signs them in `opened`
     token: str  # this hop's push token: a step pushed by the previous hop must carry it
     next: NextHop | None = None
+    tap: bool = False  # the owner wants every output this hop pushes on, in its `ack` (to verify it later)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": self.TYPE, "session": self.session, "blocks": list(self.blocks), "max_length": self.max_length,
             "dtype": self.dtype, "model": self.model, "nonce": self.nonce, "token": self.token,
             "next": None if self.next is None else self.next.to_wire(),
         }  # fmt: skip
+        if self.tap:
+            out["tap"] = True
+        return out
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any], limits: Limits = NO_LIMITS) -> Open:
-        _check_keys(message, cls.TYPE, frozenset({"session", "blocks", "max_length", "dtype", "model", "nonce", "token"}), frozenset({"next"}))
+        _check_keys(message, cls.TYPE, frozenset({"session", "blocks", "max_length", "dtype", "model", "nonce", "token"}), frozenset({"next", "tap"}))
+        tap = message.get("tap")
+        if tap is not None and not isinstance(tap, bool):
+            raise BadMessage("field 'tap' must be a boolean")
         return cls(
             session=check_session_id(message["session"]),
             blocks=_blocks(message),
@@ -295,6 +302,7 @@ class Open(Message):
             nonce=_bytes(message, "nonce", MIN_NONCE_BYTES, MAX_NONCE_BYTES),
             token=check_token(message["token"]),
             next=_next(message),
+            tap=bool(tap),
         )
 
 
@@ -375,12 +383,16 @@ class Step(Message):
         return cls(session, step, position, hidden, dtype, output, None if token is None else check_token(token))
 
 
-_TIMING = frozenset({"session", "step", "blocks", "compute_ms", "queue_ms", "batch"})
+_TIMING = frozenset({"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "seal"})
 
 
 @dataclass(frozen=True)
 class Ack(Message):
-    """A hop ran a step and pushed it on (every hop but the last -> the session's owner)."""
+    """A hop ran a step and pushed it on (every hop but the last -> the session's owner).
+
+    `seal` is the hop's signature over its transcript after this step (swarm/seal.py). In a
+    tapped session (`Open.tap`) `hidden` is the output exactly as the hop pushed it on, in
+    wire dtype `dtype`; otherwise both are None."""
 
     TYPE: ClassVar[str] = "ack"
     session: str
@@ -389,12 +401,18 @@ class Ack(Message):
     compute_ms: float  # the model alone
     queue_ms: float  # from arrival to result
     batch: int  # sessions in the batch the step rode in
+    seal: bytes
+    hidden: torch.Tensor | None = None
+    dtype: str | None = None  # the wire dtype of `hidden`, when present
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": self.TYPE, "session": self.session, "step": self.step, "blocks": list(self.blocks),
-            "compute_ms": self.compute_ms, "queue_ms": self.queue_ms, "batch": self.batch,
+            "compute_ms": self.compute_ms, "queue_ms": self.queue_ms, "batch": self.batch, "seal": self.seal,
         }  # fmt: skip
+        if self.hidden is not None:
+            out["hidden"] = wire.pack_tensor(self.hidden, self.dtype or "float32")
+        return out
 
     @classmethod
     def _timing(cls, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -405,17 +423,22 @@ class Ack(Message):
             compute_ms=_float(message, "compute_ms"),
             queue_ms=_float(message, "queue_ms"),
             batch=_int(message, "batch", 0, 2**31),
+            seal=_bytes(message, "seal", SIGNATURE_BYTES, SIGNATURE_BYTES),
         )
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any], limits: Limits = NO_LIMITS) -> Ack:
-        _check_keys(message, cls.TYPE, _TIMING)
-        return cls(**cls._timing(message))
+        _check_keys(message, cls.TYPE, _TIMING, frozenset({"hidden"}))
+        fields = cls._timing(message)
+        if message.get("hidden") is None:
+            return cls(**fields)
+        hidden, dtype = _tensor(message, "hidden", limits)
+        return cls(**fields, hidden=hidden, dtype=dtype)
 
 
 @dataclass(frozen=True)
 class Result(Message):
-    """The last hop's output of a step (-> the session's owner)."""
+    """The last hop's output of a step (-> the session's owner), sealed like an `Ack`."""
 
     TYPE: ClassVar[str] = "result"
     session: str
@@ -424,13 +447,14 @@ class Result(Message):
     compute_ms: float
     queue_ms: float
     batch: int
+    seal: bytes
     hidden: torch.Tensor
     dtype: str = "float32"
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "type": self.TYPE, "session": self.session, "step": self.step, "blocks": list(self.blocks),
-            "compute_ms": self.compute_ms, "queue_ms": self.queue_ms, "batch": self.batch,
+            "compute_ms": self.compute_ms, "queue_ms": self.queue_ms, "batch": self.batch, "seal": self.seal,
             "hidden": wire.pack_tensor(self.hidden, self.dtype),
         }  # fmt: skip
 

@@ -34,6 +34,7 @@ from swarm.identity import verify
 
 TRANSCRIPT_TAG = b"layerswarm/transcript/v1\n"
 SEAL_TAG = b"layerswarm/step-seal/v1\n"
+FORWARD_SESSION = "forward"  # a POST /forward answer is sealed as step 0 at position 0 of this session
 
 # Largest relative RMS difference per row between two honest computations whose
 # outputs were rounded to the wire dtype. bfloat16 keeps 8 significant bits: one

@@ -11,11 +11,12 @@ Message types (fields beyond `type` and `v`), as typed classes in swarm/protocol
 whose `from_wire` checks a whole message before anything acts on it:
 
     open       session, blocks [i, j], max_length, dtype, model, nonce (bytes), token (this hop's push token),
-               next? {url, session, peer_id, token, record? (the next hop's signed peer record)}
+               next? {url, session, peer_id, token, record? (the next hop's signed peer record)},
+               tap? (bool: acks carry the output pushed on)
     opened     session, blocks, max_length, peer_id, public_key, signature (over the tagged nonce, session, blocks), record?
     step       session, step, position, hidden (tensor [T, D]), output? ("all" | "last"), token? (on a push)
-    ack        session, step, blocks, compute_ms, queue_ms, batch   (every hop -> session owner)
-    result     session, step, blocks, compute_ms, queue_ms, batch, hidden   (last hop -> owner)
+    ack        session, step, blocks, compute_ms, queue_ms, batch, seal, hidden? (when tapped)   (every hop -> owner)
+    result     session, step, blocks, compute_ms, queue_ms, batch, seal, hidden   (last hop -> owner)
     retarget   session, next? (as in open)                         (owner only)
     retargeted session
     close      session                                             (owner only)
@@ -24,7 +25,9 @@ whose `from_wire` checks a whole message before anything acts on it:
     error      code, message, session?, step?, hop? (peer id of the next hop at fault)
     prove      nonce                                               (pushing node -> next hop, once per connection)
     proof      peer_id, public_key, signature (over the tagged nonce)
-    forward    blocks [i, j], model, hidden              (POST /forward, stateless)
+    forward    blocks [i, j], model, hidden              (POST /forward, stateless; answered by a map of
+               type "result", blocks, hidden, seal (over a one-step transcript: session "forward",
+               step 0, position 0), peer_id)
 """
 
 from __future__ import annotations

@@ -175,12 +175,12 @@ class FakeFirstHop:
                     step = protocol.Step.from_wire(message)
                     x = step.hidden.clone()
                     out = self.span(x, [Segment(self.span.new_cache(x.shape[0]), 0, x.shape[0])])
-                    bogus = protocol.Result(step.session, step.step, (20, 30), 0.0, 0.0, 1, torch.zeros_like(out[-1:]), "float32")
+                    bogus = protocol.Result(step.session, step.step, (20, 30), 0.0, 0.0, 1, bytes(64), torch.zeros_like(out[-1:]), "float32")
                     await ws.send_bytes(wire.encode(bogus.to_wire()))
                     push = push or await http.ws_connect(f"{self.next['url']}/session", max_msg_size=0)
                     forward = protocol.Step(self.next["session"], step.step, step.position, out, "float32", step.output, self.next["token"])
                     await push.send_bytes(wire.encode(forward.to_wire()))
-                    await ws.send_bytes(wire.encode(protocol.Ack(step.session, step.step, (0, 10), 0.0, 0.0, 1).to_wire()))
+                    await ws.send_bytes(wire.encode(protocol.Ack(step.session, step.step, (0, 10), 0.0, 0.0, 1, bytes(64)).to_wire()))
             if push is not None:
                 await push.close()
         return ws

@@ -104,12 +104,14 @@ RULES: dict[str, Callable[[Any], bool]] = {
     "peer_id": is_peer_id,
     "public_key": raw_bytes(32, 32),
     "signature": raw_bytes(64, 64),
+    "seal": raw_bytes(64, 64),
+    "tap": lambda v: type(v) is bool,
     "code": text(protocol.MAX_CODE_CHARS),
     "message": text(protocol.MAX_MESSAGE_CHARS),
     "hidden": lambda v: tensor_oracle(v, LIMITS.hidden_size, LIMITS.max_tokens),
 }
 # Optional fields of each message: absent (or None) is fine; `output` absent is "all", but None is no choice.
-OPTIONAL = {"open": {"next"}, "opened": {"record"}, "step": {"output", "token"}, "retarget": {"next"}, "error": {"session", "step", "hop"}}
+OPTIONAL = {"open": {"next", "tap"}, "ack": {"hidden"}, "opened": {"record"}, "step": {"output", "token"}, "retarget": {"next"}, "error": {"session", "step", "hop"}}
 NONE_MEANS_ABSENT = {(kind, name) for kind, names in OPTIONAL.items() for name in names} - {("step", "output")}
 KNOWN_FIELDS = {*RULES, "next", "record", "hop"}
 
@@ -135,11 +137,12 @@ next_hops = st.builds(
     record=st.none() | st.just(record),
 )
 wire_dtypes = st.sampled_from(list(wire.WIRE_DTYPES))
+seals = st.binary(min_size=64, max_size=64)
 
 MESSAGES: dict[str, st.SearchStrategy[protocol.Message]] = {
     "open": st.builds(
         protocol.Open, session_ids, block_ranges, st.integers(1, protocol.MAX_POSITION), wire_dtypes, st.text(max_size=128),
-        st.binary(min_size=16, max_size=64), tokens, st.none() | next_hops,
+        st.binary(min_size=16, max_size=64), tokens, st.none() | next_hops, st.booleans(),
     ),
     "opened": st.builds(
         protocol.Opened, session_ids, block_ranges, st.integers(1, protocol.MAX_POSITION), peer_ids,
@@ -149,10 +152,16 @@ MESSAGES: dict[str, st.SearchStrategy[protocol.Message]] = {
         protocol.Step, session_ids, st.integers(0, protocol.MAX_STEP), st.integers(0, protocol.MAX_POSITION), tensors,
         wire_dtypes, st.sampled_from(["all", "last"]), st.none() | tokens,
     ),
-    "ack": st.builds(protocol.Ack, session_ids, st.integers(0, protocol.MAX_STEP), block_ranges, finite_ms, finite_ms, st.integers(0, 2**31)),
+    "ack": st.one_of(
+        st.builds(protocol.Ack, session_ids, st.integers(0, protocol.MAX_STEP), block_ranges, finite_ms, finite_ms, st.integers(0, 2**31), seals),
+        st.builds(
+            protocol.Ack, session_ids, st.integers(0, protocol.MAX_STEP), block_ranges, finite_ms, finite_ms,
+            st.integers(0, 2**31), seals, tensors, wire_dtypes,
+        ),
+    ),
     "result": st.builds(
         protocol.Result, session_ids, st.integers(0, protocol.MAX_STEP), block_ranges, finite_ms, finite_ms,
-        st.integers(0, 2**31), tensors, wire_dtypes,
+        st.integers(0, 2**31), seals, tensors, wire_dtypes,
     ),
     "retarget": st.builds(protocol.Retarget, session_ids, st.none() | next_hops),
     "retargeted": st.builds(protocol.Retargeted, session_ids),
@@ -265,6 +274,8 @@ CANDIDATES: dict[str, st.SearchStrategy[Any]] = {
     "peer_id": st.sampled_from([IDENTITIES[1].peer_id, IDENTITIES[1].peer_id.upper(), IDENTITIES[1].peer_id + "\n", "a" * 31, "1" * 32]),
     "public_key": st.binary(min_size=30, max_size=34),
     "signature": st.binary(min_size=62, max_size=66),
+    "seal": st.binary(min_size=62, max_size=66),
+    "tap": st.sampled_from([True, False, 0, 1, 1.0, "true", b"", None]),
     "code": st.text(max_size=70),
     "message": st.text(max_size=20) | st.just("x" * (protocol.MAX_MESSAGE_CHARS + 1)),
     "hop": st.sampled_from([IDENTITIES[2].peer_id, "nobody", "", IDENTITIES[2].peer_id + "\n"]),
@@ -313,11 +324,11 @@ def next_candidates(peer_id: str) -> st.SearchStrategy[tuple[Any, bool]]:
 
 # The fields of each message type (optional ones included), from the protocol's message list.
 FIELDS_BY_KIND = {
-    "open": {"session", "blocks", "max_length", "dtype", "model", "nonce", "token", "next"},
+    "open": {"session", "blocks", "max_length", "dtype", "model", "nonce", "token", "next", "tap"},
     "opened": {"session", "blocks", "max_length", "peer_id", "public_key", "signature", "record"},
     "step": {"session", "step", "position", "hidden", "output", "token"},
-    "ack": {"session", "step", "blocks", "compute_ms", "queue_ms", "batch"},
-    "result": {"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "hidden"},
+    "ack": {"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "seal", "hidden"},
+    "result": {"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "seal", "hidden"},
     "retarget": {"session", "next"},
     "retargeted": {"session"},
     "close": {"session"},

@@ -37,6 +37,7 @@ MODEL = {"architecture": "llama", "shape": "30x576", "digest": "d" * 32}
 RECORD = PeerRecord.create(ID, addresses=("http://127.0.0.1:7001",), now=time.time(), ttl=60, model=MODEL, num_layers=30, span=(10, 20), throughput=5.0)
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
 TOKEN = secrets.token_urlsafe(16)
+SEAL = bytes(range(64))
 NEXT = NextHop("http://127.0.0.1:7001", "s-next", ID.peer_id, TOKEN, RECORD)
 
 
@@ -49,13 +50,15 @@ def _messages() -> list[protocol.Message]:
     return [
         Open("s1", (0, 10), 64, "bfloat16", "d" * 32, nonce, TOKEN),
         Open("s1", (0, 10), 64, "float32", "d" * 32, nonce, TOKEN, NEXT),
+        Open("s1", (0, 10), 64, "float32", "d" * 32, nonce, TOKEN, NEXT, tap=True),
         Open("s1", (0, 10), 64, "float32", "d" * 32, nonce, TOKEN, NextHop("https://node.example:443", "s2", ID.peer_id, TOKEN)),
         Opened("s1", (0, 10), 64, ID.peer_id, ID.public_key_bytes, ID.sign(protocol.opened_payload(nonce, "s1", (0, 10))), RECORD),
         Opened("s1", (0, 10), 64, ID.peer_id, ID.public_key_bytes, bytes(64)),
         Step("s1", 0, 0, X, "float32"),
         Step("s1", 7, 12, X, "float32", "last", TOKEN),
-        Ack("s1", 3, (0, 10), 1.5, 2.25, 4),
-        Result("s1", 3, (20, 30), 1.5, 2.0, 1, X, "float32"),
+        Ack("s1", 3, (0, 10), 1.5, 2.25, 4, SEAL),
+        Ack("s1", 3, (0, 10), 1.5, 2.25, 4, SEAL, X.to(torch.bfloat16), "bfloat16"),
+        Result("s1", 3, (20, 30), 1.5, 2.0, 1, SEAL, X, "float32"),
         Retarget("s1", NEXT),
         Retarget("s1", None),
         Retargeted("s1"),
@@ -130,6 +133,15 @@ def _refusals():
     yield "opened record garbage", {**opened, "record": b"\x00garbage"}, BadRequest
     yield "ack nan time", {**_good("ack"), "compute_ms": float("nan")}, BadRequest
     yield "ack negative time", {**_good("ack"), "queue_ms": -1.0}, BadRequest
+    yield "ack without seal", {k: v for k, v in _good("ack").items() if k != "seal"}, BadRequest
+    yield "ack short seal", {**_good("ack"), "seal": b"s" * 63}, BadRequest
+    yield "ack seal not bytes", {**_good("ack"), "seal": "s" * 64}, BadRequest
+    yield "ack tapped nan", {**_good("ack"), "hidden": wire.pack_tensor(torch.full((1, 8), float("inf")), "float32")}, BadRequest
+    yield "ack tapped hidden size", {**_good("ack"), "hidden": wire.pack_tensor(torch.zeros(1, 9), "float32")}, BadRequest
+    yield "result without seal", {k: v for k, v in _good("result").items() if k != "seal"}, BadRequest
+    yield "result long seal", {**_good("result"), "seal": b"s" * 65}, BadRequest
+    yield "open tap not a bool", {**_good("open"), "tap": 1}, BadRequest
+    yield "open tap a string", {**_good("open"), "tap": "yes"}, BadRequest
     yield "error without message", {"type": "error", "code": "busy"}, BadRequest
     yield "error hop not a peer id", {"type": "error", "code": "busy", "message": "m", "hop": "http://x:1"}, BadRequest
     yield "proof short signature", {**_good("proof"), "signature": b"s" * 63}, BadRequest
@@ -174,6 +186,16 @@ def test_from_wire_of_the_wrong_class_is_refused():
 def test_parse_can_restrict_types():
     with pytest.raises(BadRequest):
         parse(_good("result"), allowed=frozenset({"open", "step"}))
+
+
+def test_tap_is_optional_and_off_by_default():
+    untapped = _good("open")
+    assert "tap" not in untapped and Open.from_wire(untapped).tap is False
+    assert Open.from_wire({**untapped, "tap": True}).tap is True
+    ack = Ack.from_wire(_good("ack"))
+    assert ack.hidden is None and ack.dtype is None
+    tapped = parse(_frame(Ack("s1", 3, (0, 10), 1.5, 2.25, 4, SEAL, X, "bfloat16")))
+    assert tapped.dtype == "bfloat16" and tapped.hidden.dtype == torch.bfloat16
 
 
 def test_base_url_keeps_host_and_port_only():
