@@ -181,7 +181,7 @@ class Verifier:
 
     async def _accuse(self, http: aiohttp.ClientSession, accusation: Accusation, blocks: tuple[int, int]) -> list[str]:
         """Send the signed accusation to the other holders of the blocks first, then to a few other
-        peers this client proved (they signed its nonce at open); the peers that accepted it."""
+        peers this client proved (they signed its nonce at open); the peers it convinced."""
         spans = [(r.peer_id, *r.span) for r in self.planner.records() if r.span is not None]
         holders = replicas(spans, blocks, ())
         proven = [p for p, stats in self.planner.measurements.peers.items() if stats.steps > 0]
@@ -205,7 +205,7 @@ class Verifier:
         if message.get("type") == "error":
             log.info("%s refused the accusation: %s", peer_id[:8], message.get("message"))
             return False
-        return True
+        return message.get("convicted") is True  # its judgement (node/court.py): re-checked, or enough verdicts
 
     async def _post(self, http: aiohttp.ClientSession, url: str, peer_id: str, body: bytes) -> dict[str, Any]:
         pinned = {} if self.pin is None else {"ssl": self.pin(peer_id)}
