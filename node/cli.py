@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--proof-timeout", type=_seconds, default=2.0, metavar="SECONDS", help="how long a new peer's address has to answer our nonce with its key (default 2)")
     peers.add_argument("--proof-concurrency", type=_positive, default=16, metavar="N", help="proofs in flight at once (default 16)")
     peers.add_argument("--gossip-anchors", type=_count, default=2, metavar="N", help="peers of longest standing gossiped with every round, besides bootstrap and random peers (default 2)")
+    court = parser.add_argument_group("accusations", "how this node judges accusations of wrong outputs (see node/court.py)")
+    court.add_argument("--accusation-quorum", type=_positive, default=2, metavar="N", help="for blocks this node does not hold, believe a conviction only with verdicts of N distinct proven peers holding them (default 2)")
+    court.add_argument("--conviction-time", type=_seconds, default=30 * 86400.0, metavar="SECONDS", help="how long a convicted peer stays out of this node's table (default 2592000: 30 days)")
+    court.add_argument("--false-accuser-time", type=_seconds, default=3600.0, metavar="SECONDS", help="how long an accuser whose charge did not hold is refused (default 3600)")
+    court.add_argument("--accusation-burst", type=_positive, default=4, metavar="N", help="accusations one source may send at once; then one per --accusation-interval; more are answered busy (default 4)")
+    court.add_argument("--accusation-interval", type=_seconds, default=10.0, metavar="SECONDS", help="see --accusation-burst (default 10)")
+    court.add_argument("--max-rechecks", type=_positive, default=1, metavar="N", help="accusations re-run on this node's blocks at once; more are answered busy (default 1)")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
@@ -245,6 +252,7 @@ def _blocks_in_memory(args: argparse.Namespace, config) -> int:
 
 def _node_config(args: argparse.Namespace):
     from node.backend import BackendConfig
+    from node.court import AccusationConfig
     from node.discovery import DiscoveryConfig
     from node.state import NodeConfig, RebalanceConfig
     from swarm.discovery.gossip import GossipConfig
@@ -259,6 +267,10 @@ def _node_config(args: argparse.Namespace):
             max_peers=args.max_peers, require_proof=True, max_pending=args.max_pending, source_budget=args.source_budget, source_window_s=args.source_window
         )
         mdns = MdnsConfig(interfaces=tuple(args.mdns_interface) or "all") if args.mdns else None
+        accusations = AccusationConfig(
+            quorum=args.accusation_quorum, conviction_s=args.conviction_time, false_accuser_s=args.false_accuser_time,
+            source_burst=args.accusation_burst, source_interval_s=args.accusation_interval, max_rechecks=args.max_rechecks,
+        )  # fmt: skip
     except ValueError as exc:
         raise SwarmError(f"bad discovery option: {exc}") from None
     if mdns is not None:
@@ -290,6 +302,7 @@ def _node_config(args: argparse.Namespace):
         ),
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns, table=table),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
+        accusations=accusations,
     )
 
 

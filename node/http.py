@@ -17,14 +17,18 @@ from swarm.errors import (
     Busy,
     FrameTooLarge,
     ModelMismatch,
+    NotPermitted,
     SessionNotFound,
     ShuttingDown,
+    SignatureInvalid,
     SwarmError,
 )
 
 # HTTP status for each error class on the plain-HTTP routes (most specific first)
 _HTTP_STATUS = (
     (FrameTooLarge, 413),
+    (SignatureInvalid, 403),
+    (NotPermitted, 403),
     (ModelMismatch, 409),
     (SessionNotFound, 404),
     (Busy, 503),

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from node.accept import GuardedRunner, body_in_time
+from node.accusations import Relay, accusation_routes
 from node.backend import Backend
 from node.discovery import NodeDiscovery
 from node.http import error_response, get_info, post_forward
@@ -40,9 +41,11 @@ log = logging.getLogger(__name__)
 def build_app(state: NodeState) -> web.Application:
     config = state.config
     limit = max(config.max_frame, config.discovery.gossip.max_frame)  # /peers checks its own, smaller limit
-    app = web.Application(client_max_size=limit, middlewares=[body_in_time(config.body_timeout_s, limit, error_response)])
+    own = ("/forward", "/accusations")  # these read their bodies themselves, after their cheap refusals
+    app = web.Application(client_max_size=limit, middlewares=[body_in_time(config.body_timeout_s, limit, error_response, own=own)])
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
+    app.add_routes(accusation_routes())
     app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
     return app
 
@@ -89,6 +92,7 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         push = await stack.enter_async_context(PushPool(config.push, config.max_frame))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
+        state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor)

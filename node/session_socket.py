@@ -35,6 +35,7 @@ from swarm.addresses import check_dialable
 from swarm.errors import (
     BadRequest,
     Busy,
+    Convicted,
     HopNotProven,
     LengthExceeded,
     ModelMismatch,
@@ -166,6 +167,8 @@ def _admit_next(state: NodeState, blocks: tuple[int, int], next_hop: NextHop | N
     """Refuse a next hop that is not a known or recorded peer serving the next block (`BadAddress`), or
     whose address this node does not dial for strangers (`AddressRefused`: see swarm/addresses.py)."""
     if next_hop is not None:
+        if state.court.is_convicted(next_hop.peer_id, time.time()):
+            raise Convicted(f"next hop {next_hop.peer_id} was convicted of sending wrong outputs: route around it")
         check_next_hop(next_hop, blocks[1], state.fingerprint.digest, state.span.config.num_layers, state.table, time.time())
         if state.discovery is not None and state.discovery.policy is not None:
             check_dialable(next_hop.url, state.discovery.policy)
@@ -223,8 +226,10 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
         return
     forward = Step(next_hop.session, request.step, request.position, sent, session.wire_dtype, request.output, next_hop.token)
     try:
+        if state.court.is_convicted(next_hop.peer_id, time.time()):  # convicted since the session opened
+            raise Convicted(f"next hop {next_hop.peer_id} was convicted of sending wrong outputs: route around it")
         await state.push.push(next_hop, forward)
-    except (PeerUnavailable, HopNotProven) as exc:
+    except (PeerUnavailable, HopNotProven, Convicted) as exc:
         await session.owner.send(Error.of(exc, session=session.id, step=request.step, hop=next_hop.peer_id))
         return
     seal = state.identity.sign(seal_payload(digest))  # after the push: the next hop need not wait for it

@@ -7,12 +7,13 @@ import base64
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable
 
 from aiohttp import web
 
 from node.backend import Backend, BackendConfig
 from node.channel import Channel
+from node.court import AccusationConfig, Court
 from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.limits import SourceLimit
 from node.push import PushConfig, PushPool
@@ -24,6 +25,9 @@ from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+
+if TYPE_CHECKING:
+    from node.accusations import Relay
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class NodeConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
+    accusations: AccusationConfig = field(default_factory=AccusationConfig)  # verified outputs (node/court.py)
 
 
 class Phase(enum.Enum):
@@ -100,8 +105,11 @@ class NodeState:
     started: float = field(default_factory=time.time)
     socket_limit: SourceLimit = field(init=False)  # open /session websockets per source
     session_limit: SourceLimit = field(init=False)  # open sessions per source
+    court: Court = field(init=False)  # accusations heard, convictions (node/court.py)
+    relay: Relay | None = None  # passes convictions on (node/accusations.py); set by `serve`
 
     def __post_init__(self) -> None:
+        self.court = Court(self.config.accusations, self.identity, self.table)
         self.socket_limit = SourceLimit(self.config.max_sockets_per_source, "connections")
         self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
         self.forward_sources = SourceLimit(self.config.max_forwards_per_source, "forwards")
@@ -161,6 +169,9 @@ class NodeState:
             "push_limit_per_host": c.push.limit_per_host,
             "push_max_channels": c.push.max_channels,
             "push_idle_s": c.push.idle_s,
+            "accusation_burst": c.accusations.source_burst,
+            "accusation_interval_s": c.accusations.source_interval_s,
+            "max_rechecks": c.accusations.max_rechecks,
         }
         if self.backend is not None:
             b = self.backend
@@ -191,6 +202,7 @@ class NodeState:
             "record": base64.b64encode(self.record().to_bytes()).decode(),
             "limits": self.limits(),
             "discovery": None if self.discovery is None else {**self.discovery.limits(), "peer_table": self.table.stats()},
+            "accusations": self.court.stats(),
             "model": None,
             "span": None,
         }

@@ -14,6 +14,7 @@ the re-run one stateless prefill of `inputs()`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ from swarm.protocol import check_session_id
 from swarm.seal import Disagreement, Transcript, check_seal, difference, tensor_digest
 
 ACCUSATION_TAG = b"layerswarm/accusation/v1\n"
+VERDICT_TAG = b"layerswarm/verdict-guilty/v1\n"
+MAX_VERDICTS = 32  # signed verdicts passed along with one accusation
 MAX_EVIDENCE_TOKENS = 4096  # inputs over all steps; a node re-runs them once, as one prefill
 MAX_EVIDENCE_STEPS = 4096
 
@@ -76,6 +79,10 @@ class Accusation:
         """What the accuser signs: the charge and the accused's digest and seal (which commit to every tensor)."""
         body = [self.model, list(self.blocks), self.session, self.accused, self.transcript_digest(), self.seal]
         return ACCUSATION_TAG + msgpack.packb(body, use_bin_type=True)
+
+    def digest(self) -> bytes:
+        """What identifies the charge, whoever brought it: sha256 of `payload()` without the accuser's part."""
+        return hashlib.sha256(self.payload()).digest()
 
     def signed_by(self, accuser: Identity) -> Accusation:
         return Accusation(self.model, self.blocks, self.session, self.accused, self.steps, self.seal,
@@ -155,6 +162,53 @@ class Accusation:
     @property
     def dtype(self) -> str:
         return self.steps[0].input["dtype"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A node that re-ran an accusation's evidence on its own copy of the blocks found the accused guilty."""
+
+    judge: bytes  # the judging node's Ed25519 public key
+    signature: bytes  # over verdict_payload(accusation.digest())
+
+    @property
+    def judge_id(self) -> str:
+        return peer_id_from_public_key(self.judge)
+
+    @classmethod
+    def sign(cls, judge: Identity, accusation_digest: bytes) -> Verdict:
+        return cls(judge.public_key_bytes, judge.sign(verdict_payload(accusation_digest)))
+
+    def holds(self, accusation_digest: bytes) -> bool:
+        return verify(self.judge, self.signature, verdict_payload(accusation_digest))
+
+    def to_wire(self) -> list[bytes]:
+        return [self.judge, self.signature]
+
+
+def verdict_payload(accusation_digest: bytes) -> bytes:
+    return VERDICT_TAG + accusation_digest
+
+
+def verdicts_from_wire(raw: object, accusation_digest: bytes) -> tuple[Verdict, ...]:
+    """A `verdicts` list checked whole: [[public key, signature], ...], each signature over this accusation.
+
+    `BadRequest` for a malformed list, `SignatureInvalid` for a verdict that does not hold."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_VERDICTS:
+        raise BadRequest(f"field 'verdicts' must be a list of at most {MAX_VERDICTS} [public key, signature] pairs")
+    verdicts = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes) and isinstance(item[1], bytes)):
+            raise BadRequest("each verdict is [public key, signature]")
+        if len(item[0]) != PUBLIC_KEY_BYTES or len(item[1]) != SIGNATURE_BYTES:
+            raise BadRequest(f"a verdict is a {PUBLIC_KEY_BYTES}-byte key and a {SIGNATURE_BYTES}-byte signature")
+        verdicts.append(Verdict(item[0], item[1]))
+    for verdict in verdicts:
+        if not verdict.holds(accusation_digest):
+            raise SignatureInvalid(f"the verdict of {verdict.judge_id} is not a signature over this accusation")
+    return tuple(verdicts)
 
 
 def _digest(tensor: dict[str, Any]) -> bytes:

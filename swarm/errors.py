@@ -148,6 +148,13 @@ class HopNotProven(TransientError):
     code = "hop_not_proven"
 
 
+class Convicted(TransientError):
+    """A peer convicted of sending outputs its blocks do not compute (node/court.py): this node will
+    not push to it nor take it back. Route around it."""
+
+    code = "convicted"
+
+
 # --- identity and peer records ---------------------------------------------------------
 
 

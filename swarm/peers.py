@@ -98,7 +98,8 @@ class PeerTable:
 
     With `config.require_proof`, records of unproven peers wait in `pending()` until
     `settle`; `on_pending` (set by the prover) is called whenever one is added, and
-    `dialable` (set by the node's address policy) refuses addresses it would never dial.
+    `dialable` (set by the node's address policy) refuses addresses it would never dial, and
+    `barred` (set by the node's court, node/court.py) refuses every record of a convicted peer.
     Records merged with source "self" are the node's own and need no proof.
     """
 
@@ -119,6 +120,7 @@ class PeerTable:
         self._strikes: Counter[str] = Counter()  # peer id -> failed exchanges in a row
         self.on_pending: Callable[[], None] | None = None
         self.dialable: Callable[[str], bool] | None = None
+        self.barred: Callable[[str, float], bool] | None = None  # convicted peers (node/court.py): never admitted
 
     def __len__(self) -> int:
         """Peers held that have not left (expired ones count until `expire`)."""
@@ -133,6 +135,8 @@ class PeerTable:
         With `require_proof`, a record that needs a proof is held pending (and True returned);
         `origin` (else `source`) is whose budget it is charged to.
         """
+        if self.barred is not None and self.barred(record.peer_id, now):
+            return self._refuse("convicted", source, record.peer_id)
         current = self._records.get(record.peer_id)
         if current is not None and record.issued_at <= current.issued_at:
             # Checked before the signature: records we already hold come back with every exchange.

@@ -35,11 +35,15 @@ class NodeProcess:
         self.proc.wait(30)
 
 
-def start_nodes(specs: list[list[str]], tmp: Path, timeout: float = 180.0, prefix: list[str] | None = None) -> list[NodeProcess]:
-    """Start one node per argument list (all at once) and wait until every one printed its ready line."""
+def start_nodes(
+    specs: list[list[str]], tmp: Path, timeout: float = 180.0, prefix: list[str] | None = None, module: str = "node.cli"
+) -> list[NodeProcess]:
+    """Start one node per argument list (all at once) and wait until every one printed its ready line.
+
+    `module`: what runs as the node (`-m module`), e.g. tests.lying_node; it takes swarm-node's arguments."""
     nodes = []
     for index, args in enumerate(specs):
-        argv = [sys.executable, "-m", "node.cli", "--identity", str(tmp / f"node{index}-{os.getpid()}.key"), *args]
+        argv = [sys.executable, "-m", module, "--identity", str(tmp / f"node{index}-{os.getpid()}.key"), *args]
         proc = subprocess.Popen((prefix or []) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         nodes.append(NodeProcess(proc))
     for node in nodes:
