@@ -9,7 +9,10 @@ Throughput: N sessions stepping one token at a time, concurrently, through one
 node holding the whole model; continuous batching should make 8 sessions much
 faster in aggregate than one.
 
-Run: `python benchmarks/hop_overhead.py [--steps 400] [--seconds 6]`.
+`--tls` runs the nodes on TLS (certificates carrying their identity keys, every dial
+pinned) instead of plain http; the bare websocket floor stays plain.
+
+Run: `python benchmarks/hop_overhead.py [--steps 400] [--seconds 6] [--tls]`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import emit  # noqa: E402
 from client.session import RemoteHop, RouteSession, SessionConfig  # noqa: E402
 from swarm import wire  # noqa: E402
+from swarm.transport import Transport  # noqa: E402
 from tests.nodes import start_nodes, stop_nodes  # noqa: E402
+
+TRANSPORT = Transport(insecure_http=True)  # --tls: Transport()
 
 
 def _quantiles(values: list[float]) -> tuple[float, float]:
@@ -73,8 +79,8 @@ async def overhead(hops: list[RemoteHop], digest: str, steps: int, hidden: int) 
     x = torch.randn(1, hidden)
     compute = []
     per_hop = []
-    async with aiohttp.ClientSession() as http:
-        async with RouteSession(http, hops, digest, steps + 32, SessionConfig(wire_dtype="float32")) as session:
+    async with TRANSPORT.client_session() as http:
+        async with RouteSession(http, hops, digest, steps + 32, SessionConfig(wire_dtype="float32"), TRANSPORT) as session:
             for position in range(steps + 20):
                 begin = time.perf_counter()
                 await session.forward(x, position)
@@ -85,8 +91,8 @@ async def overhead(hops: list[RemoteHop], digest: str, steps: int, hidden: int) 
     return per_hop, compute
 
 
-async def _counters(http: aiohttp.ClientSession, url: str) -> tuple[int, int]:
-    async with http.get(f"{url}/info") as response:
+async def _counters(http: aiohttp.ClientSession, url: str, peer_id: str) -> tuple[int, int]:
+    async with http.get(f"{url}/info", ssl=TRANSPORT.pin(peer_id)) as response:
         info = await response.json()
     return info["steps"], info["batches"]
 
@@ -105,17 +111,17 @@ async def aggregate(url: str, peer_id: str, digest: str, layers: int, hidden: in
             position = (position + 1) % 512  # rewinding to 0 overwrites the cache: allowed, and keeps it short
             counts[index] += 1
 
-    async with aiohttp.ClientSession() as http:
-        opened = [RouteSession(http, hop, digest, 513, SessionConfig(wire_dtype="float32")) for _ in range(sessions)]
+    async with TRANSPORT.client_session() as http:
+        opened = [RouteSession(http, hop, digest, 513, SessionConfig(wire_dtype="float32"), TRANSPORT) for _ in range(sessions)]
         for session in opened:
             await session.__aenter__()
         try:
             tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(opened)]
             await asyncio.sleep(1.0)  # warm up: every loop running
             start_counts, begin = sum(counts), time.perf_counter()
-            steps0, batches0 = await _counters(http, url)
+            steps0, batches0 = await _counters(http, url, peer_id)
             await asyncio.sleep(seconds)
-            steps1, batches1 = await _counters(http, url)
+            steps1, batches1 = await _counters(http, url, peer_id)
             done, elapsed = sum(counts) - start_counts, time.perf_counter() - begin
             stop.set()
             await asyncio.gather(*tasks)
@@ -131,7 +137,10 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--model", default=None, help="checkpoint (default: the default model); 'random' builds a random TinyLlama-shaped one")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tls", action="store_true", help="nodes serve TLS pinned to their identities (default: plain http)")
     args = parser.parse_args()
+    global TRANSPORT
+    TRANSPORT = Transport(insecure_http=not args.tls)
     from swarm.model import DEFAULT_MODEL, open_checkpoint
 
     tmp = Path(tempfile.mkdtemp())
@@ -146,7 +155,7 @@ async def main() -> None:
         digest, layers, hidden = ck.fingerprint().digest, ck.config.num_layers, ck.config.hidden_size
     print("starting nodes ...", file=sys.stderr)
     common = ["--model", model, "--device", args.device]
-    nodes = start_nodes([common + ["--blocks", "0:1"], common + ["--blocks", "1:2"], common + ["--blocks", f"0:{layers}", "--max-sessions", "64"]], tmp)
+    nodes = start_nodes([common + ["--blocks", "0:1"], common + ["--blocks", "1:2"], common + ["--blocks", f"0:{layers}", "--max-sessions", "64"]], tmp, tls=args.tls)
     try:
         bare = bare_echo(args.steps)
         base_median, base_p99 = _quantiles(await bare)
@@ -155,7 +164,7 @@ async def main() -> None:
             hops = [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes[:count]]  # each hop proves this peer id at open
             per_hop, compute = await overhead(hops, digest, args.steps, hidden)
             median, p99 = _quantiles(per_hop)
-            params = {"hops": count, "steps": args.steps, "wire": "float32", "model": model, "device": args.device}
+            params = {"hops": count, "steps": args.steps, "wire": "float32", "model": model, "device": args.device, "transport": TRANSPORT.scheme}
             emit("one_block_step_compute_median", statistics.median(compute) * 1e3, "ms", params, device=args.device)
             emit("hop_overhead_median", median * 1e3, "ms", params, device=args.device, human=f"{count}-hop route: overhead per hop median {median * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (bare websocket round trip {base_median * 1e3:.3f} ms)")
             emit("hop_overhead_p99", p99 * 1e3, "ms", params)

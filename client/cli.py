@@ -97,8 +97,14 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
         options = replace(options, bootstrap=tuple(bootstrap))
     if not 0.0 <= args.verify_fraction <= 1.0:
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
-    config = ClientConfig(wire_dtype=args.wire_dtype, verify_fraction=args.verify_fraction)
+    config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction)
     return SwarmModel(args.model, discovery=options, config=config, dtype=getattr(torch, args.dtype))
+
+
+def _transport(args: argparse.Namespace):
+    from swarm.transport import Transport
+
+    return Transport(insecure_http=args.insecure_http)
 
 
 def _verify(args: argparse.Namespace) -> bool | None:
@@ -235,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
 
     async def run() -> int:
-        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say) as swarm:
+        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say, transport=_transport(args)) as swarm:
             model = _swarm_model(args, bootstrap=[swarm.bootstrap_url])
             if args.prompt is None:
                 return await chat_loop(model, params, _verify(args))
@@ -269,6 +275,15 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None
         _add_discovery(parser)
     else:
         parser.set_defaults(bootstrap=[], mdns=False, mdns_interface=[], wait=3.0)
+        _add_insecure(parser, "also start the demo's nodes on plain http")
+
+
+def _add_insecure(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="also dial peers on plain http (no encryption, no identity pinning); by default only https peers are dialled, each pinned to its peer id" + (f"; {extra}" if extra else ""),
+    )
 
 
 def _add_discovery(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +291,7 @@ def _add_discovery(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="also browse the LAN with mDNS (default off)")
     parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="interface address for mDNS (repeatable; default all)")
     parser.add_argument("--wait", type=float, default=3.0, metavar="SECONDS", help="how long to listen for mDNS answers (default 3)")
+    _add_insecure(parser)
 
 
 def _discovery_options(args: argparse.Namespace):
@@ -292,13 +308,13 @@ def _discovery_options(args: argparse.Namespace):
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
-    import aiohttp
 
     from client.peers import coverage_lines, discover
 
     async def run():
-        async with aiohttp.ClientSession() as http:
-            return await discover(http, _discovery_options(args))
+        transport = _transport(args)
+        async with transport.client_session() as http:
+            return await discover(http, _discovery_options(args), transport=transport)
 
     view = asyncio.run(run())
     now = time.time()

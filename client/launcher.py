@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from swarm.errors import SwarmError
+from swarm.transport import Transport
 
 _READY = re.compile(r"^ready peer=(\S+) url=(\S+) ")
 
@@ -32,8 +33,16 @@ class LaunchedNode:
 
 
 class LocalSwarm:
-    def __init__(self, model: str, spans: list[tuple[int, int]], extra_args: list[str] | None = None, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        spans: list[tuple[int, int]],
+        extra_args: list[str] | None = None,
+        progress: Callable[[str], None] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self.model = model
+        self.transport = transport or Transport()  # the nodes serve TLS unless it is insecure_http
         self.spans = spans
         self.extra_args = extra_args or []
         self.progress = progress or (lambda message: None)
@@ -63,7 +72,8 @@ class LocalSwarm:
         started = []
         for name, args in specs:
             key = Path(self._tmp.name) / f"{len(self.nodes)}.key"
-            argv = [sys.executable, "-m", "node.cli", "--identity", str(key), "--gossip-period", "1", *self.extra_args, *args]
+            insecure = ["--insecure-http"] if self.transport.insecure_http else []
+            argv = [sys.executable, "-m", "node.cli", "--identity", str(key), "--gossip-period", "1", *insecure, *self.extra_args, *args]
             process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             node = LaunchedNode(process, name)
             self.nodes.append(node)
@@ -74,12 +84,10 @@ class LocalSwarm:
 
     async def _wait_discovered(self, timeout: float = 60.0) -> None:
         """Until the bootstrap peer's table lists every node (they announce themselves on start)."""
-        import aiohttp
-
         from swarm.discovery.peers_http import fetch_peers
 
         expected = {n.peer_id for n in self.nodes}
-        async with aiohttp.ClientSession() as http:
+        async with self.transport.client_session() as http:
             deadline = asyncio.get_running_loop().time() + timeout
             while {r.peer_id for r in await fetch_peers(http, self.bootstrap_url, 5.0)} < expected:
                 if asyncio.get_running_loop().time() > deadline:

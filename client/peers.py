@@ -16,9 +16,10 @@ import aiohttp
 
 from swarm.discovery.mdns import Mdns, MdnsConfig
 from swarm.discovery.peers_http import fetch_peers
-from swarm.errors import NoRoute, PeerUnavailable
+from swarm.errors import AddressRefused, NoRoute, PeerUnavailable
 from swarm.peers import PeerTable, missing_ranges
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,18 @@ class SwarmView:
     unreachable: list[str] = field(default_factory=list)  # bootstrap URLs that did not answer
 
 
-async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view: SwarmView | None = None) -> SwarmView:
-    """Fill (or refresh) a view from every bootstrap peer and, if asked, an mDNS browse."""
+async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view: SwarmView | None = None, transport: Transport | None = None) -> SwarmView:
+    """Fill (or refresh) a view from every bootstrap peer and, if asked, an mDNS browse.
+
+    Bootstrap URLs are dialled unpinned (their identity is not known yet): what they answer is
+    signed records, each verified on its own; dials to the peers of those records are pinned."""
     view = view or SwarmView()
     if not options.bootstrap and options.mdns is None:
         raise NoRoute("no way to find peers: give a bootstrap URL or enable mDNS")
+    transport = transport or Transport()
+    for url in options.bootstrap:
+        if not transport.allows(url):
+            raise AddressRefused(f"bootstrap {url} is plain http: this client dials https only (--insecure-http, or insecure_http=True, allows it)")
     now = time.time()
     results = await asyncio.gather(*(fetch_peers(http, url, options.timeout_s) for url in options.bootstrap), return_exceptions=True)
     view.unreachable = []
@@ -57,7 +65,7 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
         for record in result:
             view.table.merge(record, now, source="bootstrap")
     if options.mdns is not None:
-        async with Mdns(options.mdns, table=view.table):
+        async with Mdns(options.mdns, table=view.table, transport=transport):
             await asyncio.sleep(options.mdns_wait_s)  # browsing is listening: there is no event for "heard everyone"
     if options.bootstrap and len(view.unreachable) == len(options.bootstrap) and options.mdns is None:
         raise PeerUnavailable(f"no bootstrap peer answered: {', '.join(view.unreachable)}")

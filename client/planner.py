@@ -25,6 +25,7 @@ from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import Busy, NoRoute, ShuttingDown, SwarmError, TransientError
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ClientConfig:
     rtt_probes: int = 32  # at most this many peers get their round trip measured per refresh
     session: SessionConfig = field(default_factory=SessionConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    transport: Transport = field(default_factory=Transport)  # TLS pinned to each hop, or plain http by choice
     # Verified outputs (client/verification.py): the share of generations checked (README says why
     # 0.25), the seed of that choice (None: system entropy; tests fix it), how long one check may
     # take, and how many peers beyond the holders of the blocks get an accusation.
@@ -85,6 +87,7 @@ class Planner:
         self.clock = clock
         self.view = SwarmView()
         self.measurements = Measurements(config.trust)
+        self.undialable = 0  # peers of this model left out at the last look: plain http, and this client dials https only
         self._refreshed: float | None = None
 
     # --- the view ---------------------------------------------------------------------
@@ -93,18 +96,28 @@ class Planner:
         """Re-read the swarm when the view is stale (or `force`), and measure new peers' round trips."""
         if not force and self._refreshed is not None and self.clock() - self._refreshed < self.config.refresh_s:
             return
-        await discover(http, self.discovery, self.view)
+        await discover(http, self.discovery, self.view, self.config.transport)
         self._refreshed = self.clock()
         mine = [r for r in self.records() if r.span]
         unmeasured = [r for r in mine if self.measurements.rtt(r.peer_id) is None][: self.config.rtt_probes]
-        rtts = await asyncio.gather(*(_measure_rtt(http, r) for r in unmeasured))
+        rtts = await asyncio.gather(*(_measure_rtt(http, r, self.config.transport) for r in unmeasured))
         for record, rtt in zip(unmeasured, rtts):
             if rtt is not None:
                 self.measurements.record_rtt(record.peer_id, rtt)
 
     def records(self) -> list[PeerRecord]:
-        """Live records of peers serving this model."""
-        return [r for r in self.view.table.records(time.time()) if r.model_digest == self.model_digest and r.num_layers == self.num_layers]
+        """Live records of peers serving this model at an address this client dials (a TLS client
+        never dials plain http: such peers are left out, counted in `self.undialable`)."""
+        mine = [r for r in self.view.table.records(time.time()) if r.model_digest == self.model_digest and r.num_layers == self.num_layers]
+        dialable = [r for r in mine if self.address(r) is not None]
+        if len(dialable) < len(mine):
+            self.undialable = len(mine) - len(dialable)
+            log.debug("left out %d peers that serve only plain http (this client dials https only)", self.undialable)
+        return dialable
+
+    def address(self, record: PeerRecord) -> str | None:
+        """The first of `record`'s addresses this client dials, else None."""
+        return next((a for a in record.addresses if self.config.transport.allows(a)), None)
 
     def candidates(self) -> list[Candidate]:
         """The planner's view of every peer serving this model; speeds as `Measurements.per_block_costs` rules."""
@@ -161,9 +174,10 @@ class Planner:
         out = []
         for hop in route.hops:
             record = self.view.table.get(hop.peer_id)
-            if record is None:
+            address = None if record is None else self.address(record)
+            if address is None:
                 raise NoRoute(f"peer {hop.peer_id} left the swarm while planning")
-            out.append(RemoteHop(record.addresses[0], hop.start, hop.end, hop.peer_id))
+            out.append(RemoteHop(address, hop.start, hop.end, hop.peer_id))
         return out
 
     # --- what the client saw -------------------------------------------------------------
@@ -205,7 +219,7 @@ class Planner:
                 if not refusals:
                     raise
                 raise NoRoute(f"{exc}; refused: {'; '.join(refusals)}") from None
-            session = RouteSession(http, self.hops(planned), self.model_digest, max_length, session_config)
+            session = RouteSession(http, self.hops(planned), self.model_digest, max_length, session_config, self.config.transport)
             try:
                 return await session.__aenter__()
             except TransientError as exc:
@@ -220,11 +234,14 @@ class Planner:
         raise NoRoute(f"no route worked after {self.config.max_attempts} attempts; last error: {last}")
 
 
-async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, timeout: float = 2.0) -> float | None:
-    """Round trip of a small request to the peer (GET /info), or None if it does not answer."""
+async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, transport: Transport, timeout: float = 2.0) -> float | None:
+    """Round trip of a small request to the peer (GET /info, pinned to it), or None if it does not answer."""
+    address = next((a for a in record.addresses if transport.allows(a)), None)
+    if address is None:
+        return None
     began = time.perf_counter()
     try:
-        async with http.get(f"{record.addresses[0]}/info", timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.get(f"{address}/info", timeout=aiohttp.ClientTimeout(total=timeout), ssl=transport.pin(record.peer_id)) as response:
             await response.read()
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
         return None

@@ -44,7 +44,7 @@ import torch
 
 from client.verify import Tape
 from swarm import wire
-from swarm.errors import BadRequest, HopNotProven, PeerUnavailable, SwarmError, error_from_code
+from swarm.errors import BadRequest, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError, error_from_code
 from swarm.identity import peer_id_from_public_key, verify
 from swarm.protocol import (
     Ack,
@@ -64,6 +64,7 @@ from swarm.protocol import (
     parse,
 )  # fmt: skip
 from swarm.records import PeerRecord, verify_record
+from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,20 @@ class _Pending:
 class RouteSession:
     """`async with RouteSession(http, hops, model_digest, max_length) as s: hidden = await s.forward(x, 0)`."""
 
-    def __init__(self, http: aiohttp.ClientSession, hops: Sequence[RemoteHop], model: str, max_length: int, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        hops: Sequence[RemoteHop],
+        model: str,
+        max_length: int,
+        config: SessionConfig | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         if not hops:
             raise BadRequest("a route needs at least one hop")
         _check_contiguous(hops, "route")
         self.http = http
+        self.transport = transport or Transport()  # every hop's connection is pinned to its peer id
         self.model = model
         self.max_length = max_length
         self.config = config or SessionConfig()
@@ -180,7 +190,10 @@ class RouteSession:
                     max_msg_size=self.config.max_frame,
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.config.close_timeout_s),
+                    ssl=self.transport.pin(state.hop.peer_id),
                 )
+            except PinMismatch as exc:
+                raise at_hop(identity_mismatch(state.hop, exc), state.hop) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise at_hop(PeerUnavailable(f"cannot reach {state.hop} at {state.hop.url}: {exc}"), state.hop) from None
             if state.ws.closed or state.ws.close_code is not None:
@@ -320,9 +333,15 @@ class RouteSession:
         body = wire.encode({"type": "forward", "model": self.model, "blocks": [hop.start, hop.end], "hidden": wire.pack_tensor(hidden, self.config.wire_dtype)})
         try:
             async with self.http.post(
-                f"{hop.url.rstrip('/')}/forward", data=body, headers={"Content-Type": "application/msgpack"}, timeout=aiohttp.ClientTimeout(total=self.config.step_timeout_s)
+                f"{hop.url.rstrip('/')}/forward",
+                data=body,
+                headers={"Content-Type": "application/msgpack"},
+                timeout=aiohttp.ClientTimeout(total=self.config.step_timeout_s),
+                ssl=self.transport.pin(hop.peer_id),
             ) as response:
                 message = wire.decode(await response.read(), self.config.max_frame)
+        except PinMismatch as exc:
+            raise at_hop(identity_mismatch(hop, exc), hop) from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise at_hop(PeerUnavailable(f"cannot forward through {hop}: {exc or type(exc).__name__}"), hop) from None
         if message.get("type") == "error":
@@ -468,6 +487,12 @@ def _usable_record(record: PeerRecord, hop: RemoteHop) -> bool:
     except SwarmError:
         return False
     return record.peer_id == hop.peer_id and hop.url.rstrip("/") in record.addresses
+
+
+def identity_mismatch(hop: RemoteHop, exc: PinMismatch) -> IdentityMismatch:
+    """What a pinned dial to `hop` that met another TLS identity becomes: transient, so failover routes around it."""
+    who = f"peer {exc.got_peer}" if exc.got_peer else "no identity key"
+    return IdentityMismatch(f"{hop} at {hop.url} refused: {who} answered there, not {hop.peer_id}")
 
 
 def at_hop(error: SwarmError, hop: RemoteHop) -> SwarmError:

@@ -9,7 +9,7 @@ fastest route, opens a session along it and streams tokens. A hop that refuses
 throughput is only a prior, and a hop that misbehaves is banned for a while.
 Planning and session opening live in client/planner.py (`self.planner`).
 
-    model = SwarmModel("smollm2-135m-instruct", bootstrap=["http://10.0.0.5:7000"])
+    model = SwarmModel("smollm2-135m-instruct", bootstrap=["https://10.0.0.5:7000"])  # insecure_http=True for http peers
     print(model.generate("What is the capital of France?"))
     async for piece in model.stream("Tell me a story"): ...
     model.chat([{"role": "user", "content": "Hi"}])
@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 import torch
@@ -69,8 +69,11 @@ class SwarmModel:
         config: ClientConfig | None = None,
         dtype: torch.dtype = torch.float32,
         claims: Callable[[PeerRecord], float] = claimed_throughput,
+        insecure_http: bool = False,
     ) -> None:
         self.config = config or ClientConfig()
+        if insecure_http:  # also dial plain http peers (pins still hold on https ones)
+            self.config = replace(self.config, transport=replace(self.config.transport, insecure_http=True))
         if discovery is None:
             mdns_config = MdnsConfig(interfaces=tuple(mdns_interfaces) or "all", advertise=False) if mdns else None
             discovery = DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in bootstrap), mdns=mdns_config)
@@ -121,7 +124,7 @@ class SwarmModel:
         outcome is `stats.verification` (None when not selected)."""
         stats = GenerationStats()
         max_length = len(prompt_ids) + params.max_new_tokens
-        async with aiohttp.ClientSession() as http:
+        async with self.config.transport.client_session() as http:
             blocks = FailoverBlocks(self.planner, http, max_length, route)
             await blocks.start()
             stats.failovers = blocks.failovers
@@ -160,7 +163,7 @@ class SwarmModel:
 
     async def agenerate_batch(self, prompts: Sequence[str], *, chat: bool = True, **sampling) -> list[GenerationResult]:
         """Each prompt on its own session, sessions spread over disjoint routes where the swarm has them."""
-        async with aiohttp.ClientSession() as http:
+        async with self.config.transport.client_session() as http:
             await self.refresh(http)
         routes = self.planner.plan_routes(len(prompts))
         return list(await asyncio.gather(*(self.agenerate(p, chat=chat, route=r, **sampling) for p, r in zip(prompts, routes))))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,10 @@ from client.session import RouteSession
 from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, frozen, recipients, replicas, settle
 from swarm import wire
 from swarm.accusation import Accusation, Evidence
-from swarm.errors import PeerUnavailable, SignatureInvalid, SwarmError, error_from_code
+from swarm.errors import IdentityMismatch, PeerUnavailable, SignatureInvalid, SwarmError, error_from_code
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, TOLERANCE, Transcript, check_seal, difference, tensor_digest
+from swarm.transport import PinMismatch
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ class _Rerun:
 class Verifier:
     """Checks a fraction of one client's generations; holds the client's per-process identity."""
 
-    def __init__(self, planner: Planner, config: ClientConfig, identity: Identity | None = None, pin: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, planner: Planner, config: ClientConfig, identity: Identity | None = None) -> None:
         self.planner = planner
         self.config = config
         self.identity = identity or Identity.generate()  # accusations are signed by this client, whoever it is
         self.selector = Selector(config.verify_fraction, config.verify_seed)
-        self.pin = pin  # the `ssl=` argument of a request to a peer id, where the transport pins identities
 
     def plan(self, session: RouteSession, requested: bool | None = None) -> Tape | None:
         """Draw whether this generation is checked and which hop; the tape goes on the session."""
@@ -98,7 +97,7 @@ class Verifier:
             outcome.reason = str(exc)
             return outcome
         dtype = evidence.dtype
-        positions, claimed = evidence.claimed()
+        positions, _ = evidence.claimed()
         outcome.tokens, outcome.tolerance = sum(e.input["shape"][0] for e in evidence.steps), TOLERANCE.get(dtype, TOLERANCE["float32"])
         if not check_seal(key, evidence.seal, evidence.transcript_digest()):
             return self._unsealed(session, tape, outcome)
@@ -154,10 +153,11 @@ class Verifier:
         """The first of `peers` that answers the re-run with a sealed output of the right shape."""
         for peer_id in peers:
             record = self.planner.view.table.get(peer_id)
-            if record is None:
+            url = None if record is None else self.planner.address(record)
+            if url is None:
                 continue
             try:
-                return await self._rerun(http, record.addresses[0], peer_id, record.public_key, blocks, inputs)
+                return await self._rerun(http, url, peer_id, record.public_key, blocks, inputs)
             except SwarmError as exc:
                 log.info("replica %s did not re-run blocks %s: %s", peer_id[:8], blocks, exc)
         return None
@@ -195,10 +195,11 @@ class Verifier:
 
     async def _deliver(self, http: aiohttp.ClientSession, peer_id: str, body: bytes) -> bool:
         record = self.planner.view.table.get(peer_id)
-        if record is None:
+        url = None if record is None else self.planner.address(record)
+        if url is None:
             return False
         try:
-            message = await self._post(http, f"{record.addresses[0].rstrip('/')}/accusations", peer_id, body)
+            message = await self._post(http, f"{url.rstrip('/')}/accusations", peer_id, body)
         except SwarmError as exc:
             log.info("accusation not delivered to %s: %s", peer_id[:8], exc)
             return False
@@ -208,11 +209,16 @@ class Verifier:
         return message.get("convicted") is True  # its judgement (node/court.py): re-checked, or enough verdicts
 
     async def _post(self, http: aiohttp.ClientSession, url: str, peer_id: str, body: bytes) -> dict[str, Any]:
-        pinned = {} if self.pin is None else {"ssl": self.pin(peer_id)}
+        """One request on the generation's HTTP session (the transport's: private-swarm proofs ride on
+        it), pinned to `peer_id`: a replica's answer must come from the replica the record names."""
         timeout = aiohttp.ClientTimeout(total=self.config.session.step_timeout_s)
         try:
-            async with http.post(url, data=body, headers={"Content-Type": "application/msgpack"}, timeout=timeout, **pinned) as response:
+            async with http.post(
+                url, data=body, headers={"Content-Type": "application/msgpack"}, timeout=timeout, ssl=self.config.transport.pin(peer_id)
+            ) as response:
                 return wire.decode(await response.read(), self.config.session.max_frame)
+        except PinMismatch as exc:
+            raise IdentityMismatch(f"{peer_id[:8]} at {url} refused: peer {exc.got_peer or '(no identity key)'} answered there") from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise PeerUnavailable(f"cannot reach {peer_id[:8]} at {url}: {exc or type(exc).__name__}") from None
 

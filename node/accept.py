@@ -4,7 +4,13 @@ Three defences that sit below the handlers:
 
 - `GuardedRunner`: an `AppRunner` whose sites count open TCP connections per source
   (`node.limits.source_key` of the peer address) at accept. One over the limit gets a
-  `503` with a typed `busy` body and is closed before aiohttp parses a byte of it.
+  `503` with a typed `busy` body and is closed before aiohttp parses a byte of it (on a
+  TLS node it is closed at once: a plaintext answer means nothing to a TLS client).
+- TLS (swarm/transport.py) is done here too, not by the site: the server socket is plain
+  TCP and each admitted connection is upgraded with `loop.start_tls`. So a connection
+  counts against its source from accept, also while it handshakes (asyncio's own TLS
+  server would hide it until the handshake is done), and the handshake of a stranger is
+  bounded by `handshake_timeout_s` (the node's header timeout; asyncio's default is 60 s).
 - Headers in time: aiohttp has no header timeout of its own, but since 3.10 its keep-alive
   timer starts when a connection is made and closes a connection still waiting for a
   complete request when it fires (partial headers do not postpone it; a running handler,
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -34,26 +41,54 @@ log = logging.getLogger(__name__)
 
 
 class GuardedRunner(web.AppRunner):
-    """An `AppRunner` whose TCP sites admit at most `limit`'s count of connections per source."""
+    """An `AppRunner` whose TCP sites admit at most `limit`'s count of connections per source and,
+    given `tls`, speak TLS on each (give its sites no `ssl_context` of their own)."""
 
-    def __init__(self, app: web.Application, limit: SourceLimit, **kwargs) -> None:
+    def __init__(
+        self, app: web.Application, limit: SourceLimit, tls: ssl.SSLContext | None = None, handshake_timeout_s: float = 20.0, **kwargs
+    ) -> None:
         super().__init__(app, **kwargs)
         self._source_limit = limit
+        self._tls = tls
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handshakes: set[asyncio.Task] = set()  # TLS upgrades in progress, cancelled at cleanup
 
     @property
     def server(self):  # what TCPSite hands to loop.create_server as its protocol factory
         inner = super().server
-        return None if inner is None else functools.partial(_Guard, inner, self._source_limit)
+        if inner is None:
+            return None
+        return functools.partial(_Guard, inner, self._source_limit, self._tls, self._handshake_timeout_s, self._handshakes)
+
+    async def cleanup(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        await super().cleanup()
 
 
 class _Guard(asyncio.Protocol):
-    """Holds a connection's place in the per-source count; passes everything else to aiohttp's handler."""
+    """Holds a connection's place in the per-source count, upgrades it to TLS when the node speaks
+    TLS, and passes everything else to aiohttp's handler."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: SourceLimit) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        limit: SourceLimit,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 20.0,
+        handshakes: set[asyncio.Task] | None = None,
+    ) -> None:
         self._factory = factory
         self._limit = limit
+        self._tls = tls
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handshakes = handshakes if handshakes is not None else set()
         self._inner: asyncio.Protocol | None = None
         self._held: Held | None = None
+        self._early: list[bytes] = []  # decrypted bytes that came with the handshake's end, before `_inner`
+        self._early_eof = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -61,13 +96,58 @@ class _Guard(asyncio.Protocol):
             self._held = self._limit.acquire(source_key(peer[0] if peer else None))
         except Busy as exc:
             log.debug("refused a connection: %s", exc)
-            transport.write(_busy_response(exc))  # type: ignore[attr-defined]
+            if self._tls is None:
+                transport.write(_busy_response(exc))  # type: ignore[attr-defined]
             transport.close()
             return
+        if self._tls is None:
+            self._start(transport)
+            return
+        # Read nothing until start_tls has put its TLS layer in place (it resumes reading).
+        transport.pause_reading()  # type: ignore[attr-defined]
+        task = asyncio.get_running_loop().create_task(self._handshake(transport), name="tls handshake")
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.BaseTransport) -> None:
+        assert self._tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport,  # type: ignore[arg-type]
+                self,
+                self._tls,
+                server_side=True,
+                ssl_handshake_timeout=self._handshake_timeout_s,
+                ssl_shutdown_timeout=self._handshake_timeout_s,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            # No handshake in time, or not TLS at all: the raw transport is closed already.
+            log.debug("TLS handshake failed: %s", type(exc).__name__)
+            self._lost = True
+            if self._held is not None:
+                self._held.release()
+            return
+        except asyncio.CancelledError:
+            transport.close()
+            if self._held is not None:
+                self._held.release()
+            raise
+        if self._lost or tls is None:  # the connection ended right after its handshake
+            return
+        self._start(tls)
+        for data in self._early:
+            self._inner.data_received(data)  # type: ignore[union-attr]
+        self._early.clear()
+        if self._early_eof and self._inner is not None:
+            self._inner.eof_received()  # type: ignore[attr-defined]
+
+    def _start(self, transport: asyncio.BaseTransport) -> None:
         self._inner = self._factory()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._held is not None:
             self._held.release()
         if self._inner is not None:
@@ -76,9 +156,14 @@ class _Guard(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
+        elif self._tls is not None and not self._lost:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+        if self._inner is None:
+            self._early_eof = self._tls is not None
+            return None
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
         if self._inner is not None:

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
-    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from http://HOST:PORT")
+    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from https://HOST:PORT (http:// with --insecure-http)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
@@ -143,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     court.add_argument("--accusation-burst", type=_positive, default=4, metavar="N", help="accusations one source may send at once; then one per --accusation-interval; more are answered busy (default 4)")
     court.add_argument("--accusation-interval", type=_seconds, default=10.0, metavar="SECONDS", help="see --accusation-burst (default 10)")
     court.add_argument("--max-rechecks", type=_positive, default=1, metavar="N", help="accusations re-run on this node's blocks at once; more are answered busy (default 1)")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. http://10.0.0.5:7000 (repeatable)")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="URL", help="a peer to announce to and gossip with, e.g. https://10.0.0.5:7000 (repeatable)")
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve and advertise plain http, and dial http peers too (no encryption, no identity pinning); "
+        "by default the node serves TLS with a certificate carrying its identity key and dials only https peers, each pinned to its peer id",
+    )
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="advertise and browse on the LAN with mDNS (default off: it multicasts on your network)")
@@ -220,14 +226,12 @@ def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, in
     """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
     import random
 
-    import aiohttp
-
     from node.balance import block_throughput, choose_span
     from swarm.discovery.peers_http import fetch_peers
 
     async def records():
         found = []
-        async with aiohttp.ClientSession() as http:
+        async with _transport(args).client_session() as http:
             for url in args.bootstrap:
                 try:
                     found += await fetch_peers(http, url.rstrip("/"), 5.0)
@@ -275,10 +279,17 @@ def _node_config(args: argparse.Namespace):
         raise SwarmError(f"bad discovery option: {exc}") from None
     if mdns is not None:
         _check_local_addresses(args.mdns_interface)
+    transport = _transport(args)
+    for url in args.bootstrap:
+        if not transport.allows(url):
+            raise SwarmError(f"--bootstrap {url}: a TLS node dials https only (give an https URL, or --insecure-http)")
+    if args.public_url and not args.public_url.lower().startswith(f"{transport.scheme}://"):
+        raise SwarmError(f"--public-url {args.public_url}: this node serves {transport.scheme} (--insecure-http: http, else https)")
     return NodeConfig(
         host=args.host,
         port=args.port,
         public_url=args.public_url,
+        transport=transport,
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
@@ -304,6 +315,12 @@ def _node_config(args: argparse.Namespace):
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
         accusations=accusations,
     )
+
+
+def _transport(args: argparse.Namespace):
+    from swarm.transport import Transport
+
+    return Transport(insecure_http=args.insecure_http)
 
 
 def _check_local_addresses(addresses: list[str]) -> None:

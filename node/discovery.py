@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from swarm.transport import Transport
 from swarm.addresses import AddressPolicy
 from swarm.discovery.gossip import Gossip, GossipConfig
 from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
@@ -60,8 +61,10 @@ class NodeDiscovery:
         record: Callable[[bool], PeerRecord],  # record(leaving) -> this node's freshly signed record
         advert: Advert,
         http: aiohttp.ClientSession | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
+        self.transport = transport or Transport()
         self.table = table
         self._record = record
         self._advert = advert
@@ -74,23 +77,26 @@ class NodeDiscovery:
 
     async def __aenter__(self) -> NodeDiscovery:
         own = self._record(False)
-        self.policy = AddressPolicy.for_node(own.addresses[0], self.config.gossip.bootstrap)
+        self.policy = AddressPolicy.for_node(own.addresses[0], self.config.gossip.bootstrap, plain_http=self.transport.insecure_http)
         log.info("address policy: %s node", self.policy.reach.value)
         try:
             http = self._http
             if http is None:
-                connector = aiohttp.TCPConnector(limit=_CONNECTIONS, limit_per_host=_CONNECTIONS_PER_HOST)
-                http = await self._stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+                http = await self._stack.enter_async_context(
+                    self.transport.client_session(limit=_CONNECTIONS, limit_per_host=_CONNECTIONS_PER_HOST)
+                )
             self.table.merge(own, time.time(), source="self")
             if self.table.config.require_proof:
                 self.prover = await self._stack.enter_async_context(
-                    Prover(self.table, http, self.config.gossip.proof, self.policy)
+                    Prover(self.table, http, self.config.gossip.proof, self.policy, transport=self.transport)
                 )
             self.gossip = await self._stack.enter_async_context(
-                Gossip(self.config.gossip, self.table, lambda: self._record(False), http, farewell=lambda: self._record(True))
+                Gossip(
+                    self.config.gossip, self.table, lambda: self._record(False), http, farewell=lambda: self._record(True), transport=self.transport
+                )
             )
             if self.config.mdns is not None:
-                self.mdns = await self._stack.enter_async_context(Mdns(self.config.mdns, table=self.table, advert=self._advert))
+                self.mdns = await self._stack.enter_async_context(Mdns(self.config.mdns, table=self.table, advert=self._advert, transport=self.transport))
         except BaseException:
             await self._stack.aclose()
             raise

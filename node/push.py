@@ -29,11 +29,12 @@ import aiohttp
 from node.channel import Channel
 from swarm import wire
 from swarm.addresses import base_url
-from swarm.errors import BadAddress, HopNotProven, PeerUnavailable, SwarmError
+from swarm.errors import BadAddress, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError
 from swarm.identity import peer_id_from_public_key, verify
 from swarm.peers import PeerTable
 from swarm.protocol import Message, NextHop, Proof, Prove, proof_payload
 from swarm.records import PeerRecord, verify_record
+from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,18 @@ def check_next_hop(next_hop: NextHop, end: int, model_digest: str, num_layers: i
 class PushPool:
     """Proven outbound connections to next hops. An async context manager (it owns its HTTP session)."""
 
-    def __init__(self, config: PushConfig, max_frame: int) -> None:
+    def __init__(self, config: PushConfig, max_frame: int, transport: Transport | None = None) -> None:
         self.config = config
         self.max_frame = max_frame
+        self.transport = transport or Transport()
         self.http: aiohttp.ClientSession | None = None
         self._channels: dict[tuple[str, str], Channel] = {}  # (url, peer id) -> proven connection
         self._dialing: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()  # readers and the idle sweeper
 
     async def __aenter__(self) -> PushPool:
-        connector = aiohttp.TCPConnector(limit=self.config.max_channels, limit_per_host=self.config.limit_per_host)
         timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s, sock_connect=self.config.connect_timeout_s)
-        self.http = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self.http = self.transport.client_session(limit=self.config.max_channels, limit_per_host=self.config.limit_per_host, timeout=timeout)
         self._spawn(self._sweep(), "push-idle-sweeper")
         return self
 
@@ -135,8 +136,10 @@ class PushPool:
         try:
             ws = await self.http.ws_connect(
                 f"{hop.url}/session", timeout=aiohttp.ClientWSTimeout(ws_close=2.0), max_msg_size=self.max_frame,
-                heartbeat=None, autoping=True, compress=0,
+                heartbeat=None, autoping=True, compress=0, ssl=self.transport.pin(hop.peer_id),
             )  # fmt: skip
+        except PinMismatch as exc:  # the TLS certificate at that address carries another key
+            raise IdentityMismatch(f"next hop {hop.peer_id} at {hop.url} refused: {'another peer' if exc.got_peer else 'no identity key'} answered there") from None
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             # What the network said (refused, reset, TLS...) stays here: peers only learn that it failed.
             raise PeerUnavailable(f"cannot reach next hop {hop.peer_id}") from None

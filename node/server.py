@@ -42,7 +42,8 @@ def build_app(state: NodeState) -> web.Application:
     config = state.config
     limit = max(config.max_frame, config.discovery.gossip.max_frame)  # /peers checks its own, smaller limit
     own = ("/forward", "/accusations")  # these read their bodies themselves, after their cheap refusals
-    app = web.Application(client_max_size=limit, middlewares=[body_in_time(config.body_timeout_s, limit, error_response, own=own)])
+    middlewares = [*config.transport.server_middlewares(), body_in_time(config.body_timeout_s, limit, error_response, own=own)]
+    app = web.Application(client_max_size=limit, middlewares=middlewares)
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(accusation_routes())
@@ -90,7 +91,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        push = await stack.enter_async_context(PushPool(config.push, config.max_frame))  # its own connector, not gossip's
+        push = await stack.enter_async_context(PushPool(config.push, config.max_frame, config.transport))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
         state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
@@ -98,9 +99,15 @@ async def serve(
             state.backend = Backend(span, config.backend, executor)
             await state.backend.__aenter__()
         backend = state.backend
-        # keepalive_timeout is the header timeout too (node/accept.py says why)
+        # keepalive_timeout is the header timeout too, and bounds a TLS handshake (node/accept.py says why)
         runner = GuardedRunner(
-            build_app(state), SourceLimit(config.max_tcp_per_source, "connections"), handle_signals=False, access_log=None, keepalive_timeout=config.header_timeout_s
+            build_app(state),
+            SourceLimit(config.max_tcp_per_source, "connections"),
+            tls=config.transport.server_ssl(identity),
+            handshake_timeout_s=config.header_timeout_s,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=config.header_timeout_s,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -109,9 +116,9 @@ async def serve(
         await site.start()
         host, port = runner.addresses[0][:2]
         state.port = port
-        state.url = config.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        state.url = config.public_url or f"{config.transport.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         state.discovery = await stack.enter_async_context(
-            NodeDiscovery(config.discovery, state.table, state.record, state.advert(port))
+            NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), transport=config.transport)
         )
         state.spawn(reap_idle(state), "reaper")
         failure: list[SwarmError] = []

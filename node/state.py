@@ -25,6 +25,7 @@ from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 if TYPE_CHECKING:
     from node.accusations import Relay
@@ -43,7 +44,8 @@ class RebalanceConfig:
 class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 0
-    public_url: str | None = None  # what peers dial; default http://host:port
+    public_url: str | None = None  # what peers dial; default https://host:port (http:// with transport.insecure_http)
+    transport: Transport = field(default_factory=Transport)  # TLS pinned to identities, or plain http by choice
     max_frame: int = wire.DEFAULT_MAX_FRAME
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
     drain_timeout_s: float = 10.0  # SIGTERM: how long sessions are still served while their clients move them
@@ -149,7 +151,7 @@ class NodeState:
     def advert(self, port: int) -> Advert:
         backend = self.backend
         span = (backend.span.start, backend.span.end) if backend else None
-        return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span)
+        return Advert(self.identity.peer_id, port, model=str(self.fingerprint or ""), span=span, scheme=self.config.transport.scheme)
 
     def limits(self) -> dict[str, Any]:
         """Every limit a stranger meets here, for `/info` (0: no limit)."""

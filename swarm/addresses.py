@@ -16,6 +16,8 @@ reach allows:
 - Link-local (169.254/16 with the cloud metadata service, fe80::/10), multicast,
   unspecified (0.0.0.0, ::) and reserved hosts are never dialled for strangers.
 - Operator-given URLs (`--bootstrap`) are always dialled: the operator chose them.
+- A TLS node (`plain_http` False: the default, see swarm/transport.py) never dials a plain
+  http address, operator-given or not: it would carry no identity to pin.
 
 Hosts are classified without DNS: a name counts by its suffix (`localhost`, `.local`),
 and IPv4 in the short forms resolvers accept (`127.1`, `2130706433`, `0x7f.0.0.1`) or
@@ -61,11 +63,12 @@ class AddressPolicy:
 
     reach: Reach
     trusted: frozenset[str] = frozenset()  # base URLs as `base_url` writes them
+    plain_http: bool = True  # whether http:// addresses are dialled at all (a TLS node: no)
 
     @classmethod
-    def for_node(cls, own_url: str, trusted: tuple[str, ...] | frozenset[str] = ()) -> AddressPolicy:
+    def for_node(cls, own_url: str, trusted: tuple[str, ...] | frozenset[str] = (), plain_http: bool = True) -> AddressPolicy:
         """The policy of a node whose public URL is `own_url`, with the operator's `trusted` URLs."""
-        return cls(reach_of(own_url), frozenset(base_url(url) for url in trusted))
+        return cls(reach_of(own_url), frozenset(base_url(url) for url in trusted), plain_http)
 
     def allows(self, url: str) -> bool:
         try:
@@ -76,7 +79,7 @@ class AddressPolicy:
 
     def describe(self) -> dict[str, object]:
         """For /info: the reach and the host kinds dialled for strangers."""
-        return {"reach": self.reach.value, "dials": sorted(_ALLOWED[self.reach])}
+        return {"reach": self.reach.value, "dials": sorted(_ALLOWED[self.reach]), "schemes": ["http", "https"] if self.plain_http else ["https"]}
 
 
 def base_url(url: str) -> str:
@@ -146,6 +149,8 @@ def check_dialable(url: str, policy: AddressPolicy) -> str:
     The message names the rule, never what is at the address.
     """
     canonical = base_url(url)
+    if not policy.plain_http and canonical.startswith("http:"):
+        raise AddressRefused("a plain http address is never dialled by a TLS node: it carries no identity")
     if canonical in policy.trusted:
         return canonical
     kind = host_kind(urlsplit(canonical).hostname or "")

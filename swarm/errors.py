@@ -155,6 +155,13 @@ class Convicted(TransientError):
     code = "convicted"
 
 
+class IdentityMismatch(TransientError):
+    """The peer at an address presented another identity in its TLS certificate than the peer it
+    was dialled as: a man in the middle, or a node answering at another's address. Route around it."""
+
+    code = "identity_mismatch"
+
+
 # --- identity and peer records ---------------------------------------------------------
 
 

@@ -100,6 +100,11 @@ class Identity:
         """The 64-byte Ed25519 signature of `message`."""
         return self._private_key.sign(message)
 
+    def private_key_pem_for_tls(self) -> bytes:
+        """The private key as PEM (PKCS#8), for swarm/transport.py alone: the TLS certificate carries
+        this identity key, and OpenSSL loads a server's key only from a file. Nothing else may call it."""
+        return self._private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
 
 def _create_key_file(path: Path) -> None:
     """Write a new key to `path` unless someone else does first.

@@ -37,7 +37,7 @@ def hf_model():
 @pytest.fixture(scope="module")
 def client(swarm):
     """A float32-wire SwarmModel on the module's `swarm` (a fixture each such module defines)."""
-    from client.swarm import ClientConfig, SwarmModel
+    from tests.nodes import swarm_client
 
     bootstrap, _ = swarm
-    return SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+    return swarm_client(bootstrap.url, tls=bootstrap.url.startswith("https:"))

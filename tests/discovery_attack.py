@@ -97,7 +97,7 @@ async def generate(bootstrap: str, tokens: int) -> None:
     from swarm.model import DEFAULT_MODEL
     from tests.nodes import refresh
 
-    model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
+    model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
     await refresh(model)
     stats = None
     params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False)

@@ -23,7 +23,7 @@ PROMPT = "Write a long story about a dragon who learns to cook."
 
 
 async def main(bootstrap: str, avoid: str, new_tokens: int) -> None:
-    model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
+    model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
     await refresh(model)
     route = model.plan(exclude=frozenset({avoid}))
     print(f"route {route}", flush=True)

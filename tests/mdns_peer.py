@@ -24,6 +24,7 @@ from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.identity import Identity
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 RECORD_TTL_S = 120.0
 POLL_S = 0.05  # how often the browser compares its table
@@ -50,7 +51,7 @@ async def serve(address: str, ttl_s: int, stop: asyncio.Event) -> None:
         record = PeerRecord.create(identity, addresses=[f"http://{address}:{port}"], now=time.time(), ttl=RECORD_TTL_S)
         body.update(peer_id=identity.peer_id, record=base64.b64encode(record.to_bytes()).decode())
         config = MdnsConfig(interfaces=[address], browse=False, ttl_s=ttl_s)
-        async with Mdns(config, advert=Advert(identity.peer_id, port, model="test")):
+        async with Mdns(config, advert=Advert(identity.peer_id, port, model="test", scheme="http")):
             say("ready", peer_id=identity.peer_id, port=port)
             await stop.wait()
     finally:
@@ -60,7 +61,7 @@ async def serve(address: str, ttl_s: int, stop: asyncio.Event) -> None:
 async def browse(address: str, sweep_s: float, probe_ms: int, stop: asyncio.Event) -> None:
     table = PeerTable()
     config = MdnsConfig(interfaces=[address], advertise=False, sweep_interval_s=sweep_s, probe_timeout_ms=probe_ms)
-    async with Mdns(config, table=table):
+    async with Mdns(config, table=table, transport=Transport(insecure_http=True)):
         say("ready")
         known: set[str] = set()
         while not stop.is_set():

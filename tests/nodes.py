@@ -1,4 +1,8 @@
-"""Start real `swarm-node` processes for tests and stop them by pid."""
+"""Start real `swarm-node` processes for tests and stop them by pid.
+
+Nodes started here serve plain http (`--insecure-http`, a loopback fixture the issue allows)
+unless `tls=True`; clients of them come from `swarm_client`, which dials http only for such
+swarms. The default path, TLS pinned to identities, is tested in tests/test_tls.py."""
 
 from __future__ import annotations
 
@@ -36,14 +40,16 @@ class NodeProcess:
 
 
 def start_nodes(
-    specs: list[list[str]], tmp: Path, timeout: float = 180.0, prefix: list[str] | None = None, module: str = "node.cli"
+    specs: list[list[str]], tmp: Path, timeout: float = 180.0, prefix: list[str] | None = None, tls: bool = False, module: str = "node.cli"
 ) -> list[NodeProcess]:
     """Start one node per argument list (all at once) and wait until every one printed its ready line.
 
-    `module`: what runs as the node (`-m module`), e.g. tests.lying_node; it takes swarm-node's arguments."""
+    Without `tls` every node gets `--insecure-http` (plain http on loopback). `module`: what runs as
+    the node (`-m module`), e.g. tests.lying_node; it takes swarm-node's arguments."""
     nodes = []
+    insecure = [] if tls else ["--insecure-http"]
     for index, args in enumerate(specs):
-        argv = [sys.executable, "-m", module, "--identity", str(tmp / f"node{index}-{os.getpid()}.key"), *args]
+        argv = [sys.executable, "-m", module, "--identity", str(tmp / f"node{index}-{os.getpid()}.key"), *insecure, *args]
         proc = subprocess.Popen((prefix or []) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         nodes.append(NodeProcess(proc))
     for node in nodes:
@@ -75,11 +81,11 @@ def _pump(node: NodeProcess) -> None:
     node.settled.set()
 
 
-def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProcess]) -> NodeProcess:
+def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProcess], tls: bool = False) -> NodeProcess:
     """One node inside `host`'s network namespace (tests/netns.py), listening on its address and
     gossiping every 0.5 s; it is appended to `started`, which the test stops at the end."""
     folder = tmp / f"{host.namespace}-{len(started)}"
-    (node,) = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], folder, prefix=["ip", "netns", "exec", host.namespace])
+    (node,) = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], folder, prefix=["ip", "netns", "exec", host.namespace], tls=tls)
     started.append(node)
     return node
 
@@ -95,30 +101,37 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             node.kill()
 
 
-def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5) -> tuple[NodeProcess, list[NodeProcess]]:
+def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5, tls: bool = False) -> tuple[NodeProcess, list[NodeProcess]]:
     """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it."""
     period = ["--gossip-period", str(gossip_period)]
-    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap")
-    nodes = start_nodes([["--blocks", span, "--bootstrap", bootstrap.url, *period] for span in spans], tmp)
+    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap", tls=tls)
+    nodes = start_nodes([["--blocks", span, "--bootstrap", bootstrap.url, *period] for span in spans], tmp, tls=tls)
     return bootstrap, nodes
 
 
-def module_swarm(name: str, spans: list[str]):
+def module_swarm(name: str, spans: list[str], tls: bool = False):
     """A module-scoped pytest fixture: `start_swarm` with these spans, stopped after the module."""
     import pytest
 
     @pytest.fixture(scope="module")
     def swarm(tmp_path_factory):
-        bootstrap, nodes = start_swarm(tmp_path_factory.mktemp(name), spans)
+        bootstrap, nodes = start_swarm(tmp_path_factory.mktemp(name), spans, tls=tls)
         yield bootstrap, nodes
         stop_nodes([bootstrap, *nodes])
 
     return swarm
 
 
+def swarm_client(bootstrap: list[str] | str, wire_dtype: str = "float32", tls: bool = False, config=None, **kwargs):
+    """A `SwarmModel` of the default model for a test swarm: it dials plain http too unless `tls`."""
+    from client.swarm import ClientConfig, SwarmModel
+    from swarm.model import DEFAULT_MODEL
+
+    urls = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
+    return SwarmModel(DEFAULT_MODEL, bootstrap=urls, config=config or ClientConfig(wire_dtype=wire_dtype), insecure_http=not tls, **kwargs)
+
+
 async def refresh(client) -> None:
     """Make a SwarmModel re-read the swarm now."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
+    async with client.config.transport.client_session() as http:
         await client.refresh(http, force=True)

@@ -97,7 +97,7 @@ async def soak(
     nodes = start_nodes([["--blocks", s, "--bootstrap", bootstrap.url, *PERIOD] for s in SPANS], tmp)
     keys = [tmp / f"node{i}-{os.getpid()}.key" for i in range(len(SPANS))]  # the identities start_nodes gave them
     rss_start = {n.peer_id: _rss(n) for n in nodes}
-    model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16", refresh_s=1.0))
+    model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16", refresh_s=1.0))
     report = SoakReport()
     stop = asyncio.Event()
     progress = asyncio.Condition()  # notified whenever a request completes

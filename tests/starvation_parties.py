@@ -35,7 +35,7 @@ async def legit(bootstrap: str, new_tokens: int) -> None:
     from swarm.model import DEFAULT_MODEL
     from tests.nodes import refresh
 
-    model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
+    model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap], config=ClientConfig(wire_dtype="float32"))
     deadline = time.monotonic() + 60
     while True:  # until gossip has brought every span to the bootstrap peer
         await refresh(model)

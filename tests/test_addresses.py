@@ -51,6 +51,15 @@ def test_operator_urls_are_always_dialled() -> None:
         check_dialable("http://127.0.0.1:9001", policy)
 
 
+def test_a_tls_node_never_dials_plain_http_not_even_an_operator_url() -> None:
+    policy = AddressPolicy.for_node("https://8.8.8.8:1", trusted=("http://9.9.9.9:9000",), plain_http=False)
+    assert check_dialable("https://9.9.9.9:9001", policy) == "https://9.9.9.9:9001"
+    for url in ("http://9.9.9.9:9000", "http://9.9.9.9:9001"):
+        with pytest.raises(AddressRefused, match="plain http"):
+            check_dialable(url, policy)
+        assert not policy.allows(url)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -77,4 +86,5 @@ def test_only_base_urls_are_dialled(url: str) -> None:
 def test_base_urls_are_canonical() -> None:
     assert base_url("HTTP://Node.Example.org:80/") == "http://node.example.org:80"
     assert base_url("http://[::1]:8") == "http://[::1]:8"
-    assert AddressPolicy(Reach.PRIVATE).describe() == {"reach": "private", "dials": ["private", "public"]}
+    assert AddressPolicy(Reach.PRIVATE).describe() == {"reach": "private", "dials": ["private", "public"], "schemes": ["http", "https"]}
+    assert AddressPolicy(Reach.PRIVATE, plain_http=False).describe()["schemes"] == ["https"]

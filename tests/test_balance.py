@@ -154,7 +154,7 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
     mover = nodes[-1]
     span = f"{mover.blocks[0]}:{mover.blocks[1]}"
     try:
-        client = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
+        client = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="float32"))
         ids = client.head.encode_prompt("Tell me about the sea.", chat=True)
         params = SamplingParams(max_new_tokens=32, stop_at_eos=False)
         replica = next(n for n in nodes[:2] if n.blocks == mover.blocks)

@@ -55,7 +55,7 @@ def test_three_node_greedy_equals_local_generate(client, swarm, head, full_span,
 def test_bfloat16_wire_stays_close(swarm, head, full_span):
     """bf16 between hops: the measure is the greedy tokens before the first divergence."""
     bootstrap, nodes = swarm
-    bf16 = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16"))
+    bf16 = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16"))
     route = _route_through(bf16, nodes, {(0, 10), (10, 20), (20, 30)})
     agree = []
     for prompt in PROMPTS:
@@ -92,7 +92,7 @@ def test_chat_cli_keeps_history_and_shows_the_route(swarm):
     bootstrap, _ = swarm
     script = "What is the capital of France?\n/route\nAnd of Germany?\n/reset\n/quit\n"
     done = subprocess.run(
-        [sys.executable, "-m", "client.cli", "chat", "--bootstrap", bootstrap.url, "--max-new-tokens", "20"],
+        [sys.executable, "-m", "client.cli", "chat", "--insecure-http", "--bootstrap", bootstrap.url, "--max-new-tokens", "20"],
         input=script, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr
@@ -106,7 +106,7 @@ def test_busy_node_is_routed_around(tmp_path, swarm, limit):
     bootstrap, nodes = swarm
     (busy,) = start_nodes([["--blocks", "0:30", *limit, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
     try:
-        model = SwarmModel(DEFAULT_MODEL, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
+        model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
         result = asyncio.run(model.agenerate("What is the capital of France?", max_new_tokens=16))
         assert "Paris" in result.text
         assert not any(busy.peer_id[:8] in hop for hop in result.route)
@@ -150,7 +150,7 @@ def test_inflated_claim_cannot_keep_the_route_over_measured_peers(tmp_path, clie
     try:
         with _cpu_quota(slow.proc.pid, 5):
             inflate = lambda r: r.throughput * 1e6 if r.peer_id == slow.peer_id else r.throughput  # noqa: E731
-            model = SwarmModel(DEFAULT_MODEL, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
+            model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url, slow.url], config=ClientConfig(wire_dtype="float32"), claims=inflate)
             asyncio.run(refresh(model))
             claimed = {c.peer_id: c.per_block_s for c in model.candidates()}
             assert claimed[slow.peer_id] >= min(claimed.values()), "a clamped claim is no better than the median by more than the factor"
@@ -173,7 +173,7 @@ def test_cli_discovery_options_reach_the_model():
     """Regression: `--wait` (and the rest of the discovery flags) were dropped: SwarmModel built its own options."""
     from client.cli import _swarm_model, build_parser
 
-    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25"])
+    args = build_parser().parse_args(["chat", "--bootstrap", "http://127.0.0.1:1/", "--mdns", "--wait", "0.25", "--insecure-http"])
     model = _swarm_model(args)
     assert model.discovery.mdns_wait_s == 0.25
     assert model.discovery.bootstrap == ("http://127.0.0.1:1",) and model.discovery.mdns is not None
@@ -188,8 +188,9 @@ def test_errors_are_one_clear_line(tmp_path):
     (lonely,) = start_nodes([["--blocks", "0:10", "--max-sessions", "0"]], tmp_path)
     try:
         cases = [
-            (["--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
-            (["--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+            (["--insecure-http", "--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
+            (["--insecure-http", "--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+            (["--bootstrap", lonely.url], f"error: bootstrap {lonely.url} is plain http: this client dials https only"),  # never dialled
         ]
         for extra, expected in cases:
             done = _cli("generate", "hi", "--max-new-tokens", "4", *extra)
@@ -201,7 +202,7 @@ def test_errors_are_one_clear_line(tmp_path):
         other = tmp_path / "other.gguf"
         shutil.copyfile(resolve_model(DEFAULT_MODEL), other)
         _flip_a_weight_byte(other)
-        done = _cli("generate", str(other), "hi", "--bootstrap", lonely.url)
+        done = _cli("generate", str(other), "hi", "--insecure-http", "--bootstrap", lonely.url)
         assert done.returncode == 2
         assert done.stderr.strip().startswith("error: no peer serves model llama-"), done.stderr
         assert "the swarm serves: llama-" in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -212,7 +213,7 @@ def test_errors_are_one_clear_line(tmp_path):
 def test_busy_everywhere_is_one_clear_line(tmp_path):
     (full,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0"]], tmp_path)
     try:
-        done = _cli("generate", "hi", "--bootstrap", full.url)
+        done = _cli("generate", "hi", "--insecure-http", "--bootstrap", full.url)
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "busy" in lines[0] and lines[0].startswith("error: "), lines

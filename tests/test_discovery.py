@@ -98,13 +98,13 @@ async def test_swarm_peers_cli_lists_the_swarm_and_its_coverage(gossip_swarm):
     async with aiohttp.ClientSession() as http:
         await _until(lambda tables: len(tables[0]) >= 4, 30, http, nodes[:1])
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "peers", "--bootstrap", nodes[0].url, "--json"], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-m", "client.cli", "peers", "--insecure-http", "--bootstrap", nodes[0].url, "--json"], capture_output=True, text=True, timeout=60, check=True
     )
     view = json.loads(out.stdout)
     spans = sorted(tuple(p["span"]) for p in view["peers"] if p["span"])
     assert (3, 30) in spans and (0, 1) in spans
     assert any("missing none" in line or "missing" in line for line in view["coverage"])
-    refused = subprocess.run([sys.executable, "-m", "client.cli", "peers", "--bootstrap", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run([sys.executable, "-m", "client.cli", "peers", "--insecure-http", "--bootstrap", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.strip() == "error: no bootstrap peer answered: http://127.0.0.1:1"
 
 
@@ -162,7 +162,7 @@ async def test_forged_records_are_refused_by_a_real_node(gossip_swarm):
 
 
 def _peers_via_mdns(prefix: list[str], interface: str, wait: float = 3.0) -> set[str]:
-    argv = [*prefix, sys.executable, "-m", "client.cli", "peers", "--mdns", "--mdns-interface", interface, "--wait", str(wait), "--json"]
+    argv = [*prefix, sys.executable, "-m", "client.cli", "peers", "--insecure-http", "--mdns", "--mdns-interface", interface, "--wait", str(wait), "--json"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
     return {p["peer_id"] for p in json.loads(out.stdout)["peers"]}
 

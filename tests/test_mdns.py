@@ -29,12 +29,14 @@ from swarm.discovery.mdns import SERVICE_TYPE, Advert, Mdns, MdnsConfig, _candid
 from swarm.identity import Identity
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = Path(__file__).with_name("mdns_peer.py")
 MODEL = {"architecture": "llama", "shape": "L30-d576", "digest": "0123456789abcdef" * 2}
 POLL_S = 0.02
+PLAIN = Transport(insecure_http=True)  # these stand-in nodes serve plain http (TLS browsing: tests/test_tls.py)
 
 # Fast settings for tests: a crashed advertiser leaves a browser's table within
 # ttl + sweep + probe = 4 + 1 + 1 = 6 s.
@@ -109,9 +111,9 @@ def test_config_checks_interfaces_and_ttl() -> None:
 def test_advert_txt_is_small_and_checked() -> None:
     peer_id = Identity.generate().peer_id
     txt = Advert(peer_id, 8080, model="smollm2-135m", span=(3, 7)).txt()
-    assert txt == {b"id": peer_id.encode(), b"model": b"smollm2-135m", b"span": b"3:7", b"port": b"8080", b"v": b"1"}
+    assert txt == {b"id": peer_id.encode(), b"model": b"smollm2-135m", b"span": b"3:7", b"port": b"8080", b"v": b"1", b"s": b"https"}
     assert sum(len(k) + len(v) for k, v in txt.items()) < 200
-    for bad in ({"peer_id": "nope"}, {"port": 0}, {"model": "x" * 65}, {"span": (5, 5)}, {"addresses": ("host",)}):
+    for bad in ({"peer_id": "nope"}, {"port": 0}, {"model": "x" * 65}, {"span": (5, 5)}, {"addresses": ("host",)}, {"scheme": "ftp"}):
         with pytest.raises(ValueError):
             Advert(**{"peer_id": peer_id, "port": 1, **bad})  # type: ignore[arg-type]
 
@@ -130,10 +132,10 @@ def test_candidate_urls_prefer_ipv4_and_skip_link_local() -> None:
 async def test_discovers_updates_and_removes_on_goodbye() -> None:
     alice = Identity.generate()
     table = PeerTable()
-    async with info_server() as server, Mdns(BROWSE, table=table) as browser:
+    async with info_server() as server, Mdns(BROWSE, table=table, transport=PLAIN) as browser:
         first = signed(alice, server.port)
         server.serve(first)
-        advert = Advert(alice.peer_id, server.port, model="smol", span=(0, 10))
+        advert = Advert(alice.peer_id, server.port, model="smol", span=(0, 10), scheme="http")
         entered = time.monotonic()
         async with Mdns(ADVERTISE, advert=advert) as advertiser:
             await wait_until(lambda: alice.peer_id in table, 10, "discovery")
@@ -162,7 +164,7 @@ async def test_discovers_updates_and_removes_on_goodbye() -> None:
 async def test_forged_records_are_refused_and_counted(forgery: str) -> None:
     alice, mallory = Identity.generate(), Identity.generate()
     table = PeerTable()
-    async with info_server() as server, Mdns(BROWSE, table=table) as browser:
+    async with info_server() as server, Mdns(BROWSE, table=table, transport=PLAIN) as browser:
         record = signed(alice, server.port)
         if forgery == "bad_signature":
             record = replace(record, span=(0, 30))  # changed after signing
@@ -171,7 +173,7 @@ async def test_forged_records_are_refused_and_counted(forgery: str) -> None:
         else:
             record = signed(alice, server.port, now=time.time() - 3600)
         server.serve(record)
-        async with Mdns(ADVERTISE, advert=Advert(alice.peer_id, server.port)):
+        async with Mdns(ADVERTISE, advert=Advert(alice.peer_id, server.port, scheme="http")):
             if forgery == "bad_signature":
                 await wait_until(lambda: table.refused["signature_invalid"] > 0, 10, "signature refusal")
             elif forgery == "other_peer":
@@ -184,7 +186,7 @@ async def test_forged_records_are_refused_and_counted(forgery: str) -> None:
 async def test_a_killed_advertiser_leaves_within_the_bound() -> None:
     """An advertiser process on loopback, SIGKILLed: no goodbye, its records just stop."""
     table = PeerTable()
-    async with Mdns(BROWSE, table=table):
+    async with Mdns(BROWSE, table=table, transport=PLAIN):
         process = await asyncio.create_subprocess_exec(
             sys.executable, str(PEER_SCRIPT), "serve", LOOPBACK, str(ADVERTISE.ttl_s),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -28,8 +28,7 @@ import pytest
 
 from client.swarm import ClientConfig, SwarmModel
 from client.verify import Selector, Verdict
-from swarm.model import DEFAULT_MODEL
-from tests.nodes import NodeProcess, refresh, start_nodes, stop_nodes
+from tests.nodes import NodeProcess, refresh, start_nodes, stop_nodes, swarm_client
 
 PROMPT = "Write a short poem about the sea."
 NEW_TOKENS = 8  # decode steps 1..7: the liar lies on steps 3 and 6 of every generation it serves
@@ -75,7 +74,7 @@ def swarm(tmp_path_factory):
 def _client(swarm: Swarm, fraction: float = 0.25, seed: int | None = 0, trust_replica_liar: bool = False) -> SwarmModel:
     """A bfloat16-wire client. Unless the test is about it, the lying replica is banned from the start
     (banned peers re-run nothing), so that a check meets it only where the test means it to."""
-    client = SwarmModel(DEFAULT_MODEL, bootstrap=[swarm.bootstrap.url], config=ClientConfig(verify_fraction=fraction, verify_seed=seed))
+    client = swarm_client(swarm.bootstrap.url, config=ClientConfig(verify_fraction=fraction, verify_seed=seed))
     if not trust_replica_liar:
         client.planner.measurements.ban(swarm.replica_liar.peer_id, "the test keeps it out", client.planner.clock())
     return client
@@ -218,7 +217,7 @@ def test_a_generation_that_fails_over_is_not_verified_and_nobody_is_accused(swar
     client = _client(swarm, fraction=0.0)
     route = _route(client, swarm, [swarm.a, swarm.h1, swarm.x])
     stats = None
-    params = dict(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    params = {"max_new_tokens": NEW_TOKENS, "stop_at_eos": False}
 
     async def run():
         nonlocal stats

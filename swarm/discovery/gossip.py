@@ -58,6 +58,7 @@ from swarm.discovery.proof import ProofConfig
 from swarm.errors import SwarmError
 from swarm.peers import PeerTable
 from swarm.records import MAX_RECORD_BYTES, PeerRecord, is_base_url
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,10 @@ class Gossip:
         *,
         farewell: Callable[[], PeerRecord | None] | None = None,
         rng: random.Random | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
+        self.transport = transport or Transport()  # pins each exchange with a known peer to its id
         self.table = table
         self._own_record = own_record
         self._farewell = farewell
@@ -265,7 +268,8 @@ class Gossip:
         """One exchange: push `frame`, merge the answer. Whether it worked; a failure is counted,
         and costs a proven peer standing (`PeerTable.exchange_failed`)."""
         try:
-            message = await call_peers(self._http, "POST", url, self.config.timeout_s, self.config.max_frame, frame)
+            pin = self.transport.pin(peer_id)
+            message = await call_peers(self._http, "POST", url, self.config.timeout_s, self.config.max_frame, frame, pin=pin)
             records = records_of(message, self.config.max_records)
         except SwarmError as error:  # PeerUnavailable, a bad answer, or the error the peer sent
             self.failures += 1

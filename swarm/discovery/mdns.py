@@ -1,9 +1,11 @@
 """LAN discovery over mDNS / DNS-SD (python-zeroconf's asyncio API).
 
 A node advertises the service `_layerswarm._tcp.local.` under its peer id. The TXT record
-carries only hints (peer id, model short id, span, port, protocol version): none of it is
-trusted. A browser resolves each service, fetches `GET /info` from the advertised address
-and merges the signed `PeerRecord` found there into its `PeerTable`, which verifies it.
+carries only hints (peer id, model short id, span, port, protocol version, scheme): none of
+it is trusted. A browser resolves each service, fetches `GET /info` from the advertised
+address (over TLS pinned to the advertised peer id, swarm/transport.py; plain http only
+when the browser's transport allows it) and merges the signed `PeerRecord` found there
+into its `PeerTable`, which verifies it.
 The TXT peer id must equal the record's, so one host cannot make another's record ride
 on its own service (its goodbye would then remove the other peer).
 
@@ -57,6 +59,7 @@ from swarm.errors import SwarmError
 from swarm.identity import is_peer_id
 from swarm.peers import PeerTable, refusal_reason
 from swarm.records import PROTOCOL_VERSION, PeerRecord
+from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +126,11 @@ class Advert:
     model: str = ""  # model short id, a hint only
     span: tuple[int, int] | None = None
     protocol: int = PROTOCOL_VERSION
+    scheme: str = "https"  # what the node serves: "https", or "http" with --insecure-http
 
     def __post_init__(self) -> None:
+        if self.scheme not in ("http", "https"):
+            raise ValueError("scheme is http or https")
         if not is_peer_id(self.peer_id):
             raise ValueError("peer_id is not a peer id")
         if not 1 <= self.port <= 0xFFFF:
@@ -143,6 +149,7 @@ class Advert:
             b"span": span,
             b"port": str(self.port).encode(),
             b"v": str(self.protocol).encode(),
+            b"s": self.scheme.encode(),
         }
 
 
@@ -166,13 +173,16 @@ class Mdns:
     counted by the table in `PeerTable.refused`. `stats` counts what went right.
     """
 
-    def __init__(self, config: MdnsConfig, *, table: PeerTable | None = None, advert: Advert | None = None) -> None:
+    def __init__(
+        self, config: MdnsConfig, *, table: PeerTable | None = None, advert: Advert | None = None, transport: Transport | None = None
+    ) -> None:
         if config.browse and table is None:
             raise ValueError("browsing needs a peer table")
         if config.advertise and advert is None:
             raise ValueError("advertising needs an advert")
         self.config = config
         self.table = table
+        self.transport = transport or Transport()
         self.failures: Counter[str] = Counter()  # reason -> count of services we could not use
         self.stats: Counter[str] = Counter()  # "merged", "probes" (sweeps that asked the network), "left"
         self._advert = advert
@@ -196,7 +206,7 @@ class Mdns:
                 await self._register()
             if self.config.browse:
                 self._http = await stack.enter_async_context(
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.fetch_timeout_s))
+                    self.transport.client_session(timeout=aiohttp.ClientTimeout(total=self.config.fetch_timeout_s))
                 )
                 await stack.enter_async_context(
                     AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
@@ -357,9 +367,13 @@ class Mdns:
         if txt_id != service.peer_id.encode():
             self._fail("bad_txt", name, "(TXT id is not the instance name)")
             return
+        scheme = "https" if info.properties.get(b"s") == b"https" else "http"  # nodes before TLS sent no scheme
+        if not self.transport.allows(f"{scheme}://"):
+            self._fail("plain_http", name, "(a TLS browser never dials http)")
+            return
         record = None
-        for url in _candidate_urls(info)[:MAX_URL_TRIES]:
-            record = await self._fetch_record(url, name)
+        for url in _candidate_urls(info, scheme)[:MAX_URL_TRIES]:
+            record = await self._fetch_record(url, name, service.peer_id)
             if record is not None:
                 break
         if record is None:
@@ -378,12 +392,13 @@ class Mdns:
         elif self.table.get(record.peer_id) == record:  # we or gossip had it already
             service.learned = True
 
-    async def _fetch_record(self, base_url: str, name: str) -> PeerRecord | None:
-        """The record served at `base_url`/info, or None (counted) when anything is wrong."""
+    async def _fetch_record(self, base_url: str, name: str, peer_id: str) -> PeerRecord | None:
+        """The record served at `base_url`/info, or None (counted) when anything is wrong. Over TLS
+        the dial is pinned to `peer_id`, the advertised one: another key there is not fetched."""
         assert self._http is not None
         limit = self.config.max_info_bytes
         try:
-            async with self._http.get(base_url + "/info", allow_redirects=False) as response:
+            async with self._http.get(base_url + "/info", allow_redirects=False, ssl=self.transport.pin(peer_id)) as response:
                 if response.status != 200:
                     self._fail("bad_info", name, f"(HTTP {response.status})")
                     return None
@@ -396,6 +411,9 @@ class Mdns:
                     if len(body) > limit:
                         self._fail("oversized_info", name)
                         return None
+        except PinMismatch as error:
+            self._fail("identity_mismatch", name, f"({error})")
+            return None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             self._fail("unreachable", name, f"({base_url}: {type(error).__name__})")
             return None
@@ -453,7 +471,7 @@ class Mdns:
             await self._learn(name)
 
 
-def _candidate_urls(info: AsyncServiceInfo) -> list[str]:
+def _candidate_urls(info: AsyncServiceInfo, scheme: str = "http") -> list[str]:
     """Base URLs to try, best first: IPv4 before IPv6, loopback after others, link-local
     only when nothing else is offered (IPv6 link-local never: it needs a zone)."""
     addresses = [ipaddress.ip_address(a) for a in info.parsed_addresses()]
@@ -461,4 +479,4 @@ def _candidate_urls(info: AsyncServiceInfo) -> list[str]:
     if any(not a.is_link_local for a in usable):
         usable = [a for a in usable if not a.is_link_local]
     usable.sort(key=lambda a: (a.version, a.is_loopback))
-    return [f"http://{a}:{info.port}" if a.version == 4 else f"http://[{a}]:{info.port}" for a in usable]
+    return [f"{scheme}://{a}:{info.port}" if a.version == 4 else f"{scheme}://[{a}]:{info.port}" for a in usable]

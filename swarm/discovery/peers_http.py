@@ -27,10 +27,11 @@ from aiohttp import web
 
 from swarm import wire
 from swarm.discovery.proof import PROOF_PATH, proof_answer
-from swarm.errors import BadRequest, FrameTooLarge, PeerUnavailable, ShuttingDown, SwarmError, error_from_code
+from swarm.errors import BadRequest, FrameTooLarge, IdentityMismatch, PeerUnavailable, ShuttingDown, SwarmError, error_from_code
 from swarm.identity import Identity, is_peer_id
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+from swarm.transport import PeerPin, PinMismatch
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,17 @@ async def merge_all(table: PeerTable, records: list[object], now: float, origin:
 
 
 async def call_peers(
-    http: aiohttp.ClientSession, method: str, url: str, timeout: float, max_frame: int, body: bytes | None = None
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    timeout: float,
+    max_frame: int,
+    body: bytes | None = None,
+    pin: PeerPin | bool = True,
 ) -> dict[str, Any]:
     """`method` {url}/peers -> the decoded answer. Typed errors only: `PeerUnavailable` for
-    anything of transport, the `BadRequest` family for a bad answer, else the error it sent."""
+    anything of transport, `IdentityMismatch` when `pin` (`Transport.pin`) refused who answered,
+    the `BadRequest` family for a bad answer, else the error it sent."""
     headers = {"Content-Type": CONTENT_TYPE} if body is not None else None
     try:
         async with http.request(
@@ -210,9 +218,12 @@ async def call_peers(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,  # a redirect would let a peer choose where we go next
+            ssl=pin,
         ) as response:
             data = await read_limited(response.content, response.content_length, max_frame)
             status = response.status
+    except PinMismatch:
+        raise IdentityMismatch(f"{url} answered with another identity") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         raise PeerUnavailable(f"{url} unreachable: {type(error).__name__}") from None
     try:

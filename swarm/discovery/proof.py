@@ -34,10 +34,11 @@ import msgpack
 
 from swarm import wire
 from swarm.addresses import AddressPolicy, base_url, check_dialable
-from swarm.errors import AddressRefused, BadRequest, PeerUnavailable, SignatureInvalid, SwarmError
+from swarm.errors import AddressRefused, BadRequest, IdentityMismatch, PeerUnavailable, SignatureInvalid, SwarmError
 from swarm.identity import Identity, verify
 from swarm.peers import PeerTable
 from swarm.records import MAX_ADDRESSES, PeerRecord
+from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ class Prover:
         config: ProofConfig | None = None,
         policy: AddressPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        transport: Transport | None = None,
     ) -> None:
+        self.transport = transport or Transport()  # the dial is pinned to the record's own peer id
         self.table = table
         self.config = config or ProofConfig()
         self.policy = policy
@@ -194,12 +198,15 @@ class Prover:
                 params={"nonce": nonce.hex()},
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                ssl=self.transport.pin(record.peer_id),  # over TLS the handshake itself proves the key
             ) as response:
                 if response.status != 200:
                     raise PeerUnavailable(f"the address answered HTTP {response.status}, not a proof")
                 if response.content_length is not None and response.content_length > MAX_PROOF_BYTES:
                     raise BadRequest("the proof answer is too large")
                 body = await response.content.read(MAX_PROOF_BYTES + 1)
+        except PinMismatch:
+            raise IdentityMismatch("another identity answered at the address") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             raise PeerUnavailable("the address did not answer a proof request") from None
         if len(body) > MAX_PROOF_BYTES:
