@@ -8,6 +8,12 @@ alternated round by round so that drift in the machine's speed hits all alike:
 - `tapped`: every session tapped (the default: hops send their outputs), nothing checked;
 - `f=0.25` (the default fraction), and `f=1` (every generation checked).
 
+So that the count of checks is not itself noise, a checked arm checks exactly
+that share: with f=0.25 each client checks every fourth generation (`verify=True`,
+staggered across clients) instead of drawing; what a check costs does not depend
+on how it was chosen. The ratios are paired per round (each arm against the
+`tapped` arm of the same round) and their median is reported.
+
 Aggregate tokens/s is every client's new tokens over the wall time of the whole
 arm, so a check (it runs after a generation's text and before that client's
 next generation) and the replicas' re-runs (they compete with decode for the
@@ -39,15 +45,16 @@ from client.verify import Verdict  # noqa: E402
 from swarm.model import DEFAULT_MODEL  # noqa: E402
 
 PROMPTS = ["Write a long story about a dragon who learns to cook.", "Explain how tides work.", "List ten uses of a brick.", "Describe a city at night."]
-ARMS = {"untapped": (False, 0.0), "tapped": (True, 0.0), "f=0.25": (True, 0.25), "f=1": (True, 1.0)}
+ARMS = {"untapped": (False, 0), "tapped": (True, 0), "f=0.25": (True, 4), "f=1": (True, 1)}  # (tap, check every n-th; 0: never)
 
 
-async def one_client(model: SwarmModel, ids: list[int], params: SamplingParams, generations: int) -> tuple[int, list[float], list[str]]:
-    """`generations` back to back; (new tokens, seconds each check took, verdicts)."""
+async def one_client(model: SwarmModel, ids: list[int], params: SamplingParams, generations: int, every: int, offset: int) -> tuple[int, list[float], list[str]]:
+    """`generations` back to back, checking every `every`-th; (new tokens, seconds each check took, verdicts)."""
     tokens, checks, verdicts = 0, [], []
-    for _ in range(generations):
+    for generation in range(generations):
         stats, done_at = None, 0.0
-        async for _, stats, _ in model.stream_result(ids, params):
+        check = every > 0 and (generation + offset) % every == 0
+        async for _, stats, _ in model.stream_result(ids, params, verify=check):
             done_at = time.perf_counter()
         tokens += stats.new_tokens
         if stats.verification is not None:
@@ -56,9 +63,9 @@ async def one_client(model: SwarmModel, ids: list[int], params: SamplingParams, 
     return tokens, checks, verdicts
 
 
-async def run_arm(models: list[SwarmModel], prompts: list[list[int]], params: SamplingParams, generations: int) -> tuple[float, list[float], list[str]]:
+async def run_arm(models: list[SwarmModel], prompts: list[list[int]], params: SamplingParams, generations: int, every: int) -> tuple[float, list[float], list[str]]:
     began = time.perf_counter()
-    results = await asyncio.gather(*(one_client(m, ids, params, generations) for m, ids in zip(models, prompts)))
+    results = await asyncio.gather(*(one_client(m, ids, params, generations, every, i) for i, (m, ids) in enumerate(zip(models, prompts))))
     wall = time.perf_counter() - began
     return sum(r[0] for r in results) / wall, [c for r in results for c in r[1]], [v for r in results for v in r[2]]
 
@@ -71,9 +78,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", default="0:30,0:30,0:30", help="node spans (default three full replicas)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
-    parser.add_argument("--generations", type=int, default=6, help="generations per client per arm and round (default 6)")
+    parser.add_argument("--generations", type=int, default=4, help="generations per client per arm and round (default 4)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per generation (default 32)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
     parser.add_argument("--wire-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which arms, comma separated (default {','.join(ARMS)})")
     args = parser.parse_args()
@@ -87,19 +94,20 @@ async def main() -> None:
     async with LocalSwarm(DEFAULT_MODEL, spans, progress=say) as swarm:
         models: dict[str, list[SwarmModel]] = {}
         for arm in arms:
-            tap, fraction = ARMS[arm]
+            tap, _ = ARMS[arm]
             models[arm] = [
                 SwarmModel(
                     DEFAULT_MODEL, bootstrap=[swarm.bootstrap_url],
-                    config=ClientConfig(wire_dtype=args.wire_dtype, session=replace(SessionConfig(), tap=tap), verify_fraction=fraction, verify_seed=i),
+                    config=ClientConfig(wire_dtype=args.wire_dtype, session=replace(SessionConfig(), tap=tap), verify_seed=i),
                 )  # fmt: skip
                 for i in range(args.clients)
             ]
         prompts = [models[arms[0]][0].head.encode_prompt(PROMPTS[i % len(PROMPTS)], chat=True) for i in range(args.clients)]
-        await run_arm(models[arms[0]], prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False), 1)  # warm up: views, caches
+        for arm in arms:  # warm up: every client's view, round trips, and the nodes' caches
+            await run_arm(models[arm], prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False), 1, 0)
         for round_ in range(args.rounds):
             for arm in arms if round_ % 2 == 0 else reversed(arms):
-                value, took, said = await run_arm(models[arm], prompts, params, args.generations)
+                value, took, said = await run_arm(models[arm], prompts, params, args.generations, ARMS[arm][1])
                 tps[arm].append(value)
                 checks[arm] += took
                 verdicts[arm] += said
@@ -116,7 +124,7 @@ async def main() -> None:
                 human=f"{arm}: {len(checks[arm])} checks, median {statistics.median(checks[arm]) * 1e3:.0f} ms after the text, {disagreements} not 'agree'",
             )  # fmt: skip
         if arm != base:
-            ratio = value / statistics.median(tps[base])
+            ratio = statistics.median(a / b for a, b in zip(tps[arm], tps[base]))  # paired by round
             emit("verify_throughput_vs_" + base, ratio, "ratio", {**p, "arm": arm}, human=f"{arm} vs {base}: {ratio:.3f}x aggregate tokens/s ({(1 - ratio) * 100:+.1f}% cost)")
 
 
