@@ -30,9 +30,10 @@ from node.http import error_response
 from node.limits import source_key
 from node.state import STATE, NodeState
 from swarm import wire
-from swarm.accusation import Accusation
+from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation
 from swarm.addresses import base_url
 from swarm.errors import AddressRefused, BadSpan, FrameTooLarge, ModelMismatch, SwarmError
+from swarm.seal import TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,39 @@ async def post_accusation(request: web.Request) -> web.Response:
             raise FrameTooLarge(f"body must have a Content-Length of at most {config.max_frame} bytes")
         court = state.court
         court.admit(source_key(request.remote), time.time())  # Busy, before the body is read
-        message = wire.decode(await read_body(request, config.body_timeout_s, config.max_frame), config.max_frame)
-        raw_verdicts = message.pop("verdicts", None)
-        span = state.backend.span if state.backend is not None else None
-        accusation = Accusation.from_wire(message, hidden_size=None if span is None else span.config.hidden_size)
-        holds = False
-        if span is not None:  # a bootstrap peer holds no model: it goes by the verdicts of holders of the accusation's
-            if accusation.model != state.fingerprint.digest:
-                raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {accusation.model}")
-            if accusation.blocks[1] > span.config.num_layers:
-                raise BadSpan(f"blocks {list(accusation.blocks)} are past the model's {span.config.num_layers}")
-            holds = span.start <= accusation.blocks[0] and accusation.blocks[1] <= span.end
-        case, forward = await court.hear(accusation, raw_verdicts, time.time(), _rerun(state) if holds else None)
-        if forward and state.relay is not None:
-            state.relay.forward(state, accusation, case)
-        return web.Response(body=wire.encode({"type": "judgement", **case.to_json()}), content_type="application/msgpack")
+        court.enter()
+        try:
+            return await _judge(state, request)
+        finally:
+            court.leave()
     except SwarmError as exc:
         return error_response(exc)
+
+
+async def _judge(state: NodeState, request: web.Request) -> web.Response:
+    config, court = state.config, state.court
+    span = state.backend.span if state.backend is not None else None
+    limit = config.max_frame if span is None else min(config.max_frame, evidence_bytes(span.config.hidden_size))
+    message = wire.decode(await read_body(request, config.body_timeout_s, limit), limit)
+    raw_verdicts = message.pop("verdicts", None)
+    accusation = Accusation.from_wire(message, hidden_size=None if span is None else span.config.hidden_size)
+    holds = False
+    if span is not None:  # a bootstrap peer holds no model: it goes by the verdicts of holders of the accusation's
+        if accusation.model != state.fingerprint.digest:
+            raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {accusation.model}")
+        if accusation.blocks[1] > span.config.num_layers:
+            raise BadSpan(f"blocks {list(accusation.blocks)} are past the model's {span.config.num_layers}")
+        holds = span.start <= accusation.blocks[0] and accusation.blocks[1] <= span.end
+    floor = 0.0 if span is None else TOLERANCE.get(str(span.dtype).removeprefix("torch."), 0.0)
+    case, forward = await court.hear(accusation, raw_verdicts, time.time(), _rerun(state) if holds else None, floor)
+    if forward and state.relay is not None:
+        state.relay.forward(state, accusation, case)
+    return web.Response(body=wire.encode({"type": "judgement", **case.to_json()}), content_type="application/msgpack")
+
+
+def evidence_bytes(hidden_size: int) -> int:
+    """The largest accusation body worth reading: the most evidence (inputs and outputs in float32) and room to spare."""
+    return 2 * MAX_EVIDENCE_TOKENS * hidden_size * 4 + 2**20
 
 
 def _rerun(state: NodeState):
@@ -78,7 +95,7 @@ async def get_accusations(request: web.Request) -> web.Response:
     """What this node knows: every charge it remembers, newest first, and its counts."""
     court = request.app[STATE].court
     cases = [case.to_json() for case in reversed(court.cases.values())]
-    return web.json_response({"accusations": cases, **court.stats()})
+    return web.json_response({"accusations": cases, "convicted_peers": court.convicted.items(time.time()), **court.stats()})
 
 
 def accusation_routes() -> list[web.RouteDef]:

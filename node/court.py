@@ -56,12 +56,13 @@ class AccusationConfig:
     source_burst: int = 4  # accusations one source may send at once ...
     source_interval_s: float = 10.0  # ... and then one per this many seconds
     max_rechecks: int = 1  # re-runs of evidence in the node at once
+    max_in_flight: int = 4  # accusations being read or judged in the node at once, from all sources
     max_remembered: int = 1024  # charges remembered (by digest), oldest forgotten first
     forward_timeout_s: float = 10.0  # passing a conviction on to one peer
 
     def __post_init__(self) -> None:
-        if self.quorum < 1 or self.source_burst < 1 or self.max_rechecks < 1 or self.max_remembered < 1:
-            raise ValueError("quorum, source_burst, max_rechecks and max_remembered must be at least 1")
+        if min(self.quorum, self.source_burst, self.max_rechecks, self.max_in_flight, self.max_remembered) < 1:
+            raise ValueError("quorum, source_burst, max_rechecks, max_in_flight and max_remembered must be at least 1")
         if not (self.conviction_s >= 0 and self.false_accuser_s >= 0 and self.source_interval_s > 0 and self.forward_timeout_s > 0):
             raise ValueError("conviction_s and false_accuser_s must not be negative; the intervals must be positive")
 
@@ -91,6 +92,10 @@ class Barred:
 
     def __len__(self) -> int:
         return len(self._until)
+
+    def items(self, now: float) -> dict[Any, float]:
+        """Every key barred at `now`, with until when."""
+        return {key: until for key, until in self._until.items() if until > now}
 
 
 @dataclass
@@ -137,6 +142,7 @@ class Court:
         self.false_accusers = Barred()  # accuser public key -> refused until
         self.cases: OrderedDict[bytes, Case] = OrderedDict()
         self.rechecking = 0
+        self.in_flight = 0
         self.counts: dict[str, int] = {"heard": 0, "convicted": 0, "acquitted": 0, "busy": 0, "refused": 0}
         self._budgets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at)
         table.barred = self.convicted  # the table refuses records of convicted peers
@@ -161,15 +167,27 @@ class Court:
                 raise Busy("too many sources are accusing right now: try again later")
         self._budgets[source] = (tokens - 1.0, now)
 
+    def enter(self) -> None:
+        """Count one accusation in the node until `leave`, or `Busy` at `max_in_flight` (bounds bodies held)."""
+        if self.in_flight >= self.config.max_in_flight:
+            self.counts["busy"] += 1
+            raise Busy(f"this node is judging its limit of {self.config.max_in_flight} accusations: try again later")
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
     def is_convicted(self, peer_id: str, now: float) -> bool:
         return self.convicted(peer_id, now)
 
     # --- judging --------------------------------------------------------------------------
 
-    async def hear(self, accusation: Accusation, raw_verdicts: object, now: float, rerun: Rerun | None) -> tuple[Case, bool]:
+    async def hear(self, accusation: Accusation, raw_verdicts: object, now: float, rerun: Rerun | None, tolerance: float = 0.0) -> tuple[Case, bool]:
         """Judge `accusation` (already read whole with `Accusation.from_wire`, model checked by the caller).
 
-        `rerun` is None when this node does not hold the accusation's blocks. Returns the case and
+        `rerun` is None when this node does not hold the accusation's blocks; `tolerance`, when larger
+        than the wire dtype's, is what this node's own compute dtype allows (a bfloat16 judge must not
+        convict a float32 hop for its own rounding). Returns the case and
         whether the caller must pass the conviction on (true once per case). Raises `NotPermitted`
         for a barred accuser or a charge against this node, `SignatureInvalid` for evidence the
         accused did not seal, a bad accuser signature or a bad verdict, and `Busy` when re-runs are
@@ -200,14 +218,14 @@ class Court:
         if case.convicted or case.acquitted or case.running:
             return case, self._forward_once(case)
         if rerun is not None:
-            await self._recheck(case, accusation, rerun, now)
+            await self._recheck(case, accusation, rerun, now, tolerance)
         else:
             judges = self._qualified_judges(case, now)
             if len(judges) >= self.config.quorum:
                 self._convict(case, now, f"verdicts of {', '.join(sorted(judges))}")
         return case, self._forward_once(case)
 
-    async def _recheck(self, case: Case, accusation: Accusation, rerun: Rerun, now: float) -> None:
+    async def _recheck(self, case: Case, accusation: Accusation, rerun: Rerun, now: float, tolerance: float) -> None:
         if self.rechecking >= self.config.max_rechecks:
             self.counts["busy"] += 1
             raise Busy(f"this node is re-checking its limit of {self.config.max_rechecks} accusations: try again later")
@@ -220,7 +238,7 @@ class Court:
             case.running = False
         found = accusation.verdict(reference)
         case.error = found.error
-        if found.error > TOLERANCE.get(accusation.dtype, TOLERANCE["float32"]):
+        if found.error > max(tolerance, TOLERANCE.get(accusation.dtype, TOLERANCE["float32"])):
             case.verdicts[self.identity.public_key_bytes] = Verdict.sign(self.identity, case.digest).signature
             self._convict(case, now, f"re-run here: row {found.row} is off by {found.error:.2%}")
         else:
@@ -267,4 +285,4 @@ class Court:
 
     def stats(self) -> dict[str, int]:
         """For /info."""
-        return {**self.counts, "remembered": len(self.cases), "barred": len(self.convicted), "rechecking": self.rechecking}
+        return {**self.counts, "remembered": len(self.cases), "barred": len(self.convicted), "rechecking": self.rechecking, "in_flight": self.in_flight}

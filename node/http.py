@@ -10,7 +10,6 @@ from node.accept import read_body
 from node.limits import source_key
 from node.state import STATE, NodeState
 from swarm import wire
-from swarm.seal import FORWARD_SESSION, Transcript, seal_payload, tensor_digest
 from swarm.errors import (
     BadRequest,
     BadSpan,
@@ -23,6 +22,7 @@ from swarm.errors import (
     SignatureInvalid,
     SwarmError,
 )
+from swarm.seal import FORWARD_SESSION, Transcript, seal_payload, tensor_digest
 
 # HTTP status for each error class on the plain-HTTP routes (most specific first)
 _HTTP_STATUS = (

@@ -199,3 +199,14 @@ def test_the_config_refuses_nonsense():
         AccusationConfig(quorum=0)
     with pytest.raises(ValueError):
         AccusationConfig(source_interval_s=0)
+
+
+def test_accusations_in_the_node_at_once_are_bounded():
+    judge = court(max_in_flight=2)
+    judge.enter()
+    judge.enter()
+    with pytest.raises(Busy):
+        judge.enter()
+    judge.leave()
+    judge.enter()
+    assert judge.in_flight == 2
