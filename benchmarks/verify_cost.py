@@ -11,7 +11,9 @@ alternated round by round so that drift in the machine's speed hits all alike:
 So that the count of checks is not itself noise, a checked arm checks exactly
 that share: with f=0.25 each client checks every fourth generation (`verify=True`,
 staggered across clients) instead of drawing; what a check costs does not depend
-on how it was chosen. The ratios are paired per round (each arm against the
+on how it was chosen. Client i takes route i of `plan_routes` in every arm (spread over the
+replicas), so that no arm is faster only because its clients planned other
+routes. The ratios are paired per round (each arm against the
 `tapped` arm of the same round) and their median is reported.
 
 Aggregate tokens/s is every client's new tokens over the wall time of the whole
@@ -48,13 +50,13 @@ PROMPTS = ["Write a long story about a dragon who learns to cook.", "Explain how
 ARMS = {"untapped": (False, 0), "tapped": (True, 0), "f=0.25": (True, 4), "f=1": (True, 1)}  # (tap, check every n-th; 0: never)
 
 
-async def one_client(model: SwarmModel, ids: list[int], params: SamplingParams, generations: int, every: int, offset: int) -> tuple[int, list[float], list[str]]:
+async def one_client(model: SwarmModel, route, ids: list[int], params: SamplingParams, generations: int, every: int, offset: int) -> tuple[int, list[float], list[str]]:
     """`generations` back to back, checking every `every`-th; (new tokens, seconds each check took, verdicts)."""
     tokens, checks, verdicts = 0, [], []
     for generation in range(generations):
         stats, done_at = None, 0.0
         check = every > 0 and (generation + offset) % every == 0
-        async for _, stats, _ in model.stream_result(ids, params, verify=check):
+        async for _, stats, _ in model.stream_result(ids, params, route, verify=check):
             done_at = time.perf_counter()
         tokens += stats.new_tokens
         if stats.verification is not None:
@@ -63,9 +65,10 @@ async def one_client(model: SwarmModel, ids: list[int], params: SamplingParams, 
     return tokens, checks, verdicts
 
 
-async def run_arm(models: list[SwarmModel], prompts: list[list[int]], params: SamplingParams, generations: int, every: int) -> tuple[float, list[float], list[str]]:
+async def run_arm(models: list[SwarmModel], routes: list, prompts: list[list[int]], params: SamplingParams, generations: int, every: int) -> tuple[float, list[float], list[str]]:
     began = time.perf_counter()
-    results = await asyncio.gather(*(one_client(m, ids, params, generations, every, i) for i, (m, ids) in enumerate(zip(models, prompts))))
+    runs = (one_client(m, r, ids, params, generations, every, i) for i, (m, r, ids) in enumerate(zip(models, routes, prompts)))
+    results = await asyncio.gather(*runs)
     wall = time.perf_counter() - began
     return sum(r[0] for r in results) / wall, [c for r in results for c in r[1]], [v for r in results for v in r[2]]
 
@@ -103,11 +106,16 @@ async def main() -> None:
                 for i in range(args.clients)
             ]
         prompts = [models[arms[0]][0].head.encode_prompt(PROMPTS[i % len(PROMPTS)], chat=True) for i in range(args.clients)]
-        for arm in arms:  # warm up: every client's view, round trips, and the nodes' caches
-            await run_arm(models[arm], prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False), 1, 0)
+        first = models[arms[0]][0]
+        async with first.config.transport.client_session() as http:
+            await first.refresh(http, force=True)
+        routes = first.planner.plan_routes(args.clients)
+        say("routes: " + "; ".join(str(r) for r in routes))
+        for arm in arms:  # warm up, uncounted: every client's view and round trips, the nodes' caches and allocator
+            await run_arm(models[arm], routes, prompts, params, 1, ARMS[arm][1])
         for round_ in range(args.rounds):
             for arm in arms if round_ % 2 == 0 else reversed(arms):
-                value, took, said = await run_arm(models[arm], prompts, params, args.generations, ARMS[arm][1])
+                value, took, said = await run_arm(models[arm], routes, prompts, params, args.generations, ARMS[arm][1])
                 tps[arm].append(value)
                 checks[arm] += took
                 verdicts[arm] += said
