@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_swarm(args: argparse.Namespace, params) -> int:
     model = _swarm_model(args)
-    return _print_stream(args, model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params))
+    return _print_stream(args, model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params, verify=_verify(args)))
 
 
 def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
@@ -96,7 +96,10 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
     options = _discovery_options(args)  # all of it (--wait too), not only the bootstrap list
     if bootstrap is not None:
         options = replace(options, bootstrap=tuple(bootstrap))
-    return SwarmModel(args.model, discovery=options, config=ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args)), dtype=getattr(torch, args.dtype))
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
+    config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction)
+    return SwarmModel(args.model, discovery=options, config=config, dtype=getattr(torch, args.dtype))
 
 
 def _transport(args: argparse.Namespace):
@@ -105,6 +108,11 @@ def _transport(args: argparse.Namespace):
 
     membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError
     return Transport(insecure_http=args.insecure_http, membership=membership)
+
+
+def _verify(args: argparse.Namespace) -> bool | None:
+    """--verify checks every generation; otherwise a share of them (--verify-fraction) is drawn."""
+    return True if args.verify else None
 
 
 def _print_stream(args: argparse.Namespace, pieces) -> int:
@@ -129,11 +137,22 @@ async def _print_stream_async(args: argparse.Namespace, pieces) -> int:
             "prompt_tokens": stats.prompt_tokens,
             "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
             "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "verification": stats.verification.to_json() if getattr(stats, "verification", None) else None,
         }))
     else:
         sys.stdout.write("\n")
         logging.getLogger(__name__).info("route %s: %d tokens, first after %.3f s, %.1f tokens/s", " -> ".join(route), stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s)
+    _report_verification(args, stats)
     return 0
+
+
+def _report_verification(args: argparse.Namespace, stats) -> None:
+    """One line on stderr: always under --verify, otherwise only when a check found something."""
+    from client.verify import Verdict
+
+    outcome = getattr(stats, "verification", None)
+    if outcome is not None and not args.json and (getattr(args, "verify", False) or outcome.verdict not in (Verdict.AGREE, Verdict.SKIPPED)):
+        print(outcome.summary(), file=sys.stderr)
 
 
 def _clear_progress() -> None:
@@ -142,7 +161,7 @@ def _clear_progress() -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    return asyncio.run(chat_loop(_swarm_model(args), _sampling_params(args)))
+    return asyncio.run(chat_loop(_swarm_model(args), _sampling_params(args), _verify(args)))
 
 
 async def _read_line(prompt: str) -> str | None:
@@ -161,7 +180,7 @@ async def _read_line(prompt: str) -> str | None:
     return await future
 
 
-async def chat_loop(model, params) -> int:
+async def chat_loop(model, params, verify: bool | None = None) -> int:
     """An interactive chat: history, the model's template, streaming; /reset, /route, /quit.
 
     Ctrl-C during a reply stops that reply (the chat goes on); at the prompt, Ctrl-C or Ctrl-D ends the chat.
@@ -190,10 +209,13 @@ async def chat_loop(model, params) -> int:
         async def reply() -> str:
             nonlocal route
             pieces = []
-            async for piece, _, route in model.stream_result(model.head.encode_chat(messages), params):
+            stats = None
+            async for piece, stats, route in model.stream_result(model.head.encode_chat(messages), params, verify=verify):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+            if stats is not None and stats.verification is not None and (verify or stats.verification.verdict.value not in ("agree", "skipped")):
+                print(f"\n{stats.verification.summary()}", file=sys.stderr)
             return "".join(pieces)
 
         task = asyncio.ensure_future(reply())
@@ -226,12 +248,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], private, progress=say, transport=_transport(args)) as swarm:
             model = _swarm_model(args, bootstrap=[swarm.bootstrap_url])
             if args.prompt is None:
-                return await chat_loop(model, params)
+                return await chat_loop(model, params, _verify(args))
             shown = False
 
             async def pieces():
                 nonlocal shown
-                async for piece, stats, route in model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params):
+                async for piece, stats, route in model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params, verify=_verify(args)):
                     if say and not shown:
                         say(f"route: {' -> '.join(route)}")
                         shown = True
@@ -246,6 +268,13 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the local part (default float32)")
     parser.add_argument("--wire-dtype", choices=DTYPES, default="bfloat16", help="dtype of hidden states between nodes (default bfloat16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")
+    parser.add_argument(
+        "--verify", action="store_true", help="check every generation: re-run one randomly chosen hop on another replica and print the verdict on stderr"
+    )
+    parser.add_argument(
+        "--verify-fraction", type=float, default=0.25, metavar="F",
+        help="share of generations checked on other replicas when --verify is not given (default 0.25; 0 turns checks off)",
+    )  # fmt: skip
     if discovery:
         _add_discovery(parser)
     else:

@@ -66,6 +66,7 @@ class FailoverBlocks:
         self.prefix: torch.Tensor | None = None  # inputs of positions [0, len)
         self.step_times: list[float] = []
         self.failovers: list[Failover] = []
+        self.clean = True  # every step ran once on the route opened first: its transcripts are one clean prefix
         self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
 
     @property
@@ -106,6 +107,7 @@ class FailoverBlocks:
             try:
                 out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
             except TransientError as exc:
+                self.clean = False
                 if attempt == self.config.max_attempts:
                     raise NoRoute(f"generation failed over {attempt} times; last error: {exc}") from None
                 _settle(latest, began)

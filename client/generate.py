@@ -21,6 +21,7 @@ from swarm.model.head import Head
 
 if TYPE_CHECKING:
     from client.failover import Failover
+    from client.verify import Verification
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class GenerationStats:
     finish_reason: str = ""  # "eos", "stop", "length"
     token_ids: list[int] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)  # one per hop routed around
+    verification: Verification | None = None  # set when this generation was checked (client/verification.py)
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -36,7 +36,10 @@ by what it did. So an inflated claim buys at most one trial.
 deadline, sends frames the client cannot read) is banned for this client for
 `ban_s`, doubling with each strike up to `max_ban_s`, not only excluded from
 the generation it broke. Capacity refusals (`busy`) and a node saying it is
-shutting down are not misbehaviour and are not banned. Bans are a preference:
+shutting down are not misbehaviour and are not banned. A peer caught computing
+wrong outputs (client/verification.py: a re-run on two other replicas
+disagreed with what it sealed) is convicted: banned for `convicted_ban_s`, a
+day by default, since that was no accident of the network. Bans are a preference:
 a planner whose bans leave no route plans once more without them (a swarm
 whose only replica of some blocks crashed and came back must still serve).
 """
@@ -58,13 +61,14 @@ class TrustConfig:
     unmeasured_rtt_s: float = 0.005  # planning cost of a round trip not measured yet
     ban_s: float = 60.0  # first ban of a misbehaving peer
     max_ban_s: float = 1800.0  # bans double per strike up to this
+    convicted_ban_s: float = 86400.0  # a peer proven to send wrong outputs
 
     def __post_init__(self) -> None:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
         if not self.claim_factor >= 1:
             raise ValueError(f"claim_factor must be >= 1, got {self.claim_factor!r}")
-        for name in ("default_per_block_s", "stale_s", "unmeasured_rtt_s", "ban_s", "max_ban_s"):
+        for name in ("default_per_block_s", "stale_s", "unmeasured_rtt_s", "ban_s", "max_ban_s", "convicted_ban_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
@@ -166,6 +170,14 @@ class Measurements:
         stats.banned_until = max(stats.banned_until, now + duration)
         stats.last_offence = reason
         return duration
+
+    def convict(self, peer_id: str, reason: str, now: float) -> float:
+        """Ban a peer proven to compute wrong outputs, for `convicted_ban_s`; returns for how long."""
+        stats = self._stats(peer_id)
+        stats.strikes += 1
+        stats.banned_until = max(stats.banned_until, now + self.config.convicted_ban_s)
+        stats.last_offence = reason
+        return self.config.convicted_ban_s
 
     def banned(self, now: float) -> frozenset[str]:
         return frozenset(p for p, s in self.peers.items() if s.banned_until > now)

@@ -41,6 +41,17 @@ class ClientConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     transport: Transport = field(default_factory=Transport)  # TLS pinned to each hop, or plain http by choice
+    # Verified outputs (client/verification.py): the share of generations checked (README says why
+    # 0.25), the seed of that choice (None: system entropy; tests fix it), how long one check may
+    # take, and how many peers beyond the holders of the blocks get an accusation.
+    verify_fraction: float = 0.25
+    verify_seed: int | None = None
+    verify_timeout_s: float = 120.0
+    accuse_fanout: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction!r}")
 
 
 def claimed_throughput(record: PeerRecord) -> float:
@@ -186,6 +197,11 @@ class Planner:
             return
         seconds = self.measurements.ban(hop.peer_id, f"{getattr(error, 'code', 'error')}: {error}", self.clock())
         log.info("banning %s for %.0f s: %s", hop, seconds, error)
+
+    def convict(self, peer_id: str, reason: str) -> None:
+        """`peer_id` was caught sending wrong outputs: ban it for long (client/measure.py)."""
+        seconds = self.measurements.convict(peer_id, reason, self.clock())
+        log.warning("banning %s for %.0f s: %s", peer_id[:8], seconds, reason)
 
     # --- sessions ------------------------------------------------------------------------
 

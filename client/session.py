@@ -15,6 +15,14 @@ a `result` only from the last hop of the chain it sent the step to, an `ack`
 only from a hop of that chain (with that hop's session id), and `opened` /
 `retargeted` only from the hop it asked.
 
+Every session is tapped (`Open.tap`): each hop's `ack` carries the output it
+pushed on and every `ack`/`result` a seal over the hop's transcript
+(swarm/seal.py). The latest seal of each hop is kept; the tapped tensors are
+dropped at once unless the generation is being checked, in which case `tape`
+(client/verify.py) keeps what checking its chosen hop needs. An `ack` is taken
+after its step is answered too (a hop sends it after pushing on, so it can
+trail the last hop's `result`), and `settle` waits for the trailing ones.
+
 `replace` swaps one failed hop for a new sub-route over the same blocks while
 every other hop keeps its session and KV cache: the prefix is run statelessly
 (POST /forward) through the hops before the gap to get the gap's inputs, the new
@@ -34,6 +42,7 @@ from typing import Any, Sequence
 import aiohttp
 import torch
 
+from client.verify import Tape
 from swarm import wire
 from swarm.errors import BadRequest, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError, error_from_code
 from swarm.identity import peer_id_from_public_key, verify
@@ -81,6 +90,7 @@ class SessionConfig:
     open_timeout_s: float = 30.0
     step_timeout_s: float = 60.0  # for one step through the whole route
     close_timeout_s: float = 1.0  # a hop that does not answer our close (cut off, dead) is dropped after this
+    tap: bool = True  # every hop sends the client its outputs (so none can tell which generations are checked)
 
 
 @dataclass(eq=False)  # identity: hops are told apart by object, never by value
@@ -90,6 +100,8 @@ class _HopState:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)  # its push token
     nonce: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # it signs this at open
     record: PeerRecord | None = field(default=None, repr=False)  # its signed record (from `opened` or discovery)
+    public_key: bytes = field(default=b"", repr=False)  # the key it proved at open: its seals are checked against it
+    seal: bytes = field(default=b"", repr=False)  # its seal over its transcript after the latest step it answered
     reply: asyncio.Future | None = field(default=None, repr=False)  # the answer awaited from it, if any
     expect: type[Message] | None = None  # ... and its type
     ws: aiohttp.ClientWebSocketResponse | None = None
@@ -130,6 +142,10 @@ class RouteSession:
         self.hops = [_HopState(h, record=h.record) for h in hops]
         self._step = 0
         self._pending: dict[int, _Pending] = {}
+        self._unacked: dict[int, tuple[tuple[_HopState, ...], set[_HopState]]] = {}  # step -> (its chain, hops yet to ack)
+        self._settled = asyncio.Event()  # set while no ack is outstanding
+        self._settled.set()
+        self.tape: Tape | None = None  # set for a checked generation: what checking one hop needs
         self._asking: set[_HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
         self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
@@ -190,7 +206,7 @@ class RouteSession:
             state = states[index]
             target = states[index + 1] if index + 1 < len(states) else after
             blocks = (state.hop.start, state.hop.end)
-            message = Open(state.session_id, blocks, self.max_length, self.config.wire_dtype, self.model, state.nonce, state.token, _address(target))
+            message = Open(state.session_id, blocks, self.max_length, self.config.wire_dtype, self.model, state.nonce, state.token, _address(target), self.config.tap)
             opened = await self._request(state, message, Opened)
             self._check_opened(state, opened)
 
@@ -202,6 +218,7 @@ class RouteSession:
             raise at_hop(HopNotProven(f"{hop} answered with the key of another peer"), hop)
         if opened.blocks != blocks or not verify(opened.public_key, opened.signature, opened_payload(state.nonce, state.session_id, blocks)):
             raise at_hop(HopNotProven(f"{hop} did not sign our nonce for its session"), hop)
+        state.public_key = opened.public_key
         record = opened.record
         if record is not None and _usable_record(record, hop):
             state.record = record  # the previous hop needs it to admit this one as its next hop
@@ -244,7 +261,12 @@ class RouteSession:
         self._step += 1
         done = asyncio.get_running_loop().create_future()
         self._pending[step] = _Pending(step, done, tuple(chain))
+        if len(chain) > 1:
+            self._unacked[step] = (tuple(chain), set(chain[:-1]))
+            self._settled.clear()
         first = chain[0]
+        if self.tape is not None and first is self.hops[0]:
+            self.tape.sent(step, start, hidden, self.config.wire_dtype)
         message = Step(first.session_id, step, start, hidden, self.config.wire_dtype, output)
         try:
             await self._send(first, message)
@@ -352,16 +374,18 @@ class RouteSession:
         elif isinstance(message, Draining):
             if message.session == state.session_id:
                 state.draining = True
-        elif isinstance(message, (Ack, Result)):
+        elif isinstance(message, Ack):
+            if message.session == state.session_id:
+                self._on_ack(state, message)
+        elif isinstance(message, Result):
             pending = self._pending.get(message.step)
-            if message.session != state.session_id or pending is None or state not in pending.chain:
-                return  # not a hop this step runs through (or a step no longer awaited)
-            if isinstance(message, Result) and state is not pending.chain[-1]:
-                return  # only the chain's last hop answers with the output
+            if message.session != state.session_id or pending is None or state is not pending.chain[-1]:
+                return  # only the last hop of the chain a step runs through answers it (while it is awaited)
             state.acked = max(state.acked, message.step)
             state.compute_ms = message.compute_ms
-            if isinstance(message, Result):
-                _resolve(pending.done, message.hidden)
+            state.seal = message.seal
+            self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
+            _resolve(pending.done, message.hidden)
         elif isinstance(message, Error):
             if message.session is not None and message.session != state.session_id:
                 return  # about a session that is not this hop's: not ours to believe
@@ -379,6 +403,45 @@ class RouteSession:
                 _fail(pending.done if pending is not None and state in pending.chain else None, error)
             else:
                 self._fail_all(error)
+
+    def _on_ack(self, state: _HopState, ack: Ack) -> None:
+        """An ack of a hop of the step's chain: still awaited (it times the step), or trailing its result."""
+        sent = self._unacked.get(ack.step)
+        if sent is None or state not in sent[0]:
+            return  # not a hop this step runs through, or one that acked it already
+        pending = self._pending.get(ack.step)
+        if pending is not None:
+            state.acked = max(state.acked, ack.step)
+            state.compute_ms = ack.compute_ms
+        state.seal = ack.seal
+        if ack.hidden is not None and ack.dtype is not None:
+            self._tapped(state, ack.step, ack.hidden, ack.dtype, ack.seal)
+        waiting = sent[1]
+        waiting.discard(state)
+        if not waiting:
+            del self._unacked[ack.step]
+            if not self._unacked:
+                self._settled.set()
+
+    def _tapped(self, state: _HopState, step: int, hidden: torch.Tensor, dtype: str, seal: bytes) -> None:
+        if self.tape is not None:
+            index = next((i for i, h in enumerate(self.hops) if h is state), None)
+            if index is not None:
+                self.tape.tapped(index, step, hidden, dtype, seal)
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait (at most `timeout`) for the acks still owed for steps already answered; whether all came.
+        Acks of steps that failed never come: this is for a session whose every step succeeded."""
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def proven(self, index: int) -> tuple[RemoteHop, str, bytes]:
+        """Hop `index` of the route: where it is, its session id, and the key it proved at open."""
+        state = self.hops[index]
+        return state.hop, state.session_id, state.public_key
 
     def _fail_all(self, error: SwarmError) -> None:
         if self.broken is None:

@@ -15,6 +15,11 @@ Planning and session opening live in client/planner.py (`self.planner`).
     model.chat([{"role": "user", "content": "Hi"}])
     model.generate_batch(["a", "b", "c"])   # spread over disjoint routes
     SwarmModel(..., swarm_key="swarm.key")  # a private swarm: NotMember where a peer is not in it
+    model.agenerate("...", verify=True)     # check one hop of this generation on other replicas
+
+A share of generations (`ClientConfig.verify_fraction`) is verified after its
+text is complete (client/verification.py); `verify=True` checks one on request,
+`verify=False` never; the outcome is `GenerationResult.stats.verification`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from client.generate import GenerationStats, SamplingParams, stream_tokens
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
 from client.session import RemoteHop, RouteSession
+from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
 from swarm.membership import Membership, SwarmKey
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
@@ -83,6 +89,7 @@ class SwarmModel:
             self.num_layers = checkpoint.config.num_layers
             self.head: Head = load_head(checkpoint, dtype)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
+        self.verifier = Verifier(self.planner, self.config)
 
     @property
     def discovery(self) -> DiscoveryOptions:
@@ -114,17 +121,25 @@ class SwarmModel:
         """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned."""
         return await self.planner.open_session(http, max_length, route, exclude)
 
-    async def stream_result(self, prompt_ids: Sequence[int], params: SamplingParams, route: Route | None = None) -> AsyncIterator[tuple[str, GenerationStats, list[str]]]:
-        """Yields (text piece, stats so far, route) as tokens are decoded."""
+    async def stream_result(
+        self, prompt_ids: Sequence[int], params: SamplingParams, route: Route | None = None, verify: bool | None = None
+    ) -> AsyncIterator[tuple[str, GenerationStats, list[str]]]:
+        """Yields (text piece, stats so far, route) as tokens are decoded.
+
+        `verify`: None checks the generation with probability `verify_fraction`, True always,
+        False never. The check runs after the last token and before the stream ends; its
+        outcome is `stats.verification` (None when not selected)."""
         stats = GenerationStats()
         max_length = len(prompt_ids) + params.max_new_tokens
         async with self.config.transport.client_session() as http:
             blocks = FailoverBlocks(self.planner, http, max_length, route)
             await blocks.start()
             stats.failovers = blocks.failovers
+            tape = self.verifier.plan(blocks.session, verify)
             try:
                 async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats):
                     yield token.text, stats, blocks.route
+                stats.verification = await self.verifier.check(http, blocks.session, tape, blocks.clean and not blocks.failovers)
             finally:
                 await blocks.close()
 
@@ -139,14 +154,16 @@ class SwarmModel:
             if piece:
                 yield piece
 
-    async def agenerate(self, prompt: str | list[dict[str, str]], *, chat: bool = True, route: Route | None = None, **sampling) -> GenerationResult:
+    async def agenerate(
+        self, prompt: str | list[dict[str, str]], *, chat: bool = True, route: Route | None = None, verify: bool | None = None, **sampling
+    ) -> GenerationResult:
         pieces, stats, names = [], GenerationStats(), []
-        async for piece, stats, names in self.stream_result(self._ids(prompt, chat), SamplingParams(**sampling), route):
+        async for piece, stats, names in self.stream_result(self._ids(prompt, chat), SamplingParams(**sampling), route, verify):
             pieces.append(piece)
         return GenerationResult("".join(pieces), stats, names)
 
-    def generate(self, prompt: str, *, chat: bool = True, **sampling) -> str:
-        return asyncio.run(self.agenerate(prompt, chat=chat, **sampling)).text
+    def generate(self, prompt: str, *, chat: bool = True, verify: bool | None = None, **sampling) -> str:
+        return asyncio.run(self.agenerate(prompt, chat=chat, verify=verify, **sampling)).text
 
     def chat(self, messages: list[dict[str, str]], **sampling) -> str:
         return asyncio.run(self.agenerate(messages, **sampling)).text

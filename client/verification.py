@@ -1,0 +1,224 @@
+"""Verified outputs, the I/O part: re-run a checked hop on other replicas, settle, ban and accuse.
+
+After a selected generation's text is complete (it never changes the text and
+adds no latency to its tokens), the chosen hop's tape (client/verify.py)
+becomes evidence: the hop's inputs and outputs step by step, and its seal over
+them, checked against the key it proved at open. The inputs go to another
+replica of the hop's blocks as one stateless `POST /forward` (it seals its
+answer too), and the hop's outputs are compared with the re-run within the
+wire dtype's tolerance (`swarm.seal.agree`). On disagreement a third replica
+re-runs the same inputs, and the party it sides against is the liar: it is
+banned by this client for long, and an accusation signed with this client's
+identity is sent to the nodes holding those blocks (which re-check it before
+they believe it) and to a few other peers this client has proven. With no third
+replica, the disagreement is reported and nobody is accused: one replica's word
+against the hop's proves nothing.
+
+A generation that failed over is not checked: its hops' transcripts are no
+clean prefix of positions (a splice rebuilds caches from a /forward, a re-route
+replays the prefix), so they could not be replayed as one prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import torch
+
+from client.planner import ClientConfig, Planner
+from client.session import RouteSession
+from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, frozen, recipients, replicas, settle
+from swarm import wire
+from swarm.accusation import Accusation, Evidence
+from swarm.errors import IdentityMismatch, PeerUnavailable, SignatureInvalid, SwarmError, error_from_code
+from swarm.identity import Identity
+from swarm.seal import FORWARD_SESSION, TOLERANCE, Transcript, check_seal, difference, tensor_digest
+from swarm.transport import PinMismatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Rerun:
+    """One replica's sealed answer to the evidence's inputs."""
+
+    peer_id: str
+    public_key: bytes
+    output: dict[str, Any]  # the wire tensor as it sent it
+    hidden: torch.Tensor  # ... as floats [L, D]
+    seal: bytes
+
+
+class Verifier:
+    """Checks a fraction of one client's generations; holds the client's per-process identity."""
+
+    def __init__(self, planner: Planner, config: ClientConfig, identity: Identity | None = None) -> None:
+        self.planner = planner
+        self.config = config
+        self.identity = identity or Identity.generate()  # accusations are signed by this client, whoever it is
+        self.selector = Selector(config.verify_fraction, config.verify_seed)
+
+    def plan(self, session: RouteSession, requested: bool | None = None) -> Tape | None:
+        """Draw whether this generation is checked and which hop; the tape goes on the session."""
+        if not self.selector.select(requested):
+            return None
+        tape = Tape(self.selector.hop(len(session.hops)))
+        session.tape = tape
+        return tape
+
+    async def check(self, http: aiohttp.ClientSession, session: RouteSession | None, tape: Tape | None, clean: bool) -> Verification | None:
+        """Check the tape's hop (None when the generation was not selected)."""
+        if tape is None:
+            return None
+        if session is None or session.tape is not tape or not clean:
+            return Verification(Verdict.SKIPPED, "the route changed during the generation (failover): its transcripts are no clean prefix")
+        hop, session_id, key = session.proven(tape.hop)
+        blocks = (hop.start, hop.end)
+        outcome = Verification(Verdict.SKIPPED, hop=str(hop), peer_id=hop.peer_id, blocks=blocks)
+        try:
+            return await asyncio.wait_for(self._check(http, session, tape, session_id, key, outcome), self.config.verify_timeout_s)
+        except asyncio.TimeoutError:
+            outcome.verdict, outcome.reason = Verdict.SKIPPED, f"the check took over {self.config.verify_timeout_s:g} s"
+            return outcome
+
+    async def _check(self, http: aiohttp.ClientSession, session: RouteSession, tape: Tape, session_id: str, key: bytes, outcome: Verification) -> Verification:
+        hop = session.hops[tape.hop].hop
+        blocks = (hop.start, hop.end)
+        if not await session.settle(self.config.session.step_timeout_s):
+            outcome.reason = "the hop's taps did not all arrive"
+            return outcome
+        try:
+            evidence = tape.evidence(session.model, blocks, session_id, key)
+        except NotVerifiable as exc:
+            outcome.reason = str(exc)
+            return outcome
+        dtype = evidence.dtype
+        positions, _ = evidence.claimed()
+        outcome.tokens, outcome.tolerance = sum(e.input["shape"][0] for e in evidence.steps), TOLERANCE.get(dtype, TOLERANCE["float32"])
+        if not check_seal(key, evidence.seal, evidence.transcript_digest()):
+            return self._unsealed(session, tape, outcome)
+        banned = self.planner.measurements.banned(self.planner.clock())
+        spans = [(r.peer_id, *r.span) for r in self.planner.records() if r.span is not None]
+        others = self.selector.shuffled(replicas(spans, blocks, {hop.peer_id, *banned}))
+        inputs = frozen(evidence.inputs(), dtype)
+        first = await self._rerun_on(http, others, blocks, inputs)
+        if first is None:
+            outcome.reason = "no other replica of the hop's blocks re-ran its inputs"
+            return outcome
+        outcome.replica = first.peer_id
+        outcome.error = evidence.verdict(first.hidden).error
+        if outcome.error <= outcome.tolerance:
+            outcome.verdict = Verdict.AGREE
+            return outcome
+        third = await self._rerun_on(http, [p for p in others if p != first.peer_id], blocks, inputs)
+        if third is None:
+            outcome.verdict, outcome.reason = Verdict.DISPUTED, "no third replica to settle it: nobody is accused"
+            return outcome
+        outcome.third = third.peer_id
+        with_hop = evidence.verdict(third.hidden).error <= outcome.tolerance
+        with_replica = difference(first.hidden[positions], third.hidden[positions]).error <= outcome.tolerance
+        outcome.verdict = settle(False, with_hop, with_replica)
+        if outcome.verdict is Verdict.HOP_LIED:
+            accusation = evidence
+        elif outcome.verdict is Verdict.REPLICA_LIED:
+            step = Evidence(0, 0, inputs, first.output)
+            accusation = Accusation(session.model, blocks, FORWARD_SESSION, first.public_key, (step,), first.seal)
+        else:
+            outcome.reason = "the third replica sided with neither: nobody is accused"
+            return outcome
+        accused = accusation.accused_id
+        outcome.accused = accused
+        self.planner.convict(accused, f"sent outputs of blocks [{blocks[0]}, {blocks[1]}) off by {outcome.error:.2e} (verified)")
+        outcome.convinced = await self._accuse(http, accusation.signed_by(self.identity), blocks)
+        log.info("%s", outcome.summary())
+        return outcome
+
+    def _unsealed(self, session: RouteSession, tape: Tape, outcome: Verification) -> Verification:
+        """The hop's seal does not sign the outputs it sent us for the inputs it got. Its input came from
+        the client (first hop: it is at fault) or from the hop before it (one of the two is): the seal
+        proves nothing to anyone else, so this is a local ban, not an accusation."""
+        outcome.verdict = Verdict.UNSEALED
+        suspects = [session.hops[i].hop for i in ((tape.hop,) if tape.hop == 0 else (tape.hop - 1, tape.hop))]
+        outcome.reason = f"its seal does not cover the outputs it sent (suspects: {', '.join(map(str, suspects))})"
+        for suspect in suspects:
+            if suspect.peer_id:
+                self.planner.measurements.ban(suspect.peer_id, outcome.reason, self.planner.clock())
+        return outcome
+
+    async def _rerun_on(self, http: aiohttp.ClientSession, peers: list[str], blocks: tuple[int, int], inputs: dict[str, Any]) -> _Rerun | None:
+        """The first of `peers` that answers the re-run with a sealed output of the right shape."""
+        for peer_id in peers:
+            record = self.planner.view.table.get(peer_id)
+            url = None if record is None else self.planner.address(record)
+            if url is None:
+                continue
+            try:
+                return await self._rerun(http, url, peer_id, record.public_key, blocks, inputs)
+            except SwarmError as exc:
+                log.info("replica %s did not re-run blocks %s: %s", peer_id[:8], blocks, exc)
+        return None
+
+    async def _rerun(self, http: aiohttp.ClientSession, url: str, peer_id: str, key: bytes, blocks: tuple[int, int], inputs: dict[str, Any]) -> _Rerun:
+        body = wire.encode({"type": "forward", "model": self.planner.model_digest, "blocks": list(blocks), "hidden": inputs})
+        message = await self._post(http, f"{url.rstrip('/')}/forward", peer_id, body)
+        if message.get("type") == "error":
+            raise error_from_code(str(message.get("code")), f"{peer_id[:8]}: {message.get('message')}")
+        output = message.get("hidden")
+        tokens, width = inputs["shape"]
+        hidden = wire.unpack_tensor(output, hidden_size=width, max_tokens=tokens)
+        if hidden.shape[0] != tokens or output.get("dtype") != inputs["dtype"] or message.get("peer_id") != peer_id:
+            raise SignatureInvalid(f"{peer_id[:8]} answered a re-run with another shape, dtype or peer id")
+        seal = message.get("seal")
+        transcript = Transcript(self.planner.model_digest, blocks, FORWARD_SESSION, peer_id)
+        digest = transcript.update(0, 0, tensor_digest(inputs["dtype"], inputs["shape"], inputs["data"]), tensor_digest(output["dtype"], output["shape"], output["data"]))
+        if not isinstance(seal, bytes) or not check_seal(key, seal, digest):
+            raise SignatureInvalid(f"{peer_id[:8]} did not seal its re-run")
+        return _Rerun(peer_id, key, {"dtype": output["dtype"], "shape": list(output["shape"]), "data": output["data"]}, hidden.float(), seal)
+
+    async def _accuse(self, http: aiohttp.ClientSession, accusation: Accusation, blocks: tuple[int, int]) -> list[str]:
+        """Send the signed accusation to the other holders of the blocks first, then to a few other
+        peers this client proved (they signed its nonce at open); the peers it convinced."""
+        spans = [(r.peer_id, *r.span) for r in self.planner.records() if r.span is not None]
+        holders = replicas(spans, blocks, ())
+        proven = [p for p, stats in self.planner.measurements.peers.items() if stats.steps > 0]
+        targets = recipients(holders, self.selector.shuffled(proven), accusation.accused_id, self.config.accuse_fanout)
+        body = wire.encode(accusation.to_wire())
+        convinced: list[str] = []
+        for group in ([p for p in targets if p in holders], [p for p in targets if p not in holders]):
+            results = await asyncio.gather(*(self._deliver(http, peer_id, body) for peer_id in group))
+            convinced.extend(p for p, ok in zip(group, results) if ok)
+        return convinced
+
+    async def _deliver(self, http: aiohttp.ClientSession, peer_id: str, body: bytes) -> bool:
+        record = self.planner.view.table.get(peer_id)
+        url = None if record is None else self.planner.address(record)
+        if url is None:
+            return False
+        try:
+            message = await self._post(http, f"{url.rstrip('/')}/accusations", peer_id, body)
+        except SwarmError as exc:
+            log.info("accusation not delivered to %s: %s", peer_id[:8], exc)
+            return False
+        if message.get("type") == "error":
+            log.info("%s refused the accusation: %s", peer_id[:8], message.get("message"))
+            return False
+        return message.get("convicted") is True  # its judgement (node/court.py): re-checked, or enough verdicts
+
+    async def _post(self, http: aiohttp.ClientSession, url: str, peer_id: str, body: bytes) -> dict[str, Any]:
+        """One request on the generation's HTTP session (the transport's: private-swarm proofs ride on
+        it), pinned to `peer_id`: a replica's answer must come from the replica the record names."""
+        timeout = aiohttp.ClientTimeout(total=self.config.session.step_timeout_s)
+        try:
+            async with http.post(
+                url, data=body, headers={"Content-Type": "application/msgpack"}, timeout=timeout, ssl=self.config.transport.pin(peer_id)
+            ) as response:
+                return wire.decode(await response.read(), self.config.session.max_frame)
+        except PinMismatch as exc:
+            raise IdentityMismatch(f"{peer_id[:8]} at {url} refused: peer {exc.got_peer or '(no identity key)'} answered there") from None
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise PeerUnavailable(f"cannot reach {peer_id[:8]} at {url}: {exc or type(exc).__name__}") from None
+
