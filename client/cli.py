@@ -326,15 +326,20 @@ def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
     from client.peers import coverage_lines, discover
+    from client.standing import Standing, standing
 
     async def run():
         transport = _transport(args)
+        options = _discovery_options(args)
         async with transport.client_session() as http:
-            return await discover(http, _discovery_options(args), transport=transport)
+            view = await discover(http, options, transport=transport)
+            records = view.table.records(time.time())
+            found, convicted = await standing(http, transport, records, options.bootstrap, args.timeout) if args.standing else ({}, {})
+            return view, records, found, convicted
 
-    view = asyncio.run(run())
+    view, records, found, convicted = asyncio.run(run())
     now = time.time()
-    records = view.table.records(now)
+    private = args.swarm_key is not None
     if args.json:
         print(json.dumps({
             "peers": [
@@ -347,18 +352,31 @@ def cmd_peers(args: argparse.Namespace) -> int:
                     "throughput": r.throughput,
                     "load": r.load,
                     "age_s": round(now - r.issued_at, 2),
+                    "proven": True,  # listed: the bootstrap peer proved its address (pending records are never listed)
+                    **(found[r.peer_id].to_json() if r.peer_id in found else {}),
                 }
                 for r in records
             ],
+            "private_swarm": private,
+            "convicted": convicted,
             "coverage": coverage_lines(view.table, now),
             "unreachable": view.unreachable,
         }))
         return 0
-    print(f"{'peer':14} {'address':24} {'model':14} {'span':>8} {'blocks/s':>9} {'load':>5} {'age':>6}")
+    print(f"{'peer':14} {'address':24} {'model':14} {'span':>8} {'blocks/s':>9} {'load':>5} {'age':>6}  {'pinned':8} {'private':7} standing")
     for r in records:
         span = f"{r.span[0]}:{r.span[1]}" if r.span else "-"
         model = (r.model_digest or "-")[:12]
-        print(f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s")
+        mine = found.get(r.peer_id, Standing())
+        shown = "-" if mine.private is None else ("yes" if mine.private else "no")
+        judged = f"convicted by {len(mine.convicted_by)}" if mine.convicted_by else (f"{mine.accusations} accusations" if mine.accusations else "clean")
+        print(
+            f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s"
+            f"  {mine.pinned[:8]:8} {shown:7} {judged if args.standing else '-'}"
+        )
+    for accused, by in sorted(convicted.items()):
+        print(f"convicted of wrong outputs, out of the tables: {accused} (by {', '.join(by)})")
+    print(f"every peer listed is proven (its address answered a fresh nonce with its key); this is {'a private' if private else 'the open'} swarm")
     for line in coverage_lines(view.table, now):
         print(line)
     for url in view.unreachable:
@@ -429,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_discovery(peers)
     peers.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    peers.add_argument(
+        "--standing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also dial every peer as a route would (TLS pinned to its peer id: pinned, private) and ask the bootstrap "
+        "peers whom they hold accused or convicted (default on; --no-standing lists only)",
+    )
+    peers.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="for each standing dial (default 3)")
     peers.set_defaults(func=cmd_peers)
 
     keygen = sub.add_parser(

@@ -196,6 +196,17 @@ async def test_a_liars_sealed_lie_convicts_it_on_holders_and_on_others_by_quorum
             info = await (await other.get(f"{h1.url}/info")).json()
         assert info["accusations"]["convicted"] >= 1
 
+    # `swarm peers` shows it: the liar out of the listing, convicted; the others proven, dialled, not private
+    shown = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "client.cli", "peers", "--insecure-http", "--bootstrap", swarm["bootstrap"].url, "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    view = json.loads(shown.stdout)
+    assert liar.peer_id in view["convicted"] and liar.peer_id not in {p["peer_id"] for p in view["peers"]}
+    listed = {p["peer_id"]: p for p in view["peers"]}
+    assert {h1.peer_id, a.peer_id, b.peer_id} <= set(listed)
+    assert all(p["proven"] and p["pinned"] == "http" and p["private"] is False for p in listed.values()), listed
+
 
 # --- false and forged accusations ------------------------------------------------------------
 
