@@ -14,6 +14,7 @@ import sys
 import threading
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 from swarm.errors import SwarmError
 from swarm.model import DEFAULT_MODEL
@@ -102,9 +103,11 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
 
 
 def _transport(args: argparse.Namespace):
+    from swarm.membership import Membership, SwarmKey
     from swarm.transport import Transport
 
-    return Transport(insecure_http=args.insecure_http)
+    membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError
+    return Transport(insecure_http=args.insecure_http, membership=membership)
 
 
 def _verify(args: argparse.Namespace) -> bool | None:
@@ -241,7 +244,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
 
     async def run() -> int:
-        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say, transport=_transport(args)) as swarm:
+        private = ["--swarm-key", str(args.swarm_key)] if args.swarm_key is not None else []
+        async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], private, progress=say, transport=_transport(args)) as swarm:
             model = _swarm_model(args, bootstrap=[swarm.bootstrap_url])
             if args.prompt is None:
                 return await chat_loop(model, params, _verify(args))
@@ -276,6 +280,18 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None
     else:
         parser.set_defaults(bootstrap=[], mdns=False, mdns_interface=[], wait=3.0)
         _add_insecure(parser, "also start the demo's nodes on plain http")
+        _add_swarm_key(parser, "the demo's nodes form that private swarm")
+
+
+def _add_swarm_key(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the key of a private swarm (from `swarm keygen > FILE`): prove it to every peer and talk only to peers that prove it back"
+        + (f"; {extra}" if extra else ""),
+    )
 
 
 def _add_insecure(parser: argparse.ArgumentParser, extra: str = "") -> None:
@@ -292,6 +308,7 @@ def _add_discovery(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="interface address for mDNS (repeatable; default all)")
     parser.add_argument("--wait", type=float, default=3.0, metavar="SECONDS", help="how long to listen for mDNS answers (default 3)")
     _add_insecure(parser)
+    _add_swarm_key(parser)
 
 
 def _discovery_options(args: argparse.Namespace):
@@ -307,7 +324,6 @@ def _discovery_options(args: argparse.Namespace):
 
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
-
 
     from client.peers import coverage_lines, discover
 
@@ -347,6 +363,23 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(line)
     for url in view.unreachable:
         print(f"unreachable bootstrap peer: {url}", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new swarm key on stdout; redirected to a file, the file is made private (0600) first."""
+    import os
+    import stat
+
+    from swarm.membership import SwarmKey
+
+    key = SwarmKey.generate()
+    descriptor = sys.stdout.fileno()
+    if stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.fchmod(descriptor, 0o600)  # before a byte of the key is in it
+    sys.stdout.write(key.to_text())
+    sys.stdout.flush()
+    print(f"swarm key {key.fingerprint}: give it to every node and client of the swarm with --swarm-key FILE", file=sys.stderr)
     return 0
 
 
@@ -397,6 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_discovery(peers)
     peers.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     peers.set_defaults(func=cmd_peers)
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="print a new private swarm key: swarm keygen > swarm.key",
+        description="Print a new random swarm key. Nodes and clients given it (--swarm-key FILE) form a private swarm: "
+        "every request proves the key, and peers without it are refused. Redirected to a file, the file is made readable "
+        "by its owner only.",
+    )
+    keygen.set_defaults(func=cmd_keygen)
     return parser
 
 

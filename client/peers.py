@@ -16,7 +16,7 @@ import aiohttp
 
 from swarm.discovery.mdns import Mdns, MdnsConfig
 from swarm.discovery.peers_http import fetch_peers
-from swarm.errors import AddressRefused, NoRoute, PeerUnavailable
+from swarm.errors import AddressRefused, NoRoute, NotMember, PeerUnavailable
 from swarm.peers import PeerTable, missing_ranges
 from swarm.records import PeerRecord
 from swarm.transport import Transport
@@ -55,11 +55,16 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
     now = time.time()
     results = await asyncio.gather(*(fetch_peers(http, url, options.timeout_s) for url in options.bootstrap), return_exceptions=True)
     view.unreachable = []
+    refused: list[NotMember] = []  # bootstrap peers of another swarm (private or open): a setup mistake
     for url, result in zip(options.bootstrap, results):
         if isinstance(result, BaseException):
             if not isinstance(result, Exception):
                 raise result
-            log.debug("bootstrap %s: %s", url, result)
+            if isinstance(result, NotMember):
+                refused.append(result)
+                log.info("bootstrap %s: %s", url, result)
+            else:
+                log.debug("bootstrap %s: %s", url, result)
             view.unreachable.append(url)
             continue
         for record in result:
@@ -68,6 +73,8 @@ async def discover(http: aiohttp.ClientSession, options: DiscoveryOptions, view:
         async with Mdns(options.mdns, table=view.table, transport=transport):
             await asyncio.sleep(options.mdns_wait_s)  # browsing is listening: there is no event for "heard everyone"
     if options.bootstrap and len(view.unreachable) == len(options.bootstrap) and options.mdns is None:
+        if refused:
+            raise refused[0]  # say that it is the swarm key, not the network
         raise PeerUnavailable(f"no bootstrap peer answered: {', '.join(view.unreachable)}")
     view.table.expire(time.time())
     return view

@@ -14,6 +14,7 @@ Planning and session opening live in client/planner.py (`self.planner`).
     async for piece in model.stream("Tell me a story"): ...
     model.chat([{"role": "user", "content": "Hi"}])
     model.generate_batch(["a", "b", "c"])   # spread over disjoint routes
+    SwarmModel(..., swarm_key="swarm.key")  # a private swarm: NotMember where a peer is not in it
     model.agenerate("...", verify=True)     # check one hop of this generation on other replicas
 
 A share of generations (`ClientConfig.verify_fraction`) is verified after its
@@ -27,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import aiohttp
 import torch
@@ -38,6 +40,7 @@ from client.planner import ClientConfig, Planner, claimed_throughput
 from client.session import RemoteHop, RouteSession
 from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
+from swarm.membership import Membership, SwarmKey
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route
@@ -70,10 +73,14 @@ class SwarmModel:
         dtype: torch.dtype = torch.float32,
         claims: Callable[[PeerRecord], float] = claimed_throughput,
         insecure_http: bool = False,
+        swarm_key: str | Path | SwarmKey | None = None,
     ) -> None:
         self.config = config or ClientConfig()
         if insecure_http:  # also dial plain http peers (pins still hold on https ones)
             self.config = replace(self.config, transport=replace(self.config.transport, insecure_http=True))
+        if swarm_key is not None:  # a private swarm's key, or its file (KeyFileError when unusable)
+            key = swarm_key if isinstance(swarm_key, SwarmKey) else SwarmKey.load(swarm_key)
+            self.config = replace(self.config, transport=replace(self.config.transport, membership=Membership(key)))
         if discovery is None:
             mdns_config = MdnsConfig(interfaces=tuple(mdns_interfaces) or "all", advertise=False) if mdns else None
             discovery = DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in bootstrap), mdns=mdns_config)

@@ -34,6 +34,7 @@ from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation
 from swarm.addresses import base_url
 from swarm.errors import AddressRefused, BadSpan, FrameTooLarge, ModelMismatch, SwarmError
 from swarm.seal import TOLERANCE
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,17 @@ def accusation_routes() -> list[web.RouteDef]:
 class Relay:
     """Passes convictions on to proven peers. An async context manager (it owns its HTTP session)."""
 
-    def __init__(self, config: AccusationConfig, max_frame: int) -> None:
+    def __init__(self, config: AccusationConfig, max_frame: int, transport: Transport) -> None:
         self.config = config
         self.max_frame = max_frame
+        self.transport = transport
         self.http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
         self.sent = 0
 
     async def __aenter__(self) -> Relay:
         timeout = aiohttp.ClientTimeout(total=self.config.forward_timeout_s)
-        self.http = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=MAX_FORWARDS_AT_ONCE))
+        self.http = self.transport.client_session(limit=MAX_FORWARDS_AT_ONCE, timeout=timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -134,9 +136,11 @@ class Relay:
             if record.peer_id in (me, case.accused) or state.table.standing(record.peer_id) is None:
                 continue
             try:
-                targets.append(base_url(record.addresses[0]))
+                url = base_url(record.addresses[0])
             except AddressRefused:
                 continue
+            if self.transport.allows(url):
+                targets.append((url, record.peer_id))
         if not targets:
             return
         body = wire.encode({**accusation.to_wire(), "verdicts": [v.to_wire() for v in case.verdict_list()]})
@@ -144,14 +148,15 @@ class Relay:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _post_all(self, targets: list[str], body: bytes, accused: str) -> None:
+    async def _post_all(self, targets: list[tuple[str, str]], body: bytes, accused: str) -> None:
         assert self.http is not None, "Relay used outside `async with`"
-        answers = await asyncio.gather(*(self._post(url, body) for url in targets))
+        answers = await asyncio.gather(*(self._post(url, peer_id, body) for url, peer_id in targets))
         log.info("passed the conviction of %s on to %d peers: %s", accused, len(targets), answers)
 
-    async def _post(self, url: str, body: bytes) -> Any:
-        try:
-            async with self.http.post(f"{url}/accusations", data=body, headers={"Content-Type": "application/msgpack"}) as response:
+    async def _post(self, url: str, peer_id: str, body: bytes) -> Any:
+        headers = {"Content-Type": "application/msgpack"}
+        try:  # pinned: a conviction goes to the peer of the record, no one answering in its place
+            async with self.http.post(f"{url}/accusations", data=body, headers=headers, ssl=self.transport.pin(peer_id)) as response:
                 message = wire.decode(await response.read(), self.max_frame)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, SwarmError) as exc:
             return type(exc).__name__

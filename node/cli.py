@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve and advertise plain http, and dial http peers too (no encryption, no identity pinning); "
         "by default the node serves TLS with a certificate carrying its identity key and dials only https peers, each pinned to its peer id",
     )
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="join the private swarm of this key (made by `swarm keygen > FILE`, chmod 600): every request, websocket "
+        "and gossip exchange then proves the key, peers without it are refused and never listed, and mDNS reveals "
+        "nothing of the swarm; default: the open swarm",
+    )
     parser.add_argument("--gossip-period", type=float, default=5.0, metavar="SECONDS", help="seconds between gossip rounds (default 5)")
     parser.add_argument("--record-ttl", type=float, default=60.0, metavar="SECONDS", help="lifetime of this node's signed record; a dead node leaves every table within about this (default 60)")
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="advertise and browse on the LAN with mDNS (default off: it multicasts on your network)")
@@ -318,9 +327,11 @@ def _node_config(args: argparse.Namespace):
 
 
 def _transport(args: argparse.Namespace):
+    from swarm.membership import Membership, SwarmKey
     from swarm.transport import Transport
 
-    return Transport(insecure_http=args.insecure_http)
+    membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError
+    return Transport(insecure_http=args.insecure_http, membership=membership)
 
 
 def _check_local_addresses(addresses: list[str]) -> None:

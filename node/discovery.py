@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import aiohttp
 
-from swarm.transport import Transport
 from swarm.addresses import AddressPolicy
 from swarm.discovery.gossip import Gossip, GossipConfig
 from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.discovery.proof import Prover
 from swarm.peers import PeerTable, TableConfig
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 

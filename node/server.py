@@ -44,6 +44,7 @@ def build_app(state: NodeState) -> web.Application:
     own = ("/forward", "/accusations")  # these read their bodies themselves, after their cheap refusals
     middlewares = [*config.transport.server_middlewares(), body_in_time(config.body_timeout_s, limit, error_response, own=own)]
     app = web.Application(client_max_size=limit, middlewares=middlewares)
+    app.on_response_prepare.extend(config.transport.response_hooks())
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(accusation_routes())
@@ -93,7 +94,7 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         push = await stack.enter_async_context(PushPool(config.push, config.max_frame, config.transport))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
-        state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame))
+        state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame, config.transport))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor)

@@ -40,6 +40,7 @@ from swarm.errors import (
     IdentityMismatch,
     LengthExceeded,
     ModelMismatch,
+    NotMember,
     NotPermitted,
     PeerUnavailable,
     SessionNotFound,
@@ -230,7 +231,7 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
         if state.court.is_convicted(next_hop.peer_id, time.time()):  # convicted since the session opened
             raise Convicted(f"next hop {next_hop.peer_id} was convicted of sending wrong outputs: route around it")
         await state.push.push(next_hop, forward)
-    except (PeerUnavailable, HopNotProven, Convicted, IdentityMismatch) as exc:
+    except (PeerUnavailable, HopNotProven, Convicted, IdentityMismatch, NotMember) as exc:  # NotMember: a next hop outside our swarm
         await session.owner.send(Error.of(exc, session=session.id, step=request.step, hop=next_hop.peer_id))
         return
     seal = state.identity.sign(seal_payload(digest))  # after the push: the next hop need not wait for it

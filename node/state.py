@@ -195,6 +195,7 @@ class NodeState:
             "public_key": self.identity.public_key_bytes.hex(),
             "url": self.url,
             "protocol": wire.PROTOCOL_VERSION,
+            "private": self.config.transport.membership is not None,  # only members of a private swarm see this
             "peers": len(self.table),
             "phase": self.phase.value,
             "shutting_down": self.phase.leaving,

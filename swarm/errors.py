@@ -166,7 +166,8 @@ class IdentityMismatch(TransientError):
 
 
 class KeyFileError(SwarmError):
-    """A node key file that cannot be read or holds no Ed25519 private key: fix or delete it."""
+    """A key file that cannot be read or holds no key: a node's Ed25519 key (fix or delete it), or a
+    swarm key (`--swarm-key`) that is missing, malformed or readable by others."""
 
     code = "key_file_error"
 
@@ -189,6 +190,25 @@ class AddressRefused(BadRequest):
     """An address this node will not dial: not a base URL, or outside its address policy (swarm/addresses.py)."""
 
     code = "address_refused"
+
+
+# --- private swarms ------------------------------------------------------------------------
+
+
+class NotMember(SwarmError):
+    """A party that did not prove it holds the swarm key: a request refused before any work (no,
+    stale, replayed or wrong proof, or a proof sent to an open node), or an answer a private client
+    refuses (a peer that did not prove the key back). Never transient: the two are in different swarms.
+
+    `reason` is a short stable string for counters and logs (`"no_proof"`, `"replayed"`, ...);
+    the wire code stays `not_member`.
+    """
+
+    code = "not_member"
+
+    def __init__(self, message: str, reason: str = "not_member") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _all_subclasses(cls: type[SwarmError]) -> list[type[SwarmError]]:

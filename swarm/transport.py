@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from swarm.identity import Identity, peer_id_from_public_key
+from swarm.membership import open_client_middleware, open_server_middleware
 
 if TYPE_CHECKING:  # swarm/membership.py: a private swarm's key and its middlewares
     from swarm.membership import Membership
@@ -127,8 +128,9 @@ class Transport:
         middlewares: list[Any] = []
         if not self.insecure_http:
             middlewares.append(_https_only)
-        if self.membership is not None:
-            middlewares.append(self.membership.client_middleware)
+        # a private party proves the key on every request and believes only members' answers; an
+        # open one says in one line that it met a private node (swarm/membership.py)
+        middlewares.append(self.membership.client_middleware if self.membership is not None else open_client_middleware)
         return aiohttp.ClientSession(connector=connector, middlewares=tuple(middlewares), **kwargs)
 
     def pin(self, peer_id: str | None) -> PeerPin | bool:
@@ -151,8 +153,14 @@ class Transport:
         return context
 
     def server_middlewares(self) -> list[Any]:
-        """Middlewares every node app runs first: membership's check, when private."""
-        return [self.membership.server_middleware] if self.membership is not None else []
+        """Middlewares every node app runs first: membership's check when private; else the open
+        swarm's refusal of requests that carry a membership proof (a node never mixes swarms)."""
+        return [self.membership.server_middleware] if self.membership is not None else [open_server_middleware]
+
+    def response_hooks(self) -> list[Any]:
+        """`on_response_prepare` hooks of every node app: a private node proves the key on every
+        answer, the 101 of a websocket included (headers go out before a handler returns)."""
+        return [self.membership.prepare_hook] if self.membership is not None else []
 
     def allows(self, url: str) -> bool:
         """Whether this party dials `url` at all: https always, http only with `insecure_http`."""

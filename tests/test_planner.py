@@ -19,6 +19,7 @@ from client.session import RemoteHop
 from swarm.errors import BadRequest, Busy, NoRoute, PeerUnavailable, ShuttingDown
 from swarm.identity import Identity
 from swarm.records import PeerRecord
+from swarm.transport import Transport
 
 DIGEST = "0123456789abcdef" * 2
 MODEL = {"architecture": "llama", "shape": "L30-d576-ff1536-h9-kv3-v49152", "digest": DIGEST}
@@ -42,7 +43,7 @@ def _record(identity: Identity, span: tuple[int, int], throughput: float, port: 
 def _planner(spans: dict[str, tuple[tuple[int, int], float]], claims=None, trust: TrustConfig | None = None):
     """A planner over records named by `spans` (name -> (span, claimed blocks/s)); returns it and name -> peer id."""
     clock = Clock()
-    config = ClientConfig(trust=trust or TrustConfig())
+    config = ClientConfig(trust=trust or TrustConfig(), transport=Transport(insecure_http=True))  # the records are http
     names: dict[str, str] = {}
     ids: dict[str, str] = {}
     records = []

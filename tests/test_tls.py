@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from client.planner import ClientConfig, Planner
 from client.peers import DiscoveryOptions
+from client.planner import ClientConfig, Planner
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from node.accept import GuardedRunner
 from node.limits import SourceLimit
@@ -40,6 +40,7 @@ from swarm.discovery.mdns import Advert, Mdns, MdnsConfig
 from swarm.discovery.peers_http import fetch_peers
 from swarm.errors import IdentityMismatch
 from swarm.identity import Identity
+from swarm.membership import open_server_middleware
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
 from swarm.transport import PeerPin, PinMismatch, PlainHttpRefused, Transport, certificate_pem, peer_id_of_certificate
@@ -126,7 +127,7 @@ def test_what_a_transport_dials_and_serves():
     assert PLAIN.server_ssl(Identity.generate()) is None
     context = TLS.server_ssl(Identity.generate())
     assert context is not None and context.minimum_version is ssl.TLSVersion.TLSv1_3
-    assert TLS.server_middlewares() == []
+    assert TLS.server_middlewares() == [open_server_middleware]  # an open node refuses membership proofs
 
 
 def test_a_tls_planner_leaves_plain_http_peers_out_of_routes():
@@ -275,15 +276,19 @@ def _serving(body: dict[str, str]):
 
 class Relay:
     """A TCP relay at the address a node advertises, on a loop of its own (node processes dial it
-    too, across tests). For sources in `mitm_from` it is a man in the middle: it terminates TLS with
-    its own certificate and talks TLS on to `target`; for others it forwards raw bytes to `target`."""
+    too, across tests). It forwards raw bytes to `target`, except that connections from the
+    sources in `attacked` meet `attack`: ("mitm", node), a man in the middle who terminates TLS
+    with his own certificate and talks TLS on to that node; or ("impostor", node), raw bytes to
+    another node than the one whose address this is."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="relay", daemon=True)
         self.target: tuple[str, int] | None = None
-        self.mitm_from: frozenset[str] = frozenset()
-        self.seen: Counter[str] = Counter()  # "mitm", "forward"
+        self.attack: tuple[str, tuple[str, int]] | None = None
+        self.attacked: frozenset[str] = frozenset()
+        self.seen: Counter[str] = Counter()  # connections by what they met: "relayed", "mitm", "impostor"
+        self._links: dict[asyncio.StreamWriter, asyncio.Event] = {}  # upstream writer -> set when the link is gone
         self._own_cert = TLS.server_ssl(Identity.generate())
         self._upstream = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self._upstream.check_hostname, self._upstream.verify_mode = False, ssl.CERT_NONE
@@ -311,39 +316,72 @@ class Relay:
     def url(self) -> str:
         return f"https://{LOOPBACK}:{self.port}"
 
-    def set(self, target: NodeProcess | tuple[str, int], mitm_from: frozenset[str] = frozenset()) -> None:
-        self.target = target if isinstance(target, tuple) else _address_of(target)
-        self.mitm_from = mitm_from
+    def set(self, target: NodeProcess, attack: tuple[str, NodeProcess] | None = None, on: frozenset[str] = frozenset({LOOPBACK})) -> None:
+        """Relay to `target`, with `attack` for sources in `on`. Links already open are ended first
+        (and their diallers have closed their side when this returns), so pooled connections that
+        were relayed untouched must dial again, into the attack."""
+        self.target = _address_of(target)
+        self.attack = None if attack is None else (attack[0], _address_of(attack[1]))
+        self.attacked = on
+        asyncio.run_coroutine_threadsafe(self._reset(), self.loop).result(60)
+
+    async def _reset(self) -> None:
+        """End every link: an EOF to the far node, whose TLS close (relayed) the dialler answers at once."""
+        gone = list(self._links.values())
+        for upstream in list(self._links):
+            if upstream.can_write_eof():
+                upstream.write_eof()
+            else:  # the man in the middle's own TLS to the node
+                upstream.close()
+        if gone:
+            await asyncio.wait([asyncio.ensure_future(event.wait()) for event in gone], timeout=30)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        target, source = self.target, writer.get_extra_info("peername")[0]
+        source = writer.get_extra_info("peername")[0]
+        mode, to = self.attack if self.attack is not None and source in self.attacked else ("relayed", self.target)
+        gone = asyncio.Event()
         try:
-            if target is None:
+            if to is None:
                 return
-            if source in self.mitm_from:
-                self.seen["mitm"] += 1
+            self.seen[mode] += 1
+            if mode == "mitm":
                 await writer.start_tls(self._own_cert)
-                up_reader, up_writer = await asyncio.open_connection(*target, ssl=self._upstream)
+                up_reader, up_writer = await asyncio.open_connection(*to, ssl=self._upstream)
             else:
-                self.seen["forward"] += 1
-                up_reader, up_writer = await asyncio.open_connection(*target)
+                up_reader, up_writer = await asyncio.open_connection(*to)
+            self._links[up_writer] = gone
             try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                await _splice(reader, writer, up_reader, up_writer)
             finally:
+                del self._links[up_writer]
                 up_writer.close()
         except (OSError, ssl.SSLError, ConnectionError):
             pass
         finally:
             writer.close()
+            gone.set()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ConnectionError, ssl.SSLError, RuntimeError):  # RuntimeError: written after an EOF
         while data := await reader.read(1 << 16):
             writer.write(data)
             await writer.drain()
-    with contextlib.suppress(OSError, RuntimeError, ssl.SSLError):
-        writer.close()
+
+
+async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+    """Both directions until the dialler is done. When the far side ends first, the dialler gets an
+    EOF (where its transport can take one) and the link lasts until the dialler closes its side too."""
+    to_far = asyncio.ensure_future(_copy(reader, up_writer))
+    to_dialler = asyncio.ensure_future(_copy(up_reader, writer))
+    try:
+        await asyncio.wait({to_far, to_dialler}, return_when=asyncio.FIRST_COMPLETED)
+        if not to_far.done() and writer.can_write_eof():
+            writer.write_eof()
+            await asyncio.wait_for(to_far, 30)
+    finally:
+        to_far.cancel()
+        to_dialler.cancel()
 
 
 def _free_port() -> int:
@@ -355,7 +393,9 @@ def _free_port() -> int:
 _REAL_PORTS: dict[str, int] = {}  # peer id -> the port a node really listens on (its URL may be the relay's)
 
 
-def _address_of(node: NodeProcess) -> tuple[str, int]:
+def _address_of(node: NodeProcess | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(node, tuple):
+        return node
     return LOOPBACK, _REAL_PORTS.get(node.peer_id) or int(node.url.rsplit(":", 1)[1])
 
 
@@ -374,7 +414,7 @@ def tls_swarm(tmp_path_factory):
             ["--blocks", "10:20", "--bootstrap", bootstrap.url, *period],
             ["--blocks", "20:30", "--bootstrap", bootstrap.url, *period],
         ]
-        relay.target = (LOOPBACK, b_port)
+        relay.target = (LOOPBACK, b_port)  # before B starts: B proves its address through the relay
         nodes = start_nodes(specs, tmp, tls=True)
         _REAL_PORTS[nodes[1].peer_id] = b_port
         try:
@@ -414,12 +454,19 @@ async def _listed(bootstrap: NodeProcess, peer_ids: set[str], timeout: float = 6
 
 
 async def _client_routed_through_b(tls_swarm):
-    """A TLS client whose view holds B (at the relay) and a planned route A -> B -> C."""
-    bootstrap, nodes, _ = tls_swarm
-    await _listed(bootstrap, {n.peer_id for n in nodes})
+    """A TLS client whose view holds B (at the relay) and a planned route A -> B -> C.
+
+    B's record comes from B itself (pinned, through the relay while it relays untouched): after
+    an earlier test's attack, the bootstrap peer may have dropped B and barred its address for a
+    while (a failed proof), which is what it should do."""
+    bootstrap, nodes, relay = tls_swarm
+    await _listed(bootstrap, {nodes[0].peer_id, nodes[2].peer_id, nodes[3].peer_id})
     client = swarm_client(bootstrap.url, tls=True)
     async with client.config.transport.client_session() as http:
         await client.refresh(http, force=True)
+        async with http.get(f"{relay.url}/info", ssl=TLS.pin(nodes[1].peer_id)) as response:
+            record = PeerRecord.from_bytes(base64.b64decode((await response.json())["record"]))
+    client.view.table.merge(record, time.time(), source="bootstrap")
     others = frozenset({nodes[2].peer_id})  # B2: the client must go through B first
     route = client.plan(exclude=others)
     assert [h.peer_id for h in route.hops] == [nodes[0].peer_id, nodes[1].peer_id, nodes[3].peer_id]
@@ -449,7 +496,7 @@ async def test_a_tls_swarm_generates_the_plain_swarms_text(tls_swarm, relay, pla
 async def test_a_man_in_the_middle_is_refused_and_the_client_reroutes(tls_swarm, relay, plain_text):
     _, nodes, _ = tls_swarm
     client, route = await _client_routed_through_b(tls_swarm)
-    relay.set(nodes[1], mitm_from=frozenset({LOOPBACK}))  # now it terminates TLS with its own certificate
+    relay.set(nodes[1], attack=("mitm", nodes[1]))  # now it terminates TLS with its own certificate
     result = await client.agenerate(PROMPT, route=route, max_new_tokens=NEW_TOKENS)
     assert relay.seen["mitm"] >= 1  # the client did dial B's address, and met the relay there
     assert result.text == plain_text
@@ -460,43 +507,54 @@ async def test_a_man_in_the_middle_is_refused_and_the_client_reroutes(tls_swarm,
 async def test_an_impostor_at_a_nodes_address_is_refused_and_the_client_reroutes(tls_swarm, relay, plain_text):
     _, nodes, _ = tls_swarm
     client, route = await _client_routed_through_b(tls_swarm)
-    relay.set(nodes[2])  # B's advertised address now leads to B2, a real node serving the same blocks
+    relay.set(nodes[1], attack=("impostor", nodes[2]))  # B's address now leads to B2, a real node serving the same blocks
     result = await client.agenerate(PROMPT, route=route, max_new_tokens=NEW_TOKENS)
-    assert relay.seen["forward"] >= 1 and result.text == plain_text
+    assert relay.seen["impostor"] >= 1 and result.text == plain_text
     assert [name[:8] for name in result.route] == [nodes[0].peer_id[:8], nodes[2].peer_id[:8], nodes[3].peer_id[:8]]
     _assert_refused_as_impostor(client, nodes[1])
 
 
 @pytest.mark.parametrize("attack", ["mitm", "impostor"])
 async def test_a_node_pushing_to_that_address_refuses_it_too(tls_swarm, relay, attack):
-    """A -> B through the relay: the client's own dial of B (from 127.0.0.2) is forwarded
-    untouched, A's push (from 127.0.0.1) meets the attack; A names B in an `identity_mismatch`."""
-    bootstrap, nodes, _ = tls_swarm
+    """A -> B through the relay: the client's own dial of B (from 127.0.0.2) is relayed untouched,
+    A's push (from 127.0.0.1) meets the attack; A names B in an `identity_mismatch`."""
+    _, nodes, _ = tls_swarm
     client, route = await _client_routed_through_b(tls_swarm)
     hops = client.planner.hops(route)
+    # The attack starts before the session: A's push connections to B relayed earlier are ended.
+    relay.set(nodes[1], attack=(attack, nodes[1] if attack == "mitm" else nodes[3]))  # impostor: C answers for B
     connector = aiohttp.TCPConnector(ssl=False, local_addr=("127.0.0.2", 0))
     async with aiohttp.ClientSession(connector=connector) as http:
-        session = RouteSession(http, hops, client.planner.model_digest, 64, SessionConfig(wire_dtype="float32"), TLS)
-        async with session:
-            if attack == "mitm":
-                relay.set(nodes[1], mitm_from=frozenset({LOOPBACK}))
-            else:  # B's address now leads to C for A; the client's own connection to B is already open
-                relay.set(nodes[3])
+        async with RouteSession(http, hops, client.planner.model_digest, 64, SessionConfig(wire_dtype="float32"), TLS) as session:
             hidden = client.head.embed(client.head.encode_prompt(PROMPT, chat=True))
             with pytest.raises(IdentityMismatch) as refused:
                 await session.forward(hidden, 0)
     assert hop_of(refused.value) is not None and hop_of(refused.value).peer_id == nodes[1].peer_id
-    assert relay.seen["mitm" if attack == "mitm" else "forward"] >= 1
+    assert relay.seen[attack] >= 1 and relay.seen["relayed"] >= 1  # A met the attack, the client did not
 
 
 async def test_the_client_refuses_a_pinned_hop_at_once_without_opening(tls_swarm, relay):
     """The session-level contract: a hop whose address presents another identity fails `_connect`
     with `IdentityMismatch` naming that hop (before any `open` is sent to anyone)."""
     _, nodes, _ = tls_swarm
-    relay.set(nodes[2])
+    relay.set(nodes[1], attack=("impostor", nodes[2]))
     hop = RemoteHop(relay.url, 10, 20, nodes[1].peer_id)
     async with TLS.client_session() as http:
         session = RouteSession(http, [hop], "0" * 32, 8, SessionConfig(), TLS)
         with pytest.raises(IdentityMismatch, match=f"{nodes[2].peer_id} answered there") as refused:
             await session.__aenter__()
     assert hop_of(refused.value) is hop
+
+
+def test_a_tls_node_refuses_http_urls_in_one_line(tmp_path):
+    """Before anything loads: a TLS node never dials an http bootstrap, nor advertises an http URL."""
+    import subprocess
+    import sys
+
+    for flag, expected in (("--bootstrap", "a TLS node dials https only"), ("--public-url", "this node serves https")):
+        done = subprocess.run(
+            [sys.executable, "-m", "node.cli", "--identity", str(tmp_path / "key"), "--blocks", "0:1", flag, "http://127.0.0.1:9"],
+            check=False, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} http://127.0.0.1:9: {expected}"), lines

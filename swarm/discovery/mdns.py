@@ -32,6 +32,15 @@ network namespace.
 
 Only mDNS-learned peers are removed on goodbye or expiry: anyone on the LAN can forge a
 goodbye, and a peer known through gossip keeps its own signed expiry.
+
+Private swarms (a transport with a swarm key, swarm/membership.py) advertise another service
+type, `_layerswarm-p._tcp.local.`, which open nodes never browse, and say nothing of
+themselves: the TXT holds only the peer id (the instance name, so a fetch can be pinned to
+it), scheme, protocol version and `tag`, an HMAC under the swarm key of the peer id, scheme
+and port: no model, no span, no record. A member's browser fetches `/info` (which proves the
+key both ways) only from services whose tag holds, so outsiders are ignored, and outsiders
+learn nothing they could join with: `/info` refuses them, and members of another swarm fail
+the tag.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -55,8 +65,9 @@ import aiohttp
 from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from swarm.errors import SwarmError
+from swarm.errors import NotMember, SwarmError
 from swarm.identity import is_peer_id
+from swarm.membership import SwarmKey
 from swarm.peers import PeerTable, refusal_reason
 from swarm.records import PROTOCOL_VERSION, PeerRecord
 from swarm.transport import PinMismatch, Transport
@@ -64,9 +75,11 @@ from swarm.transport import PinMismatch, Transport
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_layerswarm._tcp.local."
+PRIVATE_SERVICE_TYPE = "_layerswarm-p._tcp.local."  # private swarms: open nodes never browse it
 SOURCE = "mdns"  # the `source` given to PeerTable.merge
 MAX_MODEL_ID_CHARS = 64  # the TXT model hint; a whole TXT record stays well under one packet
 MAX_URL_TRIES = 3  # addresses tried per service: an advertiser cannot make us fetch many URLs
+_ADVERT_TAG = b"layerswarm/mdns-advert/v1\n"  # domain separation from the key's other MACs
 MAX_SERVICES = 1024  # services tracked at once: a noisy LAN cannot grow our state without bound
 
 
@@ -183,6 +196,8 @@ class Mdns:
         self.config = config
         self.table = table
         self.transport = transport or Transport()
+        self.membership = self.transport.membership  # private: another service type, and tags instead of hints
+        self.service_type = PRIVATE_SERVICE_TYPE if self.membership is not None else SERVICE_TYPE
         self.failures: Counter[str] = Counter()  # reason -> count of services we could not use
         self.stats: Counter[str] = Counter()  # "merged", "probes" (sweeps that asked the network), "left"
         self._advert = advert
@@ -209,7 +224,7 @@ class Mdns:
                     self.transport.client_session(timeout=aiohttp.ClientTimeout(total=self.config.fetch_timeout_s))
                 )
                 await stack.enter_async_context(
-                    AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
+                    AsyncServiceBrowser(self._azc.zeroconf, [self.service_type], handlers=[self._on_change])
                 )
             stack.push_async_callback(self._stop_tasks)
             if self.config.browse:
@@ -246,15 +261,21 @@ class Mdns:
         addresses = list(advert.addresses) or self._bound_addresses()
         ttl = self.config.ttl_s
         return AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{advert.peer_id}.{SERVICE_TYPE}",
+            self.service_type,
+            f"{advert.peer_id}.{self.service_type}",
             port=advert.port,
-            properties=advert.txt(),
+            properties=self._txt(advert),
             server=f"{advert.peer_id}.local.",
             parsed_addresses=addresses,
             host_ttl=ttl,  # SRV, A, AAAA
             other_ttl=ttl,  # PTR, TXT (browsers raise a PTR's to 1125 s: see the module doc)
         )
+
+    def _txt(self, advert: Advert) -> dict[bytes, bytes]:
+        if self.membership is None:
+            return advert.txt()
+        tag = advert_tag(self.membership.key, advert.peer_id, advert.scheme, advert.port)
+        return {b"id": advert.peer_id.encode(), b"v": str(advert.protocol).encode(), b"s": advert.scheme.encode(), b"tag": tag.encode()}
 
     def _bound_addresses(self) -> list[str]:
         if self.config.interfaces != "all":
@@ -308,7 +329,7 @@ class Mdns:
             return
         service = self._services.get(name)
         if service is None:
-            peer_id = name[: -len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else ""
+            peer_id = name[: -len(self.service_type) - 1] if name.endswith("." + self.service_type) else ""
             if not is_peer_id(peer_id):
                 self._fail("bad_name", name)
                 return
@@ -359,7 +380,7 @@ class Mdns:
         service = self._services.get(name)
         if service is None:
             return
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        info = AsyncServiceInfo(self.service_type, name)
         if not await info.async_request(self._azc.zeroconf, self.config.resolve_timeout_ms) or not info.port:
             self._fail("unresolved", name)
             return
@@ -371,6 +392,11 @@ class Mdns:
         if not self.transport.allows(f"{scheme}://"):
             self._fail("plain_http", name, "(a TLS browser never dials http)")
             return
+        if self.membership is not None:
+            tag = info.properties.get(b"tag") or b""
+            if not hmac.compare_digest(tag, advert_tag(self.membership.key, service.peer_id, scheme, info.port).encode()):
+                self._fail("not_member", name, "(its tag does not hold with our swarm key)")
+                return
         record = None
         for url in _candidate_urls(info, scheme)[:MAX_URL_TRIES]:
             record = await self._fetch_record(url, name, service.peer_id)
@@ -414,6 +440,12 @@ class Mdns:
         except PinMismatch as error:
             self._fail("identity_mismatch", name, f"({error})")
             return None
+        except NotMember as error:  # a private browser at a peer that did not prove the key, or the reverse
+            self._fail("not_member", name, f"({error})")
+            return None
+        except SwarmError as error:  # busy at the door, before any proof
+            self._fail("unreachable", name, f"({base_url}: {error.code})")
+            return None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             self._fail("unreachable", name, f"({base_url}: {type(error).__name__})")
             return None
@@ -451,7 +483,7 @@ class Mdns:
         service = self._services.get(name)
         if service is None:
             return
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        info = AsyncServiceInfo(self.service_type, name)
         alive = info.load_from_cache(self._azc.zeroconf)
         if not alive and service.alive:
             self.stats["probes"] += 1
@@ -469,6 +501,11 @@ class Mdns:
         now = time.time()
         if record is None or record.expires_at - now < (record.expires_at - record.issued_at) / 2:
             await self._learn(name)
+
+
+def advert_tag(key: SwarmKey, peer_id: str, scheme: str, port: int) -> str:
+    """What a private node's TXT carries instead of hints: only holders of `key` can make or check it."""
+    return key.mac(_ADVERT_TAG, peer_id.encode(), scheme.encode(), str(port).encode())[:16].hex()
 
 
 def _candidate_urls(info: AsyncServiceInfo, scheme: str = "http") -> list[str]:

@@ -1,0 +1,386 @@
+"""Private swarms between real nodes: members generate what the open swarm generates; outsiders
+neither join, nor get listed, nor get routed to, nor talk; captured proofs cannot be replayed
+or sent to another node; mDNS of a private swarm tells outsiders nothing.
+
+The loopback swarm serves plain http (the tests' fixture); one test runs a private swarm over
+TLS, and one runs across network namespaces with mDNS and an outsider on its own address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from zeroconf.asyncio import AsyncServiceInfo
+
+from swarm import wire
+from swarm.discovery.mdns import PRIVATE_SERVICE_TYPE, Advert, Mdns, MdnsConfig
+from swarm.discovery.peers_http import fetch_peers
+from swarm.errors import NotMember
+from swarm.identity import Identity
+from swarm.membership import (
+    CHALLENGE_BYTES,
+    CHALLENGE_HEADER,
+    CHALLENGE_PATH,
+    NONCE_HEADER,
+    PROOF_HEADER,
+    Membership,
+    SwarmKey,
+    client_proof,
+    decode,
+    encode,
+    format_proof,
+)
+from swarm.peers import PeerTable
+from swarm.records import PeerRecord
+from swarm.transport import Transport
+from tests.nodes import start_nodes, stop_nodes, swarm_client
+
+PERIOD = "0.5"  # gossip period of these nodes
+PROMPT = "What is the capital of France?"
+TOKENS = 12
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _key_file(folder: Path, name: str) -> tuple[Path, SwarmKey]:
+    key = SwarmKey.generate()
+    path = folder / name
+    key.write(path)
+    return path, key
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    return _key_file(folder, "swarm.key"), _key_file(folder, "other.key")
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, keys):
+    """A private bootstrap peer and two members ([0,15) and [15,30)); an open node holding all 30
+    blocks (the most attractive hop there is) that announces to the private bootstrap peer, and
+    that the first member also names as a bootstrap peer."""
+    tmp = tmp_path_factory.mktemp("private")
+    (path, _), _ = keys
+    private = ["--swarm-key", str(path), "--gossip-period", PERIOD]
+    started = []
+    try:
+        (bootstrap,) = start_nodes([["--no-model", *private]], tmp / "b")
+        started.append(bootstrap)
+        (outsider,) = start_nodes([["--blocks", "0:30", "--gossip-period", PERIOD, "--bootstrap", bootstrap.url]], tmp / "o")
+        started.append(outsider)
+        members = start_nodes(
+            [
+                ["--blocks", "0:15", "--bootstrap", bootstrap.url, "--bootstrap", outsider.url, *private],
+                ["--blocks", "15:30", "--bootstrap", bootstrap.url, *private],
+            ],
+            tmp / "m",
+        )
+        started.extend(members)
+        yield bootstrap, members, outsider
+    finally:
+        stop_nodes(started)
+
+
+def _peers(route: list[str]) -> set[str]:
+    """The peers of a route as it is reported ("abcdefgh[0:15)" per hop)."""
+    return {hop.split("[")[0] for hop in route}
+
+
+def _short(nodes) -> set[str]:
+    return {node.peer_id[:8] for node in nodes}
+
+
+def _member_session(key: SwarmKey, capture: list | None = None) -> aiohttp.ClientSession:
+    """A member's HTTP session (plain http); `capture` records each request's headers as sent."""
+    membership = Membership(key)
+
+    async def record(request, handler):
+        capture.append((request.method, str(request.url), dict(request.headers)))
+        return await handler(request)
+
+    middlewares = (membership.client_middleware, record) if capture is not None else (membership.client_middleware,)
+    return aiohttp.ClientSession(middlewares=middlewares)
+
+
+async def _listed(http: aiohttp.ClientSession, url: str) -> set[str]:
+    return {record.peer_id for record in await fetch_peers(http, url, 5.0)}
+
+
+async def _until_listed(http, nodes, expected: set[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        tables = [await _listed(http, node.url) for node in nodes]
+        if all(table == expected for table in tables):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tables {tables} never became {expected}")
+        await asyncio.sleep(0.2)  # other processes' tables: there is no event to await
+
+
+async def test_members_generate_the_open_swarms_text_and_never_route_to_an_outsider(swarm, keys):
+    bootstrap, members, outsider = swarm
+    (path, _), _ = keys
+    open_text = (await swarm_client(outsider.url).agenerate(PROMPT, max_new_tokens=TOKENS)).text
+    client = swarm_client(bootstrap.url, swarm_key=path)
+    result = await client.agenerate(PROMPT, max_new_tokens=TOKENS)
+    assert result.text == open_text and result.text
+    assert _peers(result.route) <= _short(members), result.route
+    assert outsider.peer_id not in client.view.table  # one hop over all 30 blocks, yet never seen
+
+
+async def test_an_outsider_node_never_joins_and_a_member_never_joins_it(swarm, keys):
+    bootstrap, members, outsider = swarm
+    (_, key), _ = keys
+    everyone = {bootstrap.peer_id, *(m.peer_id for m in members)}
+    async with _member_session(key) as http:
+        await _until_listed(http, [bootstrap, *members], everyone)
+        await asyncio.sleep(4 * float(PERIOD))  # several more gossip rounds, each refused
+        await _until_listed(http, [bootstrap, *members], everyone, timeout=0)
+        with pytest.raises(NotMember, match="not in this private swarm"):
+            await fetch_peers(http, outsider.url, 5.0)  # a member never takes an open node's answer
+    async with Transport(insecure_http=True).client_session() as http:
+        assert await _listed(http, outsider.url) == {outsider.peer_id}  # the member that names it as bootstrap told it nothing
+        with pytest.raises(NotMember, match="belongs to a private swarm: pass --swarm-key FILE"):
+            await fetch_peers(http, bootstrap.url, 5.0)
+        async with http.get(outsider.url + "/info") as response:
+            assert (await response.json())["private"] is False
+
+
+async def test_strangers_are_refused_before_any_work(swarm, keys):
+    bootstrap, members, _ = swarm
+    stranger = Identity.generate()
+    record = PeerRecord.create(stranger, addresses=["http://127.0.0.1:9"], now=time.time(), ttl=60)
+    frame = wire.encode({"type": "peers", "records": [record.to_wire()]})
+    async with aiohttp.ClientSession() as raw:  # no middleware: what a stranger's script sends
+        for method, url, body in (
+            ("POST", bootstrap.url + "/peers", frame),
+            ("GET", members[0].url + "/info", None),
+            ("POST", members[0].url + "/forward", b"\x80"),
+            ("GET", members[0].url + "/peers/proof?nonce=" + "00" * 32, None),
+        ):
+            async with raw.request(method, url, data=body) as response:
+                assert response.status == 401, (method, url)
+                assert wire.decode(await response.read())["code"] == "not_member"
+                assert CHALLENGE_HEADER in response.headers
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await raw.ws_connect(members[0].url + "/session")
+        assert refused.value.status == 401
+    (_, key), _ = keys
+    async with _member_session(key) as http:
+        assert stranger.peer_id not in await _listed(http, bootstrap.url)
+
+
+async def test_api_clients_without_the_key_or_with_another_get_one_clear_line(swarm, keys):
+    bootstrap, _, outsider = swarm
+    (path, _), (other, _) = keys
+    with pytest.raises(NotMember) as refused:
+        await swarm_client(bootstrap.url).agenerate(PROMPT, max_new_tokens=2)
+    assert str(refused.value) == f"{bootstrap.url} belongs to a private swarm: pass --swarm-key FILE"
+    with pytest.raises(NotMember, match="belongs to another private swarm"):
+        await swarm_client(bootstrap.url, swarm_key=other).agenerate(PROMPT, max_new_tokens=2)
+    with pytest.raises(NotMember, match="is not in this private swarm"):
+        await swarm_client(outsider.url, swarm_key=path).agenerate(PROMPT, max_new_tokens=2)
+
+
+def test_the_cli_without_the_key_or_with_another_exits_with_one_line(swarm, keys):
+    bootstrap, _, outsider = swarm
+    (path, _), (other, _) = keys
+    cli = [sys.executable, "-m", "client.cli"]
+    done = subprocess.run([*cli, "generate", PROMPT, "--bootstrap", bootstrap.url, "--insecure-http"], capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {bootstrap.url} belongs to a private swarm: pass --swarm-key FILE\n")
+    done = subprocess.run([*cli, "peers", "--bootstrap", bootstrap.url, "--insecure-http", "--swarm-key", str(other)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "belongs to another private swarm" in done.stderr
+    done = subprocess.run([*cli, "peers", "--bootstrap", bootstrap.url, "--insecure-http", "--swarm-key", str(path), "--json"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert outsider.peer_id not in {peer["peer_id"] for peer in json.loads(done.stdout)["peers"]}
+
+
+async def test_a_captured_proof_is_refused_when_replayed_or_sent_to_another_node(swarm, keys):
+    _, members, _ = swarm
+    (_, key), _ = keys
+    first, second = members
+    sent: list = []
+    async with _member_session(key, sent) as http:
+        async with http.get(first.url + "/peers") as response:
+            assert response.status == 200
+        ws = await http.ws_connect(first.url + "/session")
+        await ws.close()
+    (_, peers_url, peers_headers), (_, socket_url, socket_headers) = sent
+    async with aiohttp.ClientSession() as raw:  # an eavesdropper on plain http replays them
+        proof = {h: peers_headers[h] for h in (NONCE_HEADER, PROOF_HEADER)}
+        async with raw.get(peers_url, headers=proof) as response:
+            assert response.status == 401
+            assert "already used" in wire.decode(await response.read())["message"]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await raw.ws_connect(socket_url, headers={h: socket_headers[h] for h in (NONCE_HEADER, PROOF_HEADER)})
+        assert refused.value.status == 401
+
+        # A proof made for the first member (with its fresh challenge), never used there, sent to the second.
+        async with raw.get(first.url + CHALLENGE_PATH) as response:
+            challenge = decode(response.headers[CHALLENGE_HEADER], CHALLENGE_BYTES)
+        nonce = os.urandom(16)
+        headers = {NONCE_HEADER: encode(nonce), PROOF_HEADER: format_proof(challenge, client_proof(key, challenge, nonce, "GET", "/peers"))}
+        async with raw.get(second.url + "/peers", headers=headers) as response:
+            assert response.status == 401
+            assert "not issued by this node" in wire.decode(await response.read())["message"]
+        async with raw.get(first.url + "/peers", headers=headers) as response:
+            assert response.status == 200  # where it was made for, it holds: once
+
+
+async def test_a_private_swarm_over_tls(tmp_path, keys):
+    """The default transport: TLS pinned to identities, and the key proven inside it."""
+    (path, key), (other, _) = keys
+    private = ["--swarm-key", str(path), "--gossip-period", PERIOD]
+    (bootstrap,) = start_nodes([["--no-model", *private]], tmp_path / "b", tls=True)
+    started = [bootstrap]
+    try:
+        started += start_nodes([["--blocks", "0:30", "--bootstrap", bootstrap.url, *private]], tmp_path / "m", tls=True)
+        assert bootstrap.url.startswith("https://")
+        client = swarm_client(bootstrap.url, tls=True, swarm_key=key)
+        result = await client.agenerate(PROMPT, max_new_tokens=TOKENS)
+        assert _peers(result.route) == _short(started[1:]) and result.text
+        with pytest.raises(NotMember, match="belongs to a private swarm"):
+            await swarm_client(bootstrap.url, tls=True).agenerate(PROMPT, max_new_tokens=2)
+        with pytest.raises(NotMember, match="another private swarm"):
+            await swarm_client(bootstrap.url, tls=True, swarm_key=other).agenerate(PROMPT, max_new_tokens=2)
+    finally:
+        stop_nodes(started)
+
+
+# --- mDNS --------------------------------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+ADVERTISE = MdnsConfig(interfaces=[LOOPBACK], browse=False, ttl_s=4)
+BROWSE = MdnsConfig(interfaces=[LOOPBACK], advertise=False, ttl_s=4, sweep_interval_s=1.0, probe_timeout_ms=1000)
+
+
+@asynccontextmanager
+async def _info_server(membership: Membership):
+    """A stand-in private node: /info (a signed record) behind the membership check."""
+    identity = Identity.generate()
+    body: dict[str, str] = {}
+
+    async def info(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    app = web.Application()
+    membership.install(app)
+    app.router.add_get("/info", info)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, LOOPBACK, 0).start()
+        port = runner.addresses[0][1]
+        record = PeerRecord.create(identity, addresses=[f"http://{LOOPBACK}:{port}"], now=time.time(), ttl=60)
+        body.update(peer_id=identity.peer_id, record=base64.b64encode(record.to_bytes()).decode())
+        yield identity, port
+    finally:
+        await runner.cleanup()
+
+
+async def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_mdns_of_a_private_swarm_reveals_nothing_and_only_members_fetch():
+    key = SwarmKey.generate()
+    node = Membership(key)
+    member, outsider, other_swarm = (PeerTable() for _ in range(3))
+    private = Transport(insecure_http=True, membership=Membership(key))
+    async with _info_server(node) as (identity, port), Mdns(BROWSE, table=member, transport=private) as browser:
+        async with Mdns(BROWSE, table=outsider, transport=Transport(insecure_http=True)) as open_browser, Mdns(
+            BROWSE, table=other_swarm, transport=Transport(insecure_http=True, membership=Membership(SwarmKey.generate()))
+        ) as other_browser:
+            advert = Advert(identity.peer_id, port, model="smollm2-secret-model", span=(3, 7), scheme="http")
+            async with Mdns(ADVERTISE, advert=advert, transport=Transport(insecure_http=True, membership=node)) as advertiser:
+                await _wait(lambda: identity.peer_id in member, 15, "a member finds the private node")
+                # What anyone on the LAN can read: the peer id, scheme, version and an opaque tag.
+                info = AsyncServiceInfo(PRIVATE_SERVICE_TYPE, f"{identity.peer_id}.{PRIVATE_SERVICE_TYPE}")
+                assert await info.async_request(advertiser._azc.zeroconf, 3000)
+                assert set(info.properties) == {b"id", b"v", b"s", b"tag"}
+                assert b"smollm2-secret-model" not in b"".join(info.properties.values())
+                await _wait(lambda: other_browser.failures["not_member"] > 0, 15, "another swarm's browser ignores it")
+            assert identity.peer_id not in outsider and identity.peer_id not in other_swarm
+            assert not any(identity.peer_id in name for name in open_browser._services)  # never even saw it
+        assert node.stats["proven"] >= 1 and node.refused["wrong_key"] == 0  # nobody but the member fetched
+        assert browser.failures["not_member"] == 0, browser.failures
+
+        # An outsider advertising in the private type with a forged tag is ignored unfetched.
+        forger = Identity.generate()
+        fake = Advert(forger.peer_id, port, scheme="http")
+        async with Mdns(ADVERTISE, advert=fake, transport=Transport(insecure_http=True, membership=Membership(SwarmKey.generate()))):
+            await _wait(lambda: browser.failures["not_member"] > 0, 15, "a forged tag is ignored")
+        assert forger.peer_id not in member
+
+
+ATTACKER = Path(__file__).with_name("membership_attacker.py")
+ATTACK_S = 25.0  # longer than the member's generation (head load, a 4 s mDNS listen, 12 tokens)
+ATTACK_CONNECTIONS = 80  # over the default 64 connections per source
+
+
+def _cli_in(lan, host, *args: str, timeout: float = 180.0) -> dict:
+    """`swarm ... --json` run inside `host`; its JSON answer."""
+    process = lan.run_in(host, [sys.executable, "-m", "client.cli", *args, "--json"], stderr=subprocess.PIPE, cwd=ROOT)
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err
+    return json.loads(out)
+
+
+def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, tmp_path, keys):
+    """Namespaces on one LAN: two members and an open node advertise with mDNS; nobody names a
+    bootstrap peer. Members find each other, never list the open node, and a member generates
+    the open node's text while a stranger on the open node's address floods the first member."""
+    (path, _), _ = keys
+    lan = lan_factory(4)
+    first, second, outsider_host, client = lan.hosts
+    started = []
+
+    def node(host, *args: str):
+        mdns = ["--mdns", "--mdns-interface", host.address, "--host", host.address, "--gossip-period", PERIOD]
+        (started_node,) = start_nodes([[*mdns, *args]], tmp_path / host.namespace, prefix=["ip", "netns", "exec", host.namespace])
+        started.append(started_node)
+        return started_node
+
+    try:
+        members = [node(first, "--blocks", "0:15", "--swarm-key", str(path)), node(second, "--blocks", "15:30", "--swarm-key", str(path))]
+        outsider = node(outsider_host, "--blocks", "0:30")
+        mdns = ["--mdns", "--mdns-interface", client.address, "--insecure-http", "--wait", "4"]
+        ids = {m.peer_id for m in members}
+        deadline = time.monotonic() + 60
+        while True:  # the members' own tables, read from the client's namespace
+            tables = [{p["peer_id"] for p in _cli_in(lan, client, "peers", "--bootstrap", m.url, "--insecure-http", "--swarm-key", str(path))["peers"]} for m in members]
+            if all(table == ids for table in tables) or time.monotonic() > deadline:
+                break
+        assert all(table == ids for table in tables), tables
+        found = {p["peer_id"] for p in _cli_in(lan, client, "peers", *mdns, "--swarm-key", str(path))["peers"]}
+        assert found == ids
+        assert {p["peer_id"] for p in _cli_in(lan, client, "peers", *mdns)["peers"]} == {outsider.peer_id}
+        generate = ["generate", PROMPT, "--max-new-tokens", str(TOKENS), "--wire-dtype", "float32"]
+        public = _cli_in(lan, client, *generate, "--bootstrap", outsider.url, "--insecure-http")
+        # A stranger on its own address hammers the first member (more connections than one source
+        # may hold) while a member generates beside it.
+        attacker = lan.run_in(outsider_host, [sys.executable, str(ATTACKER), members[0].url, str(ATTACK_S), str(ATTACK_CONNECTIONS)], cwd=ROOT)
+        private = _cli_in(lan, client, *generate, *mdns, "--swarm-key", str(path))
+        attack = json.loads(attacker.communicate(timeout=ATTACK_S + 60)[0])
+        assert private["text"] == public["text"] and private["text"]
+        assert _peers(private["route"]) <= _short(members)
+        assert set(attack["status"]) <= {"401", "503"} and attack["status"]["401"] > 0, attack  # refused or busy, never served
+        assert attack["status"].get("503", 0) + attack["errors"] > 0, attack  # the per-source connection limit held too
+        print(f"attacker answers: {attack}")
+    finally:
+        stop_nodes(started)
