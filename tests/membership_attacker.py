@@ -1,8 +1,9 @@
 """A stranger without the swarm key hammering a private node, run inside its own namespace (a test helper).
 
-    membership_attacker.py URL SECONDS CONNECTIONS
+    membership_attacker.py URL CONNECTIONS
 
-Each of CONNECTIONS workers holds its own connection and loops, until SECONDS pass, over:
+Prints `ready` once its workers run and keeps attacking until a line arrives on stdin
+(tests/netns.py `beside_attacker`). Each of CONNECTIONS workers holds its own connection and loops over:
 GET /info, POST /peers (a record frame's worth of bytes), a websocket to /session and a
 request with a forged proof. Prints one JSON line at the end:
 {"status": {"401": n, "503": m, ...}, "errors": k}: HTTP statuses seen, and exchanges that
@@ -16,7 +17,6 @@ import base64
 import json
 import os
 import sys
-import time
 from collections import Counter
 
 import aiohttp
@@ -26,10 +26,10 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-async def _worker(url: str, until: float, status: Counter, errors: list[int]) -> None:
+async def _worker(url: str, stop: asyncio.Event, status: Counter, errors: list[int]) -> None:
     forged = {"Swarm-Nonce": _b64(os.urandom(16)), "Swarm-Proof": f"{_b64(os.urandom(40))}.{_b64(os.urandom(32))}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
-        while time.monotonic() < until:
+        while not stop.is_set():
             for method, path, body, headers in (
                 ("GET", "/info", None, None),
                 ("POST", "/peers", os.urandom(2048), {"Content-Type": "application/msgpack"}),
@@ -54,13 +54,17 @@ async def _worker(url: str, until: float, status: Counter, errors: list[int]) ->
                     await asyncio.sleep(0.01)  # refused at the door: the next try opens a new connection
 
 
-async def main(url: str, seconds: float, connections: int) -> None:
+async def main(url: str, connections: int) -> None:
     status: Counter = Counter()
     errors = [0]
-    until = time.monotonic() + seconds
-    await asyncio.gather(*(_worker(url, until, status, errors) for _ in range(connections)))
+    stop = asyncio.Event()
+    workers = asyncio.gather(*(_worker(url, stop, status, errors) for _ in range(connections)))
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # the test says when its client is done
+    stop.set()
+    await workers
     print(json.dumps({"status": dict(status), "errors": errors[0]}), flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))

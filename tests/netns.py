@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import os
 import queue
 import shutil
@@ -30,9 +31,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 SUBNET_PREFIX = "10.213"  # LANs are 10.213.X.0/24
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -190,6 +193,21 @@ class Lines:
             self.seen.append(line)
             if match(line):
                 return line
+
+
+def beside_attacker(lan: Lan, host: Host, argv: list[str], legit: Callable[[], T]) -> tuple[T, dict]:
+    """Run `legit()` while an attacker party runs in `host`: the party (a script) prints `ready`
+    once its attack is on, keeps it up until a line on its stdin, then prints what it saw as one
+    JSON line and exits 0. Returns legit's result and what the attacker saw."""
+    attacker = lan.run_in(host, argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = Lines(attacker.stdout)
+    lines.expect(lambda line: line.startswith("ready"), 120)
+    disturbed = legit()
+    attacker.stdin.write("done\n")
+    attacker.stdin.flush()
+    seen = json.loads(lines.expect(lambda line: line.startswith("{"), 120))
+    assert attacker.wait(30) == 0
+    return disturbed, seen
 
 
 def _free_subnet() -> str:

@@ -136,9 +136,14 @@ async def _flood_forwards(http, url, info, digest, args, seen, stop) -> None:
     body = wire.encode({"type": "forward", "model": digest, "blocks": info["span"], "hidden": wire.pack_tensor(hidden, "float32")})
     while not stop.is_set():
         began = time.perf_counter()
-        async with http.post(f"{url}/forward", data=body, headers={"Content-Type": "application/msgpack"}, timeout=aiohttp.ClientTimeout(total=300)) as response:
-            answer = wire.decode(await response.read())
-        code = "ok" if answer["type"] == "result" else answer.get("code", "?")
+        try:
+            async with http.post(f"{url}/forward", data=body, headers={"Content-Type": "application/msgpack"}, timeout=aiohttp.ClientTimeout(total=300)) as response:
+                answer = wire.decode(await response.read())
+            code = "ok" if answer["type"] == "result" else answer.get("code", "?")
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            # `busy` answered before the body was read, then the connection closed under the
+            # rest of our upload: the refusal itself may be lost to the reset
+            code = "reset"
         answers[code] = answers.get(code, 0) + 1
         if code != "ok":
             seen["slowest_refusal_s"] = max(seen["slowest_refusal_s"], time.perf_counter() - began)

@@ -26,7 +26,7 @@ from swarm.accusation import Accusation, Evidence, Verdict
 from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, Transcript, check_seal, tensor_digest
-from tests.netns import Lines
+from tests.netns import Lines, beside_attacker
 from tests.nodes import start_in_namespace, start_nodes, stop_nodes
 from tests.sealed_session import TappedChain, packed
 
@@ -265,14 +265,7 @@ def test_a_flood_of_accusations_from_one_source_is_busy_and_a_client_is_undistur
         accused, judge = (start_in_namespace(home, tmp_path, ["--blocks", "0:30", "--bootstrap", bootstrap.url], nodes) for _ in range(2))
         undisturbed = legit()
         argv = [sys.executable, "-m", "tests.accusation_flood", accused.url, accused.peer_id, judge.url]
-        attacker = lan.run_in(stranger, argv, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines = Lines(attacker.stdout)
-        lines.expect(lambda line: line.startswith("ready"), 120)
-        disturbed = legit()
-        attacker.stdin.write("done\n")
-        attacker.stdin.flush()
-        seen = json.loads(lines.expect(lambda line: line.startswith("{"), 120))
-        assert attacker.wait(30) == 0
+        disturbed, seen = beside_attacker(lan, stranger, argv, legit)
     finally:
         stop_nodes(nodes)
     print(f"accusation flood: undisturbed {undisturbed['seconds']:.2f} s, under flood {disturbed['seconds']:.2f} s; attacker saw {seen}")

@@ -44,6 +44,7 @@ from swarm.membership import (
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
 from swarm.transport import Transport
+from tests.netns import beside_attacker
 from tests.nodes import start_nodes, stop_nodes, swarm_client
 
 PERIOD = "0.5"  # gossip period of these nodes
@@ -329,7 +330,6 @@ async def test_mdns_of_a_private_swarm_reveals_nothing_and_only_members_fetch():
 
 
 ATTACKER = Path(__file__).with_name("membership_attacker.py")
-ATTACK_S = 25.0  # longer than the member's generation (head load, a 4 s mDNS listen, 12 tokens)
 ATTACK_CONNECTIONS = 80  # over the default 64 connections per source
 
 
@@ -374,9 +374,8 @@ def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, 
         public = _cli_in(lan, client, *generate, "--bootstrap", outsider.url, "--insecure-http")
         # A stranger on its own address hammers the first member (more connections than one source
         # may hold) while a member generates beside it.
-        attacker = lan.run_in(outsider_host, [sys.executable, str(ATTACKER), members[0].url, str(ATTACK_S), str(ATTACK_CONNECTIONS)], cwd=ROOT)
-        private = _cli_in(lan, client, *generate, *mdns, "--swarm-key", str(path))
-        attack = json.loads(attacker.communicate(timeout=ATTACK_S + 60)[0])
+        argv = [sys.executable, str(ATTACKER), members[0].url, str(ATTACK_CONNECTIONS)]
+        private, attack = beside_attacker(lan, outsider_host, argv, lambda: _cli_in(lan, client, *generate, *mdns, "--swarm-key", str(path)))
         assert private["text"] == public["text"] and private["text"]
         assert _peers(private["route"]) <= _short(members)
         assert set(attack["status"]) <= {"401", "503"} and attack["status"]["401"] > 0, attack  # refused or busy, never served
