@@ -38,6 +38,7 @@ from client.launcher import LocalSwarm  # noqa: E402
 from client.session import SessionConfig  # noqa: E402
 from client.swarm import ClientConfig, SwarmModel  # noqa: E402
 from swarm.model import DEFAULT_MODEL  # noqa: E402
+from swarm.routing import Route  # noqa: E402
 from swarm.transport import Transport  # noqa: E402
 
 SPANS = [(0, 10), (10, 20), (20, 30)] * 2
@@ -52,21 +53,21 @@ def clients(url: str, arm: str, count: int, wire: str) -> list[SwarmModel]:
     return [SwarmModel(DEFAULT_MODEL, bootstrap=[url], config=config, insecure_http=arm == "http") for _ in range(count)]
 
 
-async def generate(model: SwarmModel, ids: list[int], params: SamplingParams, verify: bool) -> tuple[int, float]:
-    """One greedy generation: (new tokens, decode tokens/s)."""
+async def generate(model: SwarmModel, route: Route, ids: list[int], params: SamplingParams, verify: bool) -> tuple[int, float]:
+    """One greedy generation along `route`: (new tokens, decode tokens/s)."""
     stats = None
-    async for _, stats, _ in model.stream_result(ids, params, verify=verify):
+    async for _, stats, _ in model.stream_result(ids, params, route, verify=verify):
         pass
     return stats.new_tokens, stats.decode_tokens_per_s
 
 
-async def aggregate(models: list[SwarmModel], prompts: list[list[int]], params: SamplingParams, generations: int, every: int) -> float:
+async def aggregate(models: list[SwarmModel], routes: list[Route], prompts: list[list[int]], params: SamplingParams, generations: int, every: int) -> float:
     """Every client runs `generations` back to back (checking every `every`-th, 0: none); tokens/s of all together."""
 
     async def one(i: int) -> int:
         tokens = 0
         for g in range(generations):
-            new, _ = await generate(models[i], prompts[i], params, every > 0 and (g + i) % every == 0)
+            new, _ = await generate(models[i], routes[i], prompts[i], params, every > 0 and (g + i) % every == 0)
             tokens += new
         return tokens
 
@@ -96,15 +97,24 @@ async def main() -> None:
         urls = {"http": plain.bootstrap_url, "tls": tls.bootstrap_url, "tls+verify": tls.bootstrap_url}
         models = {arm: clients(urls[arm], arm, args.clients, args.wire_dtype) for arm in arms}
         prompts = [models["http"][0].head.encode_prompt(PROMPTS[i % len(PROMPTS)], chat=True) for i in range(args.clients)]
-        warm = SamplingParams(max_new_tokens=4, stop_at_eos=False)
-        for arm in arms:  # every client's view of the swarm, connections, the nodes' first steps
-            await aggregate(models[arm], prompts, warm, 1, 0)
+        # Client i takes route i of its swarm in every arm (spread over both chains alike), so that
+        # where the planner happens to put clients is not part of the comparison.
+        routes: dict[str, list[Route]] = {}
+        for arm in ("http", "tls"):
+            first = models[arm][0]
+            async with first.config.transport.client_session() as http:
+                await first.refresh(http, force=True)
+            routes[arm] = first.planner.plan_routes(args.clients)
+            say(f"{arm} routes: " + "; ".join(map(str, routes[arm])))
+        routes["tls+verify"] = routes["tls"]
+        for arm in arms:  # every client's view of the swarm, connections, the nodes' first steps and allocator
+            await aggregate(models[arm], routes[arm], prompts, params, 1, 0)
         for round_ in range(args.rounds):
             for arm in arms if round_ % 2 == 0 else reversed(arms):
                 # one client alone: decode speed through 3 hops (a checked generation's re-run comes after its text)
-                _, tps = await generate(models[arm][0], prompts[0], params, verify=False)
+                _, tps = await generate(models[arm][0], routes[arm][0], prompts[0], params, verify=False)
                 single[arm].append(tps)
-                total[arm].append(await aggregate(models[arm], prompts, params, args.generations, every if arm == "tls+verify" else 0))
+                total[arm].append(await aggregate(models[arm], routes[arm], prompts, params, args.generations, every if arm == "tls+verify" else 0))
                 say(f"round {round_} {arm}: one client {tps:.1f} tok/s, {args.clients} clients {total[arm][-1]:.1f} tok/s")
     p = {"spans": "0:10,10:20,20:30 x2", "hops": HOPS, "new_tokens": args.new_tokens, "wire": args.wire_dtype, "rounds": args.rounds}
     best = {arm: max(v) for arm, v in single.items()}
