@@ -23,13 +23,13 @@ from aiohttp import web
 from benchmarks.common import emit
 from swarm.membership import (
     Membership,
-    SwarmKey,
     client_proof,
     format_proof,
     open_client_middleware,
     open_server_middleware,
     server_answer,
 )
+from swarm.swarm_key import SwarmKey
 
 
 async def _hello(request: web.Request) -> web.Response:

@@ -103,7 +103,8 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
 
 
 def _transport(args: argparse.Namespace):
-    from swarm.membership import Membership, SwarmKey
+    from swarm.membership import Membership
+    from swarm.swarm_key import SwarmKey
     from swarm.transport import Transport
 
     membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError
@@ -389,7 +390,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     import os
     import stat
 
-    from swarm.membership import SwarmKey
+    from swarm.swarm_key import SwarmKey
 
     key = SwarmKey.generate()
     descriptor = sys.stdout.fileno()

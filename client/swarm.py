@@ -40,10 +40,11 @@ from client.planner import ClientConfig, Planner, claimed_throughput
 from client.session import RemoteHop, RouteSession
 from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
-from swarm.membership import Membership, SwarmKey
+from swarm.membership import Membership
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route
+from swarm.swarm_key import SwarmKey
 
 __all__ = ["ClientConfig", "GenerationResult", "SwarmModel"]
 

@@ -327,7 +327,8 @@ def _node_config(args: argparse.Namespace):
 
 
 def _transport(args: argparse.Namespace):
-    from swarm.membership import Membership, SwarmKey
+    from swarm.membership import Membership
+    from swarm.swarm_key import SwarmKey
     from swarm.transport import Transport
 
     membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError

@@ -24,7 +24,6 @@ from swarm.membership import (
     ChallengeCache,
     Challenges,
     Membership,
-    SwarmKey,
     client_proof,
     decode,
     encode,
@@ -34,6 +33,7 @@ from swarm.membership import (
     parse_proof,
     server_answer,
 )
+from swarm.swarm_key import SwarmKey
 
 # --- the key file -------------------------------------------------------------------------------
 

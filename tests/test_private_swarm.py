@@ -35,7 +35,6 @@ from swarm.membership import (
     NONCE_HEADER,
     PROOF_HEADER,
     Membership,
-    SwarmKey,
     client_proof,
     decode,
     encode,
@@ -43,6 +42,7 @@ from swarm.membership import (
 )
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
+from swarm.swarm_key import SwarmKey
 from swarm.transport import Transport
 from tests.netns import beside_attacker
 from tests.nodes import start_nodes, stop_nodes, swarm_client

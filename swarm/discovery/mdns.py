@@ -67,9 +67,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from swarm.errors import NotMember, SwarmError
 from swarm.identity import is_peer_id
-from swarm.membership import SwarmKey
 from swarm.peers import PeerTable, refusal_reason
 from swarm.records import PROTOCOL_VERSION, PeerRecord
+from swarm.swarm_key import SwarmKey
 from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
