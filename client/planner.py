@@ -88,6 +88,7 @@ class Planner:
         self.view = SwarmView()
         self.measurements = Measurements(config.trust)
         self.undialable = 0  # peers of this model left out at the last look: plain http, and this client dials https only
+        self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
         self._refreshed: float | None = None
 
     # --- the view ---------------------------------------------------------------------
@@ -152,7 +153,7 @@ class Planner:
         return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, exclude=avoid), frozenset())
 
     def _unbanned(self, plan, exclude: frozenset[str]):
-        banned = self.measurements.banned(self.clock()) - exclude
+        banned = (self.measurements.banned(self.clock()) | (self.avoid() if self.avoid else frozenset())) - exclude
         if banned:
             try:
                 return plan(exclude | banned)

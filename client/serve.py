@@ -34,7 +34,7 @@ class ServeConfig:
 
 def build_app(model: SwarmModel, config: ServeConfig) -> web.Application:
     from client.openai_api import openai_routes  # they read the keys above: imported here, not at the top
-    from client.page import page_routes
+    from client.page import install_page, page_routes
 
     app = web.Application()
     app[MODEL] = model
@@ -43,5 +43,6 @@ def build_app(model: SwarmModel, config: ServeConfig) -> web.Application:
     app[METRICS] = ApiMetrics(app[LIVE])
     app.add_routes(openai_routes())
     app.add_routes(page_routes())
+    install_page(app)  # the swarm watch (client/watch.py) and the map's streams
     app.add_routes(metrics_routes())
     return app
