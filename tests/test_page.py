@@ -1,0 +1,104 @@
+"""The web page of `swarm serve` in a real headless Chromium (Debian's, driven by Playwright)
+against a real 3-node swarm: the map shows the three nodes and full coverage, the chat streams
+an answer, and after one node is SIGKILLed the map shows the hole where its blocks were (its
+signed record still lives in the bootstrap's table: only the server's probes can tell).
+
+This test kills a node, so it starts its own swarm. Chromium missing: skipped, unless CI=true
+(then it fails: README's test command installs it). `LAYERSWARM_SCREENSHOT=path` also writes the
+final screenshot there (how client/web/screenshot.png was made)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from client.serve import ServeConfig, build_app
+from tests.nodes import start_swarm, stop_nodes, swarm_client
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+WAIT_MS = 30_000  # generous: 2 shared cores, four node processes, a browser
+
+
+def need_chromium() -> None:
+    missing = not os.path.exists(CHROMIUM)
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing = True
+    if missing:
+        reason = "Debian's chromium and Playwright for Python are needed (apt-get install chromium; pip install '.[test]')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def swarm(tmp_path: Path):
+    bootstrap, nodes = start_swarm(tmp_path, ["0:10", "10:20", "20:30"])
+    yield bootstrap, nodes
+    stop_nodes([bootstrap, *nodes])
+
+
+@pytest.fixture
+async def server(swarm):
+    bootstrap, _ = swarm
+    app = build_app(swarm_client(bootstrap.url), ServeConfig(port=0, watch_period_s=0.5))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}"
+    await runner.cleanup()
+
+
+async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> None:
+    need_chromium()
+    from playwright.async_api import async_playwright, expect
+
+    _, nodes = swarm
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await page.goto(server)
+
+            # the map: three nodes up, every block covered, no hole
+            await expect(page.locator("#coverage")).to_have_text("30/30 blocks covered", timeout=WAIT_MS)
+            for node in nodes:
+                await expect(page.locator(f'[data-node="{node.peer_id}"]')).to_have_attribute("data-state", "up", timeout=WAIT_MS)
+            await expect(page.locator("[data-node]")).to_have_count(3)
+            await expect(page.locator("[data-hole]")).to_have_count(0)
+            assert await page.locator(f'[data-node="{nodes[1].peer_id}"]').get_attribute("data-span") == "10-20"
+
+            # the chat streams an answer through the swarm
+            await page.fill("#max-tokens", "8")
+            await page.fill("#prompt", "What is the capital of France?")
+            await page.press("#prompt", "Enter")
+            answer = page.locator('.msg.assistant[data-done="true"]')
+            await expect(answer).to_have_count(1, timeout=WAIT_MS)
+            await expect(page.locator(".msg.error")).to_have_count(0)
+            assert (await answer.text_content()).strip() not in ("", "…")
+            await expect(page.locator(".msg.user")).to_have_text("What is the capital of France?")
+            # the steps of that answer were measured: some node shows a measured speed
+            await expect(page.locator('[data-node] .measured:not(:has-text("–"))').first).to_be_visible(timeout=WAIT_MS)
+
+            # a node dies without a goodbye: its blocks become a hole on the map
+            nodes[1].kill()
+            await expect(page.locator('[data-hole="10-20"]')).to_be_visible(timeout=WAIT_MS)
+            await expect(page.locator(f'[data-node="{nodes[1].peer_id}"]')).to_have_attribute("data-state", "down")
+            await expect(page.locator("#coverage")).to_have_text("20/30 blocks covered")
+            for node in (nodes[0], nodes[2]):
+                await expect(page.locator(f'[data-node="{node.peer_id}"]')).to_have_attribute("data-state", "up")
+
+            shot = tmp_path / "page.png"
+            await page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("LAYERSWARM_SCREENSHOT"):
+                shutil.copyfile(shot, os.environ["LAYERSWARM_SCREENSHOT"])
+        finally:
+            await browser.close()
