@@ -197,6 +197,15 @@ function drawBar(map) {
     cell.title = `block ${block}: ${count} live node${count === 1 ? "" : "s"}`;
     bar.append(cell);
   });
+  const step = total <= 40 ? 5 : total <= 100 ? 10 : 20;
+  const ticks = [];
+  for (let block = 0; block <= total; block += step) ticks.push(block);
+  if (ticks[ticks.length - 1] !== total) ticks.push(total);
+  $("axis").replaceChildren(...ticks.map((block) => {
+    const tick = el("span", "", String(block));
+    tick.style.left = `${(100 * block) / total}%`;
+    return tick;
+  }));
   for (const [start, end] of map.holes) {
     const hole = place(el("div", "hole", `hole ${start}–${end - 1}`), start, end, total);
     hole.dataset.hole = `${start}-${end}`;
