@@ -97,7 +97,7 @@ async def _run_watch(app: web.Application) -> AsyncIterator[None]:
 
 
 def current_map(app: web.Application) -> dict[str, Any]:
-    from client.serve import CONFIG, LIVE, MODEL
+    from client.serve import CONFIG, LIVE, MODEL, MODEL_IDS
 
     model, watch = app[MODEL], app[WATCH]
     planner = model.planner
@@ -105,7 +105,7 @@ def current_map(app: web.Application) -> dict[str, Any]:
     measured = {p: m for p in planner.measurements.peers if (m := planner.measurements.measured_per_block(p, clock)) is not None}
     snap = swarm_map.snapshot(
         planner.num_layers,
-        app[CONFIG].model_id or planner.model_name,
+        app[MODEL_IDS][0],  # the name requests use (client/openai_api.py model_ids)
         watch.records(),
         watch.health,
         app[LIVE].snapshot(),
