@@ -9,14 +9,14 @@ final screenshot there (how client/web/screenshot.png was made)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-
-from client.serve import ServeConfig, build_app
+from client.serve import ServeConfig, run_server
 from tests.nodes import start_swarm, stop_nodes, swarm_client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,15 +45,13 @@ def swarm(tmp_path: Path):
 
 @pytest.fixture
 async def server(swarm):
+    """`swarm serve` in this process (client/serve.py run_server) on a free port."""
     bootstrap, _ = swarm
-    app = build_app(swarm_client(bootstrap.url), ServeConfig(port=0, watch_period_s=0.5))
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
+    stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_server(swarm_client(bootstrap.url), ServeConfig(port=0, watch_period_s=0.5), ready.set_result, stop))
+    yield await asyncio.wait_for(ready, 60)
+    stop.set()
+    await asyncio.wait_for(task, 30)
 
 
 async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> None:
@@ -75,15 +73,26 @@ async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> N
             await expect(page.locator("[data-hole]")).to_have_count(0)
             assert await page.locator(f'[data-node="{nodes[1].peer_id}"]').get_attribute("data-span") == "10-20"
 
+            # a long answer: its route shows on the map hop by hop while it runs; Stop ends it
+            await page.fill("#max-tokens", "200")
+            await page.fill("#prompt", "Count from 1 to 100, separated by commas.")
+            await page.press("#prompt", "Enter")
+            route = page.locator("[data-session] .hop")
+            await expect(route).to_have_count(3, timeout=WAIT_MS)
+            assert [await hop.get_attribute("data-peer") for hop in await route.all()] == [n.peer_id for n in nodes]
+            await page.click("#stop")
+            await expect(page.locator('.msg.assistant[data-finish="stopped"]')).to_have_count(1)
+            await expect(page.locator("[data-session]")).to_have_count(0, timeout=WAIT_MS)  # the server closed it at once
+
             # the chat streams an answer through the swarm
             await page.fill("#max-tokens", "8")
             await page.fill("#prompt", "What is the capital of France?")
             await page.press("#prompt", "Enter")
-            answer = page.locator('.msg.assistant[data-done="true"]')
-            await expect(answer).to_have_count(1, timeout=WAIT_MS)
+            answer = page.locator('.msg.assistant[data-done="true"]').nth(1)
+            await expect(answer).to_have_attribute("data-finish", re.compile("^(stop|length)$"), timeout=WAIT_MS)
             await expect(page.locator(".msg.error")).to_have_count(0)
             assert (await answer.text_content()).strip() not in ("", "…")
-            await expect(page.locator(".msg.user")).to_have_text("What is the capital of France?")
+            await expect(page.locator(".msg.user").nth(1)).to_have_text("What is the capital of France?")
             # the steps of that answer were measured: some node shows a measured speed
             await expect(page.locator('[data-node] .measured:not(:has-text("–"))').first).to_be_visible(timeout=WAIT_MS)
 
