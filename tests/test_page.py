@@ -4,8 +4,9 @@ an answer, and after one node is SIGKILLed the map shows the hole where its bloc
 signed record still lives in the bootstrap's table: only the server's probes can tell).
 
 This test kills a node, so it starts its own swarm. Chromium missing: skipped, unless CI=true
-(then it fails: README's test command installs it). `LAYERSWARM_SCREENSHOT=path` also writes the
-final screenshot there (how client/web/screenshot.png was made)."""
+(then it fails: README's test command installs it). It saves a screenshot of the final page in
+its tmp folder; `LAYERSWARM_SCREENSHOT=path` also saves one while an answer streams (how
+client/web/screenshot.png was made)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from client.serve import ServeConfig, run_server
-from tests.nodes import start_swarm, stop_nodes, swarm_client
+from tests.nodes import start_nodes, stop_nodes, swarm_client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WAIT_MS = 30_000  # generous: 2 shared cores, four node processes, a browser
@@ -38,9 +39,12 @@ def need_chromium() -> None:
 
 @pytest.fixture
 def swarm(tmp_path: Path):
-    bootstrap, nodes = start_swarm(tmp_path, ["0:10", "10:20", "20:30"])
-    yield bootstrap, nodes
-    stop_nodes([bootstrap, *nodes])
+    """Three nodes; the first is also the bootstrap peer (one process fewer to start on 2 cores)."""
+    period = ["--gossip-period", "0.5"]
+    (first,) = start_nodes([["--blocks", "0:10", *period]], tmp_path / "first")
+    nodes = [first, *start_nodes([["--blocks", span, "--bootstrap", first.url, *period] for span in ("10:20", "20:30")], tmp_path)]
+    yield first, nodes
+    stop_nodes(nodes)
 
 
 @pytest.fixture
@@ -80,6 +84,10 @@ async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> N
             route = page.locator("[data-session] .hop")
             await expect(route).to_have_count(3, timeout=WAIT_MS)
             assert [await hop.get_attribute("data-peer") for hop in await route.all()] == [n.peer_id for n in nodes]
+            if os.environ.get("LAYERSWARM_SCREENSHOT"):  # README's picture: the chat streaming, its route on the map
+                await expect(page.locator(".msg.assistant")).to_contain_text("12,", timeout=WAIT_MS)
+                await expect(page.locator("[data-session] .stats")).not_to_contain_text(" 1 tokens")
+                await page.screenshot(path=os.environ["LAYERSWARM_SCREENSHOT"])
             await page.click("#stop")
             await expect(page.locator('.msg.assistant[data-finish="stopped"]')).to_have_count(1)
             await expect(page.locator("[data-session]")).to_have_count(0, timeout=WAIT_MS)  # the server closed it at once
@@ -107,7 +115,5 @@ async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> N
             shot = tmp_path / "page.png"
             await page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
-            if os.environ.get("LAYERSWARM_SCREENSHOT"):
-                shutil.copyfile(shot, os.environ["LAYERSWARM_SCREENSHOT"])
         finally:
             await browser.close()
