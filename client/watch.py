@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
@@ -98,7 +97,7 @@ class PeerHealth:
 def parse_info(raw: object, peer_id: str) -> Report:
     """The claims of a peer's `/info` answer; `ValueError` when it is not that peer's or malformed."""
     if not isinstance(raw, dict):
-        raise ValueError("/info is not an object")
+        raise ValueError("/info is not an object")  # noqa: TRY004 - one error for every malformed answer
     if raw.get("peer_id") != peer_id:
         raise ValueError("/info names another peer")
 

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from client.serve import ServeConfig, run_server
 from tests.nodes import start_nodes, stop_nodes, swarm_client
 

@@ -117,7 +117,7 @@ async def test_a_round_marks_bad_peers_down_within_its_timeout(peers) -> None:
 
 
 async def test_probes_are_bounded_per_round_and_rotate(peers) -> None:
-    ids, records = peers
+    _, records = peers
     planner = FakePlanner(records)
     watch = SwarmWatch(planner, Transport(insecure_http=True), WatchConfig(timeout_s=0.5, max_peers=2))
     async with Transport(insecure_http=True).client_session() as http:
