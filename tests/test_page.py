@@ -1,7 +1,8 @@
 """The web page of `swarm serve` in a real headless Chromium (Debian's, driven by Playwright)
 against a real 3-node swarm: the map shows the three nodes and full coverage, the chat streams
-an answer, and after one node is SIGKILLed the map shows the hole where its blocks were (its
-signed record still lives in the bootstrap's table: only the server's probes can tell).
+an answer (after the page asked for the server's API key), a live route is drawn hop by hop,
+and after one node is SIGKILLed the map shows the hole where its blocks were (its signed record
+still lives in the bootstrap's table: only the server's probes can tell) and the chat a 503.
 
 This test kills a node, so it starts its own swarm. Chromium missing: skipped, unless CI=true
 (then it fails: README's test command installs it). It saves a screenshot of the final page in
@@ -22,6 +23,7 @@ from client.serve import ServeConfig, run_server
 from tests.nodes import start_nodes, stop_nodes, swarm_client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+API_KEY = "s3cret"
 WAIT_MS = 30_000  # generous: 2 shared cores, four node processes, a browser
 
 
@@ -53,7 +55,7 @@ async def server(swarm):
     """`swarm serve` in this process (client/serve.py run_server) on a free port."""
     bootstrap, _ = swarm
     stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_server(swarm_client(bootstrap.url), ServeConfig(port=0, watch_period_s=0.5), ready.set_result, stop))
+    task = asyncio.create_task(run_server(swarm_client(bootstrap.url), ServeConfig(port=0, api_key=API_KEY, watch_period_s=0.5), ready.set_result, stop))
     yield await asyncio.wait_for(ready, 60)
     stop.set()
     await asyncio.wait_for(task, 30)
@@ -77,6 +79,18 @@ async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> N
             await expect(page.locator("[data-node]")).to_have_count(3)
             await expect(page.locator("[data-hole]")).to_have_count(0)
             assert await page.locator(f'[data-node="{nodes[1].peer_id}"]').get_attribute("data-span") == "10-20"
+
+            # the server has an API key: the page asks for it; a wrong one is refused and asked again
+            await expect(page.locator("#api-key-box")).to_be_visible()
+            await page.fill("#api-key", "wrong")
+            await page.click("#api-key-save")
+            await page.fill("#prompt", "Hi")
+            await page.press("#prompt", "Enter")
+            await expect(page.locator(".msg.error")).to_contain_text("401", timeout=WAIT_MS)
+            await expect(page.locator("#api-key-box")).to_be_visible()
+            await page.fill("#api-key", API_KEY)
+            await page.click("#api-key-save")
+            await page.click("#clear")
 
             # a long answer: its route shows on the map hop by hop while it runs; Stop ends it
             await page.fill("#max-tokens", "200")
@@ -112,9 +126,14 @@ async def test_chat_and_live_map_in_chromium(swarm, server, tmp_path: Path) -> N
             await expect(page.locator("#coverage")).to_have_text("20/30 blocks covered")
             for node in (nodes[0], nodes[2]):
                 await expect(page.locator(f'[data-node="{node.peer_id}"]')).to_have_attribute("data-state", "up")
+            # and the chat says the swarm cannot serve now (503, OpenAI's error shape)
+            await page.fill("#prompt", "Are you there?")
+            await page.press("#prompt", "Enter")
+            await expect(page.locator(".msg.error")).to_contain_text("503", timeout=WAIT_MS)
 
             shot = tmp_path / "page.png"
             await page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
         finally:
             await browser.close()
+

@@ -141,7 +141,10 @@ async function send() {
     }
   } finally {
     if (reply) state.history.push({ role: "assistant", content: reply });
-    else if (!bubble.textContent) bubble.textContent = "…";
+    else {
+      state.history.pop(); // nothing came back: the question is not part of the conversation
+      bubble.textContent = "…";
+    }
     bubble.dataset.done = "true";
     state.abort = null;
     $("stop").disabled = true;
