@@ -152,21 +152,42 @@ class SwarmWatch:
                 await asyncio.sleep(max(0.0, self.config.period_s - (time.monotonic() - began)))
 
     async def round(self, http: aiohttp.ClientSession) -> None:
-        """Re-read the swarm, then probe (up to `max_peers` of) its peers at once."""
+        """Re-read the swarm and, at the same time, probe (up to `max_peers` of) the peers already known:
+        a slow bootstrap peer (or an mDNS browse, which listens for seconds) must not delay telling
+        that a node died. Peers new in the refreshed view are probed from the next round on."""
+        refreshed = asyncio.ensure_future(self._refresh(http))
+        try:
+            known = self.records()
+            if not known:  # nothing to probe yet (the first round): wait for the view
+                await asyncio.shield(refreshed)
+                known = self.records()
+            await self._probe_all(http, self._this_turn(known))
+            await refreshed
+        finally:
+            refreshed.cancel()
+        alive = {r.peer_id for r in self.records()}
+        for gone in set(self.health) - alive:  # expired or said goodbye: no longer on the map
+            del self.health[gone]
+        self.rounds += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def _refresh(self, http: aiohttp.ClientSession) -> None:
         try:
             await self.planner.refresh(http, force=True)
             self.bootstrap_ok = True
         except SwarmError as exc:  # every bootstrap peer unreachable: keep the old view, probe what it holds
             self.bootstrap_ok = False
             log.debug("watch: swarm view not refreshed: %s", exc)
-        records = self.records()
-        known = {r.peer_id for r in records}
-        for gone in set(self.health) - known:  # expired or said goodbye: no longer on the map
-            del self.health[gone]
-        if len(records) > self.config.max_peers:
-            start = self._turn % len(records)
-            records = (records[start:] + records[:start])[: self.config.max_peers]
-            self._turn = start + self.config.max_peers
+
+    def _this_turn(self, records: list[PeerRecord]) -> list[PeerRecord]:
+        if len(records) <= self.config.max_peers:
+            return records
+        start = self._turn % len(records)
+        self._turn = start + self.config.max_peers
+        return (records[start:] + records[:start])[: self.config.max_peers]
+
+    async def _probe_all(self, http: aiohttp.ClientSession, records: list[PeerRecord]) -> None:
         gate = asyncio.Semaphore(self.config.concurrency)
 
         async def probe(record: PeerRecord) -> None:
@@ -174,9 +195,6 @@ class SwarmWatch:
                 await self.probe(http, record)
 
         await asyncio.gather(*(probe(r) for r in records))
-        self.rounds += 1
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     async def probe(self, http: aiohttp.ClientSession, record: PeerRecord) -> None:
         health = self.health.setdefault(record.peer_id, PeerHealth(since=self.clock()))

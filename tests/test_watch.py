@@ -161,3 +161,27 @@ async def test_the_planner_plans_around_down_peers_while_it_can() -> None:
     assert len(planner.plan().hops) == 1
 
 
+
+
+async def test_a_slow_bootstrap_does_not_delay_telling_a_node_died(peers) -> None:
+    ids, records = peers
+    planner = FakePlanner(records)
+    answer = asyncio.Event()
+
+    async def slow_refresh(http, force: bool = False) -> None:  # a bootstrap peer that takes its time
+        await answer.wait()
+
+    planner.refresh = slow_refresh
+    watch = SwarmWatch(planner, Transport(insecure_http=True), WatchConfig(timeout_s=0.5))
+    async with Transport(insecure_http=True).client_session() as http:
+        round_ = asyncio.create_task(watch.round(http))
+
+        async def dead_seen() -> None:  # polls in-process state: there is no event for one probe's end
+            while ids["closed"].peer_id not in watch.health or watch.health[ids["closed"].peer_id].state != "down":
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(dead_seen(), 10)
+        assert not round_.done()
+        answer.set()
+        await round_
+    assert watch.rounds == 1
