@@ -50,7 +50,7 @@ from client.openai_schema import (
     sse,
     usage_chunk,
 )
-from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, ServeConfig
+from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, TOKENS, ServeConfig
 from client.session import RemoteHop
 from client.swarm import SwarmModel
 from swarm.aliases import ALIASES
@@ -253,7 +253,7 @@ async def _whole(request: web.Request, body: ApiRequest, prompt_tokens: int, que
         else:
             done[event.index] = event.stats
     choices = [Choice(i, "".join(texts[i]), done[i], tokens[i]) for i in range(body.n)]
-    request["tokens"] = sum(c.stats.new_tokens for c in choices)
+    request[TOKENS] = sum(c.stats.new_tokens for c in choices)
     build = chat_response if body.kind == "chat" else completion_response
     decode = _decoder(request.app[MODEL])
     return web.json_response(build(response_id(body.kind), int(time.time()), body.model, prompt_tokens, choices, decode, body.logprobs is not None))
@@ -305,7 +305,7 @@ async def _events(request: web.Request, response: web.StreamResponse, body: ApiR
             await response.write(sse(chunk(event.index, None, finish_reason(event.stats))))
             if len(done) == body.n:
                 completion_tokens = sum(s.new_tokens for s in done.values())
-                request["tokens"] = completion_tokens
+                request[TOKENS] = completion_tokens
                 if body.include_usage:
                     await response.write(sse(usage_chunk(body.kind, rid, created, body.model, prompt_tokens, completion_tokens)))
                 break
