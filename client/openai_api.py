@@ -106,13 +106,16 @@ async def _model(app: web.Application) -> dict[str, Any]:
 
 
 async def _coverage(model: SwarmModel) -> dict[str, Any]:
-    """What the swarm serves of the model, as this server's planner sees it."""
+    """What the swarm serves of the model, as this server's planner sees it: peers it banned (they
+    failed it, e.g. unreachable) do not count until their ban ends."""
     async with model.config.transport.client_session() as http:
         try:
             await model.refresh(http)
         except SwarmError as exc:  # no bootstrap peer answered: say what the last view held
             log.info("swarm view not refreshed: %s", exc)
-    candidates = model.candidates()
+    planner = model.planner
+    banned = planner.measurements.banned(planner.clock())
+    candidates = [c for c in model.candidates() if c.peer_id not in banned]
     missing = uncovered(candidates, model.fingerprint.digest, 0, model.num_layers)
     served, at = [], 0
     for start, end in [*missing, (model.num_layers, model.num_layers)]:
@@ -124,6 +127,7 @@ async def _coverage(model: SwarmModel) -> dict[str, Any]:
         "served": served,
         "missing": [list(gap) for gap in missing],
         "peers": len({c.peer_id for c in candidates}),
+        "banned_peers": len(banned),
         "fingerprint": str(model.fingerprint),
     }
 

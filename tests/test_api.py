@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -94,6 +96,19 @@ def _sessions(nodes) -> list[int]:
     return out
 
 
+def _logged(caplog, start: str) -> bool:
+    return any(r.name == "client.serve" and r.getMessage().startswith(start) for r in caplog.records)
+
+
+def _status(url: str, key: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_models_lists_the_model_and_full_coverage(api):
     (model,) = api.models.list().data
     assert model.id == DEFAULT_MODEL and model.owned_by == "layerswarm"
@@ -101,7 +116,8 @@ def test_models_lists_the_model_and_full_coverage(api):
     assert extra["num_layers"] == 30 and extra["served"] == [[0, 30]] and extra["missing"] == [] and extra["peers"] == 3
 
 
-def test_chat_completion_has_openai_shape_and_usage(api, server):
+def test_chat_completion_has_openai_shape_and_usage(api, server, caplog):
+    caplog.set_level(logging.INFO, logger="client.serve")
     reply = api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == DEFAULT_MODEL
     (choice,) = reply.choices
@@ -113,6 +129,7 @@ def test_chat_completion_has_openai_shape_and_usage(api, server):
     assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
     if choice.finish_reason == "length":
         assert reply.usage.completion_tokens == 16
+    assert _logged(caplog, f"POST /v1/chat/completions 200 {reply.usage.completion_tokens} tokens ")  # one line per request
 
 
 def test_streaming_pieces_join_to_the_same_text_with_usage_last(api):
@@ -193,9 +210,12 @@ def test_errors_in_openai_shape(api, server):
     with pytest.raises(openai.AuthenticationError) as caught:
         wrong.models.list()
     assert caught.value.code == "invalid_api_key"
+    assert _status(f"{server.url}/metrics") == 401 and _status(f"{server.url}/v1/models") == 401
+    assert _status(f"{server.url}/v1/models", KEY) == 200 and _status(f"{server.url}/") != 401  # the page stays open
 
 
-def test_disconnect_mid_stream_closes_sessions_and_busy_beyond_the_limit(api, server, swarm):
+def test_disconnect_mid_stream_closes_sessions_and_busy_beyond_the_limit(api, server, swarm, caplog):
+    caplog.set_level(logging.INFO, logger="client.serve")
     _, nodes = swarm
     stream = api.chat.completions.create(
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=400, temperature=0, n=2, stream=True
@@ -208,9 +228,11 @@ def test_disconnect_mid_stream_closes_sessions_and_busy_beyond_the_limit(api, se
     assert caught.value.code == "busy"
     stream.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 60  # far less than 400 tokens take: they closed on the disconnect
-    while _sessions(nodes) != [0, 0, 0]:
+    while _sessions(nodes) != [0, 0, 0] or not _logged(caplog, "POST /v1/chat/completions 499"):
         assert time.monotonic() < deadline, _sessions(nodes)
         time.sleep(0.1)
+    # 499: the handler was cancelled by the disconnect, it did not run its 2 x 400 tokens to the end
+    assert _logged(caplog, "POST /v1/chat/completions 429 0 tokens")
     reply = api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=4, temperature=0)  # room again
     assert reply.choices[0].message.content
 
@@ -224,3 +246,8 @@ def test_missing_span_is_503_naming_the_blocks(api, swarm):
         api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=4)
     assert caught.value.status_code == 503
     assert "[10, 20)" in caught.value.message, caught.value.message
+    with pytest.raises(openai.APIStatusError) as caught:  # streamed: the status comes before any chunk
+        api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=4, stream=True)
+    assert caught.value.status_code == 503
+    (model,) = api.models.list().data
+    assert model.model_extra["missing"] == [[10, 20]]
