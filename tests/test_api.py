@@ -180,19 +180,6 @@ def test_completions_endpoint_and_logprobs(api):
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
 
 
-def test_greedy_api_text_equals_swarm_generate(api, swarm):
-    bootstrap, _ = swarm
-    done = subprocess.run(
-        [sys.executable, "-m", "client.cli", "generate", PROMPT, "--bootstrap", bootstrap.url, "--insecure-http",
-         "--wire-dtype", "float32", "--max-new-tokens", "20", "--verify-fraction", "0", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    cli = json.loads(done.stdout)["text"]
-    reply = api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
-    assert reply.choices[0].message.content == cli
-
-
 def test_errors_in_openai_shape(api, server):
     with pytest.raises(openai.NotFoundError) as caught:
         api.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
@@ -237,11 +224,54 @@ def test_disconnect_mid_stream_closes_sessions_and_busy_beyond_the_limit(api, se
     assert reply.choices[0].message.content
 
 
+def test_swarm_serve_greedy_text_equals_swarm_generate(swarm, tmp_path):
+    """Both CLIs as subprocesses, started together: `swarm serve` answers through the openai package
+    with the text `swarm generate` prints, and exits 0 on SIGTERM."""
+    bootstrap, _ = swarm
+    client = ["--bootstrap", bootstrap.url, "--insecure-http", "--wire-dtype", "float32", "--verify-fraction", "0"]
+    (tmp_path / "api.key").write_text("file-key\n")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "serve", *client, "--port", "0", "--api-key-file", str(tmp_path / "api.key")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    generate = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "generate", PROMPT, *client, "--max-new-tokens", "20", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("ready url=http://127.0.0.1:"), (line, serve.stderr.read() if serve.poll() is not None else "")
+        url = line.split()[1].removeprefix("url=")
+        served = openai.OpenAI(base_url=f"{url}/v1", api_key="file-key", max_retries=0, timeout=120)
+        assert served.models.list().data[0].id == DEFAULT_MODEL
+        reply = served.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+        out, err = generate.communicate(timeout=300)
+        assert generate.returncode == 0, err
+        assert reply.choices[0].message.content == json.loads(out)["text"]
+    finally:
+        generate.kill()
+        serve.terminate()
+        assert serve.wait(30) == 0
+
+
+def test_serve_refuses_an_open_server_reachable_from_other_machines():
+    refused = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--api-key" in refused.stderr  # refused before loading anything
+
+
 def test_missing_span_is_503_naming_the_blocks(api, swarm):
-    """Last: it kills the [10, 20) node."""
+    """Last: it kills the [10, 20) node, first under a running stream, which ends in an error event."""
     _, nodes = swarm
     middle = next(n for n in nodes if n.blocks == (10, 20))
+    stream = api.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=400, temperature=0, stream=True
+    )
+    pieces = iter(stream)
+    next(pieces), next(pieces)
     middle.kill()
+    with pytest.raises(openai.APIError) as caught:  # the error event mid-stream: the status was 200 already
+        for _ in pieces:
+            pass
+    assert "swarm" in caught.value.message
     with pytest.raises(openai.APIStatusError) as caught:
         api.chat.completions.create(model=DEFAULT_MODEL, messages=MESSAGES, max_tokens=4)
     assert caught.value.status_code == 503
