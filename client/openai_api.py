@@ -50,7 +50,7 @@ from client.openai_schema import (
     sse,
     usage_chunk,
 )
-from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, ServeConfig
+from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, TOKENS, ServeConfig
 from client.session import RemoteHop
 from client.swarm import SwarmModel
 from swarm.aliases import ALIASES
@@ -106,13 +106,16 @@ async def _model(app: web.Application) -> dict[str, Any]:
 
 
 async def _coverage(model: SwarmModel) -> dict[str, Any]:
-    """What the swarm serves of the model, as this server's planner sees it."""
+    """What the swarm serves of the model, as this server's planner sees it: peers it banned (they
+    failed it, e.g. unreachable) do not count until their ban ends."""
     async with model.config.transport.client_session() as http:
         try:
             await model.refresh(http)
         except SwarmError as exc:  # no bootstrap peer answered: say what the last view held
             log.info("swarm view not refreshed: %s", exc)
-    candidates = model.candidates()
+    planner = model.planner
+    banned = planner.measurements.banned(planner.clock())
+    candidates = [c for c in model.candidates() if c.peer_id not in banned]
     missing = uncovered(candidates, model.fingerprint.digest, 0, model.num_layers)
     served, at = [], 0
     for start, end in [*missing, (model.num_layers, model.num_layers)]:
@@ -124,6 +127,7 @@ async def _coverage(model: SwarmModel) -> dict[str, Any]:
         "served": served,
         "missing": [list(gap) for gap in missing],
         "peers": len({c.peer_id for c in candidates}),
+        "banned_peers": len(banned),
         "fingerprint": str(model.fingerprint),
     }
 
@@ -253,7 +257,7 @@ async def _whole(request: web.Request, body: ApiRequest, prompt_tokens: int, que
         else:
             done[event.index] = event.stats
     choices = [Choice(i, "".join(texts[i]), done[i], tokens[i]) for i in range(body.n)]
-    request["tokens"] = sum(c.stats.new_tokens for c in choices)
+    request[TOKENS] = sum(c.stats.new_tokens for c in choices)
     build = chat_response if body.kind == "chat" else completion_response
     decode = _decoder(request.app[MODEL])
     return web.json_response(build(response_id(body.kind), int(time.time()), body.model, prompt_tokens, choices, decode, body.logprobs is not None))
@@ -305,7 +309,7 @@ async def _events(request: web.Request, response: web.StreamResponse, body: ApiR
             await response.write(sse(chunk(event.index, None, finish_reason(event.stats))))
             if len(done) == body.n:
                 completion_tokens = sum(s.new_tokens for s in done.values())
-                request["tokens"] = completion_tokens
+                request[TOKENS] = completion_tokens
                 if body.include_usage:
                     await response.write(sse(usage_chunk(body.kind, rid, created, body.model, prompt_tokens, completion_tokens)))
                 break

@@ -29,6 +29,7 @@ CONFIG = web.AppKey("config", "ServeConfig")
 LIVE = web.AppKey("live", LiveGenerations)
 METRICS = web.AppKey("metrics", ApiMetrics)
 MODEL_IDS = web.AppKey("model_ids", tuple)  # the id /v1/models lists, then the other names of the same checkpoint
+TOKENS = web.RequestKey("tokens", int)  # completion tokens a request produced, for its log line
 
 # With an api key set, these need it; the page (`/`) and its static files stay open.
 PROTECTED_PREFIXES = ("/v1/", "/metrics")
@@ -83,7 +84,7 @@ async def request_log(request: web.Request, handler) -> web.StreamResponse:
         raise
     finally:
         seconds = time.perf_counter() - began
-        log.info("%s %s %d %d tokens %.3f s", request.method, request.path, status, request.get("tokens", 0), seconds)
+        log.info("%s %s %d %d tokens %.3f s", request.method, request.path, status, request.get(TOKENS, 0), seconds)
         resource = request.match_info.route.resource
         request.app[METRICS].request(resource.canonical if resource is not None else "unmatched", status, seconds)
 
