@@ -56,6 +56,15 @@ class Feeds:
         self.config = config
         self.by_source: Counter[str] = Counter()
         self.closing = asyncio.Event()
+        self._latest: tuple[float, dict[str, Any], dict[str, Any]] | None = None  # (when, map, its steady part)
+
+    def latest(self, app: web.Application) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The map and its steady part, made at most once per half tick however many streams ask."""
+        now = time.monotonic()
+        if self._latest is None or now - self._latest[0] >= FEED_TICK_S / 2:
+            snap = current_map(app)
+            self._latest = (now, snap, swarm_map.steady(snap))
+        return self._latest[1], self._latest[2]
 
     @contextlib.contextmanager
     def admit(self, source: str):
@@ -136,8 +145,7 @@ async def map_events(request: web.Request) -> web.StreamResponse:
         last_sent = 0.0
         with contextlib.suppress(ConnectionResetError):  # the client went: its stream ends here
             while not feeds.closing.is_set() and time.monotonic() < ends:
-                snap = current_map(request.app)
-                steady = swarm_map.steady(snap)
+                snap, steady = feeds.latest(request.app)
                 if steady != last or time.monotonic() - last_sent >= watch.config.period_s:
                     await response.write(f"event: map\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n".encode())
                     last, last_sent = steady, time.monotonic()
