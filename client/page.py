@@ -8,7 +8,7 @@
   every watch period for the round trips). Streams are bounded: `max_streams` in
   all and `max_streams_per_source` per client address (beyond: 429 `busy`), each
   lives at most `max_stream_s` (the page reconnects), and every one ends when
-  its client goes or the server shuts down.
+  its client goes, stops reading, or the server shuts down.
 
 The chat talks to `/v1/chat/completions` (client/openai_api.py) like any OpenAI
 client. The page and the map need no API key (the map shows what any bootstrap
@@ -47,6 +47,7 @@ class FeedConfig:
     max_streams: int = 64
     max_streams_per_source: int = 4  # a page needs one; a few tabs more
     max_stream_s: float = 600.0  # a stream ends after this; EventSource-style clients reconnect
+    write_timeout_s: float = 10.0  # a client that takes longer to read one event loses its stream
 
 
 class Feeds:
@@ -143,11 +144,13 @@ async def map_events(request: web.Request) -> web.StreamResponse:
         ends = time.monotonic() + feeds.config.max_stream_s
         last: dict[str, Any] | None = None
         last_sent = 0.0
-        with contextlib.suppress(ConnectionResetError):  # the client went: its stream ends here
+        # the client went, or does not read what it asked for (its buffers full): its stream ends here
+        with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
             while not feeds.closing.is_set() and time.monotonic() < ends:
                 snap, steady = feeds.latest(request.app)
                 if steady != last or time.monotonic() - last_sent >= watch.config.period_s:
-                    await response.write(f"event: map\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n".encode())
+                    event = f"event: map\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n".encode()
+                    await asyncio.wait_for(response.write(event), feeds.config.write_timeout_s)
                     last, last_sent = steady, time.monotonic()
                 await _first(watch.changed.wait(), feeds.closing.wait(), timeout=FEED_TICK_S)
         return response
