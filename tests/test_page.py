@@ -43,6 +43,7 @@ def need_chromium() -> None:
 @pytest.fixture
 def swarm(tmp_path: Path):
     """Three nodes; the first is also the bootstrap peer (one process fewer to start on 2 cores)."""
+    need_chromium()  # before starting anything
     period = ["--gossip-period", "0.5"]
     (first,) = start_nodes([["--blocks", "0:10", *period]], tmp_path / "first")
     nodes = [first, *start_nodes([["--blocks", span, "--bootstrap", first.url, *period] for span in ("10:20", "20:30")], tmp_path)]
