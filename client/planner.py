@@ -88,8 +88,8 @@ class Planner:
         self.view = SwarmView()
         self.measurements = Measurements(config.trust)
         self.undialable = 0  # peers of this model left out at the last look: plain http, and this client dials https only
-        self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
         self._refreshed: float | None = None
+        self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
 
     # --- the view ---------------------------------------------------------------------
 
