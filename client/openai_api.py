@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from jinja2 import TemplateError  # what a chat template raises (transformers renders them with jinja2)
 
 from client.generate import GenerationStats, SamplingParams, Token
 from client.live import Generation, HopSpan
@@ -203,7 +204,7 @@ def _encode(model: SwarmModel, body: ApiRequest) -> list[int]:
             ids = head.encode_prompt(body.prompt, chat=False)
     except BadRequest as exc:
         raise invalid(str(exc), body.prompt_param) from None
-    except (ValueError, TypeError, LookupError) as exc:  # a chat template that refuses these messages (jinja's errors)
+    except (TemplateError, ValueError, TypeError, LookupError) as exc:  # a chat template that refuses these messages (its raise_exception, or bad input)
         raise invalid(f"the model's chat template refused these messages: {exc}", "messages") from None
     if not ids:
         raise invalid("the prompt encodes to no tokens.", body.prompt_param)

@@ -39,7 +39,7 @@ PROTECTED_PREFIXES = ("/v1/", "/metrics")
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # None: no auth (a loopback server); else every /v1 request needs `Authorization: Bearer KEY`
+    api_key: str | None = None  # None: no auth (a loopback server); else /v1 and /metrics need `Authorization: Bearer KEY`
     model_id: str = ""  # the name /v1/models lists and requests must use ("" : the checkpoint's alias)
     max_concurrent: int = 64  # generations in flight; beyond it a request gets 429 `busy`
     watch_period_s: float = 2.0  # how often the swarm view is re-read and peers probed (client/watch.py)
