@@ -95,12 +95,19 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
     if key is not None and request.path.startswith(PROTECTED_PREFIXES):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            error = ApiError(401, "Incorrect API key provided: give it as `Authorization: Bearer KEY`.", "invalid_request_error", "invalid_api_key")
+            error = ApiError(
+                401,
+                "Incorrect API key provided: give it as `Authorization: Bearer KEY`.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
             return web.json_response(error.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
-async def run_server(model: SwarmModel, config: ServeConfig, ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> None:
+async def run_server(
+    model: SwarmModel, config: ServeConfig, ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Serve until `stop` is set (or the task is cancelled). `ready(url)` is called once listening
     (port 0 picks a free port; the url says which)."""
     app = build_app(model, config)
