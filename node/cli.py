@@ -231,7 +231,6 @@ def _load(args: argparse.Namespace):
     import torch
 
     from swarm.model import load_span, open_checkpoint
-
     from swarm.progress import progress_bar
 
     device = _device(args.device)

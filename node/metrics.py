@@ -59,10 +59,27 @@ class NodeMetrics:
     def __init__(self, state: NodeState) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._queue = Histogram("layerswarm_node_queue_seconds", "a step's wait from arrival until its first tokens compute", buckets=_LATENCY_BUCKETS, registry=r)
-        self._step = Histogram("layerswarm_node_step_seconds", "a step's latency in this node, arrival to result (queue and compute)", buckets=_LATENCY_BUCKETS, registry=r)
-        self._batch_size = Histogram("layerswarm_node_batch_size", "steps (or chunks of long steps) in one batched forward", buckets=_BATCH_BUCKETS, registry=r)
-        self._batch_seconds = Histogram("layerswarm_node_batch_seconds", "compute time of one batched forward", buckets=_LATENCY_BUCKETS, registry=r)
+        self._queue = Histogram(
+            "layerswarm_node_queue_seconds",
+            "a step's wait from arrival until its first tokens compute",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._step = Histogram(
+            "layerswarm_node_step_seconds",
+            "a step's latency in this node, arrival to result (queue and compute)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._batch_size = Histogram(
+            "layerswarm_node_batch_size",
+            "steps (or chunks of long steps) in one batched forward",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self._batch_seconds = Histogram(
+            "layerswarm_node_batch_seconds", "compute time of one batched forward", buckets=_LATENCY_BUCKETS, registry=r
+        )
         # Plain counts, rendered by the collector: a move replaces the backend, these live on.
         self.steps = 0
         self.tokens = 0
@@ -120,14 +137,20 @@ class _StateCollector(Collector):
         state, metrics = self.state, self.metrics
         backend = state.backend
         blocks = f"{backend.span.start}:{backend.span.end}" if backend is not None else "none"
-        info = GaugeMetricFamily("layerswarm_node_info", "this node: peer id, model, blocks served and phase (always 1)", labels=("peer_id", "model", "blocks", "phase"))
+        info = GaugeMetricFamily(
+            "layerswarm_node_info",
+            "this node: peer id, model, blocks served and phase (always 1)",
+            labels=("peer_id", "model", "blocks", "phase"),
+        )
         info.add_metric((state.identity.peer_id, str(state.fingerprint or "none"), blocks, state.phase.value), 1)
         yield info
         yield CounterMetricFamily("layerswarm_node_steps", "steps computed (session steps and /forwards)", value=metrics.steps)
         yield CounterMetricFamily("layerswarm_node_tokens", "tokens run through this node's blocks", value=metrics.tokens)
         yield GaugeMetricFamily("layerswarm_node_sessions", "sessions open now", value=len(state.sessions))
         yield CounterMetricFamily("layerswarm_node_sessions_opened", "sessions opened since start", value=state.sessions_opened)
-        forwards = CounterMetricFamily("layerswarm_node_forward_requests", "POST /forward requests, by outcome (ok, refused)", labels=("outcome",))
+        forwards = CounterMetricFamily(
+            "layerswarm_node_forward_requests", "POST /forward requests, by outcome (ok, refused)", labels=("outcome",)
+        )
         for outcome in ("ok", "refused"):
             forwards.add_metric((outcome,), metrics.forward_requests[outcome])
         yield forwards
@@ -138,23 +161,43 @@ class _StateCollector(Collector):
             family.add_metric((code,), count)
         yield family
         if backend is not None:
-            yield GaugeMetricFamily("layerswarm_node_kv_used_bytes", "KV cache bytes held by open sessions and forwards", value=backend.kv_used)
-            yield GaugeMetricFamily("layerswarm_node_kv_free_bytes", "KV cache bytes left in the budget (--kv-memory)", value=max(0, backend.kv_free))
-            yield GaugeMetricFamily("layerswarm_node_forwards_running", "POST /forward computing or queued now", value=backend.forwards)
-            yield GaugeMetricFamily("layerswarm_node_throughput_blocks_per_second", "self-measured blocks/s for one-token steps", value=backend.throughput)
+            yield GaugeMetricFamily(
+                "layerswarm_node_kv_used_bytes", "KV cache bytes held by open sessions and forwards", value=backend.kv_used
+            )
+            yield GaugeMetricFamily(
+                "layerswarm_node_kv_free_bytes", "KV cache bytes left in the budget (--kv-memory)", value=max(0, backend.kv_free)
+            )
+            yield GaugeMetricFamily(
+                "layerswarm_node_forwards_running", "POST /forward computing or queued now", value=backend.forwards
+            )
+            yield GaugeMetricFamily(
+                "layerswarm_node_throughput_blocks_per_second",
+                "self-measured blocks/s for one-token steps",
+                value=backend.throughput,
+            )
             yield GaugeMetricFamily("layerswarm_node_load", "open sessions over --max-sessions", value=backend.load)
         table = state.table.stats()
-        yield GaugeMetricFamily("layerswarm_node_peers_known", "peers in this node's table (itself included)", value=table["peers"])
+        yield GaugeMetricFamily(
+            "layerswarm_node_peers_known", "peers in this node's table (itself included)", value=table["peers"]
+        )
         yield GaugeMetricFamily("layerswarm_node_peers_proven", "peers whose address proved their key", value=table["proven"])
-        yield GaugeMetricFamily("layerswarm_node_peers_pending", "records of new peers awaiting their proof", value=table["pending"])
-        records = CounterMetricFamily("layerswarm_node_records_refused", "peer records the table refused, by reason", labels=("reason",))
+        yield GaugeMetricFamily(
+            "layerswarm_node_peers_pending", "records of new peers awaiting their proof", value=table["pending"]
+        )
+        records = CounterMetricFamily(
+            "layerswarm_node_records_refused", "peer records the table refused, by reason", labels=("reason",)
+        )
         for reason, count in sorted(table["refused"].items()):
             records.add_metric((reason,), count)
         yield records
         gossip = state.discovery.gossip if state.discovery is not None else None
         yield CounterMetricFamily("layerswarm_node_gossip_rounds", "gossip rounds finished", value=gossip.rounds if gossip else 0)
-        yield CounterMetricFamily("layerswarm_node_gossip_failures", "gossip exchanges that failed", value=gossip.failures if gossip else 0)
-        accusations = CounterMetricFamily("layerswarm_node_accusations", "accusations of wrong outputs judged here, by outcome", labels=("outcome",))
+        yield CounterMetricFamily(
+            "layerswarm_node_gossip_failures", "gossip exchanges that failed", value=gossip.failures if gossip else 0
+        )
+        accusations = CounterMetricFamily(
+            "layerswarm_node_accusations", "accusations of wrong outputs judged here, by outcome", labels=("outcome",)
+        )
         for outcome, count in sorted(state.court.counts.items()):
             accusations.add_metric((outcome,), count)
         yield accusations
@@ -169,7 +212,14 @@ async def serve_metrics(state: NodeState, stack: contextlib.AsyncExitStack) -> s
     config = state.config
     app = web.Application(client_max_size=1024)  # it takes no bodies
     app.add_routes(metrics_routes(state))
-    runner = GuardedRunner(app, state.tcp_limit, handshake_timeout_s=config.header_timeout_s, handle_signals=False, access_log=None, keepalive_timeout=config.header_timeout_s)
+    runner = GuardedRunner(
+        app,
+        state.tcp_limit,
+        handshake_timeout_s=config.header_timeout_s,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=config.header_timeout_s,
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, config.metrics_host, config.metrics_port)

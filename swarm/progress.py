@@ -24,7 +24,9 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, unit: str = "block", stream: TextIO | None = None) -> Iterator[Callable[[int, int], None] | None]:
+def progress_bar(
+    description: str, unit: str = "block", stream: TextIO | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
     """A `show(done, total)` callback that draws a bar on `stream` (default stderr) while the block
     runs, when `stream` is a terminal; None when it is not."""
     stream = sys.stderr if stream is None else stream

@@ -52,9 +52,15 @@ async def test_node_counters_move_with_a_generation(swarm):
     assert steps >= result.stats.new_tokens
     tokens = value(after, "layerswarm_node_tokens_total") - value(before, "layerswarm_node_tokens_total")
     assert tokens >= prompt + result.stats.new_tokens - 1
-    for histogram in ("layerswarm_node_step_seconds_count", "layerswarm_node_queue_seconds_count", "layerswarm_node_batch_size_count", "layerswarm_node_batch_seconds_count"):
+    for histogram in (
+        "layerswarm_node_step_seconds_count",
+        "layerswarm_node_queue_seconds_count",
+        "layerswarm_node_batch_size_count",
+        "layerswarm_node_batch_seconds_count",
+    ):
         assert value(after, histogram) > value(before, histogram), histogram
-    assert value(after, "layerswarm_node_batch_size_sum") >= value(after, "layerswarm_node_batch_size_count")  # at least one step per batch
+    # at least one step per batch
+    assert value(after, "layerswarm_node_batch_size_sum") >= value(after, "layerswarm_node_batch_size_count")
     assert value(after, "layerswarm_node_sessions_opened_total") >= value(before, "layerswarm_node_sessions_opened_total") + 1
     # the client closed its session: nothing held, the whole KV budget free again
     assert value(after, "layerswarm_node_sessions") == 0
@@ -72,7 +78,9 @@ async def test_refusals_are_counted_by_code(swarm):
     _, (node,) = swarm
     before = await scrape(node.url)
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{node.url}/forward", data=b"\x00not msgpack", headers={"Content-Type": "application/msgpack"}) as response:
+        async with http.post(
+            f"{node.url}/forward", data=b"\x00not msgpack", headers={"Content-Type": "application/msgpack"}
+        ) as response:
             assert response.status == 400
             assert wire.decode(await response.read())["code"] == "bad_request"
         async with http.ws_connect(f"{node.url}/session") as ws:
@@ -82,11 +90,17 @@ async def test_refusals_are_counted_by_code(swarm):
             await ws.send_bytes(wire.encode({"type": "step", "session": "nope"}))
             assert wire.decode(await ws.receive_bytes())["type"] == "error"
     after = await scrape(node.url)
-    assert value(after, "layerswarm_node_refusals_total", code="bad_request") >= value(before, "layerswarm_node_refusals_total", code="bad_request") + 2
+    assert (
+        value(after, "layerswarm_node_refusals_total", code="bad_request")
+        >= value(before, "layerswarm_node_refusals_total", code="bad_request") + 2
+    )
     refused = sum(v for (name, _), v in after.items() if name == "layerswarm_node_refusals_total")
     refused_before = sum(v for (name, _), v in before.items() if name == "layerswarm_node_refusals_total")
     assert refused >= refused_before + 3
-    assert value(after, "layerswarm_node_forward_requests_total", outcome="refused") == value(before, "layerswarm_node_forward_requests_total", outcome="refused") + 1
+    assert (
+        value(after, "layerswarm_node_forward_requests_total", outcome="refused")
+        == value(before, "layerswarm_node_forward_requests_total", outcome="refused") + 1
+    )
 
 
 async def test_metrics_port_of_a_private_node_answers_without_the_key(tmp_path):
@@ -165,9 +179,9 @@ async def test_api_metrics_route_serves_the_apps_registry():
         metrics.request("/v1/models", 200, 0.01)
         samples = await scrape(f"http://{host}:{port}")
         assert value(samples, "layerswarm_api_requests_total", endpoint="/v1/models", status="200") == 1
-        async with aiohttp.ClientSession() as http:  # a scraper that asks for OpenMetrics gets it
-            async with http.get(f"http://{host}:{port}/metrics", headers={"Accept": "application/openmetrics-text"}) as response:
-                assert response.content_type == "application/openmetrics-text"
-                assert (await response.text()).endswith("# EOF\n")
+        openmetrics = {"Accept": "application/openmetrics-text"}  # a scraper that asks for OpenMetrics gets it
+        async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics", headers=openmetrics) as response:
+            assert response.content_type == "application/openmetrics-text"
+            assert (await response.text()).endswith("# EOF\n")
     finally:
         await runner.cleanup()
