@@ -27,7 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from client.live import LiveGenerations
-from swarm.exposition import METRICS_PATH, metrics_handler
+from swarm.exposition import METRICS_PATH, Exposition, metrics_handler
 
 _MAX_ENDPOINTS = 32  # distinct endpoint labels; more (a caller passing raw paths) count as "other"
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -76,6 +76,7 @@ class ApiMetrics:
         )
         self._endpoints: set[str] = set()
         r.register(_Running(live))
+        self.exposition = Exposition(r)  # rendered per scrape: the API server's clients are not anonymous floods of /metrics
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         """One HTTP request finished (`endpoint`: "/v1/chat/completions", ...; any status, errors included)."""
@@ -128,11 +129,11 @@ class _Running(Collector):
         yield per_peer
 
 
-def _registry(request: web.Request) -> CollectorRegistry:
+def _exposition(request: web.Request) -> Exposition:
     from client.serve import METRICS  # client.serve imports this module: the key is looked up here
 
-    return request.app[METRICS].registry
+    return request.app[METRICS].exposition
 
 
 def metrics_routes() -> list[web.RouteDef]:
-    return [web.get(METRICS_PATH, metrics_handler(_registry))]
+    return [web.get(METRICS_PATH, metrics_handler(_exposition))]

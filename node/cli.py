@@ -75,6 +75,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -180,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve /metrics, and nothing else, on plain HTTP at --metrics-host:PORT (0: any free port; its URL ends the ready line). "
         "/metrics is always on the node's own port too, but in a private swarm (--swarm-key) every route there needs the key, "
         "which Prometheus cannot prove: scrape this port instead (default: off)",
+    )
+    metrics.add_argument(
+        "--metrics-max-age",
+        type=_non_negative,
+        default=1.0,
+        metavar="SECONDS",
+        help="reuse a rendering of /metrics for this long, however many scrapes come: anyone can ask an open node for it (default 1; 0: render every scrape)",
     )
     metrics.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the --metrics-port listener (default 127.0.0.1: this machine only)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
@@ -340,6 +354,7 @@ def _node_config(args: argparse.Namespace):
         accusations=accusations,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        metrics_max_age_s=args.metrics_max_age,
     )
 
 

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from node.accept import GuardedRunner
 from swarm import wire
 from swarm.errors import SwarmError
-from swarm.exposition import METRICS_PATH, metrics_handler
+from swarm.exposition import METRICS_PATH, Exposition, metrics_handler
 
 if TYPE_CHECKING:
     from node.state import NodeState
@@ -87,6 +87,7 @@ class NodeMetrics:
         self.refusals: collections.Counter[str] = collections.Counter()  # wire code -> count
         self._codes = _known_codes()
         r.register(_StateCollector(state, self))
+        self.exposition = Exposition(r, state.config.metrics_max_age_s)  # strangers scrape too: see swarm/exposition.py
 
     # --- node.backend.StepObserver: called by the batcher, on the event loop -----------
 
@@ -204,7 +205,7 @@ class _StateCollector(Collector):
 
 
 def metrics_routes(state: NodeState) -> list[web.RouteDef]:
-    return [web.get(METRICS_PATH, metrics_handler(lambda request: state.metrics.registry))]
+    return [web.get(METRICS_PATH, metrics_handler(lambda request: state.metrics.exposition))]
 
 
 async def serve_metrics(state: NodeState, stack: contextlib.AsyncExitStack) -> str:

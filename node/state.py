@@ -71,6 +71,7 @@ class NodeConfig:
     # --- Prometheus (node/metrics.py): /metrics on the node's port, and optionally a listener of its own ---
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # a plain-HTTP listener serving only /metrics (0: any free port; None: none)
+    metrics_max_age_s: float = 1.0  # a rendering of /metrics is reused this long (swarm/exposition.py says why)
 
 
 class Phase(enum.Enum):

@@ -5,17 +5,28 @@ a private node's `--metrics-port` answers Prometheus without the key, and `swarm
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.api_metrics import ApiMetrics, metrics_routes
 from client.live import HopSpan, LiveGenerations
 from swarm import wire
-from swarm.exposition import render
+from swarm.exposition import Exposition, render
 from swarm.swarm_key import SwarmKey
-from tests.nodes import module_swarm, start_nodes, stop_nodes, swarm_client
+from tests.nodes import start_nodes, stop_nodes, swarm_client
 
-swarm = module_swarm("metrics", ["0:30"])  # one node with every block (and the bootstrap peer): cheap, enough
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """A bootstrap peer and one node with every block (cheap, and enough), rendering every scrape afresh."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    period = ["--gossip-period", "0.5"]
+    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap")
+    (node,) = start_nodes([["--blocks", "0:30", "--bootstrap", bootstrap.url, "--metrics-max-age", "0", *period]], tmp)
+    yield bootstrap, [node]
+    stop_nodes([bootstrap, node])
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -185,3 +196,20 @@ async def test_api_metrics_route_serves_the_apps_registry():
             assert (await response.text()).endswith("# EOF\n")
     finally:
         await runner.cleanup()
+
+
+def test_an_exposition_renders_at_most_once_per_max_age():
+    """A flood of scrapes costs one rendering per format per max_age_s (what a stranger can make a node do)."""
+    registry, now = CollectorRegistry(), [0.0]
+    counter = Counter("layerswarm_test_things", "things", registry=registry)
+    exposition = Exposition(registry, max_age_s=1.0, clock=lambda: now[0])
+    first, content_type = exposition.render()
+    counter.inc()
+    for _ in range(1000):
+        assert exposition.render() == (first, content_type)
+    exposition.render("application/openmetrics-text")  # another format: its own rendering
+    assert exposition.renders == 2
+    now[0] = 1.0
+    fresh, _ = exposition.render()
+    assert fresh != first and value(parse(fresh.decode()), "layerswarm_test_things_total") == 1
+    assert exposition.renders == 3
