@@ -4,6 +4,8 @@ a private node's `--metrics-port` answers Prometheus without the key, and `swarm
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -213,3 +215,44 @@ def test_an_exposition_renders_at_most_once_per_max_age():
     fresh, _ = exposition.render()
     assert fresh != first and value(parse(fresh.decode()), "layerswarm_test_things_total") == 1
     assert exposition.renders == 3
+
+
+async def test_swarm_serve_metrics_count_a_completion(swarm):
+    """`swarm serve` (client/serve.py `run_server`, in this process) on the module's node: /metrics after one request."""
+    import client.serve
+
+    run_server = getattr(client.serve, "run_server", None)
+    if run_server is None:
+        pytest.skip("client/serve.py has no run_server yet (the api branch)")
+    ready, stop = asyncio.Event(), asyncio.Event()
+    urls: list[str] = []
+    server = asyncio.create_task(
+        run_server(
+            swarm_client(swarm[0].url),
+            client.serve.ServeConfig(port=0),
+            ready=lambda url: (urls.append(url), ready.set()),
+            stop=stop,
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 120)
+        url = urls[0]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/v1/models") as response:
+                model = (await response.json())["data"][0]["id"]
+            async with http.post(
+                f"{url}/v1/completions", json={"model": model, "prompt": "One, two,", "max_tokens": 3}
+            ) as response:
+                assert response.status == 200, await response.text()
+                usage = (await response.json())["usage"]
+        samples = await scrape(url)
+        assert value(samples, "layerswarm_api_requests_total", endpoint="/v1/completions", status="200") == 1
+        assert value(samples, "layerswarm_api_request_seconds_count", endpoint="/v1/completions") == 1
+        assert value(samples, "layerswarm_api_prompt_tokens_total") == usage["prompt_tokens"]
+        assert value(samples, "layerswarm_api_completion_tokens_total") == usage["completion_tokens"]
+        assert value(samples, "layerswarm_api_time_to_first_token_seconds_count") == 1
+        assert value(samples, "layerswarm_api_inter_token_seconds_count") <= usage["completion_tokens"]
+        assert value(samples, "layerswarm_api_generations_running") == 0
+    finally:
+        stop.set()
+        await server
