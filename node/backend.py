@@ -34,6 +34,9 @@ node at once. A cache freed while one of its steps waits drops that step
 the compute is done. If the batcher itself dies, every waiting step fails with
 `ShuttingDown`, new work is refused the same way, and `stopped` with `failure`
 tells the node to leave.
+
+Metrics. An optional `StepObserver` (node/metrics.py) is told, on the loop, each
+step's wait in the queue and its latency, and each batch's size and compute time.
 """
 
 from __future__ import annotations
