@@ -22,18 +22,6 @@ from swarm.model import DEFAULT_MODEL
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _progress(stream=sys.stderr):
-    """A progress printer that rewrites one line on a terminal and stays silent otherwise."""
-    if not stream.isatty():
-        return None
-
-    def show(message: str) -> None:
-        stream.write(f"\r\033[K{message}")
-        stream.flush()
-
-    return show
-
-
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; higher samples more freely")
@@ -70,8 +58,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from client.generate import GenerationStats, LocalBlocks, stream_tokens
     from client.local import LocalModel
 
-    model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=_progress())
-    _clear_progress()
+    from swarm.progress import progress_bar
+
+    with progress_bar("loading the model", unit="part") as show:  # a bar on a terminal only
+        model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=show)
     prompt_ids = model.head.encode_prompt(args.prompt, chat=args.chat)
     blocks = LocalBlocks(model.span, len(prompt_ids) + params.max_new_tokens)
 
@@ -92,6 +82,7 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
     import torch
 
     from client.swarm import ClientConfig, SwarmModel
+    from swarm.progress import progress_bar
 
     options = _discovery_options(args)  # all of it (--wait too), not only the bootstrap list
     if bootstrap is not None:
@@ -99,7 +90,8 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
     if not 0.0 <= args.verify_fraction <= 1.0:
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
     config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction)
-    return SwarmModel(args.model, discovery=options, config=config, dtype=getattr(torch, args.dtype))
+    with progress_bar("loading the model head", unit="part") as show:  # a bar on a terminal only
+        return SwarmModel(args.model, discovery=options, config=config, dtype=getattr(torch, args.dtype), progress=show)
 
 
 def _transport(args: argparse.Namespace):
@@ -154,11 +146,6 @@ def _report_verification(args: argparse.Namespace, stats) -> None:
     outcome = getattr(stats, "verification", None)
     if outcome is not None and not args.json and (getattr(args, "verify", False) or outcome.verdict not in (Verdict.AGREE, Verdict.SKIPPED)):
         print(outcome.summary(), file=sys.stderr)
-
-
-def _clear_progress() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

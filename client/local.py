@@ -16,13 +16,10 @@ class LocalModel:
     span: Span  # all blocks
 
     @classmethod
-    def load(cls, model: str, dtype: torch.dtype = torch.float32, progress: Callable[[str], None] | None = None) -> LocalModel:
+    def load(cls, model: str, dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None) -> LocalModel:
+        """`progress(done, total)` counts the blocks, then the head's two parts (swarm.model.load_head)."""
         with open_checkpoint(model) as checkpoint:
             layers = checkpoint.config.num_layers
-            span = load_span(
-                checkpoint, 0, layers, dtype, progress=(lambda done, total: progress(f"blocks {done}/{total}")) if progress else None
-            )
-            if progress:
-                progress("tokenizer and head")
-            head = load_head(checkpoint, dtype)
+            span = load_span(checkpoint, 0, layers, dtype, progress=(lambda done, _: progress(done, layers + 2)) if progress else None)
+            head = load_head(checkpoint, dtype, progress=(lambda done, _: progress(layers + done, layers + 2)) if progress else None)
         return cls(head, span)

@@ -76,6 +76,7 @@ class SwarmModel:
         claims: Callable[[PeerRecord], float] = claimed_throughput,
         insecure_http: bool = False,
         swarm_key: str | Path | SwarmKey | None = None,
+        progress: Callable[[int, int], None] | None = None,  # the head's load, part by part (swarm.model.load_head)
     ) -> None:
         self.config = config or ClientConfig()
         if insecure_http:  # also dial plain http peers (pins still hold on https ones)
@@ -90,7 +91,7 @@ class SwarmModel:
         with open_checkpoint(model) as checkpoint:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
-            self.head: Head = load_head(checkpoint, dtype)
+            self.head: Head = load_head(checkpoint, dtype, progress=progress)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
         self.verifier = Verifier(self.planner, self.config)
 

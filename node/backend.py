@@ -34,6 +34,9 @@ node at once. A cache freed while one of its steps waits drops that step
 the compute is done. If the batcher itself dies, every waiting step fails with
 `ShuttingDown`, new work is refused the same way, and `stopped` with `failure`
 tells the node to leave.
+
+Metrics. An optional `StepObserver` (node/metrics.py) is told, on the loop, each
+step's wait in the queue and its latency, and each batch's size and compute time.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -77,6 +81,19 @@ class StepResult:
     batch_size: int  # sessions in that batch
 
 
+class StepObserver(Protocol):
+    """Told what the batcher does, as it happens (node/metrics.py counts it; None: nobody listens)."""
+
+    def queued(self, seconds: float) -> None:
+        """A step waited this long from `submit` until its first tokens started computing."""
+
+    def batch(self, sessions: int, tokens: int, seconds: float) -> None:
+        """One ragged forward ran: `sessions` steps (or chunks) of `tokens` tokens in all, in `seconds`."""
+
+    def step(self, seconds: float) -> None:
+        """A step's result is ready, this long after its `submit`."""
+
+
 @dataclass
 class _Step:
     cache: KVCache
@@ -84,6 +101,7 @@ class _Step:
     hidden: torch.Tensor  # [T, D], any dtype
     position: int
     done: asyncio.Future = field(repr=False)
+    submitted: float = field(default_factory=time.perf_counter)
     computed: int = 0  # tokens of `hidden` already run (a step in chunks)
     outputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     compute_s: float = 0.0
@@ -104,8 +122,11 @@ class _Chunk:
 class Backend:
     """The blocks of one span and everything that computes with them. An async context manager."""
 
-    def __init__(self, span: Span, config: BackendConfig, executor: concurrent.futures.Executor | None = None) -> None:
+    def __init__(
+        self, span: Span, config: BackendConfig, executor: concurrent.futures.Executor | None = None, observer: StepObserver | None = None
+    ) -> None:
         self.span = span
+        self.observer = observer
         self.config = config
         self.max_length = min(config.max_length, span.config.max_position)
         self.max_forward_tokens = min(config.max_forward_tokens, self.max_length)
@@ -292,6 +313,11 @@ class Backend:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self.observer is not None:
+                began = time.perf_counter()
+                for chunk in batch:
+                    if not chunk.step.computed:  # its first tokens: the wait ends now
+                        self.observer.queued(began - chunk.step.submitted)
             try:
                 groups: dict[tuple[int, int], list[_Chunk]] = {}
                 for chunk in batch:
@@ -308,6 +334,8 @@ class Backend:
                                 chunk.step.done.set_exception(error)
                         continue
                     self._last_compute_s = elapsed
+                    if self.observer is not None:
+                        self.observer.batch(len(chunks), sum(c.count for c in chunks), elapsed)
                     self._pace_chunks(chunks, elapsed)
                     for chunk, out in zip(chunks, outs):
                         self._deliver(chunk, out, elapsed, len(chunks))
@@ -342,6 +370,8 @@ class Backend:
         else:
             hidden = step.outputs[0] if len(step.outputs) == 1 else torch.cat(step.outputs)
             step.done.set_result(StepResult(hidden, step.compute_s, batch_size))
+            if self.observer is not None:
+                self.observer.step(time.perf_counter() - step.submitted)
 
     async def _gather(self) -> None:
         """Wait briefly until every active session has a step queued (see the module notes)."""

@@ -9,20 +9,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from swarm import wire
-from swarm.protocol import Message
+from swarm.protocol import Error, Message
 
 log = logging.getLogger(__name__)
 
 
 class Channel:
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, name: str, source: str = "") -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        name: str,
+        source: str = "",
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.ws = ws
+        self.on_error = on_error  # told the code of every error frame sent (node/metrics.py counts them)
         self.name = name
         self.source = source  # the per-source limits' key of whoever is at the other end (inbound only)
         self.proved = False  # inbound: this connection already had its one `proof` signed
@@ -34,6 +42,8 @@ class Channel:
         return self.ws.closed
 
     async def send(self, message: Message | dict[str, Any]) -> bool:
+        if self.on_error is not None and isinstance(message, Error):
+            self.on_error(message.code)
         frame = wire.encode(message if isinstance(message, dict) else message.to_wire())
         async with self._lock:
             if self.ws.closed:

@@ -3,7 +3,7 @@
 Only this module parses arguments, configures logging and prints. It prints one
 line on stdout when the node is ready to serve:
 
-    ready peer=<id> url=<url> blocks=<start>:<end> model=<id> throughput=<blocks/s>
+    ready peer=<id> url=<url> blocks=<start>:<end> model=<id> throughput=<blocks/s> [metrics=<url>]
 """
 
 from __future__ import annotations
@@ -65,6 +65,20 @@ def _share(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
     return value
 
 
@@ -164,6 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=False, help="advertise and browse on the LAN with mDNS (default off: it multicasts on your network)")
     parser.add_argument("--mdns-interface", action="append", default=[], metavar="IP", help="address of an interface for mDNS (repeatable; default all interfaces)")
     parser.add_argument("--identity", type=Path, default=None, metavar="PATH", help=f"Ed25519 key file, created on first start (default {default_identity_path()})")
+    metrics = parser.add_argument_group("metrics", "Prometheus text format at GET /metrics (the names: README, Metrics)")
+    metrics.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="also serve /metrics, and nothing else, on plain HTTP at --metrics-host:PORT (0: any free port; its URL ends the ready line). "
+        "/metrics is always on the node's own port too, but in a private swarm (--swarm-key) every route there needs the key, "
+        "which Prometheus cannot prove: scrape this port instead (default: off)",
+    )
+    metrics.add_argument(
+        "--metrics-max-age",
+        type=_non_negative,
+        default=1.0,
+        metavar="SECONDS",
+        help="reuse a rendering of /metrics for this long, however many scrapes come: anyone can ask an open node for it (default 1; 0: render every scrape)",
+    )
+    metrics.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the --metrics-port listener (default 127.0.0.1: this machine only)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
     return parser
 
@@ -213,22 +245,19 @@ def _load(args: argparse.Namespace):
     import torch
 
     from swarm.model import load_span, open_checkpoint
+    from swarm.progress import progress_bar
 
     device = _device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    show = _progress() if sys.stderr.isatty() else None
 
-    def loader(start: int, end: int):
-        with open_checkpoint(args.model) as checkpoint:
-            return load_span(checkpoint, start, end, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
+    def loader(start: int, end: int):  # a bar on a terminal only (node/cli.py draws; nothing in tests or logs)
+        with open_checkpoint(args.model) as checkpoint, progress_bar(f"loading blocks {start}:{end}") as show:
+            return load_span(checkpoint, start, end, dtype, device, progress=show)
 
     with open_checkpoint(args.model) as checkpoint:
         fingerprint = checkpoint.fingerprint()
         blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config)
-        span = load_span(checkpoint, *blocks, dtype, device, progress=(lambda d, t: show(f"loading blocks {d}/{t}")) if show else None)
-    if show:
-        show("")
-    return span, fingerprint, loader
+    return loader(*blocks), fingerprint, loader
 
 
 def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, int]:
@@ -323,6 +352,9 @@ def _node_config(args: argparse.Namespace):
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns, table=table),
         rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
         accusations=accusations,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        metrics_max_age_s=args.metrics_max_age,
     )
 
 
@@ -382,7 +414,8 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
     def ready(state) -> None:
         blocks = f"{span.start}:{span.end}" if span is not None else "none"
         throughput = state.backend.throughput if state.backend else 0.0
-        print(f"ready peer={state.identity.peer_id} url={state.url} blocks={blocks} model={fingerprint or 'none'} throughput={throughput:.1f}", flush=True)
+        metrics = f" metrics={state.metrics_url}" if state.metrics_url else ""
+        print(f"ready peer={state.identity.peer_id} url={state.url} blocks={blocks} model={fingerprint or 'none'} throughput={throughput:.1f}{metrics}", flush=True)
 
     def event_loop() -> None:
         async def run() -> None:
@@ -417,14 +450,6 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
     if error is not None:
         raise error
     return 0
-
-
-def _progress():
-    def show(message: str) -> None:
-        sys.stderr.write(f"\r\033[K{message}")
-        sys.stderr.flush()
-
-    return show
 
 
 if __name__ == "__main__":

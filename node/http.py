@@ -74,8 +74,10 @@ async def post_forward(request: web.Request) -> web.Response:
         packed = wire.pack_tensor(out, dtype)
         seal = forward_seal(state, blocks, message["hidden"], packed)
         body = wire.encode({"type": "result", "blocks": list(blocks), "hidden": packed, "seal": seal, "peer_id": state.identity.peer_id})
+        state.metrics.forward(ok=True)
         return web.Response(body=body, content_type="application/msgpack")
     except SwarmError as exc:
+        state.metrics.forward(ok=False)
         return error_response(exc)
 
 

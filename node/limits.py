@@ -25,12 +25,14 @@ class SourceLimit:
             raise ValueError(f"limit of {what} must be >= 0, not {limit}")
         self.limit = limit
         self.what = what
+        self.refused = 0  # acquisitions refused since start (node/metrics.py)
         self._held: dict[str, int] = {}
 
     def acquire(self, source: str) -> Held:
         """One hold for `source`, or `Busy` when it already has `limit`. Release it once (or use `with`)."""
         count = self._held.get(source, 0)
         if self.limit and count >= self.limit:
+            self.refused += 1
             raise Busy(f"too many {self.what} from {source}: the limit is {self.limit} at once")
         self._held[source] = count + 1
         return Held(self, source)

@@ -50,7 +50,7 @@ async def move(state: NodeState, target: tuple[int, int], loader, executor) -> N
         old = state.backend
         await old.drain()
         span = await asyncio.get_running_loop().run_in_executor(executor, loader, *target)  # on the compute thread
-        new = Backend(span, state.config.backend, executor)
+        new = Backend(span, state.config.backend, executor, observer=state.metrics)
         await new.__aenter__()
         state.backend = new
         await old.__aexit__(None, None, None)  # its weights go with it

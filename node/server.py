@@ -23,7 +23,7 @@ from node.accusations import Relay, accusation_routes
 from node.backend import Backend
 from node.discovery import NodeDiscovery
 from node.http import error_response, get_info, post_forward
-from node.limits import SourceLimit
+from node.metrics import metrics_routes, serve_metrics
 from node.push import PushPool
 from node.rebalance import drain_sessions, rebalance
 from node.session_socket import close_session, reap_idle, session_socket
@@ -45,8 +45,10 @@ def build_app(state: NodeState) -> web.Application:
     middlewares = [*config.transport.server_middlewares(), body_in_time(config.body_timeout_s, limit, error_response, own=own)]
     app = web.Application(client_max_size=limit, middlewares=middlewares)
     app.on_response_prepare.extend(config.transport.response_hooks())
+    app.on_response_prepare.append(state.metrics.on_response_prepare)  # counts every error answer by code
     app[STATE] = state
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
+    app.add_routes(metrics_routes(state))
     app.add_routes(accusation_routes())
     app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
     return app
@@ -97,13 +99,13 @@ async def serve(
         state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame, config.transport))
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
-            state.backend = Backend(span, config.backend, executor)
+            state.backend = Backend(span, config.backend, executor, observer=state.metrics)
             await state.backend.__aenter__()
         backend = state.backend
         # keepalive_timeout is the header timeout too, and bounds a TLS handshake (node/accept.py says why)
         runner = GuardedRunner(
             build_app(state),
-            SourceLimit(config.max_tcp_per_source, "connections"),
+            state.tcp_limit,
             tls=config.transport.server_ssl(identity),
             handshake_timeout_s=config.header_timeout_s,
             handle_signals=False,
@@ -118,6 +120,8 @@ async def serve(
         host, port = runner.addresses[0][:2]
         state.port = port
         state.url = config.public_url or f"{config.transport.scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        if config.metrics_port is not None:
+            state.metrics_url = await serve_metrics(state, stack)
         state.discovery = await stack.enter_async_context(
             NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), transport=config.transport)
         )

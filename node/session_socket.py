@@ -83,13 +83,14 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     try:
         held = state.socket_limit.acquire(source)
     except Busy as exc:
+        state.metrics.refused(exc.code)
         await ws.prepare(request)
         await ws.send_bytes(wire.encode(Error.of(exc).to_wire()))
         await ws.close(code=BUSY_CLOSE, message=b"busy: too many connections from this source")
         return ws
     with held:
         await ws.prepare(request)
-        channel = Channel(ws, source, source)
+        channel = Channel(ws, source, source, on_error=state.metrics.refused)
         state.sockets.add(ws)
         state.channels.add(channel)
         try:

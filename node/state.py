@@ -16,6 +16,7 @@ from node.channel import Channel
 from node.court import AccusationConfig, Court
 from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.limits import SourceLimit
+from node.metrics import NodeMetrics
 from node.push import PushConfig, PushPool
 from node.sessions import Sessions
 from swarm import wire
@@ -67,6 +68,10 @@ class NodeConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     rebalance: RebalanceConfig | None = None  # None: the span given at start is kept
     accusations: AccusationConfig = field(default_factory=AccusationConfig)  # verified outputs (node/court.py)
+    # --- Prometheus (node/metrics.py): /metrics on the node's port, and optionally a listener of its own ---
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # a plain-HTTP listener serving only /metrics (0: any free port; None: none)
+    metrics_max_age_s: float = 1.0  # a rendering of /metrics is reused this long (swarm/exposition.py says why)
 
 
 class Phase(enum.Enum):
@@ -109,12 +114,17 @@ class NodeState:
     session_limit: SourceLimit = field(init=False)  # open sessions per source
     court: Court = field(init=False)  # accusations heard, convictions (node/court.py)
     relay: Relay | None = None  # passes convictions on (node/accusations.py); set by `serve`
+    tcp_limit: SourceLimit = field(init=False)  # open TCP connections per source, on every listener (node/accept.py)
+    metrics: NodeMetrics = field(init=False)  # what /metrics renders (node/metrics.py)
+    metrics_url: str | None = None  # the --metrics-port listener, once it listens
 
     def __post_init__(self) -> None:
         self.court = Court(self.config.accusations, self.identity, self.table)
+        self.tcp_limit = SourceLimit(self.config.max_tcp_per_source, "connections")
         self.socket_limit = SourceLimit(self.config.max_sockets_per_source, "connections")
         self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
         self.forward_sources = SourceLimit(self.config.max_forwards_per_source, "forwards")
+        self.metrics = NodeMetrics(self)
 
     @property
     def span(self) -> Span:

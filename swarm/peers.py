@@ -315,8 +315,8 @@ class PeerTable:
         self._strikes.pop(peer_id, None)
 
     def stats(self) -> dict[str, Any]:
-        """Counts for /info and logs: held, pending, and refusals by reason."""
-        return {"peers": len(self), "pending": len(self._pending), "refused": dict(self.refused)}
+        """Counts for /info, logs and metrics: held, proven, pending, and refusals by reason."""
+        return {"peers": len(self), "proven": len(self._proven), "pending": len(self._pending), "refused": dict(self.refused)}
 
     def merge_wire(self, raw: object, now: float, source: str = "gossip", origin: str | None = None) -> bool:
         """`merge` of a wire dict from outside; a malformed one is counted, never raised."""

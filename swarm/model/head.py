@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,19 @@ class Head:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def load_head(checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Head:
-    """The client's part of `checkpoint`: tokenizer, embeddings, final norm, LM head."""
+def load_head(
+    checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: Callable[[int, int], None] | None = None
+) -> Head:
+    """The client's part of `checkpoint`: tokenizer, embeddings, final norm, LM head.
+
+    `progress(done, 2)` after each part: the weights, then the tokenizer (from a GGUF file,
+    transformers rebuilds it from the vocabulary, which can take seconds)."""
+    if progress:
+        progress(0, 2)
     weights = {k: t.to(device) for k, t in checkpoint.head_weights(dtype).items()}
-    return Head(checkpoint.config, weights, checkpoint.tokenizer())
+    if progress:
+        progress(1, 2)
+    tokenizer = checkpoint.tokenizer()
+    if progress:
+        progress(2, 2)
+    return Head(checkpoint.config, weights, tokenizer)
