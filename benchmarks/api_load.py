@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +41,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit  # noqa: E402
-from tests.nodes import start_swarm, stop_nodes  # noqa: E402
+from benchmarks.common import emit
+from tests.nodes import start_swarm, stop_nodes
 
 TOPICS = ["rivers", "bread", "the moon", "chess", "bees", "trains", "glass", "volcanoes", "paper", "owls", "salt", "clocks", "maps", "snow", "bridges", "tea"]
 
@@ -151,7 +151,7 @@ def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, bat
     failed = len(outcomes) - len(ok)
     tokens = sum(o.tokens for o in ok)
     ttft = [o.token_times[0] - o.sent for o in ok if o.token_times]
-    itl = [b - a for o in ok for a, b in zip(o.token_times, o.token_times[1:])]
+    itl = [b - a for o in ok for a, b in itertools.pairwise(o.token_times)]
     p = {**params, "clients": clients, "seconds": round(elapsed, 1)}
     rate = tokens / elapsed
     emit("api_requests_per_s", len(ok) / elapsed, "requests/s", p)

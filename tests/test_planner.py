@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from typing import ClassVar
 
 import pytest
 import torch
 
+from client.failover import FailoverBlocks
 from client.measure import Measurements, StepHop, TrustConfig, apportion
 from client.peers import DiscoveryOptions
-from client.failover import FailoverBlocks
 from client.planner import ClientConfig, Planner, occupied
 from client.session import RemoteHop
 from swarm.errors import BadRequest, Busy, NoRoute, PeerUnavailable, ShuttingDown
@@ -305,7 +306,7 @@ def fake_sessions(monkeypatch):
 
     class Session(_FakeSession):
         gate = asyncio.Event()
-        refuse: set[str] = set()
+        refuse: ClassVar[set[str]] = set()
 
     async def no_refresh(http, force=False):
         pass
