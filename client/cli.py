@@ -265,13 +265,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def _add_client(parser: argparse.ArgumentParser, discovery: bool = True) -> None:
+def _add_client(parser: argparse.ArgumentParser, discovery: bool = True, printing: bool = True) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the local part (default float32)")
     parser.add_argument("--wire-dtype", choices=DTYPES, default="bfloat16", help="dtype of hidden states between nodes (default bfloat16)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")
-    parser.add_argument(
-        "--verify", action="store_true", help="check every generation: re-run one randomly chosen hop on another replica and print the verdict on stderr"
-    )
+    if printing:  # commands that print one generation's text
+        parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")
+        parser.add_argument(
+            "--verify", action="store_true", help="check every generation: re-run one randomly chosen hop on another replica and print the verdict on stderr"
+        )
+    else:
+        parser.set_defaults(json=False, verify=False)
     parser.add_argument(
         "--verify-fraction", type=float, default=0.25, metavar="F",
         help="share of generations checked on other replicas when --verify is not given (default 0.25; 0 turns checks off)",
@@ -321,6 +324,12 @@ def _discovery_options(args: argparse.Namespace):
     except ValueError as exc:
         raise SwarmError(f"bad --mdns-interface: {exc}") from None
     return DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in args.bootstrap), mdns=mdns, mdns_wait_s=args.wait)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from client.serve_cli import run_serve
+
+    return run_serve(args, lambda: _swarm_model(args))
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -440,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(demo)
     _add_client(demo, discovery=False)
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the model over the OpenAI HTTP API (and a web page) through the swarm",
+        description="An HTTP server speaking the OpenAI API (POST /v1/chat/completions, POST /v1/completions, GET /v1/models) "
+        "for the model served by the swarm found by --bootstrap/--mdns. It listens on loopback unless --host says otherwise; "
+        "a server other machines can reach needs an API key (--api-key, --api-key-file) or an explicit --no-api-key.",
+    )
+    serve.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    _add_client(serve, printing=False)
+    from client.serve_cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     peers = sub.add_parser(
         "peers",

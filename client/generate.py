@@ -34,6 +34,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the tokens generated so far
+    logprobs: int | None = None  # None: off; else each Token carries its logprob and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +49,10 @@ class SamplingParams:
             raise BadRequest("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise BadRequest("repetition_penalty must be > 0")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise BadRequest("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise BadRequest("logprobs must be in [0, 20]")
 
 
 class Sampler:
@@ -59,9 +66,14 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        """logits [V] (float32) -> token id."""
+    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = ()) -> int:
+        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter."""
         p = self.params
+        if (p.presence_penalty or p.frequency_penalty) and generated:
+            # OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence.
+            ids, counts = torch.tensor(list(generated), dtype=torch.long).unique(return_counts=True)
+            logits = logits.clone()
+            logits[ids] -= counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), dtype=torch.long)
             scores = logits[seen]
@@ -108,6 +120,8 @@ class Token:
 
     id: int | None
     text: str
+    logprob: float | None = None  # log-probability of `id` under the model (SamplingParams.logprobs set)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely ids at this step and their log-probabilities
 
 
 @dataclass
@@ -185,7 +199,8 @@ async def stream_tokens(
     hidden = await blocks.forward(head.embed(prompt_ids), 0)
     first_at = 0.0
     for step in range(params.max_new_tokens):
-        token_id = sampler(head.logits(hidden[-1:])[0], history)
+        logits = head.logits(hidden[-1:])[0]
+        token_id = sampler(logits, history, stats.token_ids)
         now = time.perf_counter()
         if step == 0:
             first_at = now
@@ -198,7 +213,7 @@ async def stream_tokens(
         stats.token_ids.append(token_id)
         stats.new_tokens += 1
         piece, stopped = text.push(token_id)
-        yield Token(token_id, piece)
+        yield _token(token_id, piece, logits, params.logprobs)
         if stopped:
             stats.finish_reason = "stop"
             return
@@ -209,6 +224,16 @@ async def stream_tokens(
     tail = text.flush()
     if tail:
         yield Token(None, tail)
+
+
+def _token(token_id: int, piece: str, logits: torch.Tensor, top: int | None) -> Token:
+    """The token, with its log-probabilities under the model's own (unpenalised, untempered) logits when asked."""
+    if top is None:
+        return Token(token_id, piece)
+    logprobs = torch.log_softmax(logits, -1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return Token(token_id, piece, float(logprobs[token_id]), alternatives)
 
 
 def stream_tokens_sync(head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[Token]:

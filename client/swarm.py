@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import aiohttp
 import torch
 
 from client.failover import FailoverBlocks
-from client.generate import GenerationStats, SamplingParams, stream_tokens
+from client.generate import GenerationStats, SamplingParams, Token, stream_tokens
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
 from client.session import RemoteHop, RouteSession
@@ -85,6 +86,7 @@ class SwarmModel:
         if discovery is None:
             mdns_config = MdnsConfig(interfaces=tuple(mdns_interfaces) or "all", advertise=False) if mdns else None
             discovery = DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in bootstrap), mdns=mdns_config)
+        self.name = str(model)  # what it was asked for: an alias, a .gguf file or an HF directory
         with open_checkpoint(model) as checkpoint:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
@@ -131,15 +133,40 @@ class SwarmModel:
         False never. The check runs after the last token and before the stream ends; its
         outcome is `stats.verification` (None when not selected)."""
         stats = GenerationStats()
+        names: list[str] = []
+
+        def follow(hops: list[RemoteHop]) -> None:
+            names[:] = map(str, hops)
+
+        async with aclosing(self.stream_generation(prompt_ids, params, stats, route, verify, on_route=follow)) as tokens:
+            async for token in tokens:
+                yield token.text, stats, list(names)
+
+    async def stream_generation(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stats: GenerationStats,
+        route: Route | None = None,
+        verify: bool | None = None,
+        on_route: Callable[[list[RemoteHop]], None] | None = None,
+    ) -> AsyncIterator[Token]:
+        """Yields each `Token` as it is decoded, filling `stats`; `on_route(hops)` is called when the
+        session opens and whenever failover changes its route. Closing the generator (or cancelling
+        its consumer) closes the route's sessions before it returns."""
         max_length = len(prompt_ids) + params.max_new_tokens
         async with self.config.transport.client_session() as http:
             blocks = FailoverBlocks(self.planner, http, max_length, route)
-            await blocks.start()
-            stats.failovers = blocks.failovers
-            tape = self.verifier.plan(blocks.session, verify)
             try:
+                await blocks.start()
+                stats.failovers = blocks.failovers
+                tape = self.verifier.plan(blocks.session, verify)
+                seen: list[RemoteHop] = []
                 async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats):
-                    yield token.text, stats, blocks.route
+                    if on_route is not None and blocks.session.route != seen:
+                        seen = list(blocks.session.route)
+                        on_route(seen)
+                    yield token
                 stats.verification = await self.verifier.check(http, blocks.session, tape, blocks.clean and not blocks.failovers)
             finally:
                 await blocks.close()
