@@ -29,7 +29,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -176,33 +175,22 @@ def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, bat
     return rate
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def start_server(model: str, bootstrap: str, log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
-    """`swarm serve` as its own process, on a free loopback port; returns it, its URL and the model id it serves."""
-    port = free_port()
-    argv = [sys.executable, "-m", "client.cli", "serve", model, "--bootstrap", bootstrap, "--insecure-http", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+async def start_server(model: str, bootstrap: str, clients: int, log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
+    """`swarm serve` as its own process on a free loopback port; returns it, its URL and the model id it serves."""
+    argv = [sys.executable, "-m", "client.cli", "serve", model, "--bootstrap", bootstrap, "--insecure-http", "--port", "0", "--max-concurrent", str(max(64, clients))]
+    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)  # a file: its request log never fills a pipe
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"swarm serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                async with http.get(f"{url}/v1/models") as response:
-                    if response.status == 200:
-                        models = (await response.json())["data"]
-                        return proc, url, models[0]["id"]
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
+    while time.monotonic() < deadline:
+        ready = next((line for line in log.read_text().splitlines() if line.startswith("ready url=")), None)
+        if ready is not None:
+            url = ready.split()[1].removeprefix("url=")
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/models") as response:
+                return proc, url, (await response.json())["data"][0]["id"]
+        if proc.poll() is not None:
+            raise RuntimeError(f"swarm serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        await asyncio.sleep(0.2)  # another process's output: polled
     proc.kill()
-    raise TimeoutError(f"swarm serve did not answer in {timeout} s:\n{log.read_text()[-2000:]}")
+    raise TimeoutError(f"swarm serve was not ready in {timeout} s:\n{log.read_text()[-2000:]}")
 
 
 async def main() -> None:
@@ -228,7 +216,8 @@ async def main() -> None:
     params = {"target": args.target, "max_tokens": args.max_tokens, "nodes": len(spans), "replicas": args.replicas, "model": model, "cpus": os.cpu_count()}
     try:
         if args.target == "serve":
-            server, url, model_id = await start_server(model, bootstrap.url, tmp / "serve.log")
+            server, url, model_id = await start_server(model, bootstrap.url, args.clients, tmp / "serve.log")
+            print(f"swarm serve at {url}, its log at {tmp / 'serve.log'}", file=sys.stderr)
             http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=0))
 
             async def request(messages):
