@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -145,7 +146,16 @@ async def node_counters(http: aiohttp.ClientSession, nodes) -> dict[str, tuple[i
     return out
 
 
-def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, batches: dict[str, float], params: dict) -> float:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each process has used so far: what a token costs where, whatever else the machine runs."""
+    out = {}
+    for name, pid in pids.items():
+        times = psutil.Process(pid).cpu_times()
+        out[name] = times.user + times.system
+    return out
+
+
+def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, batches: dict[str, float], cpu: dict[str, float], params: dict) -> float:
     ok = [o for o in outcomes if not o.error]
     failed = len(outcomes) - len(ok)
     tokens = sum(o.tokens for o in ok)
@@ -162,11 +172,14 @@ def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, bat
     emit("api_failed_requests", failed, "requests", p)
     for peer, mean in batches.items():
         emit("node_mean_batch_size", mean, "sessions", {**p, "peer": peer[:8]})
+    for process, seconds in cpu.items():
+        emit("cpu_ms_per_token", seconds / max(1, tokens) * 1e3, "ms", {**p, "process": process})
     print(
         f"{name}: {clients:2d} clients, {len(ok)} requests in {elapsed:.1f} s: {len(ok) / elapsed:.2f} req/s, {rate:.1f} tokens/s, "
         f"TTFT p50 {quantile(ttft, 0.5) * 1e3:.0f} / p99 {quantile(ttft, 0.99) * 1e3:.0f} ms, "
         f"inter-token p50 {quantile(itl, 0.5) * 1e3:.0f} / p99 {quantile(itl, 0.99) * 1e3:.0f} ms, failed {failed}, "
-        f"mean batch per node {', '.join(f'{b:.1f}' for b in batches.values())}",
+        f"mean batch per node {', '.join(f'{b:.1f}' for b in batches.values())}; "
+        f"CPU ms per token: {', '.join(f'{k} {v / max(1, tokens) * 1e3:.0f}' for k, v in cpu.items())} (machine load {os.getloadavg()[0]:.1f})",
         file=sys.stderr,
     )
     for o in outcomes:
@@ -235,12 +248,15 @@ async def main() -> None:
         async with http:
             await request(prompt(99, 0))  # warm up: the first request reads the swarm and measures round trips
             rates = {}
+            pids = {"client" if server is None else "server": os.getpid() if server is None else server.pid}
+            pids.update({f"node{n.blocks[0]}-{n.blocks[1]}.{i}": n.proc.pid for i, n in enumerate(nodes)})
             for clients in (1, args.clients):
-                before = await node_counters(http, nodes)
+                before, cpu_before = await node_counters(http, nodes), cpu_seconds(pids)
                 outcomes, elapsed = await phase(request, clients, args.seconds)
-                after = await node_counters(http, nodes)
+                after, cpu_after = await node_counters(http, nodes), cpu_seconds(pids)
                 batches = {p: (after[p][0] - before[p][0]) / max(1, after[p][1] - before[p][1]) for p in after}
-                rates[clients] = report(args.target, outcomes, elapsed, clients, batches, params)
+                cpu = {k: cpu_after[k] - cpu_before[k] for k in pids}
+                rates[clients] = report(args.target, outcomes, elapsed, clients, batches, cpu, params)
         ratio = rates[args.clients] / rates[1] if rates[1] else float("nan")
         emit(
             "api_aggregate_vs_one_client",

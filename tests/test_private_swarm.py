@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -362,8 +363,14 @@ def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, 
         return started_node
 
     try:
-        members = [node(first, "--blocks", "0:15", "--swarm-key", str(path)), node(second, "--blocks", "15:30", "--swarm-key", str(path))]
-        outsider = node(outsider_host, "--blocks", "0:30")
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # side by side: nobody names a bootstrap peer
+            starting = [
+                pool.submit(node, first, "--blocks", "0:15", "--swarm-key", str(path)),
+                pool.submit(node, second, "--blocks", "15:30", "--swarm-key", str(path)),
+                pool.submit(node, outsider_host, "--blocks", "0:30"),
+            ]
+            concurrent.futures.wait(starting)  # every node that started is in `started`, stopped below
+        *members, outsider = [f.result() for f in starting]
         mdns = ["--mdns", "--mdns-interface", client.address, "--insecure-http", "--wait", "4"]
         ids = {m.peer_id for m in members}
         deadline = time.monotonic() + 60
