@@ -84,6 +84,18 @@ def test_generate_batch_uses_both_replica_chains(client, swarm):
     assert [r.text for r in results] == one_by_one
 
 
+def test_concurrent_generations_spread_over_replica_chains(client, swarm):
+    """Generations started together, each planning its own route (as `swarm serve`'s requests do):
+    each counts on the peers it uses, so they share both chains; closed, they count no more."""
+
+    async def together() -> list:
+        return await asyncio.gather(*(client.agenerate(f"Count from {i} to {i + 3}.", max_new_tokens=4, verify=False) for i in range(4)))
+
+    results = asyncio.run(together())
+    assert len({tuple(r.route) for r in results}) >= 2, [r.route for r in results]
+    assert not client.planner.occupancy
+
+
 def test_sync_api_and_chat(client):
     assert "Paris" in client.generate("What is the capital of France?", max_new_tokens=20)
     reply = client.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20)
