@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from jinja2 import TemplateError  # what a chat template raises (transformers renders them with jinja2)
 
 from client.generate import GenerationStats, SamplingParams, Token
 from client.live import Generation, HopSpan
@@ -164,7 +165,10 @@ async def _complete(request: web.Request, parse: Callable[[dict[str, Any]], ApiR
     params = [body.sampling(new_tokens, i) for i in range(body.n)]
     if len(live) + body.n > config.max_concurrent:
         raise ApiError(
-            429, f"The server is running {len(live)} generations, its limit is {config.max_concurrent}: retry later.", "rate_limit_exceeded", "busy"
+            429,
+            f"The server is running {len(live)} generations, its limit is {config.max_concurrent}: retry later.",
+            "rate_limit_exceeded",
+            "busy",
         )
     with ExitStack() as running:  # registered before any await, so the limit above holds exactly
         generations = [running.enter_context(live.track(body.kind, len(prompt_ids))) for _ in range(body.n)]
@@ -186,7 +190,11 @@ async def _complete(request: web.Request, parse: Callable[[dict[str, Any]], ApiR
 def _check_model(app: web.Application, name: str) -> None:
     if name not in app[MODEL_IDS]:
         raise ApiError(
-            404, f"The model '{name}' does not exist: this server serves '{app[MODEL_IDS][0]}'.", "invalid_request_error", "model_not_found", "model"
+            404,
+            f"The model '{name}' does not exist: this server serves '{app[MODEL_IDS][0]}'.",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
         )
 
 
@@ -203,7 +211,12 @@ def _encode(model: SwarmModel, body: ApiRequest) -> list[int]:
             ids = head.encode_prompt(body.prompt, chat=False)
     except BadRequest as exc:
         raise invalid(str(exc), body.prompt_param) from None
-    except (ValueError, TypeError, LookupError) as exc:  # a chat template that refuses these messages (jinja's errors)
+    except (
+        TemplateError,
+        ValueError,
+        TypeError,
+        LookupError,
+    ) as exc:  # a chat template that refuses these messages (its raise_exception, or bad input)
         raise invalid(f"the model's chat template refused these messages: {exc}", "messages") from None
     if not ids:
         raise invalid("the prompt encodes to no tokens.", body.prompt_param)
@@ -211,7 +224,13 @@ def _encode(model: SwarmModel, body: ApiRequest) -> list[int]:
 
 
 async def _run_choice(
-    app: web.Application, generation: Generation, index: int, prompt_ids: list[int], params: SamplingParams, began: float, queue: asyncio.Queue[_Event]
+    app: web.Application,
+    generation: Generation,
+    index: int,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    began: float,
+    queue: asyncio.Queue[_Event],
 ) -> None:
     """One choice: its own generation on its own route; every token, then its end or failure, goes to `queue`."""
     model, metrics = app[MODEL], app[METRICS]
@@ -234,7 +253,7 @@ async def _run_choice(
                     last = now
                 queue.put_nowait(_Event(index, token=token))
         queue.put_nowait(_Event(index, stats=stats))
-    except Exception as exc:  # the handler answers it (a status, or an error event mid-stream)
+    except Exception as exc:  # noqa: BLE001 - the handler answers it (a status, or an error event mid-stream)
         queue.put_nowait(_Event(index, error=exc))
     finally:
         metrics.tokens(len(prompt_ids), stats.new_tokens)
@@ -260,7 +279,9 @@ async def _whole(request: web.Request, body: ApiRequest, prompt_tokens: int, que
     request[TOKENS] = sum(c.stats.new_tokens for c in choices)
     build = chat_response if body.kind == "chat" else completion_response
     decode = _decoder(request.app[MODEL])
-    return web.json_response(build(response_id(body.kind), int(time.time()), body.model, prompt_tokens, choices, decode, body.logprobs is not None))
+    return web.json_response(
+        build(response_id(body.kind), int(time.time()), body.model, prompt_tokens, choices, decode, body.logprobs is not None)
+    )
 
 
 async def _stream(request: web.Request, body: ApiRequest, prompt_tokens: int, queue: asyncio.Queue[_Event]) -> web.StreamResponse:
@@ -269,7 +290,9 @@ async def _stream(request: web.Request, body: ApiRequest, prompt_tokens: int, qu
     first = await queue.get()
     if first.error is not None:
         raise _failed(first.error)  # nothing sent yet: a proper status
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await response.prepare(request)
     try:
         await _events(request, response, body, prompt_tokens, queue, first)
@@ -278,7 +301,14 @@ async def _stream(request: web.Request, body: ApiRequest, prompt_tokens: int, qu
     return response
 
 
-async def _events(request: web.Request, response: web.StreamResponse, body: ApiRequest, prompt_tokens: int, queue: asyncio.Queue[_Event], first: _Event) -> None:
+async def _events(
+    request: web.Request,
+    response: web.StreamResponse,
+    body: ApiRequest,
+    prompt_tokens: int,
+    queue: asyncio.Queue[_Event],
+    first: _Event,
+) -> None:
     rid, created, decode = response_id(body.kind), int(time.time()), _decoder(request.app[MODEL])
     chat = body.kind == "chat"
 
@@ -293,7 +323,20 @@ async def _events(request: web.Request, response: web.StreamResponse, body: ApiR
 
     if chat:
         for index in range(body.n):
-            await response.write(sse(chat_chunk(rid, created, body.model, index, {"role": "assistant", "content": "", "refusal": None}, None, None, body.include_usage)))
+            await response.write(
+                sse(
+                    chat_chunk(
+                        rid,
+                        created,
+                        body.model,
+                        index,
+                        {"role": "assistant", "content": "", "refusal": None},
+                        None,
+                        None,
+                        body.include_usage,
+                    )
+                )
+            )
     done: dict[int, GenerationStats] = {}
     event: _Event | None = first
     while True:

@@ -33,7 +33,7 @@ _UNSUPPORTED = {
     "functions": "function calls are not supported",
     "function_call": "function calls are not supported",
     "logit_bias": "logit_bias is not supported",
-    "response_format": "only response_format {\"type\": \"text\"} is supported",
+    "response_format": 'only response_format {"type": "text"} is supported',
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -51,7 +51,9 @@ _COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -127,9 +129,16 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 def parse_chat(body: dict[str, Any]) -> ApiRequest:
     _check_fields(body, _CHAT_FIELDS)
     messages = _messages(_required(body, "messages"))
-    if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] is not None and body["max_completion_tokens"] is not None:
+    if (
+        "max_tokens" in body
+        and "max_completion_tokens" in body
+        and body["max_tokens"] is not None
+        and body["max_completion_tokens"] is not None
+    ):
         raise invalid("Give max_tokens or max_completion_tokens, not both.", "max_tokens")
-    max_tokens = _int(body, "max_completion_tokens", 1) if body.get("max_completion_tokens") is not None else _int(body, "max_tokens", 1)
+    max_tokens = (
+        _int(body, "max_completion_tokens", 1) if body.get("max_completion_tokens") is not None else _int(body, "max_tokens", 1)
+    )
     logprobs = None
     if _bool(body, "logprobs"):
         logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
@@ -142,7 +151,12 @@ def parse_completion(body: dict[str, Any]) -> ApiRequest:
     _check_fields(body, _COMPLETION_FIELDS)
     prompt, prompt_ids = _prompt(_required(body, "prompt"))
     return ApiRequest(
-        kind="completion", prompt=prompt, prompt_ids=prompt_ids, max_tokens=_int(body, "max_tokens", 1), logprobs=_int(body, "logprobs", 0, 5), **_common(body)
+        kind="completion",
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        max_tokens=_int(body, "max_tokens", 1),
+        logprobs=_int(body, "logprobs", 0, 5),
+        **_common(body),
     )
 
 
@@ -189,18 +203,18 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(options, dict):
             raise invalid("stream_options must be an object.", "stream_options")
         include_usage = _bool(options, "include_usage", "stream_options.include_usage")
-    return dict(
-        model=model,
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
-        stop=_stop(body.get("stop")),
-        seed=_int(body, "seed", -(2**63), 2**63 - 1),
-        n=_int(body, "n", 1, MAX_N) or 1,
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        stream=stream,
-        include_usage=include_usage,
-    )
+    return {
+        "model": model,
+        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
+        "stop": _stop(body.get("stop")),
+        "seed": _int(body, "seed", -(2**63), 2**63 - 1),
+        "n": _int(body, "n", 1, MAX_N) or 1,
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        "stream": stream,
+        "include_usage": include_usage,
+    }
 
 
 def _required(body: dict[str, Any], name: str) -> Any:
@@ -265,7 +279,11 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role = message.get("role")
         if role not in ROLES:
             if role in ("tool", "function"):
-                raise invalid(f"{where}: role '{role}' needs tool calls, which are not supported by this server.", f"{where}.role", "unsupported_parameter")
+                raise invalid(
+                    f"{where}: role '{role}' needs tool calls, which are not supported by this server.",
+                    f"{where}.role",
+                    "unsupported_parameter",
+                )
             raise invalid(f"{where}.role must be one of system, developer, user, assistant.", f"{where}.role")
         for name in message:
             if name not in ("role", "content", "name"):
@@ -285,8 +303,12 @@ def _content(value: Any, where: str) -> str:
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else None
             if isinstance(kind, str) and kind != "text":
-                raise invalid(f"{where}[{j}]: content of type '{kind}' is not supported by this server (text only).", f"{where}[{j}].type", "unsupported_parameter")
-            raise invalid(f"{where}[{j}] must be {{\"type\": \"text\", \"text\": string}}.", f"{where}[{j}]")
+                raise invalid(
+                    f"{where}[{j}]: content of type '{kind}' is not supported by this server (text only).",
+                    f"{where}[{j}].type",
+                    "unsupported_parameter",
+                )
+            raise invalid(f'{where}[{j}] must be {{"type": "text", "text": string}}.', f"{where}[{j}]")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -303,7 +325,10 @@ def _prompt(value: Any) -> tuple[str | None, tuple[int, ...] | None]:
         if min(value) < 0:
             raise invalid("token ids in prompt must be >= 0.", "prompt")
         return None, tuple(value)
-    raise invalid("prompt must be a string, a list of one string, or a non-empty list of token ids (batches of prompts are not supported).", "prompt")
+    raise invalid(
+        "prompt must be a string, a list of one string, or a non-empty list of token ids (batches of prompts are not supported).",
+        "prompt",
+    )
 
 
 # --- limits that need the model -------------------------------------------------------------------
@@ -317,12 +342,21 @@ def max_new_tokens(request: ApiRequest, prompt_tokens: int, context: int, defaul
             raise _too_long(request, prompt_tokens, context, f"your prompt has {prompt_tokens} tokens")
         return min(default, context - prompt_tokens)
     if prompt_tokens + request.max_tokens > context:
-        raise _too_long(request, prompt_tokens, context, f"you requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the prompt, {request.max_tokens} for the completion)")
+        raise _too_long(
+            request,
+            prompt_tokens,
+            context,
+            f"you requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the prompt, {request.max_tokens} for the completion)",
+        )
     return request.max_tokens
 
 
 def _too_long(request: ApiRequest, prompt_tokens: int, context: int, what: str) -> ApiError:
-    return invalid(f"This model's maximum context length is {context} tokens. However, {what}. Please reduce the length of the prompt or of max_tokens.", request.prompt_param, "context_length_exceeded")
+    return invalid(
+        f"This model's maximum context length is {context} tokens. However, {what}. Please reduce the length of the prompt or of max_tokens.",
+        request.prompt_param,
+        "context_length_exceeded",
+    )
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -337,7 +371,11 @@ def finish_reason(stats: GenerationStats) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @dataclass
@@ -350,7 +388,9 @@ class Choice:
     tokens: list[Token] = field(default_factory=list)  # only tokens with ids, only when logprobs were asked
 
 
-def chat_response(rid: str, created: int, model: str, prompt_tokens: int, choices: list[Choice], decode, logprobs: bool) -> dict[str, Any]:
+def chat_response(
+    rid: str, created: int, model: str, prompt_tokens: int, choices: list[Choice], decode, logprobs: bool
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -370,7 +410,9 @@ def chat_response(rid: str, created: int, model: str, prompt_tokens: int, choice
     }
 
 
-def completion_response(rid: str, created: int, model: str, prompt_tokens: int, choices: list[Choice], decode, logprobs: bool) -> dict[str, Any]:
+def completion_response(
+    rid: str, created: int, model: str, prompt_tokens: int, choices: list[Choice], decode, logprobs: bool
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
@@ -399,7 +441,9 @@ def chat_logprobs(tokens: list[Token], decode) -> dict[str, Any]:
 
     return {
         "content": [
-            {**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]} for t in tokens if t.id is not None and t.logprob is not None
+            {**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}
+            for t in tokens
+            if t.id is not None and t.logprob is not None
         ],
         "refusal": None,
     }
@@ -433,7 +477,14 @@ DONE = sse("[DONE]")
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None, include_usage: bool = False
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    include_usage: bool = False,
 ) -> dict[str, Any]:
     chunk = {
         "id": rid,
@@ -449,7 +500,14 @@ def chat_chunk(
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, index: int, text: str, finish: str | None = None, logprobs: dict[str, Any] | None = None, include_usage: bool = False
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    include_usage: bool = False,
 ) -> dict[str, Any]:
     chunk = {
         "id": rid,

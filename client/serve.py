@@ -39,7 +39,7 @@ PROTECTED_PREFIXES = ("/v1/", "/metrics")
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # None: no auth (a loopback server); else every /v1 request needs `Authorization: Bearer KEY`
+    api_key: str | None = None  # None: no auth (a loopback server); else /v1 and /metrics need `Authorization: Bearer KEY`
     model_id: str = ""  # the name /v1/models lists and requests must use ("" : the checkpoint's alias)
     max_concurrent: int = 64  # generations in flight; beyond it a request gets 429 `busy`
     watch_period_s: float = 2.0  # how often the swarm view is re-read and peers probed (client/watch.py)
@@ -95,12 +95,19 @@ async def authenticate(request: web.Request, handler) -> web.StreamResponse:
     if key is not None and request.path.startswith(PROTECTED_PREFIXES):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            error = ApiError(401, "Incorrect API key provided: give it as `Authorization: Bearer KEY`.", "invalid_request_error", "invalid_api_key")
+            error = ApiError(
+                401,
+                "Incorrect API key provided: give it as `Authorization: Bearer KEY`.",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
             return web.json_response(error.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
-async def run_server(model: SwarmModel, config: ServeConfig, ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> None:
+async def run_server(
+    model: SwarmModel, config: ServeConfig, ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Serve until `stop` is set (or the task is cancelled). `ready(url)` is called once listening
     (port 0 picks a free port; the url says which)."""
     app = build_app(model, config)

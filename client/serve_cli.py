@@ -16,18 +16,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     key = parser.add_mutually_exclusive_group()
-    key.add_argument("--api-key", metavar="KEY", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics (the page at / stays open)")
-    key.add_argument("--api-key-file", metavar="FILE", type=Path, default=None, help="as --api-key, the key read from FILE (keeps it out of the process list)")
+    key.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1 and /metrics (the page at / stays open)",
+    )
+    key.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="as --api-key, the key read from FILE (keeps it out of the process list)",
+    )
     key.add_argument(
         "--no-api-key",
         action="store_true",
         help="serve without a key on a --host other than loopback: anyone who reaches the port then runs generations on the swarm. "
         "Without it, a non-loopback --host needs --api-key or --api-key-file",
     )
-    parser.add_argument("--model-id", default="", help="the model name the API lists and requests use (default: the checkpoint's alias)")
-    parser.add_argument("--max-concurrent", type=int, default=64, metavar="N", help="generations running at once; beyond it requests get 429 busy (default 64)")
     parser.add_argument(
-        "--default-max-tokens", type=int, default=512, metavar="N", help="new tokens for a request that gives no max_tokens (default 512, capped by the context left)"
+        "--model-id", default="", help="the model name the API lists and requests use (default: the checkpoint's alias)"
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=64,
+        metavar="N",
+        help="generations running at once; beyond it requests get 429 busy (default 64)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="new tokens for a request that gives no max_tokens (default 512, capped by the context left)",
     )
 
 
@@ -50,7 +73,12 @@ def serve_config(args: argparse.Namespace):
     if args.max_concurrent < 1 or args.default_max_tokens < 1:
         raise SwarmError("--max-concurrent and --default-max-tokens must be at least 1")
     return ServeConfig(
-        host=args.host, port=args.port, api_key=api_key or None, model_id=args.model_id, max_concurrent=args.max_concurrent, default_max_tokens=args.default_max_tokens
+        host=args.host,
+        port=args.port,
+        api_key=api_key or None,
+        model_id=args.model_id,
+        max_concurrent=args.max_concurrent,
+        default_max_tokens=args.default_max_tokens,
     )
 
 
@@ -75,7 +103,12 @@ def run_serve(args: argparse.Namespace, make_model: Callable[[], object]) -> int
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_server(model, config, ready=lambda url: print(f"ready url={url} model={config.model_id or model.name}", flush=True), stop=stop)
+        await run_server(
+            model,
+            config,
+            ready=lambda url: print(f"ready url={url} model={config.model_id or model.name}", flush=True),
+            stop=stop,
+        )
 
     try:
         asyncio.run(serve())

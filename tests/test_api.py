@@ -58,7 +58,7 @@ class ServerThread:
 
         try:
             self.loop.run_until_complete(main())
-        except BaseException as exc:  # shown by start() instead of a silent hang
+        except BaseException as exc:  # noqa: BLE001 - shown by start() instead of a silent hang
             self.error = exc
             self.ready.set()
 
@@ -100,13 +100,23 @@ def _logged(caplog, start: str) -> bool:
     return any(r.name == "client.serve" and r.getMessage().startswith(start) for r in caplog.records)
 
 
-def _status(url: str, key: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def _status(url: str, key: str | None = None, body: bytes | None = None) -> int:
+    return _call(url, key, body)[0]
+
+
+def _call(url: str, key: str | None = None, body: bytes | None = None) -> tuple[int, dict | None]:
+    """(status, JSON body or None) of a GET, or of a POST when `body` is given."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, data=body, headers={**headers, "Content-Type": "application/json"} if body is not None else headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
+            status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
 
 
 def test_models_lists_the_model_and_full_coverage(api):
@@ -199,6 +209,12 @@ def test_errors_in_openai_shape(api, server):
     assert caught.value.code == "invalid_api_key"
     assert _status(f"{server.url}/metrics") == 401 and _status(f"{server.url}/v1/models") == 401
     assert _status(f"{server.url}/v1/models", KEY) == 200 and _status(f"{server.url}/") != 401  # the page stays open
+    status, body = _call(f"{server.url}/v1/chat/completions", KEY, b"x" * (2 << 20))  # over aiohttp's 1 MiB body limit
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = _call(f"{server.url}/v1/chat/completions", KEY, b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = _call(f"{server.url}/v1/embeddings", KEY, b"{}")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_disconnect_mid_stream_closes_sessions_and_busy_beyond_the_limit(api, server, swarm, caplog):
@@ -254,7 +270,7 @@ def test_swarm_serve_greedy_text_equals_swarm_generate(swarm, tmp_path):
 
 
 def test_serve_refuses_an_open_server_reachable_from_other_machines():
-    refused = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 2 and "--api-key" in refused.stderr  # refused before loading anything
 
 

@@ -59,7 +59,14 @@ def test_chat_maps_every_supported_field():
     assert request.max_tokens == 7 and request.stop == ("END",) and request.include_usage and request.logprobs == 4
     params = request.sampling(7, choice=1)
     assert params == SamplingParams(
-        max_new_tokens=7, temperature=0.5, top_p=0.9, seed=4, stop=("END",), presence_penalty=0.5, frequency_penalty=-1.0, logprobs=4
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        seed=4,
+        stop=("END",),
+        presence_penalty=0.5,
+        frequency_penalty=-1.0,
+        logprobs=4,
     )  # seed + choice
 
 
@@ -79,35 +86,38 @@ def test_content_parts_join_and_developer_is_system():
 @pytest.mark.parametrize(
     "fields, param",
     [
-        (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-        (dict(tool_choice="auto"), "tool_choice"),
-        (dict(response_format={"type": "json_schema", "json_schema": {}}), "response_format"),
-        (dict(logit_bias={"1": 5}), "logit_bias"),
-        (dict(n=9), "n"),
-        (dict(n=0), "n"),
-        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-        (dict(stop=[""]), "stop"),
-        (dict(stop=3), "stop"),
-        (dict(temperature=2.5), "temperature"),
-        (dict(temperature="hot"), "temperature"),
-        (dict(top_p=1.5), "top_p"),
-        (dict(presence_penalty=3), "presence_penalty"),
-        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
-        (dict(max_tokens=0), "max_tokens"),
-        (dict(max_tokens=True), "max_tokens"),
-        (dict(max_tokens=4, max_completion_tokens=4), "max_tokens"),
-        (dict(top_logprobs=2), "top_logprobs"),
-        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
-        (dict(stream_options={"include_usage": True}), "stream_options"),
-        (dict(seed=1.5), "seed"),
-        (dict(whatever=1), "whatever"),
-        (dict(model=""), "model"),
-        (dict(messages=[]), "messages"),
-        (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
-        (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
-        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "messages[0].content[0].type"),
-        (dict(messages=[{"role": "user", "content": None}]), "messages[0].content"),
-        (dict(messages=[{"role": "assistant", "content": "x", "tool_calls": []}]), "messages[0].tool_calls"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": 3}, "stop"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 4, "max_completion_tokens": 4}, "max_tokens"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"seed": 1.5}, "seed"),
+        ({"whatever": 1}, "whatever"),
+        ({"model": ""}, "model"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
     ],
 )
 def test_chat_refuses_with_the_param(fields, param):
@@ -115,7 +125,14 @@ def test_chat_refuses_with_the_param(fields, param):
 
 
 def test_off_values_of_unsupported_fields_are_accepted():
-    chat(tools=[], tool_choice="none", response_format={"type": "text"}, logit_bias={}, parallel_tool_calls=False, metadata={"a": "b"})
+    chat(
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        logit_bias={},
+        parallel_tool_calls=False,
+        metadata={"a": "b"},
+    )
 
 
 def test_missing_fields():
@@ -155,7 +172,13 @@ def test_context_length():
 
 
 def test_swarm_errors_map_to_statuses():
-    cases = {NoRoute("no peer serves blocks [10, 20)"): 503, PeerUnavailable("x"): 503, Busy("x"): 503, LengthExceeded("x"): 400, SwarmError("x"): 500}
+    cases = {
+        NoRoute("no peer serves blocks [10, 20)"): 503,
+        PeerUnavailable("x"): 503,
+        Busy("x"): 503,
+        LengthExceeded("x"): 400,
+        SwarmError("x"): 500,
+    }
     for error, status in cases.items():
         assert from_swarm_error(error).status == status
     assert "[10, 20)" in from_swarm_error(NoRoute("no peer serves blocks [10, 20)")).message
@@ -179,7 +202,11 @@ def test_chat_response_shape():
     assert body["choices"][1]["message"] == {"role": "assistant", "content": "b", "refusal": None}
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
     text = completion_response("cmpl-1", 10, "m", 5, [Choice(0, "x", _stats(1, "stop"))], str, logprobs=False)
-    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "x" and text["choices"][0]["finish_reason"] == "stop"
+    assert (
+        text["object"] == "text_completion"
+        and text["choices"][0]["text"] == "x"
+        and text["choices"][0]["finish_reason"] == "stop"
+    )
 
 
 def test_logprobs_shapes():
@@ -189,7 +216,12 @@ def test_logprobs_shapes():
     assert content == [{"token": "ab", "logprob": -0.5, "bytes": [97, 98], "top_logprobs": [
         {"token": "ab", "logprob": -0.5, "bytes": [97, 98]}, {"token": "c", "logprob": -1.5, "bytes": [99]}]}]  # fmt: skip
     legacy = completion_logprobs(tokens + [Token(8, "c", -2.0)], decode)
-    assert legacy == {"tokens": ["ab", "c"], "token_logprobs": [-0.5, -2.0], "top_logprobs": [{"ab": -0.5, "c": -1.5}, {}], "text_offset": [0, 2]}
+    assert legacy == {
+        "tokens": ["ab", "c"],
+        "token_logprobs": [-0.5, -2.0],
+        "top_logprobs": [{"ab": -0.5, "c": -1.5}, {}],
+        "text_offset": [0, 2],
+    }
 
 
 def test_stream_frames():
