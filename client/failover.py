@@ -20,7 +20,9 @@ Every one-token step is also a measurement: its wall time and each hop's
 reported model time go to the `Planner`, which ranks peers by them; a hop that
 fails is banned there (client/measure.py), so later generations avoid it too.
 Planning and opening sessions live in client/planner.py, which this module and
-client/swarm.py both use.
+client/swarm.py both use. The generation's route is counted in the planner's
+occupancy (`Lease`) from open to close and follows splices and re-routes, so
+concurrent generations spread over replicas.
 """
 
 from __future__ import annotations
@@ -68,15 +70,17 @@ class FailoverBlocks:
         self.failovers: list[Failover] = []
         self.clean = True  # every step ran once on the route opened first: its transcripts are one clean prefix
         self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
+        self.lease = planner.lease()  # this generation's route in the planner's occupancy
 
     @property
     def route(self) -> list[str]:
         return [str(h) for h in self.session.route] if self.session else []
 
     async def start(self) -> None:
-        self.session = await self.planner.open_session(self.http, self.max_length, self.first_route)
+        self.session = await self.planner.open_session(self.http, self.max_length, self.first_route, lease=self.lease)
 
     async def close(self) -> None:
+        self.lease.end()  # at once: sessions planned while this one closes may take its place
         if self.session is not None:
             await self.session.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
@@ -139,6 +143,7 @@ class FailoverBlocks:
                 try:
                     hops = await self._plan_hops(hop)
                     await self.session.replace(hop, hops, prefix)
+                    self.lease.move(h.peer_id for h in self.session.route)
                     return self._record(Failover(str(exc), str(hop), "splice", " -> ".join(map(str, hops))))
                 except NoRoute as why:
                     log.info("no replacement for %s alone (%s); planning a whole new route", hop, why)
@@ -152,7 +157,7 @@ class FailoverBlocks:
                         log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, culprit, why)
                         break
                     log.info("replacement %s for %s refused (%s); trying another", culprit, hop, why)
-        session = await self.planner.open_session(self.http, self.max_length, exclude=frozenset(self.exclude))
+        session = await self.planner.open_session(self.http, self.max_length, exclude=frozenset(self.exclude), lease=self.lease)
         self._closing.append(asyncio.ensure_future(self.session.close()))  # a dead hop may take a while
         self.session = session
         return self._record(Failover(str(exc), str(hop or "?"), "reroute", " -> ".join(self.route)))

@@ -7,6 +7,17 @@ peers' own claims, plans routes and sub-routes, and opens sessions along them,
 planning around hops that refuse. It knows nothing of generation: `SwarmModel`
 (client/swarm.py) and `FailoverBlocks` (client/failover.py) both build on it,
 so neither imports the other.
+
+Concurrent sessions of one client spread over replicas (data parallel): the
+planner counts the sessions this client has open through each peer
+(`occupancy`, kept by each session's `Lease`) and plans as if a peer carrying
+n of them were (1 + spread_penalty * n) times slower. A lone session so takes
+the fastest route; the 16 requests of a busy `swarm serve` share the replicas
+in proportion to their speed instead of piling onto one route. A peer's own
+`load` in its record says the same, but a gossip round late and for every
+client at once; our own sessions we know of at once, also those opened in the
+same instant. A lease is taken before a session's open is awaited, so sessions
+opening together already see each other.
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import aiohttp
@@ -48,10 +60,16 @@ class ClientConfig:
     verify_seed: int | None = None
     verify_timeout_s: float = 120.0
     accuse_fanout: int = 3
+    # A peer carrying n of this client's open sessions is planned as (1 + spread_penalty * n) times
+    # slower: sessions spread over replicas in proportion to their speed. 0 piles every session on
+    # the fastest route (they still batch there).
+    spread_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction!r}")
+        if not (self.spread_penalty >= 0.0 and self.spread_penalty < float("inf")):  # also rejects NaN
+            raise ValueError(f"spread_penalty must be finite and >= 0, got {self.spread_penalty!r}")
 
 
 def claimed_throughput(record: PeerRecord) -> float:
@@ -62,6 +80,40 @@ def claimed_throughput(record: PeerRecord) -> float:
 def is_misbehaviour(error: BaseException) -> bool:
     """Whether a hop's failure should ban it: everything but saying it is full or leaving."""
     return isinstance(error, SwarmError) and not isinstance(error, (Busy, ShuttingDown))
+
+
+def occupied(candidates: Iterable[Candidate], occupancy: Counter[str], spread_penalty: float) -> list[Candidate]:
+    """`candidates` with each peer's compute scaled by the sessions this client runs through it.
+
+    Two sessions on one peer wait for each other's steps (batched, a step of two costs less
+    than two steps, but more than one), so the model is the same as `plan_routes`' spreading:
+    n sessions make a peer about (1 + n) times as slow, times `spread_penalty`.
+    """
+    return [
+        replace(c, per_block_s=c.per_block_s * (1.0 + spread_penalty * n)) if (n := occupancy.get(c.peer_id, 0)) > 0 else c
+        for c in candidates
+    ]
+
+
+class Lease:
+    """The peers one session is counted on in its planner's occupancy: `move` it when the route
+    changes (opened, spliced, re-routed), `end` it when the session closes."""
+
+    def __init__(self, occupancy: Counter[str]) -> None:
+        self._occupancy = occupancy
+        self.peers: tuple[str, ...] = ()
+
+    def move(self, peers: Iterable[str]) -> None:
+        new = tuple(p for p in peers if p)
+        self._occupancy.update(new)
+        self._occupancy.subtract(self.peers)
+        for peer in self.peers:
+            if self._occupancy[peer] <= 0:
+                del self._occupancy[peer]  # keep the counter to the peers in use
+        self.peers = new
+
+    def end(self) -> None:
+        self.move(())
 
 
 class Planner:
@@ -88,6 +140,7 @@ class Planner:
         self.view = SwarmView()
         self.measurements = Measurements(config.trust)
         self.undialable = 0  # peers of this model left out at the last look: plain http, and this client dials https only
+        self.occupancy: Counter[str] = Counter()  # peer id -> sessions of this client open through it (see `Lease`)
         self._refreshed: float | None = None
         self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
 
@@ -141,16 +194,23 @@ class Planner:
     # --- planning ----------------------------------------------------------------------
 
     def plan(self, exclude: frozenset[str] = frozenset(), start: int = 0, end: int | None = None) -> Route:
-        """The best route over blocks [start, end) (default: all) avoiding `exclude` and, where possible, banned peers."""
+        """The best route over blocks [start, end) (default: all) avoiding `exclude` and, where possible,
+        banned peers, with this client's open sessions weighing on the peers they use (`occupied`)."""
         candidates = self.candidates()
         if not candidates:
             raise NoRoute(f"no peer serves model {self.model_name}{self._served_elsewhere()}")
+        candidates = occupied(candidates, self.occupancy, self.config.spread_penalty)
         return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
 
     def plan_routes(self, count: int) -> list[Route]:
-        """`count` routes spread over replicas (see `swarm.routing.plan_routes`)."""
-        candidates = self.candidates()
-        return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, exclude=avoid), frozenset())
+        """`count` routes spread over replicas (see `swarm.routing.plan_routes`), around the sessions already open."""
+        candidates = occupied(self.candidates(), self.occupancy, self.config.spread_penalty)
+        spread = self.config.spread_penalty
+        return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, spread_penalty=spread, exclude=avoid), frozenset())
+
+    def lease(self) -> Lease:
+        """A new session's place in `occupancy` (empty until `open_session` or `Lease.move` fills it)."""
+        return Lease(self.occupancy)
 
     def _unbanned(self, plan, exclude: frozenset[str]):
         banned = (self.measurements.banned(self.clock()) | (self.avoid() if self.avoid else frozenset())) - exclude
@@ -206,9 +266,15 @@ class Planner:
 
     # --- sessions ------------------------------------------------------------------------
 
-    async def open_session(self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset()) -> RouteSession:
-        """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned."""
+    async def open_session(
+        self, http: aiohttp.ClientSession, max_length: int, route: Route | None = None, exclude: frozenset[str] = frozenset(), lease: Lease | None = None
+    ) -> RouteSession:
+        """A session along `route` (or the best route avoiding `exclude`); refusing hops are excluded and the route re-planned.
+
+        With a `lease`, the route is counted in `occupancy` from the moment it is planned (sessions
+        opening at once must see each other); if no route opens, the lease goes back to where it was."""
         await self.refresh(http, force=bool(exclude))
+        prior = lease.peers if lease is not None else ()
         exclude = set(exclude)
         refusals: list[str] = []
         last: Exception | None = None
@@ -221,9 +287,15 @@ class Planner:
                     raise
                 raise NoRoute(f"{exc}; refused: {'; '.join(refusals)}") from None
             session = RouteSession(http, self.hops(planned), self.model_digest, max_length, session_config, self.config.transport)
+            if lease is not None:
+                lease.move(planned.peers)
             try:
                 return await session.__aenter__()
-            except TransientError as exc:
+            except BaseException as exc:
+                if lease is not None:
+                    lease.move(prior)  # also when cancelled: a request gone mid-open holds nothing
+                if not isinstance(exc, TransientError):
+                    raise
                 last = exc
                 hop = hop_of(exc)
                 failed = hop.peer_id if hop is not None and hop.peer_id else planned.hops[0].peer_id

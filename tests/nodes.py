@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -101,11 +102,25 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             node.kill()
 
 
+def reserve_url(tls: bool = False) -> tuple[list[str], str]:
+    """(`--port` arguments, URL) of a node yet to start, on a free loopback port: nodes naming it as
+    their bootstrap peer can start at the same time as it, instead of after it. Until it is up
+    their gossip rounds to it fail, and every round tries it again, so they meet within a period.
+    (Another process may take the port meanwhile; the node then fails to start, loudly.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["--port", str(port)], f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
 def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5, tls: bool = False) -> tuple[NodeProcess, list[NodeProcess]]:
-    """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it."""
+    """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it, all
+    started at once (`reserve_url`). The nodes' identities are tmp/node{i}-{pid}.key, the bootstrap
+    peer's is under tmp/bootstrap."""
     period = ["--gossip-period", str(gossip_period)]
-    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap", tls=tls)
-    nodes = start_nodes([["--blocks", span, "--bootstrap", bootstrap.url, *period] for span in spans], tmp, tls=tls)
+    port, url = reserve_url(tls)
+    identity = ["--identity", str(tmp / "bootstrap" / f"node0-{os.getpid()}.key")]  # an explicit --identity wins
+    *nodes, bootstrap = start_nodes([*(["--blocks", span, "--bootstrap", url, *period] for span in spans), ["--no-model", *port, *identity, *period]], tmp, tls=tls)
     return bootstrap, nodes
 
 

@@ -12,6 +12,7 @@ The flood test runs on its own LAN (tests/netns.py): the attacker from its own a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, Transcript, check_seal, tensor_digest
 from tests.netns import Lines, beside_attacker
-from tests.nodes import start_in_namespace, start_nodes, stop_nodes
+from tests.nodes import reserve_url, start_in_namespace, start_nodes, stop_nodes
 from tests.sealed_session import TappedChain, packed
 
 PERIOD = ["--gossip-period", "0.5"]
@@ -39,14 +40,25 @@ DECODE = [504, 3575, 314]  # three decode steps: the liar lies on the third
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("accusations")
-    (bootstrap,) = start_nodes([["--no-model", *PERIOD, *COURT]], tmp / "bootstrap")
-    join = ["--bootstrap", bootstrap.url, *PERIOD, *COURT]
-    started = [bootstrap]
+    port, url = reserve_url()  # all start at once
+    join = ["--bootstrap", url, *PERIOD, *COURT]
+    started = []
     try:
-        (liar,) = start_nodes([["--blocks", "10:20", "--lie-every", "3", *join]], tmp / "liar", module="tests.lying_node")
-        started.append(liar)
-        a, h1, h2, b = start_nodes([["--blocks", span, *join] for span in ("0:10", "10:20", "10:20", "20:30")], tmp / "honest")
-        started += [a, h1, h2, b]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            groups = [
+                pool.submit(start_nodes, [["--no-model", *port, *PERIOD, *COURT]], tmp / "bootstrap"),
+                pool.submit(start_nodes, [["--blocks", "10:20", "--lie-every", "3", *join]], tmp / "liar", module="tests.lying_node"),
+                pool.submit(start_nodes, [["--blocks", span, *join] for span in ("0:10", "10:20", "10:20", "20:30")], tmp / "honest"),
+            ]
+            failure: Exception | None = None
+            for group in groups:  # collect every group that started, so that all are stopped below
+                try:
+                    started += group.result()
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others are collected
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
+        bootstrap, liar, a, h1, h2, b = started
         asyncio.run(_until_everyone_knows_everyone(started))
         yield {"bootstrap": bootstrap, "liar": liar, "a": a, "h1": h1, "h2": h2, "b": b}
     finally:

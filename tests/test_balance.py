@@ -99,12 +99,12 @@ def test_auto_nodes_cover_the_model_and_close_a_hole(tmp_path):
     """
     import itertools
 
-    from tests.nodes import start_nodes, stop_nodes
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
 
     gossip = ["--gossip-period", "0.3", "--record-ttl", str(TTL)]
-    (bootstrap,) = start_nodes([["--no-model", *gossip]], tmp_path / "b")
-    auto = ["--blocks", "auto", "--num-blocks", "15", "--rebalance-period", "1", "--min-dwell", "2", "--bootstrap", bootstrap.url, *gossip]
-    nodes = start_nodes([auto] * 5, tmp_path)
+    port, url = reserve_url()  # the bootstrap peer starts beside them: the five find an empty swarm either way
+    auto = ["--blocks", "auto", "--num-blocks", "15", "--rebalance-period", "1", "--min-dwell", "2", "--bootstrap", url, *gossip]
+    *nodes, bootstrap = start_nodes([*[auto] * 5, ["--no-model", *port, *gossip]], tmp_path)
     try:
         covered = _until_covered(bootstrap.url, 60)
         print(f"5 auto nodes cover all 30 blocks {covered:.1f} s after they were ready")
@@ -132,7 +132,7 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
     from client.generate import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
     from swarm.model import DEFAULT_MODEL
-    from tests.nodes import refresh, start_nodes, stop_nodes
+    from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes
 
     def info(node) -> dict:
         with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
@@ -146,9 +146,10 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
         return state
 
     gossip = ["--gossip-period", "0.3", "--record-ttl", str(TTL)]
-    (bootstrap,) = start_nodes([["--no-model", *gossip]], tmp_path / "b")
-    fixed = [["--blocks", span, "--bootstrap", bootstrap.url, *gossip] for span in ("0:15", "15:30")]
-    nodes = start_nodes(fixed, tmp_path / "f")
+    port, url = reserve_url()  # the bootstrap peer starts beside the fixed nodes
+    fixed = [["--blocks", span, "--bootstrap", url, *gossip] for span in ("0:15", "15:30")]
+    bootstrap, *nodes = start_nodes([["--no-model", *port, *gossip], *fixed], tmp_path / "f")
+    _until_covered(bootstrap.url, 60)  # the auto node must see both fixed ones when it picks its span
     auto = ["--blocks", "auto", "--num-blocks", "15", "--rebalance-period", "1", "--min-dwell", "0", "--drain-timeout", "60"]
     nodes += start_nodes([[*auto, "--bootstrap", bootstrap.url, *gossip]], tmp_path / "a")
     mover = nodes[-1]

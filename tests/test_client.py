@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,16 @@ NEW_TOKENS = 24
 swarm = module_swarm("client", ["0:10", "10:20", "20:30", "0:15", "15:30"])  # `client` (conftest) is a float32-wire SwarmModel on it
 
 
+_LOCAL: dict[str, list[int]] = {}  # prompt -> local greedy tokens: two tests compare with each
+
+
 def _local_greedy(head, span, prompt: str) -> list[int]:
-    ids = head.encode_prompt(prompt, chat=True)
-    stats = GenerationStats()
-    list(stream_tokens_sync(head, LocalBlocks(span, len(ids) + NEW_TOKENS), ids, SamplingParams(max_new_tokens=NEW_TOKENS), stats))
-    return stats.token_ids
+    if prompt not in _LOCAL:
+        ids = head.encode_prompt(prompt, chat=True)
+        stats = GenerationStats()
+        list(stream_tokens_sync(head, LocalBlocks(span, len(ids) + NEW_TOKENS), ids, SamplingParams(max_new_tokens=NEW_TOKENS), stats))
+        _LOCAL[prompt] = stats.token_ids
+    return _LOCAL[prompt]
 
 
 def _route_through(client, nodes, spans: set[tuple[int, int]]):
@@ -77,6 +84,18 @@ def test_generate_batch_uses_both_replica_chains(client, swarm):
     assert [r.text for r in results] == one_by_one
 
 
+def test_concurrent_generations_spread_over_replica_chains(client, swarm):
+    """Generations started together, each planning its own route (as `swarm serve`'s requests do):
+    each counts on the peers it uses, so they share both chains; closed, they count no more."""
+
+    async def together() -> list:
+        return await asyncio.gather(*(client.agenerate(f"Count from {i} to {i + 3}.", max_new_tokens=4, verify=False) for i in range(4)))
+
+    results = asyncio.run(together())
+    assert len({tuple(r.route) for r in results}) >= 2, [r.route for r in results]
+    assert not client.planner.occupancy
+
+
 def test_sync_api_and_chat(client):
     assert "Paris" in client.generate("What is the capital of France?", max_new_tokens=20)
     reply = client.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20)
@@ -100,18 +119,26 @@ def test_chat_cli_keeps_history_and_shows_the_route(swarm):
     assert "->" in done.stderr and "(conversation forgotten)" in done.stderr
 
 
-@pytest.mark.parametrize("limit", [["--max-sessions", "0"], ["--kv-memory", "1MiB"]], ids=["sessions", "kv-budget"])
-def test_busy_node_is_routed_around(tmp_path, swarm, limit):
-    """A node that looks best ([0,30) in one hop) but refuses every session as busy: the client goes elsewhere."""
+def test_busy_nodes_are_routed_around(tmp_path, swarm):
+    """Two nodes that look best ([0,30) in one hop) but refuse every session as busy, one for its
+    session limit, one for its KV budget: the client goes elsewhere, round each in turn."""
     bootstrap, nodes = swarm
-    (busy,) = start_nodes([["--blocks", "0:30", *limit, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]], tmp_path)
+    limits = [["--max-sessions", "0"], ["--kv-memory", "1MiB"]]
+    busy = start_nodes([["--blocks", "0:30", *limit, "--bootstrap", bootstrap.url, "--gossip-period", "0.5"] for limit in limits], tmp_path)
     try:
-        model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[busy.url], config=ClientConfig(wire_dtype="float32"))
+        model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[busy[0].url], config=ClientConfig(wire_dtype="float32"))
+        asyncio.run(refresh(model))
+        for _ in range(40):  # both records reach the first busy node by gossip: no event to await across processes
+            if {n.peer_id for n in busy} <= {r.peer_id for r in model.planner.records()}:
+                break
+            time.sleep(0.25)
+            asyncio.run(refresh(model))
         result = asyncio.run(model.agenerate("What is the capital of France?", max_new_tokens=16))
         assert "Paris" in result.text
-        assert not any(busy.peer_id[:8] in hop for hop in result.route)
+        assert not any(node.peer_id[:8] in hop for hop in result.route for node in busy)
+        assert not model.planner.measurements.banned(model.planner.clock())  # busy is no offence
     finally:
-        stop_nodes([busy])
+        stop_nodes(busy)
 
 
 @contextlib.contextmanager
@@ -184,41 +211,44 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_errors_are_one_clear_line(tmp_path):
-    (lonely,) = start_nodes([["--blocks", "0:10", "--max-sessions", "0"]], tmp_path)
-    try:
-        cases = [
-            (["--insecure-http", "--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
-            (["--insecure-http", "--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
-            (["--bootstrap", lonely.url], f"error: bootstrap {lonely.url} is plain http: this client dials https only"),  # never dialled
-        ]
-        for extra, expected in cases:
-            done = _cli("generate", "hi", "--max-new-tokens", "4", *extra)
+@pytest.fixture(scope="module")
+def lonely(tmp_path_factory):
+    """Two nodes on their own, started together, refusing every session: [0,10) and [0,30)."""
+    nodes = start_nodes([["--blocks", "0:10", "--max-sessions", "0"], ["--blocks", "0:30", "--max-sessions", "0"]], tmp_path_factory.mktemp("lonely"))
+    yield nodes
+    stop_nodes(nodes)
+
+
+def test_errors_are_one_clear_line(tmp_path, lonely):
+    lonely, _ = lonely
+    cases = [
+        (["--insecure-http", "--bootstrap", lonely.url], "error: no peer serves blocks [10, 30)"),
+        (["--insecure-http", "--bootstrap", "http://127.0.0.1:1"], "error: no bootstrap peer answered: http://127.0.0.1:1"),
+        (["--bootstrap", lonely.url], f"error: bootstrap {lonely.url} is plain http: this client dials https only"),  # never dialled
+    ]
+    # another checkpoint of the same shape: the swarm serves nothing of it
+    other = tmp_path / "other.gguf"
+    shutil.copyfile(resolve_model(DEFAULT_MODEL), other)
+    _flip_a_weight_byte(other)
+    with ThreadPoolExecutor(len(cases) + 1) as pool:  # independent CLI runs, side by side
+        runs = [pool.submit(_cli, "generate", "hi", "--max-new-tokens", "4", *extra) for extra, _ in cases]
+        elsewhere = _cli("generate", str(other), "hi", "--insecure-http", "--bootstrap", lonely.url)
+        for run, (_, expected) in zip(runs, cases):
+            done = run.result()
             assert done.returncode == 2, done.stderr
             lines = done.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(expected), lines
-
-        # another checkpoint of the same shape: the swarm serves nothing of it
-        other = tmp_path / "other.gguf"
-        shutil.copyfile(resolve_model(DEFAULT_MODEL), other)
-        _flip_a_weight_byte(other)
-        done = _cli("generate", str(other), "hi", "--insecure-http", "--bootstrap", lonely.url)
-        assert done.returncode == 2
-        assert done.stderr.strip().startswith("error: no peer serves model llama-"), done.stderr
-        assert "the swarm serves: llama-" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    finally:
-        stop_nodes([lonely])
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.strip().startswith("error: no peer serves model llama-"), elsewhere.stderr
+    assert "the swarm serves: llama-" in elsewhere.stderr and len(elsewhere.stderr.strip().splitlines()) == 1
 
 
-def test_busy_everywhere_is_one_clear_line(tmp_path):
-    (full,) = start_nodes([["--blocks", "0:30", "--max-sessions", "0"]], tmp_path)
-    try:
-        done = _cli("generate", "hi", "--insecure-http", "--bootstrap", full.url)
-        assert done.returncode == 2
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "busy" in lines[0] and lines[0].startswith("error: "), lines
-    finally:
-        stop_nodes([full])
+def test_busy_everywhere_is_one_clear_line(lonely):
+    _, full = lonely
+    done = _cli("generate", "hi", "--insecure-http", "--bootstrap", full.url)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "busy" in lines[0] and lines[0].startswith("error: "), lines
 
 
 def _flip_a_weight_byte(path) -> None:

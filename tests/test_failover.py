@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 
 import aiohttp
 import pytest
@@ -253,6 +254,7 @@ class _FakePlanner:
         self.sessions = list(sessions)
         self.penalized: list[BaseException] = []
         self.steps: list[tuple] = []
+        self.occupancy: Counter[str] = Counter()
         self._no_route = NoRoute
 
     async def refresh(self, http, force=False):
@@ -261,10 +263,18 @@ class _FakePlanner:
     def plan_hops(self, exclude, start, end):  # pragma: no cover - refresh raises first
         raise AssertionError("unreachable")
 
-    async def open_session(self, http, max_length, route=None, exclude=frozenset()):
+    async def open_session(self, http, max_length, route=None, exclude=frozenset(), lease=None):
         if not self.sessions:
             raise PeerUnavailable("no bootstrap peer answered: http://127.0.0.1:1")
-        return self.sessions.pop(0)
+        session = self.sessions.pop(0)
+        if lease is not None:
+            lease.move(h.peer_id for h in session.route)
+        return session
+
+    def lease(self):
+        from client.planner import Lease
+
+        return Lease(self.occupancy)
 
     def penalize(self, error):
         self.penalized.append(error)
@@ -291,8 +301,9 @@ async def test_recover_survives_planning_that_fails_before_choosing_hops():
     assert [hop_of(e).peer_id for e in planner.penalized if hop_of(e) is not None] == ["dead"]
     await blocks.forward(x, 1)
     assert [s[0][0].peer_id for s in planner.steps] == ["alive"]  # a clean one-token step is a measurement
+    assert planner.occupancy == {"alive": 1}  # the re-route moved the generation's count
     await blocks.close()
-    assert first.closed
+    assert first.closed and not planner.occupancy
 
 
 async def test_recover_that_keeps_failing_ends_in_a_typed_error():

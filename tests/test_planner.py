@@ -6,15 +6,20 @@ The planner is fed signed records through its table and steps through
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+from collections import Counter
+from typing import ClassVar
 
 import pytest
+import torch
 
+from client.failover import FailoverBlocks
 from client.measure import Measurements, StepHop, TrustConfig, apportion
 from client.peers import DiscoveryOptions
-from client.planner import ClientConfig, Planner
+from client.planner import ClientConfig, Planner, occupied
 from client.session import RemoteHop
 from swarm.errors import BadRequest, Busy, NoRoute, PeerUnavailable, ShuttingDown
 from swarm.identity import Identity
@@ -214,6 +219,166 @@ def test_bans_give_way_when_they_are_all_that_blocks_a_route():
     assert _route(planner, names) == ["a", "b"]
     with pytest.raises(NoRoute):  # a generation's own exclusions stay hard
         planner.plan(exclude=frozenset({names["a"]}))
+
+
+# --- concurrent sessions spread over replicas (data parallel) ------------------------------
+
+
+def _lease(planner: Planner, names: dict[str, str]):
+    """A session on the planner's current best route: its lease and the route's names."""
+    route = _route(planner, names)
+    lease = planner.lease()
+    lease.move(names[n] for n in route)
+    return lease, route
+
+
+def test_a_lone_session_takes_the_fastest_route_and_concurrent_ones_spread():
+    planner, names, _ = _planner({"fast": ((0, 30), 1000.0), "slow": ((0, 30), 500.0)})
+    assert _route(planner, names) == ["fast"]
+    sessions = [_lease(planner, names) for _ in range(12)]
+    spread = Counter(route[0] for _, route in sessions)
+    assert spread == {"fast": 8, "slow": 4}  # in proportion to speed: (1 + 7) / 1000 = (1 + 3) / 500
+    for lease, _ in sessions:
+        lease.end()
+    assert planner.occupancy == Counter()
+    assert _route(planner, names) == ["fast"]  # closed sessions weigh nothing
+
+
+def test_sessions_spread_over_split_routes_and_a_whole_replica():
+    planner, names, _ = _planner({"a": ((0, 15), 900.0), "b": ((15, 30), 900.0), "whole": ((0, 30), 900.0)})
+    routes = [_lease(planner, names)[1] for _ in range(4)]
+    assert sorted(map(tuple, routes)) == [("a", "b"), ("a", "b"), ("whole",), ("whole",)]
+    assert planner.occupancy == {names["a"]: 2, names["b"]: 2, names["whole"]: 2}
+
+
+def test_spreading_can_be_turned_off():
+    planner, names, _ = _planner({"fast": ((0, 30), 1000.0), "slow": ((0, 30), 500.0)})
+    planner.config = ClientConfig(spread_penalty=0.0, transport=planner.config.transport)
+    assert {_lease(planner, names)[1][0] for _ in range(8)} == {"fast"}
+
+
+def test_batch_routes_spread_around_open_sessions():
+    planner, names, _ = _planner({"a": ((0, 30), 900.0), "b": ((0, 30), 900.0)})
+    _, (first,) = _lease(planner, names)
+    by_id = {v: k for k, v in names.items()}
+    (route,) = planner.plan_routes(1)
+    assert by_id[route.peers[0]] != first
+
+
+def test_occupancy_scales_compute_only():
+    planner, names, _ = _planner({"a": ((0, 30), 1000.0)})
+    (plain,) = planner.candidates()
+    (busy,) = occupied([plain], Counter({names["a"]: 3}), 0.5)
+    assert busy.per_block_s == pytest.approx(plain.per_block_s * 2.5) and busy.rtt_s == plain.rtt_s
+    with pytest.raises(ValueError):
+        ClientConfig(spread_penalty=float("nan"))
+
+
+class _FakeSession:
+    """Stands in for `RouteSession` where only the planning is under test: opening waits on `gate`."""
+
+    gate: asyncio.Event  # set per test, in a subclass (`fake_sessions`)
+    refuse: set[str]
+
+    def __init__(self, http, hops, digest, max_length, config, transport) -> None:
+        self.route = list(hops)
+
+    async def __aenter__(self):
+        await self.gate.wait()
+        refused = next((h for h in self.route if h.peer_id in self.refuse), None)
+        if refused is not None:
+            error = Busy("full")
+            error.hop = refused
+            raise error
+        return self
+
+    async def close(self) -> None:
+        pass
+
+    async def replace(self, failed, hops, prefix) -> None:
+        at = self.route.index(failed)
+        self.route[at : at + 1] = hops
+
+
+@pytest.fixture
+def fake_sessions(monkeypatch):
+    """(a planner over `spans` that opens `_FakeSession`s and never re-reads the swarm, the session class)."""
+
+    class Session(_FakeSession):
+        gate = asyncio.Event()
+        refuse: ClassVar[set[str]] = set()
+
+    async def no_refresh(http, force=False):
+        pass
+
+    monkeypatch.setattr("client.planner.RouteSession", Session)
+
+    def planner_of(spans):
+        planner, names, _ = _planner(spans)
+        monkeypatch.setattr(planner, "refresh", no_refresh)
+        return planner, names
+
+    return planner_of, Session
+
+
+async def test_sessions_opening_at_once_see_each_other(fake_sessions):
+    """16 generations starting in the same instant (a burst of API requests): each is counted when its
+    route is planned, before its open is awaited, so they do not all plan the same route."""
+    planner_of, sessions = fake_sessions
+    planner, names = planner_of({"a": ((0, 30), 900.0), "b": ((0, 30), 900.0)})
+    by_id = {v: k for k, v in names.items()}
+    blocks = [FailoverBlocks(planner, None, 64) for _ in range(16)]
+    starting = [asyncio.create_task(b.start()) for b in blocks]
+    await asyncio.sleep(0)
+    sessions.gate.set()
+    await asyncio.gather(*starting)
+    assert Counter(by_id[b.session.route[0].peer_id] for b in blocks) == {"a": 8, "b": 8}
+    for b in blocks:
+        await b.close()
+    assert planner.occupancy == Counter()
+
+
+async def test_a_refused_or_cancelled_open_holds_nothing(fake_sessions):
+    planner_of, sessions = fake_sessions
+    planner, names = planner_of({"a": ((0, 30), 1000.0), "b": ((0, 30), 500.0)})
+    sessions.refuse.add(names["a"])
+    sessions.gate.set()
+    blocks = FailoverBlocks(planner, None, 64)
+    await blocks.start()  # a refuses: planned around
+    assert planner.occupancy == {names["b"]: 1}
+    await blocks.close()
+    sessions.gate = asyncio.Event()
+    opening = asyncio.create_task(FailoverBlocks(planner, None, 64).start())
+    await asyncio.sleep(0)
+    assert sum(planner.occupancy.values()) == 1  # counted while it opens
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert planner.occupancy == Counter()
+
+
+async def test_occupancy_follows_splices_and_reroutes(fake_sessions):
+    planner_of, sessions = fake_sessions
+    planner, names = planner_of({"a": ((0, 15), 900.0), "b": ((15, 30), 900.0), "a2": ((0, 15), 800.0), "whole": ((0, 30), 100.0)})
+    sessions.gate.set()
+    blocks = FailoverBlocks(planner, None, 64)
+    await blocks.start()
+    assert planner.occupancy == {names["a"]: 1, names["b"]: 1}
+    dead = blocks.session.route[0]
+    error = PeerUnavailable("a died")
+    error.hop = dead
+    await blocks._recover(error, torch.zeros(0, 8))  # splice: a2 takes a's blocks
+    assert planner.occupancy == {names["a2"]: 1, names["b"]: 1}
+    error = PeerUnavailable("b died")
+    error.hop = blocks.session.route[1]
+    await blocks._recover(error, torch.zeros(0, 8))  # splice: only whole has b's blocks
+    assert planner.occupancy == {names["a2"]: 1, names["whole"]: 1}
+    first = blocks.session
+    await blocks._recover(PeerUnavailable("the route broke somewhere"), torch.zeros(0, 8))  # no hop named: a whole new route
+    assert blocks.session is not first and blocks.failovers[-1].how == "reroute"
+    assert planner.occupancy == Counter(h.peer_id for h in blocks.session.route)
+    await blocks.close()
+    assert planner.occupancy == Counter()
 
 
 def test_failover_does_not_import_swarm():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -45,7 +46,7 @@ from swarm.records import PeerRecord
 from swarm.swarm_key import SwarmKey
 from swarm.transport import Transport
 from tests.netns import beside_attacker
-from tests.nodes import start_nodes, stop_nodes, swarm_client
+from tests.nodes import reserve_url, start_nodes, stop_nodes, swarm_client
 
 PERIOD = "0.5"  # gossip period of these nodes
 PROMPT = "What is the capital of France?"
@@ -74,23 +75,20 @@ def swarm(tmp_path_factory, keys):
     tmp = tmp_path_factory.mktemp("private")
     (path, _), _ = keys
     private = ["--swarm-key", str(path), "--gossip-period", PERIOD]
-    started = []
+    bootstrap_port, bootstrap_url = reserve_url()
+    outsider_port, outsider_url = reserve_url()
+    specs = [
+        ["--no-model", *bootstrap_port, *private],
+        ["--blocks", "0:30", *outsider_port, "--gossip-period", PERIOD, "--bootstrap", bootstrap_url],
+        ["--blocks", "0:15", "--bootstrap", bootstrap_url, "--bootstrap", outsider_url, *private],
+        ["--blocks", "15:30", "--bootstrap", bootstrap_url, *private],
+    ]
+    bootstrap, outsider, *members = start_nodes(specs, tmp)  # all at once (`reserve_url`)
     try:
-        (bootstrap,) = start_nodes([["--no-model", *private]], tmp / "b")
-        started.append(bootstrap)
-        (outsider,) = start_nodes([["--blocks", "0:30", "--gossip-period", PERIOD, "--bootstrap", bootstrap.url]], tmp / "o")
-        started.append(outsider)
-        members = start_nodes(
-            [
-                ["--blocks", "0:15", "--bootstrap", bootstrap.url, "--bootstrap", outsider.url, *private],
-                ["--blocks", "15:30", "--bootstrap", bootstrap.url, *private],
-            ],
-            tmp / "m",
-        )
-        started.extend(members)
+        asyncio.run(_members_listed(keys, [bootstrap, *members]))  # rounds before the bootstrap peer was up failed
         yield bootstrap, members, outsider
     finally:
-        stop_nodes(started)
+        stop_nodes([bootstrap, outsider, *members])
 
 
 def _peers(route: list[str]) -> set[str]:
@@ -127,6 +125,12 @@ async def _until_listed(http, nodes, expected: set[str], timeout: float = 60.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"tables {tables} never became {expected}")
         await asyncio.sleep(0.2)  # other processes' tables: there is no event to await
+
+
+async def _members_listed(keys, nodes) -> None:
+    (_, key), _ = keys
+    async with _member_session(key) as http:
+        await _until_listed(http, nodes, {n.peer_id for n in nodes})
 
 
 async def test_members_generate_the_open_swarms_text_and_never_route_to_an_outsider(swarm, keys):
@@ -243,11 +247,13 @@ async def test_a_private_swarm_over_tls(tmp_path, keys):
     """The default transport: TLS pinned to identities, and the key proven inside it."""
     (path, key), (other, _) = keys
     private = ["--swarm-key", str(path), "--gossip-period", PERIOD]
-    (bootstrap,) = start_nodes([["--no-model", *private]], tmp_path / "b", tls=True)
-    started = [bootstrap]
+    port, url = reserve_url(tls=True)
+    started = start_nodes([["--no-model", *port, *private], ["--blocks", "0:30", "--bootstrap", url, *private]], tmp_path, tls=True)
+    bootstrap = started[0]
     try:
-        started += start_nodes([["--blocks", "0:30", "--bootstrap", bootstrap.url, *private]], tmp_path / "m", tls=True)
-        assert bootstrap.url.startswith("https://")
+        assert bootstrap.url == url
+        async with Transport(membership=Membership(key)).client_session() as http:
+            await _until_listed(http, started, {n.peer_id for n in started})  # the member's first rounds may have come before the bootstrap peer was up
         client = swarm_client(bootstrap.url, tls=True, swarm_key=key)
         result = await client.agenerate(PROMPT, max_new_tokens=TOKENS)
         assert _peers(result.route) == _short(started[1:]) and result.text
@@ -357,8 +363,14 @@ def test_members_find_each_other_by_mdns_and_outsiders_are_ignored(lan_factory, 
         return started_node
 
     try:
-        members = [node(first, "--blocks", "0:15", "--swarm-key", str(path)), node(second, "--blocks", "15:30", "--swarm-key", str(path))]
-        outsider = node(outsider_host, "--blocks", "0:30")
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # side by side: nobody names a bootstrap peer
+            starting = [
+                pool.submit(node, first, "--blocks", "0:15", "--swarm-key", str(path)),
+                pool.submit(node, second, "--blocks", "15:30", "--swarm-key", str(path)),
+                pool.submit(node, outsider_host, "--blocks", "0:30"),
+            ]
+            concurrent.futures.wait(starting)  # every node that started is in `started`, stopped below
+        *members, outsider = [f.result() for f in starting]
         mdns = ["--mdns", "--mdns-interface", client.address, "--insecure-http", "--wait", "4"]
         ids = {m.peer_id for m in members}
         deadline = time.monotonic() + 60

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from client.generate import LocalBlocks, SamplingParams, stream_tokens_sync
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
@@ -44,7 +45,7 @@ from swarm.membership import open_server_middleware
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
 from swarm.transport import PeerPin, PinMismatch, PlainHttpRefused, Transport, certificate_pem, peer_id_of_certificate
-from tests.nodes import NodeProcess, start_nodes, stop_nodes, swarm_client
+from tests.nodes import NodeProcess, reserve_url, start_nodes, stop_nodes, swarm_client
 
 TLS = Transport()
 PLAIN = Transport(insecure_http=True)
@@ -406,16 +407,17 @@ def tls_swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tls")
     period = ["--gossip-period", "0.5"]
     with Relay() as relay:
-        (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap", tls=True)
+        bootstrap_port, bootstrap_url = reserve_url(tls=True)
         b_port = _free_port()
         specs = [
-            ["--blocks", "0:10", "--bootstrap", bootstrap.url, *period],
-            ["--blocks", "10:20", "--bootstrap", bootstrap.url, "--port", str(b_port), "--public-url", relay.url, *period],
-            ["--blocks", "10:20", "--bootstrap", bootstrap.url, *period],
-            ["--blocks", "20:30", "--bootstrap", bootstrap.url, *period],
+            ["--no-model", *bootstrap_port, *period],
+            ["--blocks", "0:10", "--bootstrap", bootstrap_url, *period],
+            ["--blocks", "10:20", "--bootstrap", bootstrap_url, "--port", str(b_port), "--public-url", relay.url, *period],
+            ["--blocks", "10:20", "--bootstrap", bootstrap_url, *period],
+            ["--blocks", "20:30", "--bootstrap", bootstrap_url, *period],
         ]
         relay.target = (LOOPBACK, b_port)  # before B starts: B proves its address through the relay
-        nodes = start_nodes(specs, tmp, tls=True)
+        bootstrap, *nodes = start_nodes(specs, tmp, tls=True)  # all at once (tests/nodes.py `reserve_url`)
         _REAL_PORTS[nodes[1].peer_id] = b_port
         try:
             yield bootstrap, nodes, relay
@@ -434,14 +436,10 @@ def relay(tls_swarm):
 
 
 @pytest.fixture(scope="module")
-def plain_text(tmp_path_factory) -> str:
-    """The greedy text of a plain-http swarm (one node, which is also the bootstrap peer)."""
-    (node,) = start_nodes([["--blocks", "0:30"]], tmp_path_factory.mktemp("plain"))
-    try:
-        client = swarm_client(node.url)
-        return asyncio.run(client.agenerate(PROMPT, max_new_tokens=NEW_TOKENS)).text
-    finally:
-        stop_nodes([node])
+def plain_text(head, full_span) -> str:
+    """The greedy text of the model run locally, which a plain-http swarm's equals (tests/test_client.py)."""
+    ids = head.encode_prompt(PROMPT, chat=True)
+    return "".join(t.text for t in stream_tokens_sync(head, LocalBlocks(full_span, len(ids) + NEW_TOKENS), ids, SamplingParams(max_new_tokens=NEW_TOKENS)))
 
 
 async def _listed(bootstrap: NodeProcess, peer_ids: set[str], timeout: float = 60.0) -> None:

@@ -30,7 +30,7 @@ import pytest
 
 from client.swarm import ClientConfig, SwarmModel
 from client.verify import Selector, Verdict
-from tests.nodes import NodeProcess, refresh, start_nodes, stop_nodes, swarm_client
+from tests.nodes import NodeProcess, refresh, reserve_url, start_nodes, stop_nodes, swarm_client
 
 PROMPT = "Write a short poem about the sea."
 NEW_TOKENS = 8  # decode steps 1..7: the liar lies on steps 3 and 6 of every generation it serves
@@ -58,16 +58,17 @@ class Swarm:
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verification")
     period = ["--gossip-period", "0.5"]
-    (bootstrap,) = start_nodes([["--no-model", *period]], tmp / "bootstrap", tls=True)
+    port, url = reserve_url(tls=True)  # the bootstrap peer starts beside the nodes
     # Every test node and the client share 127.0.0.1, so one source's accusation budget would be
     # spent by the nodes passing convictions on to each other; the budget itself is node-side's test.
-    join = ["--bootstrap", bootstrap.url, "--accusation-burst", "64", *period]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    join = ["--bootstrap", url, "--accusation-burst", "64", *period]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        boot = pool.submit(start_nodes, [["--no-model", *port, *period]], tmp / "bootstrap", tls=True)
         honest = pool.submit(start_nodes, [["--blocks", s, *join] for s in ("0:10", "10:20", "10:20", "20:30", "20:30")], tmp / "honest", tls=True)
         liar = pool.submit(start_nodes, [["--blocks", "10:20", *join]], tmp / "liar", tls=True, module="tests.lying_node")
         replica = pool.submit(start_nodes, [["--blocks", "20:30", *join]], tmp / "replica", tls=True, module="tests.lying_replica")
-        started = [f.result() for f in (honest, liar, replica)]
-    (a, h1, h2, c, x), (liar,), (replica_liar,) = started
+        started = [f.result() for f in (boot, honest, liar, replica)]
+    (bootstrap,), (a, h1, h2, c, x), (liar,), (replica_liar,) = started
     swarm = Swarm(bootstrap, a, h1, h2, liar, c, x, replica_liar)
     yield swarm
     stop_nodes(swarm.all)
