@@ -57,7 +57,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from client.generate import GenerationStats, LocalBlocks, stream_tokens
     from client.local import LocalModel
-
     from swarm.progress import progress_bar
 
     with progress_bar("loading the model", unit="part") as show:  # a bar on a terminal only

@@ -13,9 +13,9 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from swarm.errors import SwarmError
 from swarm.transport import Transport

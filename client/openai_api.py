@@ -28,10 +28,8 @@ from jinja2 import TemplateError  # what a chat template raises (transformers re
 
 from client.generate import GenerationStats, SamplingParams, Token
 from client.live import Generation, HopSpan
-from client.openai_schema import (
+from client.openai_responses import (
     DONE,
-    ApiError,
-    ApiRequest,
     Choice,
     chat_chunk,
     chat_logprobs,
@@ -41,16 +39,12 @@ from client.openai_schema import (
     completion_response,
     finish_reason,
     from_swarm_error,
-    invalid,
-    max_new_tokens,
     model_entry,
-    parse_chat,
-    parse_completion,
-    parse_json,
     response_id,
     sse,
     usage_chunk,
 )
+from client.openai_schema import ApiError, ApiRequest, invalid, max_new_tokens, parse_chat, parse_completion, parse_json
 from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, TOKENS, ServeConfig
 from client.session import RemoteHop
 from client.swarm import SwarmModel

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from client.generate import GenerationStats, Sampler, SamplingParams, Token
-from client.openai_schema import (
+from client.openai_responses import (
     DONE,
-    ApiError,
     Choice,
     chat_chunk,
     chat_logprobs,
@@ -18,13 +17,10 @@ from client.openai_schema import (
     completion_logprobs,
     completion_response,
     from_swarm_error,
-    max_new_tokens,
-    parse_chat,
-    parse_completion,
-    parse_json,
     sse,
     usage_chunk,
 )
+from client.openai_schema import ApiError, max_new_tokens, parse_chat, parse_completion, parse_json
 from swarm.errors import BadRequest, Busy, LengthExceeded, NoRoute, PeerUnavailable, SwarmError
 
 MSG = [{"role": "user", "content": "hi"}]
