@@ -55,6 +55,9 @@ def _hits(process: subprocess.Popen, lines: Lines) -> list[str]:
     return [line for line in lines.seen if line.startswith("hit ")]
 
 
+BOOTSTRAP_PORT = 7000
+
+
 def test_a_sybil_flood_cannot_eclipse_honest_nodes(lan_factory, tmp_path):
     lan = lan_factory(6)
     home, a, b, attacker, newcomer_host, client = lan.hosts
@@ -64,9 +67,12 @@ def test_a_sybil_flood_cannot_eclipse_honest_nodes(lan_factory, tmp_path):
         return start_in_namespace(host, tmp_path, list(args), nodes)
 
     try:
-        bootstrap = node(home, "--no-model")
-        with ThreadPoolExecutor(2) as pool:
-            first, second = pool.map(lambda spec: node(spec[0], "--blocks", spec[1], "--bootstrap", bootstrap.url), [(a, "0:15"), (b, "15:30")])
+        url = f"http://{home.address}:{BOOTSTRAP_PORT}"  # a fresh namespace has every port free: all three start at once
+        with ThreadPoolExecutor(3) as pool:
+            starting = [pool.submit(node, home, "--no-model", "--port", str(BOOTSTRAP_PORT))]
+            starting += [pool.submit(node, host, "--blocks", span, "--bootstrap", url) for host, span in ((a, "0:15"), (b, "15:30"))]
+        bootstrap, first, second = (f.result() for f in starting)
+        assert bootstrap.url == url
         honest = [bootstrap, first, second]
         urls = [n.url for n in honest]
         ids = ",".join(n.peer_id for n in honest)

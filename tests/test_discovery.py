@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -182,9 +183,15 @@ def test_mdns_across_network_namespaces(lan_factory, tmp_path):
     a, b, client = lan.hosts
     nodes = []
     try:
-        for host, blocks in ((a, "0:1"), (b, "1:2")):
+        def start(host, blocks):
             args = ["--blocks", blocks, "--host", host.address, "--mdns", "--mdns-interface", host.address]
-            nodes += start_nodes([args], tmp_path / host.namespace, prefix=["ip", "netns", "exec", host.namespace])
+            nodes.extend(start_nodes([args], tmp_path / host.namespace, prefix=["ip", "netns", "exec", host.namespace]))
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # side by side; every node started is stopped below
+            starting = [pool.submit(start, host, blocks) for host, blocks in ((a, "0:1"), (b, "1:2"))]
+        for future in starting:
+            future.result()
+        nodes.sort(key=lambda n: n.blocks)  # nodes[0] holds 0:1
         in_client = ["ip", "netns", "exec", client.namespace]
         seen = _peers_via_mdns(in_client, client.address)
         assert {n.peer_id for n in nodes} <= seen
