@@ -188,9 +188,9 @@ def report(name: str, outcomes: list[Outcome], elapsed: float, clients: int, bat
     return rate
 
 
-async def start_server(model: str, bootstrap: str, clients: int, log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
+async def start_server(model: str, bootstrap: str, clients: int, log: Path, extra: list[str], timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
     """`swarm serve` as its own process on a free loopback port; returns it, its URL and the model id it serves."""
-    argv = [sys.executable, "-m", "client.cli", "serve", model, "--bootstrap", bootstrap, "--insecure-http", "--port", "0", "--max-concurrent", str(max(64, clients))]
+    argv = [sys.executable, "-m", "client.cli", "serve", model, "--bootstrap", bootstrap, "--insecure-http", "--port", "0", "--max-concurrent", str(max(64, clients)), *extra]
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)  # a file: its request log never fills a pipe
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -214,7 +214,9 @@ async def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="nodes per third of the model's blocks (default 1: three nodes)")
     parser.add_argument("--target", choices=("serve", "swarm"), default="serve", help="through `swarm serve` (default) or straight on SwarmModel in this process")
     parser.add_argument("--model", default=None, help="alias, .gguf file or HF directory (default: the default model)")
+    parser.add_argument("--threads", type=int, default=None, help="--threads N for every node and the server (default: torch's choice)")
     args = parser.parse_args()
+    threads = ["--threads", str(args.threads)] if args.threads else []
     from swarm.model import DEFAULT_MODEL, open_checkpoint
 
     model = args.model or DEFAULT_MODEL
@@ -224,12 +226,12 @@ async def main() -> None:
     spans = [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])] * args.replicas
     tmp = Path(tempfile.mkdtemp())
     print(f"starting a bootstrap peer and {len(spans)} nodes ({', '.join(spans)}) ...", file=sys.stderr)
-    bootstrap, nodes = start_swarm(tmp, spans)
+    bootstrap, nodes = start_swarm(tmp, spans, extra=threads)
     server = None
-    params = {"target": args.target, "max_tokens": args.max_tokens, "nodes": len(spans), "replicas": args.replicas, "model": model, "cpus": os.cpu_count()}
+    params = {"target": args.target, "max_tokens": args.max_tokens, "nodes": len(spans), "replicas": args.replicas, "model": model, "cpus": os.cpu_count(), "threads": args.threads}
     try:
         if args.target == "serve":
-            server, url, model_id = await start_server(model, bootstrap.url, args.clients, tmp / "serve.log")
+            server, url, model_id = await start_server(model, bootstrap.url, args.clients, tmp / "serve.log", threads)
             print(f"swarm serve at {url}, its log at {tmp / 'serve.log'}", file=sys.stderr)
             http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=0))
 

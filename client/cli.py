@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,8 +17,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from swarm.aliases import DEFAULT_MODEL
 from swarm.errors import SwarmError
-from swarm.model import DEFAULT_MODEL
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads libgomp (no import above loads it): idle OpenMP threads spin only briefly,
+    # as in a node (node/cli.py says why); a server's head beside nodes on one box slowed them.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor

@@ -46,12 +46,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="generations running at once; beyond it requests get 429 busy (default 64)",
     )
     parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads torch uses for the head (default: torch's choice, one per core); fewer on a box shared with nodes",
+    )
+    parser.add_argument(
         "--default-max-tokens",
         type=int,
         default=512,
         metavar="N",
         help="new tokens for a request that gives no max_tokens (default 512, capped by the context left)",
     )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def serve_config(args: argparse.Namespace):
@@ -96,6 +110,10 @@ def run_serve(args: argparse.Namespace, make_model: Callable[[], object]) -> int
     from client.serve import run_server
 
     config = serve_config(args)  # before the model loads: a refused flag answers at once
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = make_model()
 
     async def serve() -> None:

@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from https://HOST:PORT (http:// with --insecure-http)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads torch uses for this node's compute (default: torch's choice, one per core). On a small box "
+        "shared with other nodes or a server, fewer threads each waste less time waiting on each other",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
     parser.add_argument("--kv-memory", type=parse_size, default=parse_size("2GiB"), metavar="SIZE", help="budget for all KV caches, e.g. 512MiB (default 2GiB)")
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.blocks is None) == (not args.no_model):
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.blocks == "auto" and not ((args.num_blocks and args.num_blocks > 0) or args.max_memory):
         parser.error("--blocks auto needs --num-blocks K or --max-memory SIZE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -247,6 +257,8 @@ def _load(args: argparse.Namespace):
     from swarm.model import load_span, open_checkpoint
     from swarm.progress import progress_bar
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +114,17 @@ def reserve_url(tls: bool = False) -> tuple[list[str], str]:
     return ["--port", str(port)], f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
-def start_swarm(tmp: Path, spans: list[str], gossip_period: float = 0.5, tls: bool = False) -> tuple[NodeProcess, list[NodeProcess]]:
+def start_swarm(
+    tmp: Path, spans: list[str], gossip_period: float = 0.5, tls: bool = False, extra: Sequence[str] = ()
+) -> tuple[NodeProcess, list[NodeProcess]]:
     """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it, all
     started at once (`reserve_url`). The nodes' identities are tmp/node{i}-{pid}.key, the bootstrap
-    peer's is under tmp/bootstrap."""
+    peer's is under tmp/bootstrap. `extra`: more flags for the nodes that hold blocks."""
     period = ["--gossip-period", str(gossip_period)]
     port, url = reserve_url(tls)
     identity = ["--identity", str(tmp / "bootstrap" / f"node0-{os.getpid()}.key")]  # an explicit --identity wins
-    *nodes, bootstrap = start_nodes([*(["--blocks", span, "--bootstrap", url, *period] for span in spans), ["--no-model", *port, *identity, *period]], tmp, tls=tls)
+    node_args = (["--blocks", span, "--bootstrap", url, *period, *extra] for span in spans)
+    *nodes, bootstrap = start_nodes([*node_args, ["--no-model", *port, *identity, *period]], tmp, tls=tls)
     return bootstrap, nodes
 
 
