@@ -43,6 +43,7 @@ from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
 from swarm.membership import Membership
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
+from swarm.model.tokenizer_cache import default_cache_dir
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route
 from swarm.swarm_key import SwarmKey
@@ -77,6 +78,7 @@ class SwarmModel:
         insecure_http: bool = False,
         swarm_key: str | Path | SwarmKey | None = None,
         progress: Callable[[int, int], None] | None = None,  # the head's load, part by part (swarm.model.load_head)
+        tokenizer_cache: Path | bool = True,  # True: keep a GGUF's built tokenizer in ~/.cache/layerswarm; False: never
     ) -> None:
         self.config = config or ClientConfig()
         if insecure_http:  # also dial plain http peers (pins still hold on https ones)
@@ -88,7 +90,8 @@ class SwarmModel:
             mdns_config = MdnsConfig(interfaces=tuple(mdns_interfaces) or "all", advertise=False) if mdns else None
             discovery = DiscoveryOptions(bootstrap=tuple(u.rstrip("/") for u in bootstrap), mdns=mdns_config)
         self.name = str(model)  # what it was asked for: an alias, a .gguf file or an HF directory
-        with open_checkpoint(model) as checkpoint:
+        cache = default_cache_dir() if tokenizer_cache is True else (tokenizer_cache or None)
+        with open_checkpoint(model, cache) as checkpoint:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
             self.head: Head = load_head(checkpoint, dtype, progress=progress)

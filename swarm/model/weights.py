@@ -223,11 +223,12 @@ def _expected_block_shapes(c: ModelConfig) -> dict[str, tuple]:
 
 
 class GGUFCheckpoint(Checkpoint):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tokenizer_cache: Path | None = None) -> None:
         import gguf  # imported here: reading GGUF metadata is the only reason to load it
 
         self._gguf = gguf
         self.path = path
+        self.tokenizer_cache = tokenizer_cache  # where its built tokenizer is kept (swarm/model/tokenizer_cache.py); None: not kept
         try:
             self._reader = gguf.GGUFReader(path)
         except (ValueError, struct.error, OSError) as exc:
@@ -286,7 +287,12 @@ class GGUFCheckpoint(Checkpoint):
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+        from swarm.model.tokenizer_cache import cached_tokenizer
+
+        def build():
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+
+        return cached_tokenizer(self.path, build, self.tokenizer_cache)
 
     def close(self) -> None:
         # Dropping the reader releases the memory map once no tensor view is alive.
@@ -370,11 +376,12 @@ def _safetensors_header(path: Path) -> Iterator[str]:
     return (name for name in header if name != "__metadata__")
 
 
-def open_checkpoint(model: str | Path) -> Checkpoint:
-    """Open an alias, a .gguf file or an HF safetensors directory."""
+def open_checkpoint(model: str | Path, tokenizer_cache: Path | None = None) -> Checkpoint:
+    """Open an alias, a .gguf file or an HF safetensors directory. `tokenizer_cache`: where a GGUF
+    file's tokenizer is kept once built (swarm/model/tokenizer_cache.py), None to build it every time."""
     path = resolve_model(model)
     if path.is_dir():
         return SafetensorsCheckpoint(path)
     if path.suffix.lower() != ".gguf":
         raise UnsupportedModel(f"{path} is neither a .gguf file nor an HF directory with config.json")
-    return GGUFCheckpoint(path)
+    return GGUFCheckpoint(path, tokenizer_cache)
