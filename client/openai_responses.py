@@ -142,17 +142,8 @@ def chat_chunk(
     logprobs: dict[str, Any] | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
-    chunk = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-    }
-    if include_usage:
-        chunk["usage"] = None  # every chunk but the last says null, as OpenAI's do
-    return chunk
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk("chat.completion.chunk", rid, created, model, choice, include_usage)
 
 
 def completion_chunk(
@@ -165,16 +156,14 @@ def completion_chunk(
     logprobs: dict[str, Any] | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
-    chunk = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk("text_completion", rid, created, model, choice, include_usage)
+
+
+def _chunk(kind: str, rid: str, created: int, model: str, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    chunk = {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": None, "choices": [choice]}
     if include_usage:
-        chunk["usage"] = None
+        chunk["usage"] = None  # every chunk but the last says null, as OpenAI's do
     return chunk
 
 
