@@ -35,6 +35,13 @@ the compute is done. If the batcher itself dies, every waiting step fails with
 `ShuttingDown`, new work is refused the same way, and `stopped` with `failure`
 tells the node to leave.
 
+GPU. On CUDA the backend keeps its KV in a `DecodeEngine` (swarm/model/engine.py):
+a static pool of `min(max_sessions, kv_memory_bytes // slot bytes)` slots of
+`max_length` tokens each, allocated at start. A session or forward takes a slot
+(`Busy` when none is free), one-token steps of whole-span sessions run as one
+CUDA graph replay with pinned host I/O, and the rest (prefill chunks, sub-spans)
+takes the ragged path over the same slots. CPU nodes keep the ragged path.
+
 Metrics. An optional `StepObserver` (node/metrics.py) is told, on the loop, each
 step's wait in the queue and its latency, and each batch's size and compute time.
 """
@@ -54,6 +61,7 @@ import torch
 
 from swarm.errors import BadSpan, Busy, LengthExceeded, SessionNotFound, ShuttingDown, SwarmError
 from swarm.model.block import KVCache, Segment, Span
+from swarm.model.engine import DecodeEngine, slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +138,7 @@ class Backend:
         self.config = config
         self.max_length = min(config.max_length, span.config.max_position)
         self.max_forward_tokens = min(config.max_forward_tokens, self.max_length)
+        self.engine = _engine(span, config, self.max_length) if span.device.type == "cuda" else None
         self.kv_used = 0
         self.caches: set[int] = set()  # id() of live caches (sessions and forwards), for the session count
         self.forwards = 0  # /forwards in the node now
@@ -150,7 +159,7 @@ class Backend:
         self._last_submit: dict[int, float] = {}  # id(cache) -> monotonic time of its last step
         self._last_compute_s = 0.0
         self._computing: set[int] = set()  # id() of caches in the batch that computes now
-        self._freed_while_computing: dict[int, int] = {}  # id(cache) -> nbytes, returned when its compute ends
+        self._freed_while_computing: dict[int, KVCache] = {}  # id(cache) -> cache, returned when its compute ends
         self._batches_without_chunk = 0
         self._chunk_not_before = 0.0  # loop time before which no chunk runs (prefill_share)
         self._last_small = -float("inf")  # loop time of the last batch with a small step
@@ -220,6 +229,11 @@ class Backend:
             raise LengthExceeded(f"max_length {max_length} is outside [1, {self.max_length}] on this node")
         if self.sessions >= self.config.max_sessions:
             raise Busy(f"node is at its limit of {self.config.max_sessions} sessions")
+        if self.engine is not None:
+            cache = self.engine.open(max_length, blocks)  # Busy when every slot is taken
+            self.kv_used += cache.nbytes
+            self.caches.add(id(cache))
+            return cache
         need = KVCache.nbytes_for(self.span.config, blocks[1] - blocks[0], max_length, self.span.dtype)
         if need > self.kv_free:
             raise Busy(f"session needs {need} bytes of KV cache, {max(self.kv_free, 0)} of {self.config.kv_memory_bytes} are free")
@@ -247,10 +261,16 @@ class Backend:
             if not self._pending and not self._computing:
                 self._idle.set()  # the batcher may not wake for an emptied queue
         if key in self._computing:
-            self._freed_while_computing[key] = cache.nbytes
+            self._freed_while_computing[key] = cache
             return
-        self.caches.discard(key)
+        self._return(cache)
+
+    def _return(self, cache: KVCache) -> None:
+        """The cache's budget (and slot) back: no step of it computes now or later."""
+        self.caches.discard(id(cache))
         self.kv_used -= cache.nbytes
+        if self.engine is not None:
+            self.engine.release(cache)
 
     # --- compute --------------------------------------------------------------------
 
@@ -342,9 +362,8 @@ class Backend:
                 self.batches_done += bool(batch)
             finally:
                 self._computing = set()
-                for key, nbytes in self._freed_while_computing.items():
-                    self.caches.discard(key)
-                    self.kv_used -= nbytes
+                for cache in self._freed_while_computing.values():
+                    self._return(cache)
                 self._freed_while_computing.clear()
                 if not self._pending:
                     self._idle.set()
@@ -442,27 +461,51 @@ class Backend:
         began = time.perf_counter()
         span = self.span
         parts = [c.step.hidden[c.step.computed : c.step.computed + c.count] for c in chunks]
-        x = torch.cat(parts).to(device=span.device, dtype=span.dtype)
         segments = [Segment(c.step.cache, c.step.position + c.step.computed, c.count) for c in chunks]
-        out = span(x, segments, blocks).cpu()
+        if self.engine is None:
+            out = span(torch.cat(parts).to(device=span.device, dtype=span.dtype), segments, blocks).cpu()
+        elif blocks == (span.start, span.end) and all(seg.length == 1 for seg in segments):
+            out = self.engine.decode_host(torch.cat(parts), [seg.cache for seg in segments], [seg.start for seg in segments])
+        else:
+            out = self.engine.forward(torch.cat(parts).to(device=span.device, dtype=span.dtype), segments, blocks).cpu()
         elapsed = time.perf_counter() - began
         self.steps_done += sum(c.count == c.step.remaining for c in chunks)
         return list(out.split([c.count for c in chunks])), elapsed
 
     def _self_benchmark(self, steps: int = 8) -> float:
         """Blocks per second for one-token steps through the whole span, in the compute thread."""
-        span = self.span
-        cache = span.new_cache(steps + 2)
-        x = torch.randn(1, span.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(span.device, span.dtype)
+        span, engine = self.span, self.engine
+        x = torch.randn(1, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        cache = span.new_cache(steps + 2) if engine is None else engine.open(steps + 2)
         times = []
-        for position in range(steps + 2):
-            begin = time.perf_counter()
-            span(x, [Segment(cache, position, 1)])
-            if span.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
-        per_step = statistics.median(times[2:])  # the first steps warm caches and allocators
+        try:
+            for position in range(steps + 2):
+                begin = time.perf_counter()
+                if engine is None:
+                    span(x.to(span.dtype), [Segment(cache, position, 1)])
+                else:
+                    engine.decode_host(x, [cache], [position])  # waits for its result
+                times.append(time.perf_counter() - begin)
+        finally:
+            if engine is not None:
+                engine.release(cache)
+        if engine is not None:
+            engine.warm(engine.batch_buckets[:5])  # graphs for batches up to 16, short sessions
+        per_step = statistics.median(times[2:])  # the first steps warm caches, allocators and graphs
         return span.num_blocks / per_step
+
+
+def _engine(span: Span, config: BackendConfig, max_length: int) -> DecodeEngine:
+    """The CUDA KV pool: as many `max_length` slots as the KV budget and session limit allow."""
+    slots = min(config.max_sessions, config.kv_memory_bytes // slot_bytes(span, max_length))
+    if slots < 1:
+        raise ValueError(
+            f"--kv-memory {config.kv_memory_bytes} bytes holds no session of --max-length {max_length} over "
+            f"{span.num_blocks} blocks ({slot_bytes(span, max_length)} bytes each): raise it or lower --max-length"
+        )
+    engine = DecodeEngine(span, slots, max_length)
+    log.info("KV pool: %d slots of %d tokens, %.2f GiB", slots, max_length, engine.nbytes / 2**30)
+    return engine
 
 
 def _compute_error(exc: Exception) -> SwarmError:
