@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from swarm.errors import Busy, LengthExceeded, PositionError
-from swarm.model import Segment, load_span
+from swarm.model import Segment, load_span, open_checkpoint
 from swarm.model.engine import DecodeEngine, length_buckets
+from tests.random_checkpoint import build
 
-D = 576  # the default model's hidden size
+D = 256  # the random checkpoint's hidden size (it travels to the GPU box, the default model does not)
+LAYERS = 6
 FP32_TOL = 1e-4  # relative norm error: summation order differs between the two paths
-BF16_TOL = 0.03  # bf16 through 30 blocks against float32 (tests/test_gpu.py measures the same)
+BF16_TOL = 0.03  # bf16 against float32 through the blocks (tests/test_gpu.py allows the same)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,6 +39,19 @@ class Reference:
 
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
         return self.span(x, [Segment(self.cache, start, x.shape[0])])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-ckpt")
+    build(directory, layers=LAYERS, hidden=D, heads=8, kv_heads=2, intermediate=512, vocab=512)
+    with open_checkpoint(directory) as ck:
+        yield ck
+
+
+@pytest.fixture(scope="module")
+def full_span(checkpoint):
+    return load_span(checkpoint, 0, LAYERS, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +201,7 @@ def test_length_buckets():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_match_cpu_float32_at_several_batch_sizes(checkpoint, full_span):
-    span = load_span(checkpoint, 0, checkpoint.config.num_layers, torch.bfloat16, device="cuda")
+    span = load_span(checkpoint, 0, LAYERS, torch.bfloat16, device="cuda")
     engine = DecodeEngine(span, slots=8, max_length=256)
     assert engine.graphs
     for count in (1, 2, 3, 5, 8):

@@ -42,6 +42,7 @@ from swarm.model.block import Block, KVCache, Segment, Span, apply_rope, rope_ta
 
 log = logging.getLogger(__name__)
 
+ATTENTION = ("sdpa", "efficient", "matmul")  # torch's SDPA dispatch, its memory-efficient kernel, plain matmuls
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_LENGTH_BUCKET = 64
 
@@ -90,7 +91,7 @@ class DecodeEngine:
     caller releases a cache only when none of its steps is computing (node/backend.py).
     """
 
-    def __init__(self, span: Span, slots: int, max_length: int, graphs: bool | None = None) -> None:
+    def __init__(self, span: Span, slots: int, max_length: int, graphs: bool | None = None, attention: str = "sdpa", compile: bool | None = None) -> None:
         if slots < 1:
             raise ValueError("a decode engine needs at least one slot")
         c = span.config
@@ -103,6 +104,13 @@ class DecodeEngine:
         self.k = torch.zeros(shape, dtype=span.dtype, device=span.device)
         self.v = torch.zeros(shape, dtype=span.dtype, device=span.device)
         self.graphs = span.device.type == "cuda" if graphs is None else graphs
+        if attention not in ATTENTION:
+            raise ValueError(f"attention is one of {', '.join(ATTENTION)}")
+        self.attention = attention
+        self.compiled = self.graphs if compile is None else compile
+        # One compiled function serves every block and bucket: weights are arguments, shapes symbolic.
+        self._block = torch.compile(_decode_block, dynamic=True) if self.compiled else _decode_block
+        self._weights = [_block_tensors(block) for block in span.blocks]
         self.batch_buckets = sorted({b for b in BATCH_BUCKETS if b < slots} | {slots})
         self.length_buckets = length_buckets(max_length)
         self._owners: list[SlotCache | None] = [None] * slots
@@ -179,6 +187,7 @@ class DecodeEngine:
         """Like `Span.forward` over SlotCaches (x on the span's device): one-token segments through
         the batched decode (graphs where they apply), longer ones through the ragged path."""
         blocks = blocks or (self.span.start, self.span.end)
+        x = x.to(self.span.dtype)
         ones = [i for i, seg in enumerate(segments) if seg.length == 1]
         if len(ones) < len(segments):
             if not ones:
@@ -194,16 +203,21 @@ class DecodeEngine:
         for seg in segments:
             seg.cache.check_step(seg.start, 1)
         self._compact()
-        slots = torch.tensor([seg.cache.slot for seg in segments], device=self.span.device)
-        positions = torch.tensor([seg.start for seg in segments], device=self.span.device)
         batch, length = self._buckets(segments)
         self._pos[:batch].fill_(self.max_length)
-        self._pos.index_copy_(0, slots, positions)
-        self._x.index_copy_(0, slots, x.to(self.span.dtype))
-        out = self._run(batch, length, blocks)
+        if len(segments) == 1:  # a local run: scalars into the buffers, no index tensor to copy over
+            slot = segments[0].cache.slot
+            self._pos[slot : slot + 1].fill_(segments[0].start)
+            self._x[slot : slot + 1].copy_(x)
+            out = self._run(batch, length, blocks)[slot : slot + 1].clone()
+        else:
+            slots = torch.tensor([seg.cache.slot for seg in segments], device=self.span.device)
+            self._pos.index_copy_(0, slots, torch.tensor([seg.start for seg in segments], device=self.span.device))
+            self._x.index_copy_(0, slots, x)
+            out = self._run(batch, length, blocks).index_select(0, slots)
         for seg in segments:
             seg.cache.length = seg.start + 1
-        return out.index_select(0, slots)
+        return out
 
     @torch.inference_mode()
     def decode_host(self, x: torch.Tensor, caches: Sequence[SlotCache], positions: Sequence[int]) -> torch.Tensor:
@@ -272,11 +286,11 @@ class DecodeEngine:
         """Rows self._x[:batch] of slots [0, batch) through `blocks`, each at its self._pos."""
         x, pos = self._x[:batch], self._pos[:batch]
         cos, sin = rope_tables(self.span.inv_freq, pos, x.dtype)
-        visible = self._arange[:length][None, :] <= pos[:, None]  # [B, Lb]
-        bias = torch.zeros(batch, 1, 1, length, device=x.device).masked_fill_(~visible[:, None, None, :], float("-inf"))
+        visible = (self._arange[:length][None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, Lb]
         rows = self._rows[:batch]
+        c = self.span.config
         for layer in range(blocks[0] - self.span.start, blocks[1] - self.span.start):
-            x = _decode_block(self.span.blocks[layer], x, cos, sin, self.k[layer], self.v[layer], rows, pos, bias)
+            x = self._block(x, cos, sin, self.k[layer], self.v[layer], rows, pos, visible, *self._weights[layer], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_eps, self.attention)
         return x
 
     def warm(self, batches: Sequence[int] = (1,)) -> None:
@@ -290,25 +304,46 @@ class DecodeEngine:
                     self._capture(bucket, self.length_buckets[0])
 
 
+def _block_tensors(block: Block) -> tuple:
+    """The weights `_decode_block` takes, as plain tensors (one compiled function serves every block)."""
+    linears = (block.wqkv, block.wo, block.w_gate_up, block.w_down)
+    if block.wqkv.packed:  # oneDNN-packed CPU weights: only the Linear modules can read them
+        return (*linears, block.wqkv.bias, block.attn_norm, block.mlp_norm)
+    return (*(m.weight for m in linears), block.wqkv.bias, block.attn_norm, block.mlp_norm)
+
+
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A weight tensor, or a `Linear` holding packed CPU weights (which applies its own bias)."""
+    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x)
+
+
 def _decode_block(
-    block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
+    wqkv, wo, w_gate_up, w_down, bqkv: torch.Tensor | None, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, attention: str,
 ) -> torch.Tensor:
-    """One block for one token in each of slots [0, B): x [B, D]; k_pool/v_pool [slots, KV, L+1, hd]."""
-    c = block.config
-    batch, length = x.shape[0], bias.shape[-1]
-    h = F.rms_norm(x, (c.hidden_size,), block.attn_norm, c.rms_eps)
-    qkv = block.wqkv(h)  # [B, q + 2kv]
-    qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(batch, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
-    q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
-    v = qkv[:, c.q_size + c.kv_size :].view(batch, c.num_kv_heads, c.head_dim)
+    """One block for one token in each of slots [0, B): x [B, D]; k_pool/v_pool [slots, KV, L+1, hd];
+    `visible` [B, 1, 1, Lb] the positions each row attends to."""
+    batch, hidden, length = x.shape[0], x.shape[1], visible.shape[-1]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    h = F.rms_norm(x, (hidden,), attn_norm, eps)
+    qkv = _linear(h, wqkv, bqkv)  # [B, q + 2kv]
+    qk = apply_rope(qkv[:, : q_size + kv_size].view(batch, heads + kv_heads, head_dim), cos, sin)
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = qkv[:, q_size + kv_size :].view(batch, kv_heads, head_dim)
     k_pool[rows, :, pos] = k  # [B, KV, hd] into each slot at its position
     v_pool[rows, :, pos] = v
     keys, values = k_pool[:batch, :, :length], v_pool[:batch, :, :length]  # views: [B, KV, Lb, hd]
-    group = c.num_heads // c.num_kv_heads
-    qg = q.reshape(batch, c.num_kv_heads, group, c.head_dim)  # query heads sharing a KV head
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (c.head_dim**-0.5) + bias  # [B, KV, group, Lb]
-    out = torch.matmul(scores.softmax(-1).to(x.dtype), values)  # [B, KV, group, hd]
-    x = x + block.wo(out.reshape(batch, c.q_size))
-    h = F.rms_norm(x, (c.hidden_size,), block.mlp_norm, c.rms_eps)
-    gate, up = block.w_gate_up(h).chunk(2, dim=-1)
-    return x + block.w_down(F.silu(gate) * up)
+    # The query heads sharing a KV head act as that head's query rows: [B, KV, group, hd].
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    if attention == "sdpa":
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible)
+    elif attention == "efficient":
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(qg, keys, values, bias.expand(-1, kv_heads, qg.shape[2], -1), False)[0]
+    else:
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (head_dim**-0.5)
+        out = torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(x.dtype), values)
+    x = x + _linear(out.reshape(batch, q_size), wo)
+    h = F.rms_norm(x, (hidden,), mlp_norm, eps)
+    gate, up = _linear(h, w_gate_up).chunk(2, dim=-1)
+    return x + _linear(F.silu(gate) * up, w_down)
