@@ -169,6 +169,7 @@ def main() -> None:
             token_loop(engine, caches[0], args, params, variant)
         best = min(best or one, one)
         del engine, caches
+        torch._dynamo.reset()  # each variant compiles afresh, not against the last one's cache
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     one = best

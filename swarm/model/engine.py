@@ -100,9 +100,16 @@ class DecodeEngine:
         self.max_length = max_length
         self.slot_bytes = slot_bytes(span, max_length)
         shape = (span.num_blocks, slots, c.num_kv_heads, max_length + 1, c.head_dim)
-        # zeros, not empty: rows riding along in a batch read their slot's stale keys
-        self.k = torch.zeros(shape, dtype=span.dtype, device=span.device)
-        self.v = torch.zeros(shape, dtype=span.dtype, device=span.device)
+        # Every buffer is made (and only ever written) in inference mode, like the tensors the
+        # blocks make, so the compiled block sees one kind of tensor and compiles once.
+        with torch.inference_mode():
+            # zeros, not empty: rows riding along in a batch read their slot's stale keys
+            self.k = torch.zeros(shape, dtype=span.dtype, device=span.device)
+            self.v = torch.zeros(shape, dtype=span.dtype, device=span.device)
+            self._x = torch.zeros(slots, c.hidden_size, dtype=span.dtype, device=span.device)
+            self._pos = torch.full((slots,), max_length, dtype=torch.long, device=span.device)
+            self._rows = torch.arange(slots, device=span.device)
+            self._arange = torch.arange(max_length, device=span.device)
         self.graphs = span.device.type == "cuda" if graphs is None else graphs
         if attention not in ATTENTION:
             raise ValueError(f"attention is one of {', '.join(ATTENTION)}")
@@ -115,14 +122,9 @@ class DecodeEngine:
         self.length_buckets = length_buckets(max_length)
         self._owners: list[SlotCache | None] = [None] * slots
         self._lock = threading.Lock()
-        device = span.device
-        self._x = torch.zeros(slots, c.hidden_size, dtype=span.dtype, device=device)
-        self._pos = torch.full((slots,), max_length, dtype=torch.long, device=device)
-        self._rows = torch.arange(slots, device=device)
-        self._arange = torch.arange(max_length, device=device)
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        pin = device.type == "cuda"
+        pin = span.device.type == "cuda"
         self._host_x = torch.zeros(slots, c.hidden_size, dtype=span.dtype, pin_memory=pin)
         self._host_pos = torch.full((slots,), max_length, dtype=torch.long, pin_memory=pin)
         self._host_out = torch.zeros(slots, c.hidden_size, dtype=span.dtype, pin_memory=pin)
@@ -166,6 +168,8 @@ class DecodeEngine:
 
     def _compact(self) -> None:
         """Move the highest live sessions into free lower slots (compute thread only)."""
+        if self.slots == 1:
+            return
         with self._lock:
             while True:
                 live = [i for i, owner in enumerate(self._owners) if owner is not None]
