@@ -89,8 +89,8 @@ def profile(engine: DecodeEngine, context: int, device: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine._pos[:1].fill_(context)
     with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine._pos[:1].fill_(context)
         engine._decode(1, 64 * ((context + 64) // 64), (engine.span.start, engine.span.end))
         sync(device)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
