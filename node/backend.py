@@ -35,13 +35,6 @@ the compute is done. If the batcher itself dies, every waiting step fails with
 `ShuttingDown`, new work is refused the same way, and `stopped` with `failure`
 tells the node to leave.
 
-GPU. On CUDA the backend keeps its KV in a `DecodeEngine` (swarm/model/engine.py):
-a static pool of `min(max_sessions, kv_memory_bytes // slot bytes)` slots of
-`max_length` tokens each, allocated at start. A session or forward takes a slot
-(`Busy` when none is free), one-token steps of whole-span sessions run as one
-CUDA graph replay with pinned host I/O, and the rest (prefill chunks, sub-spans)
-takes the ragged path over the same slots. CPU nodes keep the ragged path.
-
 Metrics. An optional `StepObserver` (node/metrics.py) is told, on the loop, each
 step's wait in the queue and its latency, and each batch's size and compute time.
 """
@@ -51,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,9 +51,9 @@ from typing import Protocol
 
 import torch
 
+from node.span_runner import SpanRunner
 from swarm.errors import BadSpan, Busy, LengthExceeded, SessionNotFound, ShuttingDown, SwarmError
 from swarm.model.block import KVCache, Segment, Span
-from swarm.model.engine import DecodeEngine, slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +130,8 @@ class Backend:
         self.config = config
         self.max_length = min(config.max_length, span.config.max_position)
         self.max_forward_tokens = min(config.max_forward_tokens, self.max_length)
-        self.engine = _engine(span, config, self.max_length) if span.device.type == "cuda" else None
+        self.runner = SpanRunner(span, config.max_sessions, config.kv_memory_bytes, self.max_length)
+        self.engine = self.runner.engine  # the CUDA KV pool, or None on the CPU
         self.kv_used = 0
         self.caches: set[int] = set()  # id() of live caches (sessions and forwards), for the session count
         self.forwards = 0  # /forwards in the node now
@@ -165,7 +158,7 @@ class Backend:
         self._last_small = -float("inf")  # loop time of the last batch with a small step
 
     async def __aenter__(self) -> Backend:
-        self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self._self_benchmark)
+        self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.self_benchmark)
         self._batcher = asyncio.create_task(self._batch_loop(), name="batcher")
         self._batcher.add_done_callback(self._batcher_ended)
         return self
@@ -457,55 +450,14 @@ class Backend:
         return batch
 
     def _compute(self, blocks: tuple[int, int], chunks: list[_Chunk]) -> tuple[list[torch.Tensor], float]:
-        """In the compute thread: one ragged forward for all `chunks`."""
+        """In the compute thread: one forward for all `chunks`."""
         began = time.perf_counter()
-        span = self.span
         parts = [c.step.hidden[c.step.computed : c.step.computed + c.count] for c in chunks]
         segments = [Segment(c.step.cache, c.step.position + c.step.computed, c.count) for c in chunks]
-        if self.engine is None:
-            out = span(torch.cat(parts).to(device=span.device, dtype=span.dtype), segments, blocks).cpu()
-        elif blocks == (span.start, span.end) and all(seg.length == 1 for seg in segments):
-            out = self.engine.decode_host(torch.cat(parts), [seg.cache for seg in segments], [seg.start for seg in segments])
-        else:
-            out = self.engine.forward(torch.cat(parts).to(device=span.device, dtype=span.dtype), segments, blocks).cpu()
+        out = self.runner.run(torch.cat(parts), segments, blocks)
         elapsed = time.perf_counter() - began
         self.steps_done += sum(c.count == c.step.remaining for c in chunks)
         return list(out.split([c.count for c in chunks])), elapsed
-
-    def _self_benchmark(self, steps: int = 8) -> float:
-        """Blocks per second for one-token steps through the whole span, in the compute thread."""
-        span, engine = self.span, self.engine
-        x = torch.randn(1, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
-        cache = span.new_cache(steps + 2) if engine is None else engine.open(steps + 2)
-        times = []
-        try:
-            for position in range(steps + 2):
-                begin = time.perf_counter()
-                if engine is None:
-                    span(x.to(span.dtype), [Segment(cache, position, 1)])
-                else:
-                    engine.decode_host(x, [cache], [position])  # waits for its result
-                times.append(time.perf_counter() - begin)
-        finally:
-            if engine is not None:
-                engine.release(cache)
-        if engine is not None:
-            engine.warm(engine.batch_buckets[:5])  # graphs for batches up to 16, short sessions
-        per_step = statistics.median(times[2:])  # the first steps warm caches, allocators and graphs
-        return span.num_blocks / per_step
-
-
-def _engine(span: Span, config: BackendConfig, max_length: int) -> DecodeEngine:
-    """The CUDA KV pool: as many `max_length` slots as the KV budget and session limit allow."""
-    slots = min(config.max_sessions, config.kv_memory_bytes // slot_bytes(span, max_length))
-    if slots < 1:
-        raise ValueError(
-            f"--kv-memory {config.kv_memory_bytes} bytes holds no session of --max-length {max_length} over "
-            f"{span.num_blocks} blocks ({slot_bytes(span, max_length)} bytes each): raise it or lower --max-length"
-        )
-    engine = DecodeEngine(span, slots, max_length)
-    log.info("KV pool: %d slots of %d tokens, %.2f GiB", slots, max_length, engine.nbytes / 2**30)
-    return engine
 
 
 def _compute_error(exc: Exception) -> SwarmError:
