@@ -30,6 +30,7 @@ faster there (block.py's notes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -189,10 +190,17 @@ class DecodeEngine:
 
     # --- compute ------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def _on_device(self):
+        """CUDA streams, graphs and events belong to the thread's current device: make it ours."""
+        return torch.cuda.device(self.span.device) if self.span.device.type == "cuda" else contextlib.nullcontext()
+
     def forward(self, x: torch.Tensor, segments: Sequence[Segment], blocks: tuple[int, int] | None = None) -> torch.Tensor:
         """Like `Span.forward` over SlotCaches (x on the span's device): one-token segments through
         the batched decode (graphs where they apply), longer ones through the ragged path."""
+        with torch.inference_mode(), self._on_device():
+            return self._forward(x, segments, blocks)
+
+    def _forward(self, x: torch.Tensor, segments: Sequence[Segment], blocks: tuple[int, int] | None = None) -> torch.Tensor:
         blocks = blocks or (self.span.start, self.span.end)
         x = x.to(self.span.dtype)
         ones = [i for i, seg in enumerate(segments) if seg.length == 1]
@@ -205,7 +213,7 @@ class DecodeEngine:
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rest]).to(x.device)
             out[rows] = self.span(x[rows], [segments[i] for i in rest], blocks)
             one_rows = torch.tensor([offsets[i] for i in ones], device=x.device)
-            out[one_rows] = self.forward(x[one_rows], [segments[i] for i in ones], blocks)
+            out[one_rows] = self._forward(x[one_rows], [segments[i] for i in ones], blocks)
             return out
         for seg in segments:
             seg.cache.check_step(seg.start, 1)
@@ -226,10 +234,13 @@ class DecodeEngine:
             seg.cache.length = seg.start + 1
         return out
 
-    @torch.inference_mode()
     def decode_host(self, x: torch.Tensor, caches: Sequence[SlotCache], positions: Sequence[int]) -> torch.Tensor:
         """One-token steps of whole-span sessions, host tensors in and out: x [N, D] on the CPU
         (any dtype) -> [N, D] on the CPU in the span's dtype. Through pinned buffers."""
+        with torch.inference_mode(), self._on_device():
+            return self._decode_host(x, caches, positions)
+
+    def _decode_host(self, x: torch.Tensor, caches: Sequence[SlotCache], positions: Sequence[int]) -> torch.Tensor:
         segments = [Segment(cache, position, 1) for cache, position in zip(caches, positions)]
         for seg in segments:
             seg.cache.check_step(seg.start, 1)
@@ -304,7 +315,7 @@ class DecodeEngine:
         """Capture the graphs of the shortest length bucket for these batch sizes (start-up)."""
         if not self.graphs:
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             for batch in batches:
                 bucket = next(b for b in self.batch_buckets if b >= min(batch, self.slots))
                 if (bucket, self.length_buckets[0]) not in self._captured:
