@@ -28,6 +28,10 @@ class Head:
         return self.lm_head_t.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.lm_head_t.device
+
+    @property
     def eos_token_ids(self) -> set[int]:
         """Every id that ends a reply: the tokenizer's EOS and, for chat, its end-of-turn token."""
         ids = set()
@@ -49,8 +53,11 @@ class Head:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, D] last-block outputs -> [T, V] logits, in float32."""
-        h = F.rms_norm(hidden.to(self.dtype), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
+        """[T, D] last-block outputs (on any device) -> [T, V] logits, in float32 on the head's device.
+
+        Rows are independent: a batcher (client/head_batch.py) stacks the last rows of several
+        sessions into one call, so the weights are read once for all of them."""
+        h = F.rms_norm(hidden.to(self.device, self.dtype, non_blocking=True), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
         return (h @ self.lm_head_t).float()
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
