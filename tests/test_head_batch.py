@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from client.generate import LocalBlocks, Sampler, SamplingParams, stream_tokens
+from client.generate import GenerationStats, LocalBlocks, Sampler, SamplingParams, stream_tokens
 from client.head_batch import HeadBatcher
 from swarm.errors import SwarmError
 from swarm.model.device import default_dtype, resolve_device
@@ -231,3 +231,140 @@ def test_cli_refuses_a_device_this_machine_lacks(capsys):
     missing = "cuda:99" if torch.cuda.is_available() else "cuda"
     assert main(["generate", "hi", "--device", missing]) == 2  # before any weight is read
     assert f"device {missing}:" in capsys.readouterr().err
+
+
+# --- the head on a device: a tiny random checkpoint (the accelerator box has no default model) ---------------
+#
+# On cpu these run here (float32 against float32: equal); on cuda (skipped without one) the
+# same tests check the GPU paths. bfloat16 logits against float32: within BF16_REL_ERROR in
+# relative norm (bf16 keeps 8 bits of mantissa; 2 blocks and the head).
+
+BF16_REL_ERROR = 0.05
+
+
+def _tiny_checkpoint(directory):
+    """A 2-block random Llama (hidden 128, vocab 512) with a word-level tokenizer: "w3 w4 ..." are tokens 3, 4, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.random_checkpoint import build
+
+    build(directory, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 512)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny):
+    """The CPU float32 baseline of the tiny model."""
+    from client.local import LocalModel
+
+    return LocalModel.load(str(tiny))
+
+
+PROMPTS = ["w5 w9 w17 w33", "w100 w7", "w3 w4 w5 w6 w7 w8", "w400"]
+
+
+def _greedy(model, ids, new_tokens, batcher=None) -> list[int]:
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+
+    async def run():
+        blocks = YieldingBlocks(LocalBlocks(model.span, len(ids) + new_tokens))
+        return [t.id async for t in stream_tokens(model.head, blocks, ids, params, batcher=batcher) if t.id is not None]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_local_model_on_device_matches_cpu_float32(tiny, tiny_reference, device):
+    """LocalModel.load(device=...): blocks and head there in the device's dtype; logits close to
+    CPU float32, and four generations at once share one head call per step."""
+    from client.local import LocalModel
+
+    model = LocalModel.load(str(tiny), device=device)
+    assert model.device.type == device and model.head.dtype == default_dtype(model.device)
+    ids = model.head.encode_prompt(PROMPTS[0], chat=False)
+    hidden = model.span(model.head.embed(ids).to(model.span.dtype), [_segment(model.span, len(ids))])
+    ref_span = tiny_reference.span
+    reference = tiny_reference.head.logits(ref_span(tiny_reference.head.embed(ids), [_segment(ref_span, len(ids))]))
+    got = model.head.logits(hidden).cpu()
+    assert (got - reference).norm() / reference.norm() <= (BF16_REL_ERROR if model.head.dtype == torch.bfloat16 else 1e-5)
+    prompts = [model.head.encode_prompt(p, chat=False) for p in PROMPTS]
+    alone = [_greedy(model, p, 5) for p in prompts]
+    counting = CountingHead(model.head)
+    batcher = HeadBatcher(counting)
+
+    async def together():
+        async def one(p):
+            blocks = YieldingBlocks(LocalBlocks(model.span, len(p) + 5))
+            params = SamplingParams(max_new_tokens=5, stop_at_eos=False)
+            return [t.id async for t in stream_tokens(model.head, blocks, p, params, batcher=batcher) if t.id is not None]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(together()) == alone  # batched bf16 rows may differ in the last bit; greedy here does not
+    assert counting.calls == [4] * 5
+
+
+def _segment(span, length):
+    from swarm.model import Segment
+
+    return Segment(span.new_cache(length), 0, length)
+
+
+@pytest.fixture(scope="module")
+def tiny_node(tiny, tmp_path_factory):
+    from tests.nodes import start_nodes, stop_nodes
+
+    nodes = start_nodes([["--model", str(tiny), "--blocks", "0:2", "--device", "cpu"]], tmp_path_factory.mktemp("tiny-node"))
+    yield nodes[0]
+    stop_nodes(nodes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swarm_head_on_device_shares_its_calls_and_keeps_greedy_text(tiny, tiny_reference, tiny_node, device):
+    """SwarmModel(device=...): a CPU float32 node serves the blocks, the head runs on `device` (float32
+    here, so greedy text equals the CPU baseline's); concurrent generations go through its one batcher."""
+    from client.swarm import ClientConfig, SwarmModel
+
+    model = SwarmModel(str(tiny), bootstrap=[tiny_node.url], config=ClientConfig(wire_dtype="float32", verify_fraction=0.0), insecure_http=True, device=device, dtype=torch.float32)
+    assert model.head.device.type == device
+    prompts = [model.head.encode_prompt(p, chat=False) for p in PROMPTS]
+    expected = [_greedy(tiny_reference, p, 6) for p in prompts]
+
+    async def together():
+        async def one(ids):
+            stats = GenerationStats()
+            params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+            async for _ in model.stream_generation(ids, params, stats):
+                pass
+            return stats.token_ids
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(together()) == expected
+    assert model.batcher.rows == 4 * 6 and model.batcher.calls <= model.batcher.rows
+    assert not model.batcher._loops
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cli_local_run_on_device(tiny, device):
+    """`swarm generate DIR --device D --ignore-eos`: exactly the tokens asked for, on that device in its default dtype."""
+    done = subprocess.run(
+        [sys.executable, "-m", "client.cli", "generate", str(tiny), "w5 w9", "--no-chat", "--device", device, "--ignore-eos", "--max-new-tokens", "7", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert len(out["tokens"]) == 7 and out["device"] == str(resolve_device(device))
