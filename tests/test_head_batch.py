@@ -127,6 +127,30 @@ def test_a_late_generation_does_not_hold_the_batch(head):
     assert torch.equal(first, head.logits(rows[:1])[0]) and torch.equal(second, head.logits(rows[1:])[0])
 
 
+def test_rows_arriving_every_turn_hold_a_batch_at_most_max_turns(head):
+    """Twenty generations asking one loop turn apart: the first batch does not wait for all of them."""
+    from client.head_batch import MAX_TURNS
+
+    counting = CountingHead(head)
+    batcher = HeadBatcher(counting)
+    rows = _rows(head, 20)
+
+    async def run():
+        async def one(index):
+            with batcher.generation():
+                for _ in range(index + 1):
+                    await asyncio.sleep(0)
+                return await batcher.logits(rows[index])
+
+        return await asyncio.gather(*(one(i) for i in range(20)))
+
+    results = asyncio.run(run())
+    assert sum(counting.calls) == 20 and len(counting.calls) >= 2
+    assert counting.calls[0] <= MAX_TURNS + 1
+    for row, got in zip(rows, results):
+        torch.testing.assert_close(got, head.logits(row[None])[0], rtol=0, atol=BATCH_ATOL)
+
+
 def test_a_cancelled_waiter_drops_out_and_an_error_reaches_every_waiter(head):
     rows = _rows(head, 3)
 
