@@ -60,7 +60,7 @@ async def alone_overhead(head: Head, rows: torch.Tensor, calls: int) -> tuple[fl
             plain.append((time.perf_counter() - began) / calls)
             began = time.perf_counter()
             for i in range(calls):
-                int((await batcher.logits(rows[i % len(rows)])).argmax())
+                (await batcher.score(rows[i % len(rows)]))[1]
             batched.append((time.perf_counter() - began) / calls)
     return statistics.median(plain), statistics.median(batched)
 
@@ -74,8 +74,10 @@ async def sessions_rate(head: Head, rows: torch.Tensor, sessions: int, steps: in
             for step in range(steps):
                 await asyncio.sleep(0)  # the network step
                 row = rows[(index + step) % len(rows)]
-                logits = await batcher.logits(row) if batched else head.logits(row[None])[0]
-                int(logits.argmax())
+                if batched:
+                    await batcher.score(row)  # logits and argmax (one sync a batch)
+                else:
+                    int(head.logits(row[None])[0].argmax())
 
     began = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(sessions)))

@@ -76,9 +76,13 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = ()) -> int:
-        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter."""
+    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = (), best: int | None = None) -> int:
+        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter.
+
+        `best`: the argmax of `logits` when already known (client/head_batch.py finds a whole
+        batch's at once); greedy decoding without penalties then needs no device sync of its own."""
         p = self.params
+        raw = logits
         if (p.presence_penalty or p.frequency_penalty) and generated:
             # OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence.
             ids, counts = torch.tensor(list(generated), dtype=torch.long, device=logits.device).unique(return_counts=True)
@@ -90,7 +94,7 @@ class Sampler:
             logits = logits.clone()
             logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
         if p.temperature == 0:
-            return int(logits.argmax())
+            return best if best is not None and logits is raw else int(logits.argmax())
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -219,8 +223,8 @@ async def stream_tokens(
         hidden = await blocks.forward(head.embed(prompt_ids), 0)
         first_at = 0.0
         for step in range(params.max_new_tokens):
-            logits = await batcher.logits(hidden[-1]) if batcher is not None else head.logits(hidden[-1:])[0]
-            token_id = sampler(logits, history, stats.token_ids)
+            logits, best = await batcher.score(hidden[-1]) if batcher is not None else (head.logits(hidden[-1:])[0], None)
+            token_id = sampler(logits, history, stats.token_ids, best)
             now = time.perf_counter()
             if step == 0:
                 first_at = now

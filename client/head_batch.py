@@ -7,7 +7,8 @@ token each; stacked into one [n, D] @ [D, V] they read it once for all (on a CPU
 
 `HeadBatcher` does this for the generations running in one event loop. Each
 generation registers for its lifetime (`generation()`); when it needs logits it
-awaits `logits(row)`:
+awaits `score(row)`, its logits and their argmax (computed for the whole batch at
+once: on a GPU one device sync a batch instead of one a session):
 - alone (the only generation of its loop), the head runs at once, inline: no extra
   loop turn, the single-session path costs what it did before the batcher;
 - otherwise the row waits for the others. The batch runs as soon as every registered
@@ -71,13 +72,14 @@ class HeadBatcher:
             if state.active == 0 and not state.waiting:
                 self._loops.pop(loop, None)
 
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One last-block output [D] or [1, D] -> its logits [V], float32 on the head's device."""
+    async def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One last-block output [D] or [1, D] -> (its logits [V], float32 on the head's device; their argmax)."""
         row = hidden.reshape(1, -1)
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None or (state.active <= 1 and not state.waiting):
-            return self._run([row])[0]  # alone: inline, as without a batcher
+            logits, best = self._run([row])  # alone: inline, as without a batcher
+            return logits[0], best[0]
         future = loop.create_future()
         state.waiting.append((row, future))
         if len(state.waiting) >= state.active:
@@ -105,18 +107,19 @@ class HeadBatcher:
         if not waiting:
             return
         try:
-            logits = self._run([row for row, _ in waiting])
+            logits, best = self._run([row for row, _ in waiting])
         except Exception as exc:  # the head failed: every waiter of this batch hears it
             for _, future in waiting:
                 future.set_exception(exc)
             return
         for index, (_, future) in enumerate(waiting):
-            future.set_result(logits[index])
+            future.set_result((logits[index], best[index]))
 
-    def _run(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """rows of [1, D] -> [n, V]: one head call."""
+    def _run(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """rows of [1, D] -> (logits [n, V], each row's argmax): one head call, one device sync."""
         self.calls += 1
         self.rows += len(rows)
         first = rows[0]
         stacked = first if len(rows) == 1 else torch.cat([r.to(first.device, first.dtype) for r in rows])
-        return self.head.logits(stacked)
+        logits = self.head.logits(stacked)
+        return logits, logits.argmax(-1).tolist()

@@ -101,7 +101,9 @@ class SwarmModel:
         with open_checkpoint(model, cache) as checkpoint:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
-            self.head: Head = load_head(checkpoint, dtype or default_dtype(where), where, progress=progress)
+            # The embeddings stay on the CPU whatever `device`: their rows go straight onto the wire,
+            # with no copy to the GPU and back (nor a sync) per step; the norm and LM head go to `device`.
+            self.head: Head = load_head(checkpoint, dtype or default_dtype(where), where, progress=progress, embed_device="cpu")
         self.batcher = HeadBatcher(self.head)  # every concurrent generation of this client shares the head's calls
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
         self.verifier = Verifier(self.planner, self.config)

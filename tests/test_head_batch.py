@@ -66,7 +66,7 @@ async def _concurrent(batcher: HeadBatcher, rows: torch.Tensor) -> list[torch.Te
     async def one(row):
         with batcher.generation():
             await asyncio.sleep(0)
-            return await batcher.logits(row)
+            return (await batcher.score(row))[0]
 
     return await asyncio.gather(*(one(r) for r in rows))
 
@@ -83,6 +83,26 @@ def test_concurrent_rows_share_one_head_call_and_get_their_own_logits(head, n):
         assert got.argmax() == alone.argmax()
 
 
+def test_a_batch_finds_every_row_argmax_and_the_sampler_uses_it_only_unpenalised(head):
+    batcher = HeadBatcher(head)
+    rows = _rows(head, 5, seed=4)
+
+    async def run():
+        async def one(row):
+            with batcher.generation():
+                await asyncio.sleep(0)
+                return await batcher.score(row)
+
+        return await asyncio.gather(*(one(r) for r in rows))
+
+    for logits, best in asyncio.run(run()):
+        assert best == int(logits.argmax())
+    logits = torch.tensor([2.0, 1.9, -1.0])
+    assert Sampler(SamplingParams())(logits, [0], best=2) == 2  # trusted as the argmax of these logits
+    assert Sampler(SamplingParams(repetition_penalty=1.5))(logits, [0], best=0) == 1  # penalised: found afresh
+    assert Sampler(SamplingParams(frequency_penalty=1.0))(logits, [0], [0], best=0) == 1
+
+
 def test_alone_the_head_runs_inline_without_a_loop_turn(head):
     """One generation: `logits` finishes on its first step (never suspends), as a plain head call."""
     batcher = HeadBatcher(CountingHead(head))
@@ -90,10 +110,10 @@ def test_alone_the_head_runs_inline_without_a_loop_turn(head):
 
     async def run():
         with batcher.generation():
-            step = batcher.logits(row)
+            step = batcher.score(row)
             with pytest.raises(StopIteration) as done:
                 step.send(None)
-            return done.value.value
+            return done.value.value[0]
 
     assert torch.equal(asyncio.run(run()), head.logits(row[None])[0])
     assert batcher.head.calls == [1]
@@ -111,12 +131,12 @@ def test_a_late_generation_does_not_hold_the_batch(head):
         async def busy():
             with batcher.generation():
                 await release.wait()
-                return await batcher.logits(rows[1])
+                return (await batcher.score(rows[1]))[0]
 
         async def ready():
             with batcher.generation():
                 await asyncio.sleep(0)
-                logits = await batcher.logits(rows[0])
+                logits, _ = await batcher.score(rows[0])
                 release.set()
                 return logits
 
@@ -139,7 +159,7 @@ def test_rows_a_turn_apart_are_not_held_for_the_rest(head):
             with batcher.generation():
                 for _ in range(index + 1):
                     await asyncio.sleep(0)
-                return await batcher.logits(rows[index])
+                return (await batcher.score(rows[index]))[0]
 
         return await asyncio.gather(*(one(i) for i in range(20)))
 
@@ -156,11 +176,11 @@ def test_a_cancelled_waiter_drops_out_and_an_error_reaches_every_waiter(head):
         counting = CountingHead(head)
         batcher = HeadBatcher(counting)
         with batcher.generation(), batcher.generation(), batcher.generation():
-            tasks = [asyncio.ensure_future(batcher.logits(r)) for r in rows[:2]]
+            tasks = [asyncio.ensure_future(batcher.score(r)) for r in rows[:2]]
             await asyncio.sleep(0)  # both wait for the third generation
             tasks[0].cancel()
-            third = await batcher.logits(rows[2])  # every generation is here: runs now, without the cancelled row
-            second = await tasks[1]
+            third, _ = await batcher.score(rows[2])  # every generation is here: runs now, without the cancelled row
+            second, _ = await tasks[1]
         return counting.calls, second, third
 
     calls, second, third = asyncio.run(cancel_one())
@@ -174,7 +194,7 @@ def test_a_cancelled_waiter_drops_out_and_an_error_reaches_every_waiter(head):
         async def one(row):
             with batcher.generation():
                 await asyncio.sleep(0)
-                return await batcher.logits(row)
+                return (await batcher.score(row))[0]
 
         return await asyncio.gather(*(one(r) for r in rows), return_exceptions=True), batcher.head.calls
 
@@ -313,7 +333,7 @@ def test_local_model_on_device_matches_cpu_float32(tiny, tiny_reference, device)
     from client.local import LocalModel
 
     model = LocalModel.load(str(tiny), device=device)
-    assert model.device.type == device and model.head.dtype == default_dtype(model.device)
+    assert model.device.type == device and model.head.embed_device == model.device and model.head.dtype == default_dtype(model.device)
     bf16 = model.head.dtype == torch.bfloat16
     ids = model.head.encode_prompt(PROMPTS[0], chat=False)
     hidden = model.span(model.head.embed(ids).to(model.span.dtype), [_segment(model.span, len(ids))])
@@ -369,7 +389,7 @@ def test_swarm_head_on_device_shares_its_calls_and_keeps_greedy_text(tiny, tiny_
     from client.swarm import ClientConfig, SwarmModel
 
     model = SwarmModel(str(tiny), bootstrap=[tiny_node.url], config=ClientConfig(wire_dtype="float32", verify_fraction=0.0), insecure_http=True, device=device, dtype=torch.float32)
-    assert model.head.device.type == device
+    assert model.head.device.type == device and model.head.embed_device.type == "cpu"  # embeddings go to the wire from the CPU
     prompts = [model.head.encode_prompt(p, chat=False) for p in PROMPTS]
     expected = [_greedy(tiny_reference, p, 6) for p in prompts]
 
