@@ -266,7 +266,7 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True, printin
     parser.add_argument(
         "--device", default="auto", metavar="DEVICE",
         help="where the local part runs: cpu, cuda, cuda:N or auto (default: the first GPU when there is one, else cpu); "
-        "with a swarm that is the head (embeddings, final norm, LM head), without one the whole model",
+        "with a swarm that is the head (final norm and LM head; the embeddings stay on the CPU), without one the whole model",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="compute dtype of the local part (default bfloat16 on a GPU, float32 on the CPU)"
