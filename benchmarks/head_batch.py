@@ -98,7 +98,10 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="the head's hidden size and vocabulary (default small: the default model's)")
     parser.add_argument("--sessions", default="1,4,16", help="comma-separated session counts (default 1,4,16)")
     parser.add_argument("--steps", type=int, default=0, help="steps per session (default: 40 on a GPU, 10 on the CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = default_dtype(device)
     head = random_head(args.shape, device, dtype)
@@ -107,7 +110,7 @@ def main() -> int:
         rows = rows.to(device)  # as a local GPU span would hand them over; a swarm's come from the CPU
     steps = args.steps or (40 if device.type == "cuda" else 10)
     name = str(device)
-    params = {"shape": args.shape, "hidden": SHAPES[args.shape][0], "vocab": SHAPES[args.shape][1], "dtype": str(dtype).removeprefix("torch.")}
+    params = {"threads": torch.get_num_threads(), "shape": args.shape, "hidden": SHAPES[args.shape][0], "vocab": SHAPES[args.shape][1], "dtype": str(dtype).removeprefix("torch.")}
 
     tiny = random_head("tiny", device, dtype)
     asyncio.run(alone_overhead(tiny, rows[:, :64], 100))  # warm-up
