@@ -2,8 +2,9 @@
 
 The LM head reads a [D, V] matrix to turn one hidden row into logits: 0.5 GB for a
 128k vocabulary in bf16, 2 GB in float32. Sessions that each call it read it once per
-token each; stacked into one [n, D] @ [D, V] they read it once for all (on a CPU
-16 rows cost about 3x one row, not 16x; on a GPU about the same as one row).
+token each; stacked into one [n, D] @ [D, V] they read it once for all (on the
+2-core test box, one thread, 16 rows of the default model's head cost ~5x one
+row, not 16x; on a GPU a few rows cost about what one does).
 
 `HeadBatcher` does this for the generations running in one event loop. Each
 generation registers for its lifetime (`generation()`); when it needs logits it
