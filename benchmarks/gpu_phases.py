@@ -198,7 +198,6 @@ def phase_ours_local(args) -> dict:
         "decode_tok_s": max(s.decode_tokens_per_s for s in measured),
         "runs_tok_s": [s.decode_tokens_per_s for s in measured],
         "measure_s": time.perf_counter() - begin,
-        "weight_bytes": local.span.weight_bytes + local.head.lm_head_t.nbytes,
     }
     out.update(_memory(args.device))
     return out

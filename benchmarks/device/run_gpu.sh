@@ -18,6 +18,10 @@ export PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 what="${1:-decode}"
+# The device runs one command for 10 minutes at most and a fresh machine has no checkpoint: the build
+# and the benchmark share one call, and the benchmark gets what the build left (LIMIT: the call's seconds).
+LIMIT="${LIMIT:-585}"
+budget() { echo $(( LIMIT - SECONDS - 15 )); }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -47,19 +51,19 @@ run() {  # run NAME COMMAND...: JSON lines to $OUT/NAME.jsonl, the human lines t
 case "$what" in
   decode)
     dir=$(checkpoint 8b 18) || exit 1
-    run gpu_decode python3 benchmarks/gpu_decode.py --model "$dir" ;;
+    run gpu_decode python3 benchmarks/gpu_decode.py --model "$dir" --budget "$(budget)" ;;
   pipeline8b)
     dir=$(checkpoint 8b 18) || exit 1
-    run gpu_pipeline_8b python3 benchmarks/gpu_pipeline.py --shape 8b --gpus 2 --model "$dir" ;;
+    run gpu_pipeline_8b python3 benchmarks/gpu_pipeline.py --shape 8b --gpus 2 --model "$dir" --budget "$(budget)" ;;
   build70b)
     checkpoint 70b 150 >/dev/null || exit 1 ;;
   pipeline70b)
     dir=$(checkpoint 70b 150) || exit 1
     gpus=$(python3 -c 'import torch; print(min(4, torch.cuda.device_count()))')
     [ "$gpus" -ge 4 ] || echo "only $gpus GPUs here: running the 70b shape on $gpus (say so with the figures)" >&2
-    run gpu_pipeline_70b python3 benchmarks/gpu_pipeline.py --shape 70b --gpus "$gpus" --model "$dir" ;;
+    run gpu_pipeline_70b python3 benchmarks/gpu_pipeline.py --shape 70b --gpus "$gpus" --model "$dir" --budget "$(budget)" ;;
   tests)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" ;;
+    timeout $(( LIMIT - SECONDS )) python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" ;;
   check)  # the same path on a CPU with the tiny shape: checks this script and the benchmarks anywhere
     dir=$(checkpoint tiny 1 cpu) || exit 1
     run check_decode python3 benchmarks/gpu_decode.py --model "$dir" --device cpu --tokens 16 --sessions 4 --budget 300 || exit 1
