@@ -18,6 +18,7 @@ import torch
 
 from swarm.errors import BadRequest
 from swarm.model.block import Segment, Span
+from swarm.model.engine import DecodeEngine
 from swarm.model.head import Head
 
 if TYPE_CHECKING:
@@ -102,14 +103,18 @@ class Blocks(Protocol):
 
 
 class LocalBlocks:
-    """Every block in this process: the single-process baseline."""
+    """Every block in this process: the single-process baseline. On CUDA its steps run through a
+    one-slot `DecodeEngine` (CUDA graphs); elsewhere through the span's ragged path."""
 
     def __init__(self, span: Span, max_length: int) -> None:
         self.span = span
-        self.cache = span.new_cache(max_length)
+        self.engine = DecodeEngine(span, 1, max_length) if span.device.type == "cuda" else None
+        self.cache = self.engine.open(max_length) if self.engine else span.new_cache(max_length)
 
     async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.span(hidden.to(self.span.dtype), [Segment(self.cache, start, hidden.shape[0])])
+        x = hidden.to(device=self.span.device, dtype=self.span.dtype)
+        segments = [Segment(self.cache, start, hidden.shape[0])]
+        return self.engine.forward(x, segments) if self.engine else self.span(x, segments)
 
 
 @dataclass
