@@ -72,7 +72,9 @@ def gpu_swarm(tmp_path_factory):
     }
     keys = tmp_path_factory.mktemp("keys")
     (keys / "bootstrap").mkdir()
-    started = start_nodes([*specs.values(), ["--no-model", *port, "--identity", str(keys / "bootstrap" / "node.key"), "--gossip-period", "0.5"]], keys)
+    bootstrap_spec = ["--no-model", *port, "--identity", str(keys / "bootstrap" / "node.key"), "--gossip-period", "0.5"]
+    # generous: every CUDA node compiles its decode block and captures its first graphs before it is ready
+    started = start_nodes([*specs.values(), bootstrap_spec], keys, timeout=600)
     nodes = dict(zip(specs, started))
     bootstrap = started[-1]
     yield directory, nodes, bootstrap

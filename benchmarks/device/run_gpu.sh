@@ -4,6 +4,8 @@
 # and leave its JSON lines and log under $OUT.
 #
 #   benchmarks/device/run_gpu.sh decode        # 1 GPU: gpu_decode.py, 8b shape       (~7-9 min with the build)
+#   benchmarks/device/run_gpu.sh ours          # 1 GPU: the same without the transformers anchors (~5 min)
+#   benchmarks/device/run_gpu.sh anchors       # 1 GPU: only the transformers anchors (~4-5 min)
 #   benchmarks/device/run_gpu.sh pipeline8b    # 2 GPUs: gpu_pipeline.py --gpus 2, 8b  (~4-6 min with the build)
 #   benchmarks/device/run_gpu.sh pipeline70b   # 4 GPUs: gpu_pipeline.py --gpus 4, 70b (~8-10 min with the build)
 #   benchmarks/device/run_gpu.sh build70b      # only build the 70b checkpoint (when the run above must be split)
@@ -52,6 +54,12 @@ case "$what" in
   decode)
     dir=$(checkpoint 8b 18) || exit 1
     run gpu_decode python3 benchmarks/gpu_decode.py --model "$dir" --budget "$(budget)" ;;
+  ours)  # decode without the transformers anchors (when the whole run does not fit one call)
+    dir=$(checkpoint 8b 18) || exit 1
+    run gpu_decode python3 benchmarks/gpu_decode.py --model "$dir" --budget "$(budget)" --skip hf_eager,hf_compile ;;
+  anchors)  # only the transformers anchors (and the bandwidth)
+    dir=$(checkpoint 8b 18) || exit 1
+    run gpu_decode python3 benchmarks/gpu_decode.py --model "$dir" --budget "$(budget)" --skip ours_local,pipeline ;;
   pipeline8b)
     dir=$(checkpoint 8b 18) || exit 1
     run gpu_pipeline_8b python3 benchmarks/gpu_pipeline.py --shape 8b --gpus 2 --model "$dir" --budget "$(budget)" ;;
@@ -69,5 +77,5 @@ case "$what" in
     run check_decode python3 benchmarks/gpu_decode.py --model "$dir" --device cpu --tokens 16 --sessions 4 --budget 300 || exit 1
     run check_pipeline python3 benchmarks/gpu_pipeline.py --shape tiny --gpus 2 --device cpu --model "$dir" --tokens 16 --sessions 4 --budget 300 ;;
   *)
-    echo "usage: $0 decode|pipeline8b|pipeline70b|build70b|tests|check" >&2; exit 2 ;;
+    echo "usage: $0 decode|ours|anchors|pipeline8b|pipeline70b|build70b|tests|check" >&2; exit 2 ;;
 esac
