@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +223,15 @@ def split_blocks(layers: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def pin(device: str, how: str) -> tuple[list[str], str]:
+    """(command prefix, --device) for a node on `device`. `how` = "visible": a node for cuda:N sees
+    only GPU N (CUDA_VISIBLE_DEVICES=N) as its cuda, so every stream, event and graph it makes is
+    on that GPU whatever the code's current device; "device": `--device cuda:N` as given."""
+    if how == "visible" and device.startswith("cuda:"):
+        return ["env", f"CUDA_VISIBLE_DEVICES={device.split(':', 1)[1]}"], "cuda"
+    return [], device
+
+
 def node_flags(model: str, span: tuple[int, int], device: str, dtype: str, sessions: int, max_length: int, config) -> list[str]:
     """A GPU node sized for `sessions` sessions of `max_length` tokens (with room for warmups)."""
     slots = sessions + 4
@@ -344,12 +354,21 @@ def phase_pipeline(args) -> dict:
     max_length = args.max_length
     tmp = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     port, url = reserve_url()
-    specs = [[*node_flags(args.model, span, dev, args.dtype, args.sessions, max_length, config), "--bootstrap", url] for span, dev in zip(spans, devices)]
     identity = ["--identity", str(tmp / "bootstrap" / "node.key")]
     (tmp / "bootstrap").mkdir()
     used_before = _device_used(args.client_device)
     begin = time.perf_counter()
-    *nodes, bootstrap = start_nodes([*specs, ["--no-model", *port, *identity, "--gossip-period", "0.5"]], tmp, timeout=args.node_timeout)
+    # Every node (and the bootstrap peer) starts at once, each with its own environment (its GPU).
+    launches = []
+    for span, device in zip(spans, devices):
+        prefix, flag = pin(device, args.pin)
+        launches.append((prefix, [*node_flags(args.model, span, flag, args.dtype, args.sessions, max_length, config), "--bootstrap", url]))
+    launches.append(([], ["--no-model", *port, *identity, "--gossip-period", "0.5"]))
+    for index in range(len(launches)):
+        (tmp / f"n{index}").mkdir()
+    with ThreadPoolExecutor(len(launches)) as pool:
+        futures = [pool.submit(start_nodes, [spec], tmp / f"n{i}", args.node_timeout, prefix or None) for i, (prefix, spec) in enumerate(launches)]
+        *nodes, bootstrap = [node for future in futures for node in future.result()]  # a failure: the parent kills the group
     out: dict = {"spans": spans, "node_devices": devices, "nodes_ready_s": time.perf_counter() - begin, "max_length": max_length}
     # Where nvidia-smi lists no processes (containers), the nodes' memory is what the devices lost to them.
     out["nodes_loaded_device_bytes"] = [after - before for before, after in zip(used_before, _device_used(args.client_device))]
@@ -459,6 +478,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=16, help="pipeline: concurrent sessions of the aggregate run (1: none)")
     parser.add_argument("--max-length", type=int, default=1024, help="pipeline: the nodes' --max-length")
     parser.add_argument("--node-timeout", type=float, default=300.0, help="pipeline: seconds for the nodes to load")
+    parser.add_argument("--pin", choices=("visible", "device"), default="visible", help="pipeline: a node for cuda:N runs with CUDA_VISIBLE_DEVICES=N and --device cuda (visible), or with --device cuda:N (device)")
     args = parser.parse_args()
     out = PHASES[args.phase](args)
     args.result.write_text(json.dumps(out))

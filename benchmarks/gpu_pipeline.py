@@ -48,6 +48,13 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions of the aggregate run (default 8)")
     parser.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (default 570)")
     parser.add_argument("--node-timeout", type=float, default=None, help="seconds for the nodes to load (default 300; 900 for 70b)")
+    parser.add_argument(
+        "--pin",
+        choices=("visible", "device"),
+        default="visible",
+        help="visible (default): the node of GPU N runs with CUDA_VISIBLE_DEVICES=N and --device cuda; device: with --device cuda:N, "
+        "which needs every stream, event and graph of the node made on its device",
+    )
     args = parser.parse_args()
     if args.model is None and args.shape != "tiny":
         parser.error("--model is required for the 8b and 70b shapes: build it first with benchmarks/random_llama.py")
@@ -68,7 +75,7 @@ def run(args, model: Path) -> None:
     first = "cuda:0" if cuda else args.device
     devices = [f"cuda:{i}" for i in range(args.gpus)] if cuda else [args.device] * args.gpus
     weight_bytes = checkpoint_bytes(model)
-    common = {"model": str(model), "shape": args.shape, "gpus": args.gpus, "dtype": args.dtype, "tokens": args.tokens, "tokenizer": "stand-in word-level"}
+    common = {"model": str(model), "shape": args.shape, "gpus": args.gpus, "dtype": args.dtype, "tokens": args.tokens, "tokenizer": "stand-in word-level", "pin": args.pin}
 
     bw = run_phase("bandwidth", left(60), device=first)
     roofline = None
@@ -88,6 +95,7 @@ def run(args, model: Path) -> None:
     pipe = run_phase(
         "pipeline", left(node_timeout + 300), model=model, node_devices=",".join(devices), client_device=first, dtype=args.dtype,
         tokens=args.tokens, warmup_tokens=args.warmup_tokens, trials=args.trials, sessions=args.sessions, max_length=1024, node_timeout=node_timeout,
+        pin=args.pin,
     )  # fmt: skip
     label = f"pipeline_{args.gpus}_nodes_{args.gpus}_gpus"
     report_pipeline(pipe, {**common, "client_device": first}, local and local["decode_tok_s"], first, label)
