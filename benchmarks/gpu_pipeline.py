@@ -86,7 +86,7 @@ def run(args, model: Path) -> None:
     local = None
     if weight_bytes <= SINGLE_GPU_BYTES:
         one = {"model": model, "device": first, "dtype": args.dtype, "tokens": args.tokens, "warmup_tokens": args.warmup_tokens, "trials": args.trials}
-        local = run_phase("ours_local", left(180), **one)
+        local = run_phase("ours_local", left(240), **one)
         if local:
             emit("ours_single_process_1_gpu_tokens_per_s", local["decode_tok_s"], "tokens/s", {**common, "gpus": 1, "runs": local["runs_tok_s"]}, first)
     else:

@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True, help="tiny (CPU checks), 8b (Llama-3-8B, 16 GB) or 70b (Llama-3-70B, 141 GB)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write (e.g. /dev/shm/llama8b)")
     parser.add_argument("--device", default="cpu", help="where to draw the weights: cpu, cuda (workers spread over all GPUs) or cuda:N (default cpu)")
-    parser.add_argument("--workers", type=int, default=None, help="processes drawing and writing shards at once (default: 1 on cpu, 4 or 2 per GPU on cuda)")
+    parser.add_argument("--workers", type=int, default=None, help="processes drawing and writing shards at once (default: 1 on cpu; on cuda 4 per GPU, 4 to 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete build of this shape")
     args = parser.parse_args()
@@ -247,7 +247,8 @@ def main() -> None:
         if args.device.startswith("cuda"):
             import torch
 
-            workers = max(4, 2 * torch.cuda.device_count()) if args.device == "cuda" else 4
+            # writing to the target (tmpfs or disk) is the limit: several writers per GPU
+            workers = min(16, max(4, 4 * torch.cuda.device_count())) if args.device == "cuda" else 4
         else:
             workers = 1
     say(f"building a random {args.shape} checkpoint ({shape.total_bytes() / 1e9:.2f} GB bf16) in {args.out} on {args.device} with {workers} worker(s)")
