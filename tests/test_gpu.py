@@ -190,7 +190,7 @@ async def test_concurrent_sessions_of_different_lengths(gpu_swarm, reference, di
             live_pos = [positions[i] for i in keep] + [5]
             live_outs = [outs[i] for i in keep] + [[]]
             await _lockstep(live, live_x, live_pos, 6, live_outs)
-            for index, (got, x, want, n) in enumerate(zip(live_outs, live_x, [expected[i] for i in keep] + [late_expected], [lengths[i] for i in keep] + [5])):
+            for index, (got, want, n) in enumerate(zip(live_outs, [expected[i] for i in keep] + [late_expected], [lengths[i] for i in keep] + [5])):
                 got = torch.cat(got)
                 rows = want[n : n + got.shape[0]]
                 assert relative(got, rows) < GPU_REL_ERROR, (index, relative(got, rows))
