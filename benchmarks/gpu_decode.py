@@ -70,10 +70,19 @@ def report_pipeline(pipe: dict | None, base: dict, local_tok_s: float | None, de
         emit(f"{label}_{n}_sessions_tokens_per_s", pipe["many_sum_tok_s"], "tokens/s", {**p, "sessions": n}, device)
         emit(f"{label}_{n}_sessions_wall_tokens_per_s", pipe["many_wall_tok_s"], "tokens/s", {**p, "sessions": n, "note": "all tokens / wall time, opening and prefill included"}, device)
         emit(f"{label}_{n}_sessions_vs_1", pipe["many_sum_tok_s"] / one, "ratio", {**p, "sessions": n}, device, human=f"{label}: {n} sessions {pipe['many_sum_tok_s']:.1f} tok/s summed = {pipe['many_sum_tok_s'] / one:.2f}x one session (slowest session {pipe['many_min_session_tok_s']:.1f} tok/s)")
+    # Per node: nvidia-smi's figure for its process; else, with one node per GPU, what its GPU lost
+    # to it by its ready line (containers often hide processes from nvidia-smi).
+    loaded = pipe.get("nodes_loaded_device_bytes") or []
+    devices = pipe["node_devices"]
+    own_gpu = len(set(devices)) == len(devices) and all(d.startswith("cuda:") for d in devices)
     for index, (span, used) in enumerate(zip(pipe["spans"], pipe["node_gpu_bytes"])):
         info = memory_note(pipe["node_info"][index])
+        where = {**p, "span": f"{span[0]}:{span[1]}", **info}
         if used is not None:
-            emit(f"{label}_node{index}_gpu_memory", used / 2**30, "GiB", {**p, "span": f"{span[0]}:{span[1]}", "source": "nvidia-smi", **info}, device)
+            emit(f"{label}_node{index}_gpu_memory", used / 2**30, "GiB", {**where, "source": "nvidia-smi"}, device)
+        elif own_gpu and int(devices[index].split(":")[1]) < len(loaded):
+            at_ready = loaded[int(devices[index].split(":")[1])]
+            emit(f"{label}_node{index}_gpu_memory", at_ready / 2**30, "GiB", {**where, "source": "its GPU's memory in use, before the node started and at its ready line"}, device)
         else:
             say(f"{label}: node {index} ({span[0]}:{span[1]}): nvidia-smi shows no per-process figure; /info: {info or 'nothing on memory'}")
     if pipe.get("nodes_loaded_device_bytes"):
