@@ -228,7 +228,10 @@ def pin(device: str, how: str) -> tuple[list[str], str]:
     only GPU N (CUDA_VISIBLE_DEVICES=N) as its cuda, so every stream, event and graph it makes is
     on that GPU whatever the code's current device; "device": `--device cuda:N` as given."""
     if how == "visible" and device.startswith("cuda:"):
-        return ["env", f"CUDA_VISIBLE_DEVICES={device.split(':', 1)[1]}"], "cuda"
+        index = int(device.split(":", 1)[1])
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # our cuda:N is the Nth of these where set
+        gpu = visible.split(",")[index].strip() if visible else str(index)
+        return ["env", f"CUDA_VISIBLE_DEVICES={gpu}"], "cuda"
     return [], device
 
 
