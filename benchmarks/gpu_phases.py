@@ -134,6 +134,8 @@ def _phase_hf(args, static: bool) -> dict:
         _hf_run(hf, ids, args.tokens if static else args.warmup_tokens, **kwargs)
         out["warmup_s"] = time.perf_counter() - begin  # static: torch.compile's compile time and the capture
         runs = [_hf_run(hf, ids, args.tokens, **kwargs) for _ in range(args.trials)]
+    if static:  # whether generate really compiled its forward (transformers keeps it here)
+        out["compiled"] = hasattr(hf, "_compiled_call")
     out["ttft_s"] = min(r[0] for r in runs)
     out["decode_tok_s"] = max(r[1] for r in runs)
     out["runs_tok_s"] = [r[1] for r in runs]
