@@ -177,7 +177,7 @@ def summary(results: dict, roofline: float | None, args, device: str) -> None:
         f"summary ({device}, {args.dtype}, {args.tokens} tokens a run; the tokenizer is a stand-in):",
         f"  roofline (weights / copy bandwidth)      {roofline:.1f} tok/s" if roofline else "  roofline                                  -",
         f"  transformers eager, batch 1              {cell('hf_eager', 'decode_tok_s')} tok/s",
-        f"  transformers static + compile, batch 1   {cell('hf_compile', 'decode_tok_s')} tok/s (warmup {cell('hf_compile', 'warmup_s')} s)",
+        f"  transformers static {'+ compile' if (results.get('hf_compile') or {}).get('compiled') else '(no compile)'}, batch 1   {cell('hf_compile', 'decode_tok_s')} tok/s (warmup {cell('hf_compile', 'warmup_s')} s)",
         f"  ours, single process                     {cell('ours_local', 'decode_tok_s')} tok/s",
         f"  ours, 2 nodes on the device, 1 session   {cell('pipeline', 'one_session_tok_s')} tok/s",
         f"  ours, 2 nodes, {args.sessions} sessions summed        {cell('pipeline', 'many_sum_tok_s')} tok/s",
