@@ -25,6 +25,7 @@ import asyncio
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,6 +416,7 @@ def phase_pipeline(args) -> dict:
         out["client_memory"] = _memory(args.client_device)
     finally:
         stop_nodes([*nodes, bootstrap])
+        shutil.rmtree(tmp, ignore_errors=True)  # the nodes' identity keys
     return out
 
 
