@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import time
 
-from node.balance import block_throughput, blocks_that_fit, bottleneck, choose_span, should_move
+from node.balance import (
+    CLAIM_FACTOR,
+    block_throughput,
+    blocks_that_fit,
+    bottleneck,
+    bounded_claim,
+    choose_span,
+    peer_speeds,
+    should_move,
+    should_resize,
+    speed_share,
+)
 from swarm.identity import Identity
 from swarm.records import PeerRecord
 
@@ -51,6 +62,64 @@ def test_blocks_that_fit_a_memory_budget():
 def test_the_only_server_of_a_span_does_not_abandon_it():
     totals = [10, 10, 10, 10, 0, 0, 0, 0]  # we alone hold [0,4)
     assert should_move(totals, (0, 4), 10.0) is None
+
+
+def test_ties_go_to_windows_aligned_with_the_coverage():
+    # one node holds the whole model: a newcomer takes an end, never the middle (which would
+    # leave two pieces that the first node could not shrink to)
+    assert choose_span([7.0] * 30, 24) == (0, 24)
+    import random
+
+    assert {choose_span([7.0] * 30, 24, random.Random(seed)) for seed in range(20)} == {(0, 24), (6, 30)}
+    # a window whose ends fall where coverage changes beats one that cuts a covered piece
+    assert choose_span([5, 5, 0, 0, 5, 5, 5, 5], 4) == (0, 4)
+
+
+def test_speed_share_is_proportional_to_speed():
+    assert speed_share(100.0, [], 30) == 30  # alone: the whole model
+    assert speed_share(300.0, [(100.0, 30)], 30) == 22  # 3:1 -> 22.5 of 30, rounded half to even
+    assert speed_share(100.0, [(300.0, 24)], 30) == 8
+    assert speed_share(100.0, [(100.0, 10), (100.0, 10), (100.0, 10)], 30) == 8  # 30 / 4 = 7.5
+    # the others already make two replicas of the model: the share of one of two pipelines
+    assert speed_share(100.0, [(100.0, 15)] * 4, 30) == 12  # 2 * 30 * 100 / 500
+    assert speed_share(1.0, [(1.0, 1)], 1) == 1  # one block: never nothing
+
+
+def test_peer_speeds_reads_records_of_this_model_only():
+    records = [_record((0, 4), 10.0), _record((2, 8), 5.0), _record((0, 8), 99.0, model={**MODEL, "digest": "e" * 32}), _record(None, 50.0, model=None, layers=0)]
+    assert sorted(peer_speeds(records, MODEL["digest"], 8)) == [(5.0, 6), (10.0, 4)]
+    assert peer_speeds(records, MODEL["digest"], 8, skip=records[0].peer_id) == [(5.0, 6)]
+
+
+def test_one_lying_record_cannot_make_a_node_take_nothing_or_everything():
+    """Attack: a record claims the fastest (or the slowest) speed a record may carry."""
+    for layers in (2, 8, 30, 80):
+        huge = speed_share(100.0, [(1e9, layers)], layers)
+        nothing = speed_share(100.0, [(0.0, layers)], layers)
+        assert 1 <= huge <= nothing <= layers - 1, (layers, huge, nothing)
+    # bounded: the liar counts as CLAIM_FACTOR times our speed at most, or 1/CLAIM_FACTOR at least
+    assert bounded_claim(1e9, 100.0) == 100.0 * CLAIM_FACTOR
+    assert bounded_claim(0.0, 100.0) == 100.0 / CLAIM_FACTOR
+    assert bounded_claim(float("nan"), 100.0) == 100.0 / CLAIM_FACTOR
+    assert speed_share(100.0, [(1e9, 80)], 80) == round(80 / (1 + CLAIM_FACTOR))
+    # an honest mixed swarm is barely clamped: a GPU 10x a CPU, block for block
+    assert speed_share(10.0, [(100.0, 30)], 30) == 3
+    # a node whose own speed is unknown (0, NaN) claims the least
+    assert speed_share(0.0, [(100.0, 30)], 30) == speed_share(float("nan"), [(100.0, 30)], 30) == 1
+
+
+def test_resize_only_when_badly_off_and_never_into_a_hole():
+    # we hold all 30 blocks at 100 blocks/s; a 3x faster node took [6, 30): shrink to the rest
+    without = [0.0] * 6 + [300.0] * 24
+    assert should_resize(without, (0, 30), 100.0, 8) == (0, 8)
+    # near the share (within the margin, or one block): stay, measured speeds are noisy
+    assert should_resize(without, (0, 8), 100.0, 9) is None
+    assert should_resize([0.0] * 6 + [300.0] * 24, (0, 6), 100.0, 7) is None
+    # shrinking would uncover blocks only we hold: stay
+    without = [0.0] * 10 + [300.0] * 20
+    assert should_resize(without, (0, 10), 100.0, 4) is None
+    # growing is fine, onto the weakest window
+    assert should_resize([0.0] * 10 + [300.0] * 10 + [100.0] * 10, (0, 10), 100.0, 20) == (0, 20)
 
 
 # --- real nodes ---------------------------------------------------------------------------------
