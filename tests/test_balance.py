@@ -253,3 +253,79 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
         print(f"moving node handed its session over: stall {stats.failovers[0].stall_s:.3f} s, now serves {moved['span']}")
     finally:
         stop_nodes([bootstrap, *nodes])
+
+
+def _cpu_quota(share: float, name: str):
+    """A cgroup (v1 cpu controller) whose processes get `share` of one core, and the argv prefix that
+    starts a process in it; None where this machine has no writable cpu cgroup. The period is short
+    (4 ms) so that every step of more than a few ms is throttled, not only the occasional one."""
+    import os
+    from pathlib import Path
+
+    root = Path("/sys/fs/cgroup/cpu")
+    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
+        return None, None
+    group = root / name
+    group.mkdir(exist_ok=True)
+    period = 4000
+    (group / "cpu.cfs_period_us").write_text(str(period))
+    (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(period * share))))
+    return group, ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+
+
+def test_auto_nodes_size_their_spans_by_measured_speed(tmp_path):
+    """`--blocks auto` without `--num-blocks`: a node throttled to a quarter of a core (a CPU quota,
+    so it honestly is that slow: it measures itself so) holds the whole model while alone. A
+    full-speed node joins and takes the share its measured speed earns; the slow node then shrinks
+    to the rest (the rebalancer resizes). The spans' sizes follow the speeds the nodes measured
+    (their ready lines) within 2.5x, and the model stays covered."""
+    import json
+    import os
+    import re
+    import urllib.request
+
+    import pytest
+
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
+
+    group, prefix = _cpu_quota(0.25, f"layerswarm-test-{os.getpid()}")
+    if group is None:
+        pytest.skip("no writable cpu cgroup to throttle a node with")
+
+    def info(node) -> dict:
+        with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+            return json.load(response)
+
+    def throughput(node) -> float:
+        return float(next(m.group(1) for line in node.output if (m := re.search(r"^ready .* throughput=(\S+)", line))))
+
+    def until(predicate, timeout: float, what: str):
+        began = time.monotonic()
+        while not (value := predicate()):
+            assert time.monotonic() - began < timeout, what
+            time.sleep(0.2)  # other processes' state: polled, there is no event to await
+        return value
+
+    gossip = ["--gossip-period", "0.3", "--record-ttl", str(TTL)]
+    auto = ["--blocks", "auto", "--rebalance-period", "1", "--min-dwell", "2", *gossip]
+    port, url = reserve_url()
+    nodes = start_nodes([["--no-model", *port, *gossip]], tmp_path / "b")
+    try:
+        nodes += start_nodes([[*auto, "--bootstrap", url]], tmp_path / "s", prefix=prefix)
+        bootstrap, slow = nodes
+        assert slow.blocks == (0, 30), "alone on a CPU without --max-memory: the whole model"
+        until(lambda: slow.peer_id in _spans(url), 30, "the bootstrap peer never saw the slow node")
+        nodes += start_nodes([[*auto, "--bootstrap", url]], tmp_path / "f")
+        fast = nodes[-1]
+        t_slow, t_fast = throughput(slow), throughput(fast)
+        moved = until(lambda: (state := info(slow))["moves"] >= 1 and not state["moving"] and state, 120, f"the slow node never resized: {info(slow)}")
+        spans = {slow.peer_id: tuple(moved["span"]), fast.peer_id: tuple(info(fast)["span"])}
+        size_slow, size_fast = (end - start for start, end in spans.values())
+        print(f"measured blocks/s: slow {t_slow:.0f}, fast {t_fast:.0f}; spans: slow {spans[slow.peer_id]}, fast {spans[fast.peer_id]}")
+        assert _uncovered(spans) == 0, spans
+        assert size_slow < size_fast
+        ratio = (size_fast / size_slow) / (t_fast / t_slow)
+        assert 1 / 2.5 < ratio < 2.5, (spans, t_slow, t_fast)
+    finally:
+        stop_nodes(nodes)
+        group.rmdir()
