@@ -134,3 +134,28 @@ def test_mixed_route_greedy_text_follows_float32(mixed, head, full_span, order):
             gaps.append(_logit_gap(head, full_span, ids, local[parted], tokens[parted]))
     print(f"{order}: greedy tokens equal to all-float32 for the first {agree} of {NEW_TOKENS}; float32 logit gaps where they part: {gaps}")
     assert all(0 <= gap < NEAR_TIE for gap in gaps), gaps
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="verification compares replicas within the wire dtype's rounding (float32 wire: 1e-3), but a bf16-computing "
+    "replica differs from a float32 one by 1-3% over 15 blocks: every check of a mixed pair is disputed, and with a "
+    "third replica the minority dtype's honest node would be accused. Needs a compute-dtype-aware tolerance (see the report).",
+)
+def test_verification_of_a_bf16_hop_against_a_float32_replica_agrees(mixed):
+    """Verified outputs on a mixed swarm: each hop of the route is re-run on its replica of the
+    other dtype; an honest pair should agree."""
+    from client.swarm import ClientConfig
+    from client.verify import Verdict
+
+    bootstrap, routes = mixed
+    mine = {n.peer_id for n in routes["bf16>f32"]}
+    others = frozenset(n.peer_id for nodes in routes.values() for n in nodes if n.peer_id not in mine)
+    outcomes = []
+    for seed in (0, 1):  # the selector's seed picks which hop is checked: both, over the two seeds
+        client = swarm_client(bootstrap.url, config=ClientConfig(wire_dtype="float32", verify_fraction=1.0, verify_seed=seed))
+        asyncio.run(refresh(client))
+        route = client.plan(exclude=others)
+        outcomes.append(asyncio.run(client.agenerate(PROMPTS[1], route=route, max_new_tokens=4, verify=True)).stats.verification)
+    print("mixed-pair verification: " + "; ".join(f"{o.hop}: {o.verdict.value}, error {o.error:.3g} (tolerance {o.tolerance:.0e})" for o in outcomes))
+    assert all(o.verdict is Verdict.AGREE for o in outcomes), outcomes
