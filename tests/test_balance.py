@@ -122,6 +122,21 @@ def test_resize_only_when_badly_off_and_never_into_a_hole():
     assert should_resize([0.0] * 10 + [300.0] * 10 + [100.0] * 10, (0, 10), 100.0, 20) == (0, 20)
 
 
+def test_cli_sizes_by_speed_unless_num_blocks_is_given():
+    """`--blocks auto` alone resizes by speed, capped by --max-memory beside --kv-memory (on CPU
+    without it: the whole model); with --num-blocks the size is fixed."""
+    from node.cli import _rebalance_config
+    from node.flags import build_parser
+
+    parse = build_parser().parse_args
+    assert _rebalance_config(parse(["--blocks", "auto"])).max_blocks == 30
+    # 200 MiB, 10% reserve, 100 MiB of KV: 80 MiB for float32 blocks of 3.54 M parameters (14.2 MB)
+    config = _rebalance_config(parse(["--blocks", "auto", "--max-memory", "200MiB", "--kv-memory", "100MiB"]))
+    assert config.resize and config.max_blocks == 5
+    assert not _rebalance_config(parse(["--blocks", "auto", "--num-blocks", "5"])).resize
+    assert _rebalance_config(parse(["--blocks", "0:5"])) is None
+
+
 # --- real nodes ---------------------------------------------------------------------------------
 
 TTL = 3.0
