@@ -142,8 +142,8 @@ def test_cli_sizes_by_speed_unless_num_blocks_is_given():
 TTL = 3.0
 
 
-def _spans(url: str) -> dict[str, tuple[int, int]]:
-    """peer id -> span, as the bootstrap peer's table has it now."""
+def _records(url: str) -> list:
+    """The records the bootstrap peer's table holds now."""
     import asyncio
 
     import aiohttp
@@ -154,7 +154,12 @@ def _spans(url: str) -> dict[str, tuple[int, int]]:
         async with aiohttp.ClientSession() as http:
             return await fetch_peers(http, url, 5.0)
 
-    return {r.peer_id: tuple(r.span) for r in asyncio.run(fetch()) if r.span}
+    return asyncio.run(fetch())
+
+
+def _spans(url: str) -> dict[str, tuple[int, int]]:
+    """peer id -> span, as the bootstrap peer's table has it now."""
+    return {r.peer_id: tuple(r.span) for r in _records(url) if r.span}
 
 
 def _uncovered(spans, skip=frozenset()) -> int:
@@ -346,3 +351,28 @@ def test_auto_nodes_size_their_spans_by_measured_speed(tmp_path):
     finally:
         stop_nodes(nodes)
         group.rmdir()
+
+
+def test_a_record_claiming_the_fastest_speed_cannot_make_an_auto_node_take_nothing(tmp_path):
+    """Attack: a peer serving all 30 blocks signs records claiming 1e9 blocks/s (the most a
+    record may say). A `--blocks auto` node joining measures itself and holds the claim within
+    CLAIM_FACTOR of its own speed: it takes round(30 / (1 + CLAIM_FACTOR)) = 2 blocks, whatever
+    its own speed, not the none an unbounded claim would earn it (30 / 1e9 per block/s)."""
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
+
+    gossip = ["--gossip-period", "0.3", "--record-ttl", "15"]
+    port, url = reserve_url()
+    nodes = start_nodes([["--no-model", *port, *gossip]], tmp_path / "b")
+    try:
+        nodes += start_nodes([["--claim", "1e9", "--blocks", "0:30", "--threads", "1", "--bootstrap", url, *gossip]], tmp_path / "l", module="tests.claiming_node")
+        liar = nodes[-1]
+        began = time.monotonic()
+        while liar.peer_id not in _spans(url):
+            assert time.monotonic() - began < 60, "the bootstrap peer never saw the liar"
+            time.sleep(0.2)  # another process's table: polled, there is no event to await
+        assert next(r.throughput for r in _records(url) if r.peer_id == liar.peer_id) == 1e9
+        nodes += start_nodes([["--blocks", "auto", "--bootstrap", url, *gossip]], tmp_path / "a")
+        start, end = nodes[-1].blocks
+        assert end - start == round(30 / (1 + CLAIM_FACTOR)) == 2
+    finally:
+        stop_nodes(nodes)
