@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 PROJECT = Path(__file__).resolve().parents[1]
 
 
