@@ -38,6 +38,7 @@ from client.failover import FailoverBlocks
 from client.generate import GenerationStats, SamplingParams, Token, stream_tokens
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
+from client.remote_head import remote_head_config
 from client.session import RemoteHop, RouteSession
 from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
@@ -95,6 +96,8 @@ class SwarmModel:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
             self.head: Head = load_head(checkpoint, dtype, progress=progress)
+        # Whether last hops serving the head apply it for us (client/remote_head.py): "auto" when ours is on the CPU.
+        self.config = remote_head_config(self.config, self.head.lm_head_t.device, self.head.config.vocab_size)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
         self.verifier = Verifier(self.planner, self.config)
 

@@ -17,6 +17,11 @@ against the hop's proves nothing.
 A generation that failed over is not checked: its hops' transcripts are no
 clean prefix of positions (a splice rebuilds caches from a /forward, a re-route
 replays the prefix), so they could not be replayed as one prefill.
+
+Where the last hop applied the LM head (`--serve-head`, client/remote_head.py),
+its blocks are checked as any hop's (it still sends and seals its hidden
+output), but the candidates it derived from them are not: the outcome's
+`reason` says so, so such a check never reads as a full pass.
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ class Verifier:
         blocks = (hop.start, hop.end)
         outcome = Verification(Verdict.SKIPPED, hop=str(hop), peer_id=hop.peer_id, blocks=blocks)
         try:
-            return await asyncio.wait_for(self._check(http, session, tape, session_id, key, outcome), self.config.verify_timeout_s)
+            outcome = await asyncio.wait_for(self._check(http, session, tape, session_id, key, outcome), self.config.verify_timeout_s)
         except asyncio.TimeoutError:
             outcome.verdict, outcome.reason = Verdict.SKIPPED, f"the check took over {self.config.verify_timeout_s:g} s"
-            return outcome
+        return _head_unchecked(session, outcome)
 
     async def _check(self, http: aiohttp.ClientSession, session: RouteSession, tape: Tape, session_id: str, key: bytes, outcome: Verification) -> Verification:
         hop = session.hops[tape.hop].hop
@@ -222,3 +227,12 @@ class Verifier:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise PeerUnavailable(f"cannot reach {peer_id[:8]} at {url}: {exc or type(exc).__name__}") from None
 
+
+
+def _head_unchecked(session: RouteSession, outcome: Verification) -> Verification:
+    """Say so when the last hop applied the LM head: its candidates are not re-checked by anyone."""
+    head = session.head_hop
+    if head is not None:
+        note = f"the LM head applied by {head} (--serve-head) was not checked"
+        outcome.reason = f"{outcome.reason}; {note}" if outcome.reason else note
+    return outcome

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.serve_head and args.no_model:
+        parser.error("--serve-head needs blocks to serve: the head follows the model's last block")
     if args.blocks == "auto" and not ((args.num_blocks and args.num_blocks > 0) or args.max_memory):
         parser.error("--blocks auto needs --num-blocks K or --max-memory SIZE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -55,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         config = _node_config(args)
         lock, identity = _identity(args)
         span, fingerprint, loader = _load(args)  # on the main thread, which computes with it (node/compute.py)
+        head = _load_head(args, span) if args.serve_head else None
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _serve_beside(args, config, identity, span, fingerprint, loader)
+        return _serve_beside(args, config, identity, span, fingerprint, loader, head)
     finally:
         lock.close()
 
@@ -97,6 +100,19 @@ def _load(args: argparse.Namespace):
         fingerprint = checkpoint.fingerprint()
         blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config)
     return loader(*blocks), fingerprint, loader
+
+
+def _load_head(args: argparse.Namespace, span):
+    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype). A fixed span
+    must end at the model's last block; with --blocks auto the head is held wherever the span goes."""
+    from node.head_service import load_lm_head
+    from swarm.model import open_checkpoint
+
+    num_layers = span.config.num_layers
+    if args.blocks != "auto" and span.end != num_layers:
+        raise SwarmError(f"--serve-head: blocks {span.start}:{span.end} do not end at the model's last block ({num_layers})")
+    with open_checkpoint(args.model) as checkpoint:
+        return load_lm_head(checkpoint, span.dtype, span.device)
 
 
 def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, int]:
@@ -238,7 +254,7 @@ def _device(name: str):
     return device
 
 
-def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader) -> int:
+def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader, head=None) -> int:
     """Serve from an event loop in a second thread while this (main) thread runs the model.
 
     Signals arrive on the main thread; they set the loop's stop event, and the loop
@@ -261,7 +277,7 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
             control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
             if control.get("stop_requested"):
                 control["stop"].set()
-            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute, loader=loader)
+            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute, loader=loader, head=head)
 
         try:
             asyncio.run(run())

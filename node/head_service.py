@@ -1,0 +1,114 @@
+"""`--serve-head`: the node serving a model's last blocks also applies its final norm and LM head.
+
+A client without a GPU spends more time on the head (a [D] x [D, V] product per
+token, 16.8 ms on a CPU for a 128k vocabulary) than a GPU swarm spends on all
+the blocks. A node that holds the last blocks can do it for the client and send
+back only what sampling needs: the top K candidates (ids, logits) and the
+logsumexp over all V logits (swarm/head_protocol.py). The client opts in per
+session (`Open.head = K`).
+
+The head is applied to the last position's output exactly as it is sent on the
+wire (`sent`: rounded to the session's wire dtype), the very tensor a client
+running its own head would use: on the same device and dtype both sides get the
+same logits, so greedy text does not change when the client falls back to its
+own head (failover to a hop without `--serve-head`).
+
+`check_open` refuses a head request whole, before the session exists: from a
+node not started with `--serve-head` or for a session not ending at the model's
+last block (`HeadNotServed`). K itself was range-checked by `Open.from_wire`
+(1..MAX_HEAD_K, an integer). The product runs on the node's compute executor,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swarm.errors import HeadNotServed
+from swarm.head_protocol import HeadResult
+from swarm.model.config import ModelConfig
+from swarm.protocol import Result
+
+
+@dataclass(frozen=True)
+class TopK:
+    ids: torch.Tensor  # [K] int64, most likely first
+    logits: torch.Tensor  # [K] float32, descending
+    logsumexp: float  # over all V logits
+
+
+class LMHead:
+    """The final RMSNorm and the LM head, nothing else (no embeddings, no tokenizer).
+
+    The same product as the client's `swarm.model.head.Head.logits`: RMSNorm in the
+    head's dtype, then `h @ lm_head_t`, then float32."""
+
+    def __init__(self, config: ModelConfig, norm: torch.Tensor, lm_head: torch.Tensor) -> None:
+        self.config = config
+        self.norm_weight = norm  # [D]
+        self.lm_head_t = lm_head.t().contiguous()  # [D, V]: the layout Head uses, for the same sums
+
+    @torch.inference_mode()
+    def top(self, hidden: torch.Tensor, k: int) -> TopK:
+        """hidden [1, D] -> the top `k` of its logits and the logsumexp of all of them."""
+        h = hidden.to(device=self.lm_head_t.device, dtype=self.lm_head_t.dtype)
+        h = F.rms_norm(h, (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
+        logits = (h @ self.lm_head_t).float()[0]  # [V]
+        values, ids = torch.topk(logits, min(k, logits.numel()))
+        return TopK(ids.cpu(), values.cpu(), float(torch.logsumexp(logits, 0)))
+
+
+def load_lm_head(checkpoint, dtype: torch.dtype, device: torch.device) -> LMHead:
+    """The final norm and LM head of `checkpoint` (tied: the embeddings), on `device` in `dtype`."""
+    weights = checkpoint.head_weights(dtype)
+    lm_head = weights.get("lm_head", weights["embed"])
+    return LMHead(checkpoint.config, weights["norm"].to(device), lm_head.to(device))
+
+
+class HeadService:
+    """Applies the LM head for sessions that asked for it, on the node's compute executor."""
+
+    def __init__(self, head: LMHead, executor: concurrent.futures.Executor | None = None) -> None:
+        self.head = head
+        self.executor = executor  # None: the loop's default executor (in-process tests)
+        self.served = 0  # steps answered with candidates, since start (shown in /info)
+
+    def check_open(self, blocks: tuple[int, int], span_end: int) -> None:
+        """Refuse a head request for a session that does not end at the model's last block."""
+        num_layers = self.head.config.num_layers
+        if blocks[1] != num_layers:
+            raise HeadNotServed(f"the head is applied only after the model's last block ({num_layers}): this session ends at block {blocks[1]}")
+        if span_end != num_layers:
+            raise HeadNotServed(f"this node does not hold the model's last block ({num_layers}): it serves no head now")
+
+    async def top(self, hidden: torch.Tensor, k: int) -> TopK:
+        """The candidates of hidden [1, D] (the last position, as sent on the wire)."""
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self.executor, self.head.top, hidden, k)
+        self.served += 1
+        return answer
+
+
+def refuse_head(blocks: tuple[int, int]) -> HeadNotServed:
+    """What a node without `--serve-head` answers a session asking for the head."""
+    return HeadNotServed(f"this node does not serve the LM head (it runs without --serve-head): apply it yourself (blocks {blocks[0]}:{blocks[1]})")
+
+
+def check_head_request(service: HeadService | None, blocks: tuple[int, int], span_end: int) -> None:
+    """Refuse an `open` asking for the head (`HeadNotServed`) unless this node can serve it for `blocks`."""
+    if service is None:
+        raise refuse_head(blocks)
+    service.check_open(blocks, span_end)
+
+
+async def with_head(service: HeadService, result: Result, k: int) -> HeadResult:
+    """`result` (sealed as usual) with the top `k` of its last position's logits added."""
+    top = await service.top(result.hidden[-1:], k)
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    return HeadResult(**fields, ids=top.ids, logits=top.logits, logsumexp=top.logsumexp)
