@@ -83,7 +83,9 @@ class HeadService:
         """Refuse a head request for a session that does not end at the model's last block."""
         num_layers = self.head.config.num_layers
         if blocks[1] != num_layers:
-            raise HeadNotServed(f"the head is applied only after the model's last block ({num_layers}): this session ends at block {blocks[1]}")
+            raise HeadNotServed(
+                f"the head is applied only after the model's last block ({num_layers}): this session ends at block {blocks[1]}"
+            )
         if span_end != num_layers:
             raise HeadNotServed(f"this node does not hold the model's last block ({num_layers}): it serves no head now")
 
@@ -97,7 +99,9 @@ class HeadService:
 
 def refuse_head(blocks: tuple[int, int]) -> HeadNotServed:
     """What a node without `--serve-head` answers a session asking for the head."""
-    return HeadNotServed(f"this node does not serve the LM head (it runs without --serve-head): apply it yourself (blocks {blocks[0]}:{blocks[1]})")
+    return HeadNotServed(
+        f"this node does not serve the LM head (it runs without --serve-head): apply it yourself (blocks {blocks[0]}:{blocks[1]})"
+    )
 
 
 def check_head_request(service: HeadService | None, blocks: tuple[int, int], span_end: int) -> None:

@@ -19,14 +19,17 @@ client, which knows it (client/remote_head.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from swarm.protocol import MAX_HEAD_K, NO_LIMITS, Ack, BadMessage, Limits, Message, Result, _bytes, _check_keys, _tensor, parse
 
-_FIELDS = frozenset({"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "seal", "hidden", "ids", "logits", "logsumexp"})
+_FIELDS = frozenset(
+    {"session", "step", "blocks", "compute_ms", "queue_ms", "batch", "seal", "hidden", "ids", "logits", "logsumexp"}
+)
 
 
 @dataclass(frozen=True)

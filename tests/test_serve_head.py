@@ -1,0 +1,214 @@
+"""`swarm-node --serve-head`: the last hop applies the LM head and answers only the top-K candidates.
+
+One module-scoped swarm of real node processes (default model, float32): a
+bootstrap peer, [0, 15), [15, 30) with --serve-head, and [15, 30) without it.
+Tests run in file order; the last one kills the head-serving node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import urllib.request
+
+import aiohttp
+import pytest
+
+from client.generate import GenerationStats, SamplingParams
+from client.planner import ClientConfig
+from client.session import RemoteHop, RouteSession, SessionConfig
+from swarm.protocol import MAX_HEAD_K
+from swarm.records import PeerRecord
+from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes, swarm_client
+from tests.test_node import Raw
+
+PROMPT = "Write a long story about a dragon who learns to cook."
+NEW_TOKENS = 24
+LOGPROB_TOLERANCE = 1e-4  # nats: the node's logsumexp vs the client's log_softmax, both float32 on one CPU
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """(bootstrap, first [0,15), head [15,30) --serve-head, plain [15,30))."""
+    tmp = tmp_path_factory.mktemp("servehead")
+    port, url = reserve_url()
+    common = ["--bootstrap", url, "--gossip-period", "0.5"]
+    specs = [["--blocks", "0:15", *common], ["--blocks", "15:30", "--serve-head", *common], ["--blocks", "15:30", *common]]
+    *nodes, bootstrap = start_nodes(
+        [*specs, ["--no-model", *port, "--gossip-period", "0.5", "--identity", str(tmp / "bootstrap.key")]], tmp
+    )
+    yield bootstrap, *nodes
+    stop_nodes([bootstrap, *nodes])
+
+
+def _client(swarm, remote_head: str):
+    bootstrap = swarm[0]
+    config = ClientConfig(wire_dtype="float32", verify_fraction=0.0, session=SessionConfig(remote_head=remote_head))
+    return swarm_client(bootstrap.url, config=config)
+
+
+@pytest.fixture(scope="module")
+def remote(swarm):
+    return _client(swarm, "always")
+
+
+@pytest.fixture(scope="module")
+def local(swarm):
+    return _client(swarm, "never")
+
+
+def _info(node) -> dict:
+    with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+        return json.load(response)
+
+
+def _route(client, nodes, last):
+    """The client's route through nodes[0] then `last`."""
+    asyncio.run(refresh(client))
+    others = frozenset(n.peer_id for n in nodes if n is not nodes[0] and n is not last)
+    route = client.plan(exclude=others)
+    assert route.peers == (nodes[0].peer_id, last.peer_id)
+    return route
+
+
+async def _run(client, route, params: SamplingParams, at_token: dict | None = None):
+    """(tokens, stats) of one generation along `route`, calling at_token[n]() once n tokens have come."""
+    ids, stats, tokens, at_token = client.head.encode_prompt(PROMPT, chat=True), GenerationStats(), [], at_token or {}
+    async for token in client.stream_generation(ids, params, stats, route):
+        if token.id is not None:
+            tokens.append(token)
+            action = at_token.pop(len(tokens), None)
+            if action is not None:
+                action()
+    return tokens, stats
+
+
+async def _generate(client, route, params: SamplingParams):
+    return (await _run(client, route, params))[0]
+
+
+def test_the_record_says_which_node_serves_the_head(swarm):
+    _, first, head, plain = swarm
+    records = {n.peer_id: PeerRecord.from_bytes(base64.b64decode(_info(n)["record"])) for n in (first, head, plain)}
+    assert [records[n.peer_id].serves_head for n in (first, head, plain)] == [False, True, False]
+    assert _info(head)["serves_head"] is True
+
+
+def test_greedy_text_with_the_remote_head_equals_the_local_head(swarm, remote, local):
+    _, _, head, _ = swarm
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    served = _info(head)["head_steps"]
+    by_node = asyncio.run(_generate(remote, _route(remote, swarm[1:], head), params))
+    assert _info(head)["head_steps"] - served == NEW_TOKENS, "every token's head ran on the node"
+    by_client = asyncio.run(_generate(local, _route(local, swarm[1:], head), params))
+    assert _info(head)["head_steps"] - served == NEW_TOKENS, "a client that says never applies its own head"
+    assert [t.id for t in by_node] == [t.id for t in by_client]
+    assert "".join(t.text for t in by_node) == "".join(t.text for t in by_client)
+
+
+def test_logprobs_from_candidates_agree_with_the_local_head(swarm, remote, local):
+    _, _, head, _ = swarm
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False, logprobs=5)
+    by_node = asyncio.run(_generate(remote, _route(remote, swarm[1:], head), params))
+    by_client = asyncio.run(_generate(local, _route(local, swarm[1:], head), params))
+    assert [t.id for t in by_node] == [t.id for t in by_client]
+    for a, b in zip(by_node, by_client):
+        assert abs(a.logprob - b.logprob) <= LOGPROB_TOLERANCE
+        assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a.top_logprobs, b.top_logprobs)) <= LOGPROB_TOLERANCE
+
+
+def test_sampling_with_top_k_within_the_candidates_is_reproducible(swarm, remote, local):
+    """top_k <= K samples from exactly the same distribution: with one seed, the same tokens."""
+    _, _, head, _ = swarm
+    params = SamplingParams(max_new_tokens=12, stop_at_eos=False, temperature=0.8, top_k=40, seed=7)
+    by_node = asyncio.run(_generate(remote, _route(remote, swarm[1:], head), params))
+    by_client = asyncio.run(_generate(local, _route(local, swarm[1:], head), params))
+    assert [t.id for t in by_node] == [t.id for t in by_client]
+
+
+async def _open_head(node, digest, blocks, **head):
+    async with aiohttp.ClientSession() as http, Raw(http, node.url) as raw:
+        return await raw.open(secrets.token_urlsafe(8), digest, blocks, **head)
+
+
+def test_a_node_without_serve_head_refuses_the_head_with_a_typed_error(swarm, checkpoint):
+    _, _, _, plain = swarm
+    digest = checkpoint.fingerprint().digest
+    answer = asyncio.run(_open_head(plain, digest, (15, 30), head=64))
+    assert (answer["type"], answer["code"]) == ("error", "head_not_served"), answer
+    assert asyncio.run(_open_head(plain, digest, (15, 30)))["type"] == "opened"
+
+
+@pytest.mark.parametrize(
+    "blocks, head, code",
+    [
+        ((15, 30), 0, "bad_request"),
+        ((15, 30), -1, "bad_request"),
+        ((15, 30), MAX_HEAD_K + 1, "bad_request"),
+        ((15, 30), 2**64 - 1, "bad_request"),
+        ((15, 30), "64", "bad_request"),
+        ((15, 30), 64.0, "bad_request"),
+        ((15, 30), True, "bad_request"),
+        ((15, 30), None, "bad_request"),
+        ((15, 30), [64], "bad_request"),
+        ((15, 20), 64, "head_not_served"),  # a session that does not end at the last block
+    ],
+)
+def test_hostile_head_requests_are_refused_whole(swarm, checkpoint, blocks, head, code):
+    _, _, node, _ = swarm
+    before = _info(node)
+    answer = asyncio.run(_open_head(node, checkpoint.fingerprint().digest, blocks, head=head))
+    assert (answer["type"], answer["code"]) == ("error", code), answer
+    after = _info(node)
+    assert after["sessions_opened"] == before["sessions_opened"], "a refused open opens nothing"
+
+
+def test_the_node_keeps_serving_the_head_after_hostile_requests(swarm, remote, local):
+    _, _, head, _ = swarm
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    assert [t.id for t in asyncio.run(_generate(remote, _route(remote, swarm[1:], head), params))] == [
+        t.id for t in asyncio.run(_generate(local, _route(local, swarm[1:], head), params))
+    ]
+
+
+def test_a_direct_session_gets_candidates_only_from_the_hop_asked(swarm, checkpoint, head):
+    """RouteSession asks only a last hop whose record serves the head, ending at the last block."""
+    _, first, node, plain = swarm
+    digest = checkpoint.fingerprint().digest
+    config = SessionConfig(wire_dtype="float32", remote_head="always", vocab_size=checkpoint.config.vocab_size)
+
+    async def run(last):
+        async with aiohttp.ClientSession() as http:
+            record = PeerRecord.from_bytes(base64.b64decode(_info(last)["record"]))
+            hops = [RemoteHop(first.url, 0, 15, first.peer_id), RemoteHop(last.url, 15, 30, last.peer_id, record)]
+            async with RouteSession(http, hops, digest, 16, config) as session:
+                out = await session.forward(head.embed([1, 2, 3]), 0)
+                return out, session.head_hop
+
+    out, served_by = asyncio.run(run(node))
+    assert type(out).__name__ == "Candidates" and served_by is not None and out.ids.numel() == 64
+    out, served_by = asyncio.run(run(plain))
+    assert type(out).__name__ == "Tensor" and served_by is None
+
+
+def test_killing_the_head_serving_last_hop_falls_back_to_the_local_head(swarm, remote, local):
+    """Last: it kills the head node. The replacement [15, 30) does not serve the head: the client's own
+    head takes over mid-generation and the text is that of a run with no failure."""
+    _, _, head, plain = swarm
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+    baseline = asyncio.run(_generate(local, _route(local, swarm[1:], plain), params))
+    route = _route(remote, swarm[1:], head)
+    served, seen = _info(head)["head_steps"], []
+
+    def kill() -> None:
+        seen.append(_info(head)["head_steps"])
+        head.kill()
+
+    tokens, stats = asyncio.run(_run(remote, route, params, {NEW_TOKENS // 2: kill}))
+    assert seen[0] - served >= NEW_TOKENS // 2, "the head node served the tokens before it died"
+    assert [t.id for t in tokens] == [t.id for t in baseline]
+    assert [f.how for f in stats.failovers] == ["splice"], stats.failovers
+    assert stats.failovers[0].failed.startswith(head.peer_id[:8])
