@@ -11,22 +11,181 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 import urllib.request
 
 import aiohttp
 import pytest
+import torch
 
-from client.generate import GenerationStats, SamplingParams
+from client.generate import GenerationStats, Sampler, SamplingParams
 from client.planner import ClientConfig
+from client.remote_head import Candidates, head_request, remote_head_config
 from client.session import RemoteHop, RouteSession, SessionConfig
-from swarm.protocol import MAX_HEAD_K
-from swarm.records import PeerRecord
+from node.head_service import load_lm_head
+from swarm import wire
+from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
+from swarm.head_protocol import HeadResult, parse_session
+from swarm.identity import Identity
+from swarm.protocol import MAX_HEAD_K, Open
+from swarm.records import PeerRecord, verify_record
 from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes, swarm_client
 from tests.test_node import Raw
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 24
 LOGPROB_TOLERANCE = 1e-4  # nats: the node's logsumexp vs the client's log_softmax, both float32 on one CPU
+
+
+# --- the pure parts: records, messages, candidates ---------------------------------------------
+
+ID = Identity.generate()
+MODEL = {"architecture": "llama", "shape": "30x576", "digest": "d" * 32}
+
+
+def _record(span=(15, 30), serves_head=False) -> PeerRecord:
+    return PeerRecord.create(
+        ID,
+        addresses=("http://127.0.0.1:7001",),
+        now=time.time(),
+        ttl=60,
+        model=MODEL,
+        num_layers=30,
+        span=span,
+        serves_head=serves_head,
+    )
+
+
+def test_serves_head_is_signed_and_on_the_wire_only_when_true():
+    plain, serving = _record(), _record(serves_head=True)
+    assert "serves_head" not in plain.to_wire(), "records of nodes without the head encode as before the field existed"
+    back = PeerRecord.from_bytes(serving.to_bytes())
+    verify_record(back, time.time())
+    assert back.serves_head and back == serving
+    forged = plain.to_wire() | {"serves_head": True}  # a relay adding the claim: the signature does not cover it
+    with pytest.raises(SignatureInvalid):
+        verify_record(PeerRecord.from_wire(forged), time.time())
+    for value in (False, 1, "yes", None):  # one encoding per record: absent, or true
+        with pytest.raises(RecordRejected):
+            PeerRecord.from_wire(plain.to_wire() | {"serves_head": value})
+    with pytest.raises(RecordRejected):
+        PeerRecord.from_wire(plain.to_wire() | {"serves_heads": True})  # still no unknown keys
+    with pytest.raises(RecordRejected):
+        _record(span=(10, 20), serves_head=True)  # only a peer holding the last block
+
+
+def _open(**head) -> dict:
+    return Open("s1", (15, 30), 16, "float32", "d" * 32, secrets.token_bytes(16), secrets.token_urlsafe(16)).to_wire() | head
+
+
+def test_open_carries_k_and_refuses_any_other_value():
+    assert Open.from_wire(_open()).head == 0 and "head" not in _open()
+    assert Open.from_wire(_open(head=64)).head == 64
+    assert Open.from_wire(wire.decode(wire.encode(_open(head=MAX_HEAD_K)))).head == MAX_HEAD_K
+    for value in (0, -1, MAX_HEAD_K + 1, 2**63, "64", 64.0, True, None, [64], b"\x40"):
+        with pytest.raises(BadRequest):
+            Open.from_wire(_open(head=value))
+
+
+def _head_result(ids, logits, lse) -> dict:
+    hidden = torch.zeros(1, 4)
+    message = HeadResult(
+        "s1", 3, (15, 30), 1.0, 2.0, 1, bytes(64), hidden, "float32", torch.tensor(ids), torch.tensor(logits), lse
+    ).to_wire()
+    return wire.decode(wire.encode(message))
+
+
+def test_a_head_result_round_trips_and_is_checked_whole():
+    back = parse_session(_head_result([5, 1, 9], [3.0, 2.0, -1.0], 4.5))
+    assert (
+        isinstance(back, HeadResult)
+        and back.ids.tolist() == [5, 1, 9]
+        and back.logits.tolist() == [3.0, 2.0, -1.0]
+        and back.logsumexp == 4.5
+    )
+    good = _head_result([5, 1, 9], [3.0, 2.0, -1.0], 4.5)
+    bad = [
+        good | {"ids": good["ids"][:8]},  # fewer ids than logits
+        good | {"ids": b""},  # no candidates
+        good | {"ids": bytes(4 * (MAX_HEAD_K + 1)), "logits": bytes(4 * (MAX_HEAD_K + 1))},  # over the cap
+        _head_result([5, 1, 9], [2.0, 3.0, -1.0], 4.5),  # not descending
+        _head_result([5, 5, 9], [3.0, 2.0, -1.0], 4.5),  # an id twice
+        _head_result([5, -1, 9], [3.0, 2.0, -1.0], 4.5),  # a negative id
+        _head_result([5, 1, 9], [float("nan"), 2.0, -1.0], 4.5),
+        _head_result([5, 1, 9], [3.0, 2.0, -1.0], 2.5),  # logsumexp below the largest logit
+        good | {"logsumexp": float("inf")},
+        good | {"logsumexp": 4},  # not a float
+        good | {"extra": 1},
+        {k: v for k, v in good.items() if k != "logsumexp"},
+    ]
+    for message in bad:
+        with pytest.raises(BadRequest):
+            parse_session(message)
+
+
+def test_candidates_sample_like_the_full_logits(head):
+    """Greedy exact, logprobs exact for candidates, top_k <= K the same draws from one seed."""
+    full = torch.randn(head.config.vocab_size, generator=torch.Generator().manual_seed(1)) * 3
+    values, ids = torch.topk(full, 64)
+    candidates = Candidates(ids, values, float(torch.logsumexp(full, 0)), full.numel())
+    with pytest.raises(BadRequest):
+        Candidates.of(_as_message(ids + full.numel(), values, candidates.logsumexp), full.numel())
+    dense = candidates.dense()
+    history = [int(ids[0]), 3, 4]
+    for params in (
+        SamplingParams(),
+        SamplingParams(temperature=0.7, top_k=40, seed=3),
+        SamplingParams(temperature=1.0, top_k=64, seed=5),
+    ):
+        a, b = Sampler(params), Sampler(params)
+        assert [a(full, history) for _ in range(20)] == [b(dense, history) for _ in range(20)]
+    logprobs = torch.log_softmax(full, 0)
+    logprob, best = candidates.logprobs(int(ids[7]), 5)
+    assert abs(logprob - float(logprobs[ids[7]])) <= LOGPROB_TOLERANCE
+    assert [i for i, _ in best] == torch.topk(logprobs, 5).indices.tolist()
+    nucleus = Sampler(SamplingParams(temperature=1.5, top_p=0.99, seed=2))
+    assert all(int(nucleus(dense, [])) in set(ids.tolist()) for _ in range(50)), "top_p samples among the candidates"
+
+
+def _as_message(ids, logits, lse) -> HeadResult:
+    return HeadResult("s1", 0, (15, 30), 0.0, 0.0, 1, bytes(64), torch.zeros(1, 4), "float32", ids, logits, lse)
+
+
+def test_the_nodes_head_gives_the_clients_logits(checkpoint, head):
+    """Same dtype, same device: the node's candidates are the client's own logits' top K, bit for bit."""
+    lm_head = load_lm_head(checkpoint, torch.float32, torch.device("cpu"))
+    hidden = torch.randn(1, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    top = lm_head.top(hidden, 64)
+    logits = head.logits(hidden)[0]
+    values, ids = torch.topk(logits, 64)
+    assert torch.equal(top.ids, ids) and torch.equal(top.logits, values)
+    assert top.logsumexp == float(torch.logsumexp(logits, 0))
+
+
+def test_which_hop_is_asked_for_the_head():
+    serving, plain = _record(serves_head=True), _record()
+    hop = RemoteHop("http://127.0.0.1:7001", 15, 30, ID.peer_id)
+    assert head_request("always", 64, 49152, hop, serving, last=True) == 64
+    assert head_request("never", 64, 49152, hop, serving, last=True) == 0
+    assert head_request("always", 64, 0, hop, serving, last=True) == 0  # vocabulary unknown: never asked
+    assert head_request("always", 64, 49152, hop, plain, last=True) == 0
+    assert head_request("always", 64, 49152, hop, None, last=True) == 0
+    assert head_request("always", 64, 49152, hop, serving, last=False) == 0  # a splice's hop before the rest
+    assert head_request("always", 64, 49152, RemoteHop(hop.url, 15, 20, ID.peer_id), serving, last=True) == 0
+    assert remote_head_config(ClientConfig(), "cpu", 10).session.remote_head == "always"
+    assert remote_head_config(ClientConfig(), "cuda", 10).session.remote_head == "never"
+    never = ClientConfig(session=SessionConfig(remote_head="never"))
+    assert remote_head_config(never, "cpu", 10).session.remote_head == "never"
+    for session in (
+        SessionConfig(remote_head="sometimes"),
+        SessionConfig(head_candidates=5),
+        SessionConfig(head_candidates=MAX_HEAD_K + 1),
+    ):
+        with pytest.raises(ValueError):
+            remote_head_config(ClientConfig(session=session), "cpu", 10)
+
+
+# --- real nodes --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
