@@ -22,6 +22,13 @@ hop applies the head to the last position exactly as it is sent on the wire,
 the tensor the client's own head would read, so on the same dtype both give the
 same logits and greedy text does not change across such a failover.
 
+A checked generation (client/verification.py) keeps a sample of the steps a
+head-serving hop answered (`HeadTape`: the hidden state it applied the head to,
+as tapped and sealed, and its candidates); afterwards the client applies its
+own head to those hidden states and compares (`wrong_candidates`). A hop whose
+candidates are not the top K of the logits is banned by this client. The
+candidates are not signed, so nobody else is told: it is a local ban.
+
 `ClientConfig.session.remote_head`: "auto" (default) asks a serving last hop
 when the client's head is on the CPU, "always" whenever the last hop serves
 it, "never" never. `remote_head_config` resolves "auto" against the head.
@@ -29,6 +36,8 @@ it, "never" never. `remote_head_config` resolves "auto" against the head.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -98,3 +107,58 @@ def remote_head_config(config: ClientConfig, head_device: torch.device | str, vo
     if mode == "auto":
         mode = "always" if torch.device(head_device).type == "cpu" else "never"
     return replace(config, session=replace(session, remote_head=mode, vocab_size=vocab_size))
+
+
+# --- checking a hop's candidates against the client's own head ------------------------------------
+
+HEAD_TOLERANCE = 0.02  # of the step's largest |logit| (at least 1): a bf16 GPU head against a float32 CPU one
+
+
+def wrong_candidates(logits: torch.Tensor, answer: Candidates, tolerance: float = HEAD_TOLERANCE) -> str | None:
+    """Why `answer` is not the top K of `logits` [V] (the client's own head on the same hidden state), or None.
+
+    Each candidate's logit, and the logsumexp, must match within `tolerance` of the largest
+    |logit|, and no other token may beat the weakest candidate by more than that: a hop that
+    hides the likeliest tokens, or reweights them, is caught."""
+    limit = tolerance * max(1.0, float(logits.abs().max()))
+    error = float((logits[answer.ids] - answer.logits).abs().max())
+    if error > limit:
+        return f"candidate logits off by {error:.3g} (limit {limit:.3g})"
+    rest = logits.clone()
+    rest[answer.ids] = float("-inf")
+    if float(rest.max()) > float(answer.logits[-1]) + limit:
+        return f"token {int(rest.argmax())} is likelier than a candidate but was left out"
+    if abs(float(torch.logsumexp(logits, 0)) - answer.logsumexp) > limit:
+        return "the logsumexp does not match the logits"
+    return None
+
+
+class HeadTape:
+    """A uniform sample of at most `keep` steps answered by head-serving hops, for a checked generation.
+
+    Reservoir sampling: memory and the check's cost stay bounded however long the generation,
+    and no hop can tell which of its steps are kept (every step's answer comes to the client)."""
+
+    def __init__(self, keep: int = 16, rng: random.Random | None = None) -> None:
+        self.keep = keep
+        self.rng = rng or random.Random()
+        self.seen = 0
+        self.steps: list[
+            tuple[RemoteHop, torch.Tensor, Candidates]
+        ] = []  # (hop, hidden [1, D] it applied the head to, its answer)
+
+    def add(self, hop: RemoteHop, hidden: torch.Tensor, answer: Candidates) -> None:
+        self.seen += 1
+        entry = (hop, hidden.clone(), answer)
+        if len(self.steps) < self.keep:
+            self.steps.append(entry)
+        elif (slot := self.rng.randrange(self.seen)) < self.keep:
+            self.steps[slot] = entry
+
+    def check(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> tuple[RemoteHop, str] | None:
+        """The first kept step whose candidates are not those of `logits(hidden)` ([1, D] -> [1, V]): (hop, why)."""
+        for hop, hidden, answer in self.steps:
+            why = wrong_candidates(logits(hidden)[0].float().cpu(), answer)
+            if why is not None:
+                return hop, why
+        return None

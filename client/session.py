@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 import torch
 
-from client.remote_head import Candidates, head_request
+from client.remote_head import Candidates, HeadTape, head_request
 from client.verify import Tape
 from swarm import wire
 from swarm.errors import BadRequest, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError, error_from_code
@@ -154,6 +154,7 @@ class RouteSession:
         self._settled = asyncio.Event()  # set while no ack is outstanding
         self._settled.set()
         self.tape: Tape | None = None  # set for a checked generation: what checking one hop needs
+        self.head_tape: HeadTape | None = None  # ... and a sample of the steps a last hop applied the head for
         self._asking: set[_HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
         self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
@@ -392,13 +393,16 @@ class RouteSession:
             pending = self._pending.get(message.step)
             if message.session != state.session_id or pending is None or state is not pending.chain[-1]:
                 return  # only the last hop of the chain a step runs through answers it (while it is awaited)
+            if bool(state.head) != isinstance(message, HeadResult):
+                raise BadRequest("a last hop answered with the head's candidates when not asked, or without them when asked")
+            answer = Candidates.of(message, self.config.vocab_size) if isinstance(message, HeadResult) else message.hidden
             state.acked = max(state.acked, message.step)
             state.compute_ms = message.compute_ms
             state.seal = message.seal
             self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
-            if bool(state.head) != isinstance(message, HeadResult):
-                raise BadRequest("a last hop answered with the head's candidates when not asked, or without them when asked")
-            _resolve(pending.done, Candidates.of(message, self.config.vocab_size) if isinstance(message, HeadResult) else message.hidden)
+            if isinstance(answer, Candidates) and self.head_tape is not None:
+                self.head_tape.add(state.hop, message.hidden[-1:], answer)
+            _resolve(pending.done, answer)
         elif isinstance(message, Error):
             if message.session is not None and message.session != state.session_id:
                 return  # about a session that is not this hop's: not ours to believe

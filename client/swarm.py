@@ -99,7 +99,7 @@ class SwarmModel:
         # Whether last hops serving the head apply it for us (client/remote_head.py): "auto" when ours is on the CPU.
         self.config = remote_head_config(self.config, self.head.lm_head_t.device, self.head.config.vocab_size)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
-        self.verifier = Verifier(self.planner, self.config)
+        self.verifier = Verifier(self.planner, self.config, logits=self.head.logits)  # logits: checks a last hop's head
 
     @property
     def discovery(self) -> DiscoveryOptions:

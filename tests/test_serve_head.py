@@ -22,6 +22,7 @@ from client.generate import GenerationStats, Sampler, SamplingParams
 from client.planner import ClientConfig
 from client.remote_head import Candidates, head_request, remote_head_config
 from client.session import RemoteHop, RouteSession, SessionConfig
+from client.verify import Verdict
 from node.head_service import load_lm_head
 from swarm import wire
 from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
@@ -351,6 +352,48 @@ def test_a_direct_session_gets_candidates_only_from_the_hop_asked(swarm, checkpo
     assert type(out).__name__ == "Candidates" and served_by is not None and out.ids.numel() == 64
     out, served_by = asyncio.run(run(plain))
     assert type(out).__name__ == "Tensor" and served_by is None
+
+
+def test_a_checked_generation_checks_the_head_it_was_served(swarm):
+    """verify=True: the client applies its own head to a sample of the served steps' hidden states."""
+    _, _, head, _ = swarm
+    client = _client(swarm, "always")
+    route = _route(client, swarm[1:], head)
+    result = asyncio.run(client.agenerate(PROMPT, route=route, verify=True, max_new_tokens=8, stop_at_eos=False))
+    outcome = result.stats.verification
+    assert outcome is not None and outcome.verdict is not Verdict.HEAD_WRONG, outcome
+    assert f"the LM head applied by {head.peer_id[:8]}" in outcome.reason and "agreed on 8 of its 8 steps" in outcome.reason, (
+        outcome
+    )
+
+
+def test_a_lying_head_is_caught_and_banned(swarm, tmp_path):
+    """A node whose blocks are honest but whose candidates hide the likeliest token: the check catches it."""
+    bootstrap, _, _, _ = swarm
+    (liar,) = start_nodes(
+        [["--blocks", "15:30", "--serve-head", "--threads", "1", "--bootstrap", bootstrap.url, "--gossip-period", "0.5"]],
+        tmp_path,
+        module="tests.lying_head_node",
+    )
+    try:
+        client = _client(swarm, "always")
+        asyncio.run(_until_seen(client, liar))
+        route = _route(client, [*swarm[1:], liar], liar)
+        result = asyncio.run(client.agenerate(PROMPT, route=route, verify=True, max_new_tokens=8, stop_at_eos=False))
+        outcome = result.stats.verification
+        assert outcome is not None and outcome.verdict is Verdict.HEAD_WRONG and outcome.peer_id == liar.peer_id, outcome
+        assert "left out" in outcome.reason
+        assert liar.peer_id in client.planner.measurements.banned(client.planner.clock())
+    finally:
+        stop_nodes([liar])
+
+
+async def _until_seen(client, node, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r.peer_id == node.peer_id for r in client.planner.records()):
+        assert time.monotonic() < deadline, f"{node.peer_id} never reached the client's view"
+        await refresh(client)
+        await asyncio.sleep(0.2)
 
 
 def test_killing_the_head_serving_last_hop_falls_back_to_the_local_head(swarm, remote, local):
