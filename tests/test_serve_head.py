@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import secrets
 import time
 import urllib.request
@@ -20,7 +21,7 @@ import torch
 
 from client.generate import GenerationStats, Sampler, SamplingParams
 from client.planner import ClientConfig
-from client.remote_head import Candidates, head_request, remote_head_config
+from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
 from client.session import RemoteHop, RouteSession, SessionConfig
 from client.verify import Verdict
 from node.head_service import load_lm_head
@@ -161,6 +162,30 @@ def test_the_nodes_head_gives_the_clients_logits(checkpoint, head):
     values, ids = torch.topk(logits, 64)
     assert torch.equal(top.ids, ids) and torch.equal(top.logits, values)
     assert top.logsumexp == float(torch.logsumexp(logits, 0))
+
+
+def test_the_head_check_catches_hidden_tokens_and_reweighting():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 4
+    values, ids = torch.topk(logits, 64)
+    honest = Candidates(ids, values, float(torch.logsumexp(logits, 0)), 1000)
+    assert wrong_candidates(logits, honest) is None
+    bf16 = logits.to(torch.bfloat16).float()  # a bf16 GPU head's rounding passes
+    assert wrong_candidates(bf16, honest) is None
+    hidden = Candidates(ids[1:], values[1:], honest.logsumexp, 1000)  # the likeliest token left out
+    assert "left out" in wrong_candidates(logits, hidden)
+    scaled = Candidates(ids, values * 1.2, honest.logsumexp, 1000)  # the distribution sharpened
+    assert "off by" in wrong_candidates(logits, scaled)
+    assert "logsumexp" in wrong_candidates(logits, Candidates(ids, values, honest.logsumexp + 1.0, 1000))
+
+
+def test_the_head_tape_keeps_a_bounded_uniform_sample():
+    hop = RemoteHop("http://127.0.0.1:7001", 15, 30, ID.peer_id)
+    tape = HeadTape(keep=4, rng=random.Random(0))
+    answer = Candidates(torch.tensor([1]), torch.tensor([0.0]), 0.0, 8)
+    for step in range(100):
+        tape.add(hop, torch.full((1, 2), float(step)), answer)
+    assert tape.seen == 100 and len(tape.steps) == 4
+    assert max(int(h[0, 0]) for _, h, _ in tape.steps) >= 4, "later steps replace earlier ones"
 
 
 def test_which_hop_is_asked_for_the_head():
