@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    if args.serve_head and args.no_model:
-        parser.error("--serve-head needs blocks to serve: the head follows the model's last block")
     if args.blocks == "auto" and not ((args.num_blocks and args.num_blocks > 0) or args.max_memory):
         parser.error("--blocks auto needs --num-blocks K or --max-memory SIZE")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _node_config(args)
         lock, identity = _identity(args)
         span, fingerprint, loader = _load(args)  # on the main thread, which computes with it (node/compute.py)
-        head = _load_head(args, span) if args.serve_head else None
+        head = _load_head(args, span) if args.serve_head and span is not None else None
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,14 +101,16 @@ def _load(args: argparse.Namespace):
 
 
 def _load_head(args: argparse.Namespace, span):
-    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype). A fixed span
-    must end at the model's last block; with --blocks auto the head is held wherever the span goes."""
+    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype); None for a
+    fixed span that does not end at the model's last block (one flag for a whole fleet: only the
+    nodes at the end take it). With --blocks auto the head is held wherever the span goes."""
     from node.head_service import load_lm_head
     from swarm.model import open_checkpoint
 
     num_layers = span.config.num_layers
     if args.blocks != "auto" and span.end != num_layers:
-        raise SwarmError(f"--serve-head: blocks {span.start}:{span.end} do not end at the model's last block ({num_layers})")
+        logging.getLogger(__name__).warning("--serve-head ignored: blocks %d:%d do not end at the model's last block (%d)", span.start, span.end, num_layers)
+        return None
     with open_checkpoint(args.model) as checkpoint:
         return load_lm_head(checkpoint, span.dtype, span.device)
 

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-head",
         action="store_true",
         help="also hold the final norm and LM head, and apply them for clients that ask (a client without a GPU): "
-        "only while this node serves the model's last block, and it then sees each step's most likely next tokens, "
+        "only while this node serves the model's last block (ignored by one that never does), and it then sees each step's most likely next tokens, "
         "which is the generated text (README: Serving the head)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
