@@ -1,7 +1,8 @@
 """`swarm-node --serve-head`: the last hop applies the LM head and answers only the top-K candidates.
 
 One module-scoped swarm of real node processes (default model, float32): a
-bootstrap peer, [0, 15), [15, 30) with --serve-head, and [15, 30) without it.
+bootstrap peer, [0, 15) (given --serve-head, which it ignores), [15, 30) with --serve-head,
+and [15, 30) without it. A lying head node joins for one test.
 Tests run in file order; the last one kills the head-serving node.
 """
 
@@ -216,11 +217,12 @@ def test_which_hop_is_asked_for_the_head():
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    """(bootstrap, first [0,15), head [15,30) --serve-head, plain [15,30))."""
+    """(bootstrap, first [0,15) (ignoring --serve-head), head [15,30) --serve-head, plain [15,30))."""
     tmp = tmp_path_factory.mktemp("servehead")
     port, url = reserve_url()
     common = ["--bootstrap", url, "--gossip-period", "0.5"]
-    specs = [["--blocks", "0:15", *common], ["--blocks", "15:30", "--serve-head", *common], ["--blocks", "15:30", *common]]
+    # The first node is given --serve-head too: it does not hold the last block, so it ignores it.
+    specs = [["--blocks", "0:15", "--serve-head", *common], ["--blocks", "15:30", "--serve-head", *common], ["--blocks", "15:30", *common]]
     *nodes, bootstrap = start_nodes(
         [*specs, ["--no-model", *port, "--gossip-period", "0.5", "--identity", str(tmp / "bootstrap.key")]], tmp
     )
@@ -279,6 +281,7 @@ def test_the_record_says_which_node_serves_the_head(swarm):
     records = {n.peer_id: PeerRecord.from_bytes(base64.b64decode(_info(n)["record"])) for n in (first, head, plain)}
     assert [records[n.peer_id].serves_head for n in (first, head, plain)] == [False, True, False]
     assert _info(head)["serves_head"] is True
+    assert _info(first)["serves_head"] is False and any("--serve-head ignored" in line for line in first.output)
 
 
 def test_greedy_text_with_the_remote_head_equals_the_local_head(swarm, remote, local):
