@@ -54,14 +54,19 @@ class LMHead:
         self.norm_weight = norm  # [D]
         self.lm_head_t = lm_head.t().contiguous()  # [D, V]: the layout Head uses, for the same sums
 
-    @torch.inference_mode()
     def top(self, hidden: torch.Tensor, k: int) -> TopK:
         """hidden [1, D] -> the top `k` of its logits and the logsumexp of all of them."""
+        return self.top_batch(hidden, [k])[0]
+
+    @torch.inference_mode()
+    def top_batch(self, hidden: torch.Tensor, ks: list[int]) -> list[TopK]:
+        """hidden [n, D] (one row per session) -> each row's top `ks[i]` and logsumexp: one [n, D] x [D, V] product."""
         h = hidden.to(device=self.lm_head_t.device, dtype=self.lm_head_t.dtype)
         h = F.rms_norm(h, (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
-        logits = (h @ self.lm_head_t).float()[0]  # [V]
-        values, ids = torch.topk(logits, min(k, logits.numel()))
-        return TopK(ids.cpu(), values.cpu(), float(torch.logsumexp(logits, 0)))
+        logits = (h @ self.lm_head_t).float()  # [n, V]
+        values, ids = torch.topk(logits, min(max(ks), logits.shape[1]), dim=1)  # [n, K]
+        values, ids, lse = values.cpu(), ids.cpu(), torch.logsumexp(logits, 1).cpu()  # one copy each, one sync
+        return [TopK(ids[i, :k], values[i, :k], float(lse[i])) for i, k in enumerate(ks)]
 
 
 def load_lm_head(checkpoint, dtype: torch.dtype, device: torch.device) -> LMHead:
@@ -72,12 +77,19 @@ def load_lm_head(checkpoint, dtype: torch.dtype, device: torch.device) -> LMHead
 
 
 class HeadService:
-    """Applies the LM head for sessions that asked for it, on the node's compute executor."""
+    """Applies the LM head for sessions that asked for it, on the node's compute executor.
+
+    The steps of one batch finish in the same turn of the event loop; their heads are gathered
+    until that turn ends and run as one [n, D] x [D, V] product (on a GPU the weights are read
+    once for all of them, which is the whole cost). A row's logits may then differ in the last
+    bits from the same row run alone, as they would in the client's own batched head."""
 
     def __init__(self, head: LMHead, executor: concurrent.futures.Executor | None = None) -> None:
         self.head = head
         self.executor = executor  # None: the loop's default executor (in-process tests)
         self.served = 0  # steps answered with candidates, since start (shown in /info)
+        self.batches = 0  # head products run (served / batches: the mean batch)
+        self._waiting: list[tuple[torch.Tensor, int, asyncio.Future]] = []  # this loop turn's requests
 
     def check_open(self, blocks: tuple[int, int], span_end: int) -> None:
         """Refuse a head request for a session that does not end at the model's last block."""
@@ -92,9 +104,32 @@ class HeadService:
     async def top(self, hidden: torch.Tensor, k: int) -> TopK:
         """The candidates of hidden [1, D] (the last position, as sent on the wire)."""
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self.executor, self.head.top, hidden, k)
-        self.served += 1
-        return answer
+        future = loop.create_future()
+        self._waiting.append((hidden, k, future))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._flush, loop)  # after the other steps finishing in this turn have joined
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._waiting = self._waiting, []
+        hidden = torch.cat([h.float() for h, _, _ in batch])  # float32 holds every wire dtype exactly
+        run = loop.run_in_executor(self.executor, self.head.top_batch, hidden, [k for _, k, _ in batch])
+        run.add_done_callback(lambda done: self._deliver(batch, done))
+        self.batches += 1
+
+    def _deliver(self, batch: list[tuple[torch.Tensor, int, asyncio.Future]], done: asyncio.Future) -> None:
+        failure = None if done.cancelled() else done.exception()
+        answers = done.result() if not done.cancelled() and failure is None else [None] * len(batch)
+        for (_, _, future), answer in zip(batch, answers):
+            if future.done():
+                continue  # its step was cancelled meanwhile (shutdown)
+            if done.cancelled():
+                future.cancel()
+            elif failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(answer)
+                self.served += 1
 
 
 def refuse_head(blocks: tuple[int, int]) -> HeadNotServed:

@@ -248,6 +248,7 @@ class NodeState:
             "forwards": backend.forwards,
             "serves_head": self.head is not None and span.end == span.config.num_layers,
             "head_steps": 0 if self.head is None else self.head.served,
+            "head_batches": 0 if self.head is None else self.head.batches,
         }
 
 

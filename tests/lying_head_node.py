@@ -18,13 +18,12 @@ from node.head_service import LMHead, TopK
 
 
 def install() -> None:
-    honest = LMHead.top
+    honest = LMHead.top_batch
 
-    def top(self: LMHead, hidden: torch.Tensor, k: int) -> TopK:
-        answer = honest(self, hidden, k + 1)
-        return TopK(answer.ids[1:], answer.logits[1:], answer.logsumexp)
+    def top_batch(self: LMHead, hidden: torch.Tensor, ks: list[int]) -> list[TopK]:
+        return [TopK(a.ids[1:], a.logits[1:], a.logsumexp) for a in honest(self, hidden, [k + 1 for k in ks])]
 
-    LMHead.top = top  # type: ignore[method-assign]
+    LMHead.top_batch = top_batch  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

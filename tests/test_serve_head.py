@@ -25,7 +25,7 @@ from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
 from client.session import RemoteHop, RouteSession, SessionConfig
 from client.verify import Verdict
-from node.head_service import load_lm_head
+from node.head_service import HeadService, load_lm_head
 from swarm import wire
 from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
 from swarm.head_protocol import HeadResult, parse_session
@@ -189,6 +189,20 @@ def test_the_head_tape_keeps_a_bounded_uniform_sample():
     assert max(int(h[0, 0]) for _, h, _ in tape.steps) >= 4, "later steps replace earlier ones"
 
 
+async def test_the_head_service_runs_one_product_for_the_steps_of_one_turn(checkpoint):
+    lm_head = load_lm_head(checkpoint, torch.float32, torch.device("cpu"))
+    service = HeadService(lm_head)
+    rows = torch.randn(5, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    answers = await asyncio.gather(*(service.top(rows[i : i + 1], 20 + i) for i in range(5)))
+    assert (service.batches, service.served) == (1, 5)
+    for i, answer in enumerate(answers):
+        alone = lm_head.top(rows[i : i + 1], 20 + i)
+        assert torch.equal(answer.ids, alone.ids) and answer.ids.numel() == 20 + i
+        assert torch.allclose(answer.logits, alone.logits, atol=1e-4) and abs(answer.logsumexp - alone.logsumexp) < 1e-4
+    await service.top(rows[:1], 20)
+    assert (service.batches, service.served) == (2, 6), "a step alone is a batch of its own"
+
+
 def test_which_hop_is_asked_for_the_head():
     serving, plain = _record(serves_head=True), _record()
     hop = RemoteHop("http://127.0.0.1:7001", 15, 30, ID.peer_id)
@@ -222,7 +236,11 @@ def swarm(tmp_path_factory):
     port, url = reserve_url()
     common = ["--bootstrap", url, "--gossip-period", "0.5"]
     # The first node is given --serve-head too: it does not hold the last block, so it ignores it.
-    specs = [["--blocks", "0:15", "--serve-head", *common], ["--blocks", "15:30", "--serve-head", *common], ["--blocks", "15:30", *common]]
+    specs = [
+        ["--blocks", "0:15", "--serve-head", *common],
+        ["--blocks", "15:30", "--serve-head", *common],
+        ["--blocks", "15:30", *common],
+    ]
     *nodes, bootstrap = start_nodes(
         [*specs, ["--no-model", *port, "--gossip-period", "0.5", "--identity", str(tmp / "bootstrap.key")]], tmp
     )
@@ -306,6 +324,24 @@ def test_logprobs_from_candidates_agree_with_the_local_head(swarm, remote, local
         assert abs(a.logprob - b.logprob) <= LOGPROB_TOLERANCE
         assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
         assert max(abs(x - y) for (_, x), (_, y) in zip(a.top_logprobs, b.top_logprobs)) <= LOGPROB_TOLERANCE
+
+
+def test_concurrent_sessions_through_the_head_node_get_their_own_texts(swarm, remote, local):
+    """Four generations at once through one head node (their heads may share a product): each text is
+    the one the client's own head gives."""
+    _, _, head, _ = swarm
+    prompts = ["Name a color.", "Count to five.", "What is the capital of France?", "Say hello in Spanish."]
+    params = {"max_new_tokens": 8, "stop_at_eos": False}
+
+    async def texts(client, route):
+        return [r.text for r in await asyncio.gather(*(client.agenerate(p, route=route, **params) for p in prompts))]
+
+    route = _route(remote, swarm[1:], head)
+    before = _info(head)
+    by_node = asyncio.run(texts(remote, route))
+    after = _info(head)
+    assert after["head_steps"] - before["head_steps"] == 4 * 8
+    assert by_node == asyncio.run(texts(local, _route(local, swarm[1:], head)))
 
 
 def test_sampling_with_top_k_within_the_candidates_is_reproducible(swarm, remote, local):
