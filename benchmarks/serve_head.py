@@ -67,9 +67,16 @@ async def main() -> None:
     wire_dtype = args.wire_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False)
     extra = ["--serve-head", "--device", args.device]  # the first node ignores --serve-head: it does not end at the last block
-    async with LocalSwarm(args.model, [(0, layers // 2), (layers // 2, layers)], extra, say, Transport(insecure_http=True)) as swarm:
+    async with LocalSwarm(
+        args.model, [(0, layers // 2), (layers // 2, layers)], extra, say, Transport(insecure_http=True)
+    ) as swarm:
         clients = {
-            mode: SwarmModel(args.model, bootstrap=[swarm.bootstrap_url], insecure_http=True, config=ClientConfig(wire_dtype=wire_dtype, verify_fraction=0.0, session=SessionConfig(remote_head=mode)))
+            mode: SwarmModel(
+                args.model,
+                bootstrap=[swarm.bootstrap_url],
+                insecure_http=True,
+                config=ClientConfig(wire_dtype=wire_dtype, verify_fraction=0.0, session=SessionConfig(remote_head=mode)),
+            )
             for mode in ("never", "always")
         }
         ids = clients["never"].head.encode_prompt(PROMPT, chat=True)
@@ -79,7 +86,13 @@ async def main() -> None:
         for _ in range(args.trials):
             for mode, client in clients.items():
                 runs[mode].append(await decode(client, ids, params))
-        common = {"model": args.model, "device": args.device, "wire_dtype": wire_dtype, "new_tokens": args.new_tokens, "trials": args.trials}
+        common = {
+            "model": args.model,
+            "device": args.device,
+            "wire_dtype": wire_dtype,
+            "new_tokens": args.new_tokens,
+            "trials": args.trials,
+        }
         speeds = {}
         for mode, stats in runs.items():
             speeds[mode] = statistics.median(s.decode_tokens_per_s for s in stats)
@@ -87,7 +100,13 @@ async def main() -> None:
         emit("serve_head.speedup", speeds["always"] / speeds["never"], "x", common, args.device)
         same = all(s.token_ids == runs["never"][0].token_ids for stats in runs.values() for s in stats)
         emit("serve_head.same_tokens", float(same), "bool", common, args.device)
-        emit("serve_head.client_head_ms", head_ms(clients["never"]), "ms/token", {**common, "vocab": clients["never"].head.config.vocab_size}, "cpu")
+        emit(
+            "serve_head.client_head_ms",
+            head_ms(clients["never"]),
+            "ms/token",
+            {**common, "vocab": clients["never"].head.config.vocab_size},
+            "cpu",
+        )
 
 
 if __name__ == "__main__":
