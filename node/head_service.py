@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from swarm.errors import HeadNotServed
+from swarm.errors import HeadNotServed, ShuttingDown, SwarmError
 from swarm.head_protocol import HeadResult
 from swarm.model.config import ModelConfig
-from swarm.protocol import Result
+from swarm.protocol import Error, Result
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,13 @@ class HeadService:
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._waiting = self._waiting, []
         hidden = torch.cat([h.float() for h, _, _ in batch])  # float32 holds every wire dtype exactly
-        run = loop.run_in_executor(self.executor, self.head.top_batch, hidden, [k for _, k, _ in batch])
+        try:
+            run = loop.run_in_executor(self.executor, self.head.top_batch, hidden, [k for _, k, _ in batch])
+        except RuntimeError:  # the compute thread has stopped: the node is going
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(ShuttingDown("node is shutting down: move the session elsewhere"))
+            return
         run.add_done_callback(lambda done: self._deliver(batch, done))
         self.batches += 1
 
@@ -146,8 +152,12 @@ def check_head_request(service: HeadService | None, blocks: tuple[int, int], spa
     service.check_open(blocks, span_end)
 
 
-async def with_head(service: HeadService, result: Result, k: int) -> HeadResult:
-    """`result` (sealed as usual) with the top `k` of its last position's logits added."""
-    top = await service.top(result.hidden[-1:], k)
+async def with_head(service: HeadService, result: Result, k: int) -> HeadResult | Error:
+    """`result` (sealed as usual) with the top `k` of its last position's logits added, or the error
+    for the session's owner."""
+    try:
+        top = await service.top(result.hidden[-1:], k)
+    except SwarmError as exc:
+        return Error.of(exc, session=result.session, step=result.step)
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     return HeadResult(**fields, ids=top.ids, logits=top.logits, logsumexp=top.logsumexp)

@@ -25,12 +25,13 @@ from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
 from client.session import RemoteHop, RouteSession, SessionConfig
 from client.verify import Verdict
-from node.head_service import HeadService, load_lm_head
+from node.compute import MainThreadExecutor
+from node.head_service import HeadService, load_lm_head, with_head
 from swarm import wire
 from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
 from swarm.head_protocol import HeadResult, parse_session
 from swarm.identity import Identity
-from swarm.protocol import MAX_HEAD_K, Open
+from swarm.protocol import MAX_HEAD_K, Error, Open, Result
 from swarm.records import PeerRecord, verify_record
 from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes, swarm_client
 from tests.test_node import Raw
@@ -201,6 +202,15 @@ async def test_the_head_service_runs_one_product_for_the_steps_of_one_turn(check
         assert torch.allclose(answer.logits, alone.logits, atol=1e-4) and abs(answer.logsumexp - alone.logsumexp) < 1e-4
     await service.top(rows[:1], 20)
     assert (service.batches, service.served) == (2, 6), "a step alone is a batch of its own"
+
+
+async def test_a_head_asked_of_a_stopped_compute_thread_answers_shutting_down(checkpoint):
+    executor = MainThreadExecutor()
+    executor.shutdown()
+    service = HeadService(load_lm_head(checkpoint, torch.float32, torch.device("cpu")), executor)
+    hidden = torch.zeros(1, checkpoint.config.hidden_size)
+    answer = await with_head(service, Result("s1", 4, (15, 30), 1.0, 1.0, 1, bytes(64), hidden), 20)
+    assert isinstance(answer, Error) and (answer.code, answer.session, answer.step) == ("shutting_down", "s1", 4)
 
 
 def test_which_hop_is_asked_for_the_head():
