@@ -32,6 +32,9 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token: exactly --max-new-tokens tokens (for timing runs)"
+    )
+    parser.add_argument(
         "--chat", action=argparse.BooleanOptionalAction, default=True, help="wrap the prompt in the model's chat template (default on)"
     )
 
@@ -47,6 +50,7 @@ def _sampling_params(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=tuple(args.stop),
+        stop_at_eos=not args.ignore_eos,
     )
 
 
@@ -54,33 +58,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     if args.bootstrap or args.mdns:
         return _generate_swarm(args, params)
-    import torch
-
     from client.generate import GenerationStats, LocalBlocks, stream_tokens
     from client.local import LocalModel
     from swarm.progress import progress_bar
 
     with progress_bar("loading the model", unit="part") as show:  # a bar on a terminal only
-        model = LocalModel.load(args.model, getattr(torch, args.dtype), progress=show)
+        model = LocalModel.load(args.model, _dtype(args), args.device, progress=show)
     prompt_ids = model.head.encode_prompt(args.prompt, chat=args.chat)
     blocks = LocalBlocks(model.span, len(prompt_ids) + params.max_new_tokens)
 
     async def pieces():
         stats = GenerationStats()
-        async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats):
+        async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats, model.batcher):
             yield token.text, stats, ["local"]
 
-    return _print_stream(args, pieces())
+    return _print_stream(args, pieces(), model.head.device)
+
+
+def _dtype(args: argparse.Namespace):
+    """--dtype as a torch dtype; None (the device's default: bfloat16 on a GPU, float32 on the CPU) when not given."""
+    import torch
+
+    return getattr(torch, args.dtype) if args.dtype else None
 
 
 def _generate_swarm(args: argparse.Namespace, params) -> int:
     model = _swarm_model(args)
-    return _print_stream(args, model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params, verify=_verify(args)))
+    return _print_stream(args, model.stream_result(model.head.encode_prompt(args.prompt, chat=args.chat), params, verify=_verify(args)), model.head.device)
 
 
 def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
-    import torch
-
     from client.swarm import ClientConfig, SwarmModel
     from swarm.progress import progress_bar
 
@@ -91,7 +98,7 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
     config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction)
     with progress_bar("loading the model head", unit="part") as show:  # a bar on a terminal only
-        return SwarmModel(args.model, discovery=options, config=config, dtype=getattr(torch, args.dtype), progress=show)
+        return SwarmModel(args.model, discovery=options, config=config, dtype=_dtype(args), device=args.device, progress=show)
 
 
 def _transport(args: argparse.Namespace):
@@ -108,12 +115,14 @@ def _verify(args: argparse.Namespace) -> bool | None:
     return True if args.verify else None
 
 
-def _print_stream(args: argparse.Namespace, pieces) -> int:
-    return asyncio.run(_print_stream_async(args, pieces))
+def _print_stream(args: argparse.Namespace, pieces, device=None) -> int:
+    return asyncio.run(_print_stream_async(args, pieces, device))
 
 
-async def _print_stream_async(args: argparse.Namespace, pieces) -> int:
-    """Stream text to stdout (or collect it for --json); then a timing line on stderr at info level."""
+async def _print_stream_async(args: argparse.Namespace, pieces, device=None) -> int:
+    """Stream text to stdout (or collect it for --json); then a timing line on stderr at info level.
+
+    `device`: where the head ran (for a local run, the whole model), named in the JSON."""
     chunks, stats, route = [], None, []
     async for piece, stats, route in pieces:
         chunks.append(piece)
@@ -130,6 +139,7 @@ async def _print_stream_async(args: argparse.Namespace, pieces) -> int:
             "prompt_tokens": stats.prompt_tokens,
             "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
             "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "device": str(device) if device is not None else None,
             "verification": stats.verification.to_json() if getattr(stats, "verification", None) else None,
         }))
     else:
@@ -247,13 +257,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         shown = True
                     yield piece, stats, route
 
-            return await _print_stream_async(args, pieces())
+            return await _print_stream_async(args, pieces(), model.head.device)
 
     return asyncio.run(run())
 
 
 def _add_client(parser: argparse.ArgumentParser, discovery: bool = True, printing: bool = True) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of the local part (default float32)")
+    parser.add_argument(
+        "--device", default="auto", metavar="DEVICE",
+        help="where the local part runs: cpu, cuda, cuda:N or auto (default: the first GPU when there is one, else cpu); "
+        "with a swarm that is the head (final norm and LM head; the embeddings stay on the CPU), without one the whole model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype of the local part (default bfloat16 on a GPU, float32 on the CPU)"
+    )
     parser.add_argument("--wire-dtype", choices=DTYPES, default="bfloat16", help="dtype of hidden states between nodes (default bfloat16)")
     if printing:  # commands that print one generation's text
         parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")

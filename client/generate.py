@@ -3,7 +3,8 @@
 Generation is written once, against `Blocks`: anything that runs hidden states
 through all transformer blocks for one session, with explicit positions. A
 local span in this process is one; a route of remote nodes is another. The
-head (embeddings, LM head, tokenizer) always stays on the client.
+head (embeddings, LM head, tokenizer) stays on the client, on its device (CPU or
+GPU); concurrent generations may share its calls through a `HeadBatcher`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,10 +21,12 @@ import torch
 from client.remote_head import Candidates
 from swarm.errors import BadRequest
 from swarm.model.block import Segment, Span
+from swarm.model.engine import DecodeEngine
 from swarm.model.head import Head
 
 if TYPE_CHECKING:
     from client.failover import Failover
+    from client.head_batch import HeadBatcher
     from client.verify import Verification
 
 
@@ -58,7 +62,13 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks the next token from logits; owns its random generator so a seed reproduces a run."""
+    """Picks the next token from logits on any device; owns its random generator so a seed reproduces a run.
+
+    The generator is a CPU one whatever the logits' device: a seed gives the same draws on
+    a GPU client as on a CPU one (the same token wherever the two devices' probabilities
+    agree). Penalties, temperature, top-k and top-p run where the logits are; greedy is an
+    argmax there; only a random draw moves the probabilities [V] to the CPU.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -68,21 +78,25 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = ()) -> int:
-        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter."""
+    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = (), best: int | None = None) -> int:
+        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter.
+
+        `best`: the argmax of `logits` when already known (client/head_batch.py finds a whole
+        batch's at once); greedy decoding without penalties then needs no device sync of its own."""
         p = self.params
+        raw = logits
         if (p.presence_penalty or p.frequency_penalty) and generated:
             # OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence.
-            ids, counts = torch.tensor(list(generated), dtype=torch.long).unique(return_counts=True)
+            ids, counts = torch.tensor(list(generated), dtype=torch.long, device=logits.device).unique(return_counts=True)
             logits = logits.clone()
             logits[ids] -= counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
         if p.repetition_penalty != 1.0 and history:
-            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
             scores = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
         if p.temperature == 0:
-            return int(logits.argmax())
+            return best if best is not None and logits is raw else int(logits.argmax())
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -91,8 +105,9 @@ class Sampler:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
+            # Masked in sorted order and scattered back whole: no boolean index, so no device sync.
+            logits = torch.empty_like(logits).scatter_(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1).cpu()  # the CPU generator draws: one seed, one run, on any device
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -103,14 +118,18 @@ class Blocks(Protocol):
 
 
 class LocalBlocks:
-    """Every block in this process: the single-process baseline."""
+    """Every block in this process: the single-process baseline. On CUDA its steps run through a
+    one-slot `DecodeEngine` (CUDA graphs); elsewhere through the span's ragged path."""
 
     def __init__(self, span: Span, max_length: int) -> None:
         self.span = span
-        self.cache = span.new_cache(max_length)
+        self.engine = DecodeEngine(span, 1, max_length) if span.device.type == "cuda" else None
+        self.cache = self.engine.open(max_length) if self.engine else span.new_cache(max_length)
 
     async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.span(hidden.to(self.span.dtype), [Segment(self.cache, start, hidden.shape[0])])
+        x = hidden.to(device=self.span.device, dtype=self.span.dtype)
+        segments = [Segment(self.cache, start, hidden.shape[0])]
+        return self.engine.forward(x, segments) if self.engine else self.span(x, segments)
 
 
 @dataclass
@@ -186,9 +205,17 @@ class _TextStream:
 
 
 async def stream_tokens(
-    head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None
+    head: Head,
+    blocks: Blocks,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    stats: GenerationStats | None = None,
+    batcher: HeadBatcher | None = None,
 ) -> AsyncIterator[Token]:
-    """Prefill the prompt, then decode one token per step, yielding tokens as they come."""
+    """Prefill the prompt, then decode one token per step, yielding tokens as they come.
+
+    With `batcher` (of this `head`), the head's calls are shared with the other generations
+    of this event loop that use the same batcher (client/head_batch.py)."""
     if not prompt_ids:
         raise BadRequest("the prompt encodes to no tokens")
     stats = stats if stats is not None else GenerationStats()
@@ -197,34 +224,38 @@ async def stream_tokens(
     text = _TextStream(head, params.stop)
     eos = head.eos_token_ids if params.stop_at_eos else set()
     history = list(prompt_ids)
-    started = time.perf_counter()
-    hidden = await blocks.forward(head.embed(prompt_ids), 0)
-    first_at = 0.0
-    for step in range(params.max_new_tokens):
-        # A last hop serving the head answers with candidates, not hidden states (client/remote_head.py).
-        remote = hidden if isinstance(hidden, Candidates) else None
-        logits = remote.dense() if remote is not None else head.logits(hidden[-1:])[0]
-        token_id = sampler(logits, history, stats.token_ids)
-        now = time.perf_counter()
-        if step == 0:
-            first_at = now
-            stats.time_to_first_token_s = now - started
-        stats.decode_s = now - first_at
-        if token_id in eos:
-            stats.finish_reason = "eos"
-            break
-        history.append(token_id)
-        stats.token_ids.append(token_id)
-        stats.new_tokens += 1
-        piece, stopped = text.push(token_id)
-        yield _token(token_id, piece, remote if remote is not None else logits, params.logprobs)
-        if stopped:
-            stats.finish_reason = "stop"
-            return
-        if step + 1 == params.max_new_tokens:
-            stats.finish_reason = "length"
-            break
-        hidden = await blocks.forward(head.embed([token_id]), len(history) - 1)
+    with batcher.generation() if batcher is not None else nullcontext():
+        started = time.perf_counter()
+        hidden = await blocks.forward(head.embed(prompt_ids), 0)
+        first_at = 0.0
+        for step in range(params.max_new_tokens):
+            # A last hop serving the head answers with candidates, not hidden states (client/remote_head.py).
+            remote = hidden if isinstance(hidden, Candidates) else None
+            if remote is not None:
+                logits, best = remote.dense(), None
+            else:
+                logits, best = await batcher.score(hidden[-1]) if batcher is not None else (head.logits(hidden[-1:])[0], None)
+            token_id = sampler(logits, history, stats.token_ids, best)
+            now = time.perf_counter()
+            if step == 0:
+                first_at = now
+                stats.time_to_first_token_s = now - started
+            stats.decode_s = now - first_at
+            if token_id in eos:
+                stats.finish_reason = "eos"
+                break
+            history.append(token_id)
+            stats.token_ids.append(token_id)
+            stats.new_tokens += 1
+            piece, stopped = text.push(token_id)
+            yield _token(token_id, piece, remote if remote is not None else logits, params.logprobs)
+            if stopped:
+                stats.finish_reason = "stop"
+                return
+            if step + 1 == params.max_new_tokens:
+                stats.finish_reason = "length"
+                break
+            hidden = await blocks.forward(head.embed([token_id]), len(history) - 1)
     tail = text.flush()
     if tail:
         yield Token(None, tail)

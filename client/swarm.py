@@ -5,6 +5,8 @@ the checkpoint, whose fingerprint picks the peers that serve the same weights.
 Each generation finds peers (bootstrap peers, optionally mDNS), plans the
 fastest route, opens a session along it and streams tokens. A hop that refuses
 (busy, shutting down, unreachable) is excluded and the route planned again.
+The head runs on `device` (default: this machine's GPU when it has one); the
+generations running at once share its calls (client/head_batch.py).
 "Fastest" is what this client measured (client/measure.py): a record's claimed
 throughput is only a prior, and a hop that misbehaves is banned for a while.
 Planning and session opening live in client/planner.py (`self.planner`).
@@ -15,6 +17,7 @@ Planning and session opening live in client/planner.py (`self.planner`).
     model.chat([{"role": "user", "content": "Hi"}])
     model.generate_batch(["a", "b", "c"])   # spread over disjoint routes
     SwarmModel(..., swarm_key="swarm.key")  # a private swarm: NotMember where a peer is not in it
+    SwarmModel(..., device="cuda")          # the head on this machine's GPU, in bfloat16 (default "auto")
     model.agenerate("...", verify=True)     # check one hop of this generation on other replicas
 
 A share of generations (`ClientConfig.verify_fraction`) is verified after its
@@ -36,6 +39,7 @@ import torch
 
 from client.failover import FailoverBlocks
 from client.generate import GenerationStats, SamplingParams, Token, stream_tokens
+from client.head_batch import HeadBatcher
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
 from client.remote_head import remote_head_config
@@ -44,6 +48,7 @@ from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
 from swarm.membership import Membership
 from swarm.model import DEFAULT_MODEL, Head, load_head, open_checkpoint
+from swarm.model.device import default_dtype, resolve_device
 from swarm.model.tokenizer_cache import default_cache_dir
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route
@@ -74,7 +79,8 @@ class SwarmModel:
         mdns_interfaces: Sequence[str] = (),
         discovery: DiscoveryOptions | None = None,
         config: ClientConfig | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,  # the head's; default bfloat16 on a GPU, float32 on the CPU
+        device: str | torch.device = "auto",  # the head's: "cpu", "cuda", "cuda:N", or "auto" (a GPU when there is one)
         claims: Callable[[PeerRecord], float] = claimed_throughput,
         insecure_http: bool = False,
         swarm_key: str | Path | SwarmKey | None = None,
@@ -82,6 +88,7 @@ class SwarmModel:
         tokenizer_cache: Path | bool = True,  # True: keep a GGUF's built tokenizer in ~/.cache/layerswarm; False: never
     ) -> None:
         self.config = config or ClientConfig()
+        where = resolve_device(device)  # SwarmError before anything is read
         if insecure_http:  # also dial plain http peers (pins still hold on https ones)
             self.config = replace(self.config, transport=replace(self.config.transport, insecure_http=True))
         if swarm_key is not None:  # a private swarm's key, or its file (KeyFileError when unusable)
@@ -95,9 +102,12 @@ class SwarmModel:
         with open_checkpoint(model, cache) as checkpoint:
             self.fingerprint = checkpoint.fingerprint()
             self.num_layers = checkpoint.config.num_layers
-            self.head: Head = load_head(checkpoint, dtype, progress=progress)
+            # The embeddings stay on the CPU whatever `device`: their rows go straight onto the wire,
+            # with no copy to the GPU and back (nor a sync) per step; the norm and LM head go to `device`.
+            self.head: Head = load_head(checkpoint, dtype or default_dtype(where), where, progress=progress, embed_device="cpu")
+        self.batcher = HeadBatcher(self.head)  # every concurrent generation of this client shares the head's calls
         # Whether last hops serving the head apply it for us (client/remote_head.py): "auto" when ours is on the CPU.
-        self.config = remote_head_config(self.config, self.head.lm_head_t.device, self.head.config.vocab_size)
+        self.config = remote_head_config(self.config, self.head.device, self.head.config.vocab_size)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
         self.verifier = Verifier(self.planner, self.config, logits=self.head.logits)  # logits: checks a last hop's head
 
@@ -169,7 +179,7 @@ class SwarmModel:
                 stats.failovers = blocks.failovers
                 tape = self.verifier.plan(blocks.session, verify)
                 seen: list[RemoteHop] = []
-                async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats):
+                async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats, self.batcher):
                     if on_route is not None and blocks.session.route != seen:
                         seen = list(blocks.session.route)
                         on_route(seen)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from typing import Protocol
 
 import torch
 
+from node.span_runner import SpanRunner
 from swarm.errors import BadSpan, Busy, LengthExceeded, SessionNotFound, ShuttingDown, SwarmError
 from swarm.model.block import KVCache, Segment, Span
 
@@ -130,6 +130,8 @@ class Backend:
         self.config = config
         self.max_length = min(config.max_length, span.config.max_position)
         self.max_forward_tokens = min(config.max_forward_tokens, self.max_length)
+        self.runner = SpanRunner(span, config.max_sessions, config.kv_memory_bytes, self.max_length)
+        self.engine = self.runner.engine  # the CUDA KV pool, or None on the CPU
         self.kv_used = 0
         self.caches: set[int] = set()  # id() of live caches (sessions and forwards), for the session count
         self.forwards = 0  # /forwards in the node now
@@ -150,13 +152,13 @@ class Backend:
         self._last_submit: dict[int, float] = {}  # id(cache) -> monotonic time of its last step
         self._last_compute_s = 0.0
         self._computing: set[int] = set()  # id() of caches in the batch that computes now
-        self._freed_while_computing: dict[int, int] = {}  # id(cache) -> nbytes, returned when its compute ends
+        self._freed_while_computing: dict[int, KVCache] = {}  # id(cache) -> cache, returned when its compute ends
         self._batches_without_chunk = 0
         self._chunk_not_before = 0.0  # loop time before which no chunk runs (prefill_share)
         self._last_small = -float("inf")  # loop time of the last batch with a small step
 
     async def __aenter__(self) -> Backend:
-        self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self._self_benchmark)
+        self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.self_benchmark)
         self._batcher = asyncio.create_task(self._batch_loop(), name="batcher")
         self._batcher.add_done_callback(self._batcher_ended)
         return self
@@ -220,6 +222,11 @@ class Backend:
             raise LengthExceeded(f"max_length {max_length} is outside [1, {self.max_length}] on this node")
         if self.sessions >= self.config.max_sessions:
             raise Busy(f"node is at its limit of {self.config.max_sessions} sessions")
+        if self.engine is not None:
+            cache = self.engine.open(max_length, blocks)  # Busy when every slot is taken
+            self.kv_used += cache.nbytes
+            self.caches.add(id(cache))
+            return cache
         need = KVCache.nbytes_for(self.span.config, blocks[1] - blocks[0], max_length, self.span.dtype)
         if need > self.kv_free:
             raise Busy(f"session needs {need} bytes of KV cache, {max(self.kv_free, 0)} of {self.config.kv_memory_bytes} are free")
@@ -247,10 +254,16 @@ class Backend:
             if not self._pending and not self._computing:
                 self._idle.set()  # the batcher may not wake for an emptied queue
         if key in self._computing:
-            self._freed_while_computing[key] = cache.nbytes
+            self._freed_while_computing[key] = cache
             return
-        self.caches.discard(key)
+        self._return(cache)
+
+    def _return(self, cache: KVCache) -> None:
+        """The cache's budget (and slot) back: no step of it computes now or later."""
+        self.caches.discard(id(cache))
         self.kv_used -= cache.nbytes
+        if self.engine is not None:
+            self.engine.release(cache)
 
     # --- compute --------------------------------------------------------------------
 
@@ -342,9 +355,8 @@ class Backend:
                 self.batches_done += bool(batch)
             finally:
                 self._computing = set()
-                for key, nbytes in self._freed_while_computing.items():
-                    self.caches.discard(key)
-                    self.kv_used -= nbytes
+                for cache in self._freed_while_computing.values():
+                    self._return(cache)
                 self._freed_while_computing.clear()
                 if not self._pending:
                     self._idle.set()
@@ -438,31 +450,14 @@ class Backend:
         return batch
 
     def _compute(self, blocks: tuple[int, int], chunks: list[_Chunk]) -> tuple[list[torch.Tensor], float]:
-        """In the compute thread: one ragged forward for all `chunks`."""
+        """In the compute thread: one forward for all `chunks`."""
         began = time.perf_counter()
-        span = self.span
         parts = [c.step.hidden[c.step.computed : c.step.computed + c.count] for c in chunks]
-        x = torch.cat(parts).to(device=span.device, dtype=span.dtype)
         segments = [Segment(c.step.cache, c.step.position + c.step.computed, c.count) for c in chunks]
-        out = span(x, segments, blocks).cpu()
+        out = self.runner.run(torch.cat(parts), segments, blocks)
         elapsed = time.perf_counter() - began
         self.steps_done += sum(c.count == c.step.remaining for c in chunks)
         return list(out.split([c.count for c in chunks])), elapsed
-
-    def _self_benchmark(self, steps: int = 8) -> float:
-        """Blocks per second for one-token steps through the whole span, in the compute thread."""
-        span = self.span
-        cache = span.new_cache(steps + 2)
-        x = torch.randn(1, span.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(span.device, span.dtype)
-        times = []
-        for position in range(steps + 2):
-            begin = time.perf_counter()
-            span(x, [Segment(cache, position, 1)])
-            if span.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begin)
-        per_step = statistics.median(times[2:])  # the first steps warm caches and allocators
-        return span.num_blocks / per_step
 
 
 def _compute_error(exc: Exception) -> SwarmError:

@@ -15,17 +15,30 @@ class Head:
     """Token ids -> hidden states, and hidden states -> logits. Reads no block weights."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
+        """The norm and LM head run where `weights["norm"]` is; the embeddings stay where
+        `weights["embed"]` is (a swarm client keeps them on the CPU, where the wire wants them)."""
         self.config = config
         self.norm_weight = weights["norm"]  # [D]
         # [D, V]: transposed for the same matrix-vector speed as the blocks (see block.py)
-        self.lm_head_t = weights.get("lm_head", weights["embed"]).t().contiguous()
-        # With tied embeddings the rows we embed are columns of lm_head_t: keep one copy.
-        self.embed_weight = None if "lm_head" not in weights else weights["embed"]  # [V, D]
+        self.lm_head_t = weights.get("lm_head", weights["embed"]).to(self.norm_weight.device).t().contiguous()
+        embed = weights["embed"]  # [V, D]
+        # With tied embeddings in one place the rows we embed are columns of lm_head_t: keep one copy.
+        self.embed_weight = None if "lm_head" not in weights and embed.device == self.lm_head_t.device else embed
         self.tokenizer = tokenizer
 
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head_t.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the final norm and LM head run, and the logits are."""
+        return self.lm_head_t.device
+
+    @property
+    def embed_device(self) -> torch.device:
+        """Where `embed` puts hidden states."""
+        return self.lm_head_t.device if self.embed_weight is None else self.embed_weight.device
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -42,15 +55,18 @@ class Head:
     @torch.inference_mode()
     def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, D] hidden states."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.lm_head_t.device)
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_device)
         if self.embed_weight is None:
             return self.lm_head_t[:, ids].t().contiguous()
         return F.embedding(ids, self.embed_weight)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, D] last-block outputs -> [T, V] logits, in float32."""
-        h = F.rms_norm(hidden.to(self.dtype), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
+        """[T, D] last-block outputs (on any device) -> [T, V] logits, in float32 on the head's device.
+
+        Rows are independent: a batcher (client/head_batch.py) stacks the last rows of several
+        sessions into one call, so the weights are read once for all of them."""
+        h = F.rms_norm(hidden.to(self.device, self.dtype, non_blocking=True), (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
         return (h @ self.lm_head_t).float()
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
@@ -71,15 +87,21 @@ class Head:
 
 
 def load_head(
-    checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: Callable[[int, int], None] | None = None
+    checkpoint,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    embed_device: torch.device | str | None = None,
 ) -> Head:
     """The client's part of `checkpoint`: tokenizer, embeddings, final norm, LM head.
+
+    The norm and LM head go to `device`, the embeddings to `embed_device` (default: `device`).
 
     `progress(done, 2)` after each part: the weights, then the tokenizer (from a GGUF file,
     transformers rebuilds it from the vocabulary, which can take seconds)."""
     if progress:
         progress(0, 2)
-    weights = {k: t.to(device) for k, t in checkpoint.head_weights(dtype).items()}
+    weights = {k: t.to(embed_device if k == "embed" and embed_device is not None else device) for k, t in checkpoint.head_weights(dtype).items()}
     if progress:
         progress(1, 2)
     tokenizer = checkpoint.tokenizer()
