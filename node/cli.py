@@ -100,21 +100,6 @@ def _load(args: argparse.Namespace):
     return loader(*blocks), fingerprint, loader
 
 
-def _load_head(args: argparse.Namespace, span):
-    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype); None for a
-    fixed span that does not end at the model's last block (one flag for a whole fleet: only the
-    nodes at the end take it). With --blocks auto the head is held wherever the span goes."""
-    from node.head_service import load_lm_head
-    from swarm.model import open_checkpoint
-
-    num_layers = span.config.num_layers
-    if args.blocks != "auto" and span.end != num_layers:
-        logging.getLogger(__name__).warning("--serve-head ignored: blocks %d:%d do not end at the model's last block (%d)", span.start, span.end, num_layers)
-        return None
-    with open_checkpoint(args.model) as checkpoint:
-        return load_lm_head(checkpoint, span.dtype, span.device)
-
-
 def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, int]:
     """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
     import random
@@ -252,6 +237,21 @@ def _device(name: str):
     if device.index is not None and device.index >= count:
         raise SwarmError(f"--device {name}: there are only {count} {device.type} devices")
     return device
+
+
+def _load_head(args: argparse.Namespace, span):
+    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype); None for a
+    fixed span that does not end at the model's last block (one flag for a whole fleet: only the
+    nodes at the end take it). With --blocks auto the head is held wherever the span goes."""
+    from node.head_service import load_lm_head
+    from swarm.model import open_checkpoint
+
+    num_layers = span.config.num_layers
+    if args.blocks != "auto" and span.end != num_layers:
+        logging.getLogger(__name__).warning("--serve-head ignored: blocks %d:%d do not end at the model's last block (%d)", span.start, span.end, num_layers)
+        return None
+    with open_checkpoint(args.model) as checkpoint:
+        return load_lm_head(checkpoint, span.dtype, span.device)
 
 
 def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader, head=None) -> int:
