@@ -470,6 +470,36 @@ async def _until_seen(client, node, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+)
+def test_a_bfloat16_head_node_passes_the_head_check(device, tmp_path):
+    """A bf16 head (a GPU node's default; here also bf16 on the CPU) against the client's float32 one:
+    its candidates are within the check's tolerance on every step, so verification agrees."""
+    port, url = reserve_url()
+    common = ["--bootstrap", url, "--gossip-period", "0.5"]
+    specs = [
+        ["--blocks", "0:15", *common],
+        ["--blocks", "15:30", "--serve-head", "--device", device, "--dtype", "bfloat16", *common],
+    ]
+    *nodes, bootstrap = start_nodes(
+        [*specs, ["--no-model", *port, "--gossip-period", "0.5", "--identity", str(tmp_path / "bootstrap.key")]], tmp_path
+    )
+    try:
+        config = ClientConfig(wire_dtype="bfloat16", verify_fraction=0.0, session=SessionConfig(remote_head="always"))
+        client = swarm_client(bootstrap.url, config=config)
+        for node in nodes:
+            asyncio.run(_until_seen(client, node))
+        result = asyncio.run(client.agenerate(PROMPT, verify=True, max_new_tokens=16, stop_at_eos=False))
+        outcome = result.stats.verification
+        assert len(result.stats.token_ids) == 16
+        assert (
+            outcome is not None and outcome.verdict is not Verdict.HEAD_WRONG and "agreed on 16 of its 16 steps" in outcome.reason
+        ), outcome
+    finally:
+        stop_nodes([bootstrap, *nodes])
+
+
 def test_killing_the_head_serving_last_hop_falls_back_to_the_local_head(swarm, remote, local):
     """Last: it kills the head node. The replacement [15, 30) does not serve the head: the client's own
     head takes over mid-generation and the text is that of a run with no failure."""
