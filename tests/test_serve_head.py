@@ -236,6 +236,22 @@ def test_which_hop_is_asked_for_the_head():
             remote_head_config(ClientConfig(session=session), "cpu", 10)
 
 
+def test_remote_head_flag_reaches_the_client():
+    from client.cli import _swarm_model, build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["chat"], ["serve"]):
+        assert parser.parse_args(argv).remote_head == "auto"
+    args = parser.parse_args(
+        ["generate", "hi", "--remote-head", "never", "--device", "cpu", "--bootstrap", "http://127.0.0.1:9", "--insecure-http"]
+    )
+    assert _swarm_model(args).config.session.remote_head == "never"
+    args = parser.parse_args(["generate", "hi", "--device", "cpu", "--bootstrap", "http://127.0.0.1:9", "--insecure-http"])
+    assert _swarm_model(args).config.session.remote_head == "always", "auto: a CPU head asks"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "hi", "--remote-head", "sometimes"])
+
+
 # --- real nodes --------------------------------------------------------------------------------
 
 
