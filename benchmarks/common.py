@@ -6,18 +6,31 @@ device); a short human line goes to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+PROJECT = Path(__file__).resolve().parents[1]
 
+
+@functools.cache
 def git_sha() -> str | None:
+    """The project's commit, of this checkout whatever the cwd ('-dirty' when tracked files changed).
+
+    A copy without .git (a device box that got only the working tree) names it by
+    `LAYERSWARM_GIT_SHA`, e.g. `LAYERSWARM_GIT_SHA=$(git rev-parse --short HEAD)` where it was sent from;
+    else None."""
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip() or None
+        head = subprocess.run(["git", "-C", str(PROJECT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(PROJECT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("LAYERSWARM_GIT_SHA") or None
+    sha = head.stdout.strip()
+    return (sha + "-dirty" if status.stdout.strip() else sha) or None
 
 
 def device_name(device: str = "cpu") -> str:

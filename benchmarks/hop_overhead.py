@@ -7,7 +7,10 @@ A bare aiohttp websocket echo of the same frame, in the same run, is the floor.
 
 Throughput: N sessions stepping one token at a time, concurrently, through one
 node holding the whole model; continuous batching should make 8 sessions much
-faster in aggregate than one.
+faster in aggregate than one. The nodes are sized for the largest session count
+(`--max-sessions`, `--max-length` and `--kv-memory` from the checkpoint's KV bytes
+per token, and the per-source session limit, since every session comes from
+this one client), so 32 sessions fit on any model instead of meeting `busy`.
 
 `--tls` runs the nodes on TLS (certificates carrying their identity keys, every dial
 pinned) instead of plain http; the bare websocket floor stays plain.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -37,6 +41,8 @@ from swarm import wire  # noqa: E402
 from swarm.transport import Transport  # noqa: E402
 from tests.nodes import start_nodes, stop_nodes  # noqa: E402
 
+SESSION_COUNTS = (1, 8, 32)
+AGGREGATE_LENGTH = 513  # positions of an aggregate session: its loop rewinds to 0 after 512
 TRANSPORT = Transport(insecure_http=True)  # --tls: Transport()
 
 
@@ -111,24 +117,45 @@ async def aggregate(url: str, peer_id: str, digest: str, layers: int, hidden: in
             position = (position + 1) % 512  # rewinding to 0 overwrites the cache: allowed, and keeps it short
             counts[index] += 1
 
-    async with TRANSPORT.client_session() as http:
-        opened = [RouteSession(http, hop, digest, 513, SessionConfig(wire_dtype="float32"), TRANSPORT) for _ in range(sessions)]
-        for session in opened:
-            await session.__aenter__()
+    # The exit stack owns every session from the moment it opens: one refused open (or any
+    # error later) still closes those opened before it.
+    async with TRANSPORT.client_session() as http, contextlib.AsyncExitStack() as opened:
+        sessions_ = [
+            await opened.enter_async_context(RouteSession(http, hop, digest, AGGREGATE_LENGTH, SessionConfig(wire_dtype="float32"), TRANSPORT))
+            for _ in range(sessions)
+        ]
+        tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(sessions_)]
         try:
-            tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(opened)]
             await asyncio.sleep(1.0)  # warm up: every loop running
             start_counts, begin = sum(counts), time.perf_counter()
             steps0, batches0 = await _counters(http, url, peer_id)
             await asyncio.sleep(seconds)
             steps1, batches1 = await _counters(http, url, peer_id)
             done, elapsed = sum(counts) - start_counts, time.perf_counter() - begin
-            stop.set()
-            await asyncio.gather(*tasks)
         finally:
-            for session in opened:
-                await session.close()
+            stop.set()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if failed is not None:
+        raise failed
     return done / elapsed, (steps1 - steps0) / max(1, batches1 - batches0)
+
+
+def node_sizing(config, layers: int, device: str, steps: int) -> list[str]:
+    """Flags that let every node hold the largest session count at once, whatever the model.
+
+    The KV budget is what `SESSION_COUNTS[-1]` sessions of the longest length this run
+    opens take in the node's dtype (bf16 on cuda, float32 on cpu: the node's default),
+    with a quarter more for the overhead sessions and the ones still closing."""
+    import math
+
+    from swarm.model import KVCache
+
+    sessions = SESSION_COUNTS[-1] + 8
+    length = max(AGGREGATE_LENGTH, steps + 32)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kv = math.ceil(1.25 * sessions * KVCache.nbytes_for(config, layers, length, dtype))
+    return ["--max-sessions", str(sessions), "--max-sessions-per-source", str(sessions), "--max-length", str(length), "--kv-memory", str(kv)]
 
 
 async def main() -> None:
@@ -152,10 +179,10 @@ async def main() -> None:
         build(tmp / "random")
         model = str(tmp / "random")
     with open_checkpoint(model) as ck:
-        digest, layers, hidden = ck.fingerprint().digest, ck.config.num_layers, ck.config.hidden_size
+        digest, layers, hidden, config = ck.fingerprint().digest, ck.config.num_layers, ck.config.hidden_size, ck.config
     print("starting nodes ...", file=sys.stderr)
-    common = ["--model", model, "--device", args.device]
-    nodes = start_nodes([common + ["--blocks", "0:1"], common + ["--blocks", "1:2"], common + ["--blocks", f"0:{layers}", "--max-sessions", "64"]], tmp, tls=args.tls)
+    common = ["--model", model, "--device", args.device, *node_sizing(config, layers, args.device, args.steps)]
+    nodes = start_nodes([common + ["--blocks", "0:1"], common + ["--blocks", "1:2"], common + ["--blocks", f"0:{layers}"]], tmp, tls=args.tls)
     try:
         bare = bare_echo(args.steps)
         base_median, base_p99 = _quantiles(await bare)
@@ -170,7 +197,7 @@ async def main() -> None:
             emit("hop_overhead_p99", p99 * 1e3, "ms", params)
             emit("hop_overhead_vs_bare_websocket", median / base_median, "ratio", params)
         single = None
-        for sessions in (1, 8, 32):
+        for sessions in SESSION_COUNTS:
             rate, batch = await aggregate(nodes[2].url, nodes[2].peer_id, digest, layers, hidden, sessions, args.seconds)
             single = single or rate
             emit("aggregate_tokens_per_s", rate, "tokens/s", {"sessions": sessions, "blocks": layers, "model": model, "device": args.device}, device=args.device, human=f"{sessions:2d} sessions: {rate:.1f} tokens/s aggregate ({rate / single:.2f}x one session), mean batch {batch:.1f}")

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --blocks START:END, or --no-model for a bootstrap peer that holds no blocks")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    if args.blocks == "auto" and not ((args.num_blocks and args.num_blocks > 0) or args.max_memory):
-        parser.error("--blocks auto needs --num-blocks K or --max-memory SIZE")
+    if args.num_blocks is not None and args.num_blocks < 1:
+        parser.error("--num-blocks must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see swarm.wire.unpack_tensor
     try:
@@ -96,15 +96,17 @@ def _load(args: argparse.Namespace):
 
     with open_checkpoint(args.model) as checkpoint:
         fingerprint = checkpoint.fingerprint()
-        blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint.config)
+        blocks = args.blocks if args.blocks != "auto" else _auto_blocks(args, fingerprint.digest, checkpoint, dtype, device)
     return loader(*blocks), fingerprint, loader
 
 
-def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, int]:
-    """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere)."""
+def _auto_blocks(args: argparse.Namespace, digest: str, checkpoint, dtype, device) -> tuple[int, int]:
+    """Where the swarm known to the bootstrap peers is weakest (an empty or unreachable swarm: anywhere),
+    `--num-blocks` of them, or as many as this node's measured speed earns (node/balance.py)."""
     import random
 
-    from node.balance import block_throughput, choose_span
+    from node.balance import block_throughput, choose_span, peer_speeds, speed_share
+    from node.speed import block_speed
     from swarm.discovery.peers_http import fetch_peers
 
     async def records():
@@ -117,18 +119,32 @@ def _auto_blocks(args: argparse.Namespace, digest: str, config) -> tuple[int, in
                     logging.getLogger(__name__).warning("bootstrap %s: %s", url, exc)
         return found
 
-    totals = block_throughput(asyncio.run(records()), digest, config.num_layers)
-    return choose_span(totals, args.num_blocks or _blocks_in_memory(args, config), random.Random())
+    layers = checkpoint.config.num_layers
+    found = asyncio.run(records())
+    count = args.num_blocks
+    if count is None:
+        speed, peers = block_speed(checkpoint, dtype, device), peer_speeds(found, digest, layers)
+        count = min(speed_share(speed, peers, layers), _block_cap(args, checkpoint.config))
+        logging.getLogger(__name__).info("%.1f blocks/s beside %d peers of this model: %d blocks", speed, len(peers), count)
+    return choose_span(block_throughput(found, digest, layers), count, random.Random())
 
 
-def _blocks_in_memory(args: argparse.Namespace, config) -> int:
+def _block_cap(args: argparse.Namespace, config) -> int:
+    """The most blocks this node may hold: what fits in --max-memory beside --kv-memory, else in the
+    GPU's free memory; a CPU node without --max-memory may hold the whole model."""
     import torch
 
     from node.balance import blocks_that_fit
 
-    element = torch.empty((), dtype=getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))).element_size()
-    count = min(config.num_layers, blocks_that_fit(args.max_memory, config.block_params() * element, args.kv_memory))
-    logging.getLogger(__name__).info("--max-memory %d bytes holds %d blocks", args.max_memory, count)
+    device = _device(args.device)
+    element = torch.empty((), dtype=getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))).element_size()
+    memory = args.max_memory
+    if memory is None and device.type == "cuda":
+        memory = torch.cuda.mem_get_info(device)[0]  # free bytes now, before this node loads anything
+    if memory is None:
+        return config.num_layers
+    count = min(config.num_layers, blocks_that_fit(memory, config.block_params() * element, args.kv_memory))
+    logging.getLogger(__name__).info("%d bytes of memory hold %d blocks", memory, count)
     return count
 
 
@@ -136,7 +152,7 @@ def _node_config(args: argparse.Namespace):
     from node.backend import BackendConfig
     from node.court import AccusationConfig
     from node.discovery import DiscoveryConfig
-    from node.state import NodeConfig, RebalanceConfig
+    from node.state import NodeConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
     from swarm.discovery.proof import ProofConfig
@@ -190,12 +206,27 @@ def _node_config(args: argparse.Namespace):
             max_forward_tokens=args.max_forward_tokens or args.max_length,
         ),
         discovery=DiscoveryConfig(gossip=gossip, mdns=mdns, table=table),
-        rebalance=RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell) if args.blocks == "auto" else None,
+        rebalance=_rebalance_config(args),
         accusations=accusations,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         metrics_max_age_s=args.metrics_max_age,
     )
+
+
+def _rebalance_config(args: argparse.Namespace):
+    """`--blocks auto`: move where the swarm is weakest; without --num-blocks also resize by speed, within memory."""
+    from node.state import RebalanceConfig
+
+    if args.blocks != "auto":
+        return None
+    if args.num_blocks is not None:
+        return RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell)
+    from swarm.model import open_checkpoint
+
+    with open_checkpoint(args.model) as checkpoint:
+        cap = _block_cap(args, checkpoint.config)
+    return RebalanceConfig(period_s=args.rebalance_period, dwell_s=args.min_dwell, resize=True, max_blocks=cap)
 
 
 def _transport(args: argparse.Namespace):

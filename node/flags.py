@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve blocks [START, END) of a model to a layerswarm swarm over HTTP and websockets.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END|auto", help="the blocks to serve, e.g. 0:10, or auto: the --num-blocks where the swarm is weakest, moving when that changes (required unless --no-model)")
-    parser.add_argument("--num-blocks", type=int, default=None, metavar="K", help="with --blocks auto: how many contiguous blocks to hold")
-    parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE", help="with --blocks auto and no --num-blocks: hold as many blocks as fit in SIZE beside --kv-memory")
+    parser.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END|auto", help="the blocks to serve, e.g. 0:10, or auto: where the swarm is weakest, as many as --num-blocks or as this node's measured speed earns, moving (and resizing) when that changes (required unless --no-model)")
+    parser.add_argument("--num-blocks", type=int, default=None, metavar="K", help="with --blocks auto: how many contiguous blocks to hold (default: the share of the model this node's speed earns beside the swarm's peers, blocks proportional to speed; README)")
+    parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE", help="with --blocks auto and no --num-blocks: hold at most as many blocks as fit in SIZE beside --kv-memory (default: a GPU's free memory; on cpu the whole model)")
     parser.add_argument("--rebalance-period", type=float, default=30.0, metavar="SECONDS", help="with --blocks auto: how often to check the swarm's coverage (default 30)")
     parser.add_argument("--min-dwell", type=float, default=120.0, metavar="SECONDS", help="with --blocks auto: never move sooner than this after the last move (default 120)")
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")

@@ -1,4 +1,5 @@
-"""`--blocks auto` on a running node: every period, move to a better span if the swarm calls for it.
+"""`--blocks auto` on a running node: every period, move to a better span if the swarm calls for it,
+or (sized by speed: no `--num-blocks`) to a span of another size when its share is badly off.
 
 The decisions are pure (node/balance.py); this module only carries them out: drain
 the sessions here (as on SIGTERM), load the new blocks, swap the backend.
@@ -12,7 +13,7 @@ import random
 import time
 
 from node.backend import Backend
-from node.balance import block_throughput, should_move
+from node.balance import block_throughput, peer_speeds, should_move, should_resize, speed_share
 from node.session_socket import close_session
 from node.state import NodeState, Phase, RebalanceConfig
 from swarm.errors import ShuttingDown
@@ -22,20 +23,40 @@ log = logging.getLogger(__name__)
 
 
 async def rebalance(state: NodeState, config: RebalanceConfig, loader, executor) -> None:
-    """Every period (after the dwell), move to a better span if the swarm's coverage calls for it."""
+    """Every period (after the dwell), move to a better span (or resize) if the swarm's coverage calls for it."""
     last_move = time.monotonic()
     while True:
         await asyncio.sleep(config.period_s * random.uniform(0.8, 1.2))  # jitter: nodes do not all move at once
         if state.phase is not Phase.SERVING or time.monotonic() - last_move < config.dwell_s:
             continue
-        span = state.span
-        totals = block_throughput(state.table.records(time.time()), state.fingerprint.digest, span.config.num_layers)
-        target = should_move(totals, (span.start, span.end), state.backend.throughput, margin=config.margin)
+        target = decide(state, config)
         if target is None:
             continue
+        span = state.span
         log.info("moving from blocks [%d, %d) to [%d, %d)", span.start, span.end, *target)
         await move(state, target, loader, executor)
         last_move = time.monotonic()
+
+
+def decide(state: NodeState, config: RebalanceConfig) -> tuple[int, int] | None:
+    """The span to serve instead of the current one, or None: a resize first (when sized by speed), else a move.
+
+    The swarm is read without this node's own record (it may still name the span
+    before the last move) and this node is added on the span it serves now."""
+    span, me, own = state.span, state.identity.peer_id, state.backend.throughput
+    layers, digest, current = span.config.num_layers, state.fingerprint.digest, (span.start, span.end)
+    records = state.table.records(time.time())
+    without = block_throughput(records, digest, layers, skip=me)
+    if config.resize:
+        count = min(config.max_blocks or layers, speed_share(own, peer_speeds(records, digest, layers, skip=me), layers))
+        target = should_resize(without, current, own, count, margin=config.margin)
+        if target is not None:
+            log.info("resizing to %d blocks: the share of %.1f blocks/s beside the swarm's peers", count, own)
+            return target
+    totals = list(without)
+    for block in range(*current):
+        totals[block] += own
+    return should_move(totals, current, own, margin=config.margin)
 
 
 async def move(state: NodeState, target: tuple[int, int], loader, executor) -> None:

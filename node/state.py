@@ -35,11 +35,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RebalanceConfig:
-    """`--blocks auto`: move to where the swarm is weakest, at most every `dwell_s`."""
+    """`--blocks auto`: move to where the swarm is weakest, at most every `dwell_s`; with `resize`
+    (no `--num-blocks`), also grow or shrink to the share of blocks this node's speed earns."""
 
     period_s: float = 30.0  # how often coverage is checked
     dwell_s: float = 120.0  # no move sooner than this after starting or the last move
-    margin: float = 0.2  # a move must raise the bottleneck by more than this (relative)
+    margin: float = 0.2  # a move must raise the bottleneck by more than this (relative); a resize must be this far off the share
+    resize: bool = False  # size the span by speed (node/balance.py speed_share), not a fixed --num-blocks
+    max_blocks: int | None = None  # with resize: the most blocks that fit in memory (None: the whole model)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import time
 
-from node.balance import block_throughput, blocks_that_fit, bottleneck, choose_span, should_move
+from node.balance import (
+    CLAIM_FACTOR,
+    block_throughput,
+    blocks_that_fit,
+    bottleneck,
+    bounded_claim,
+    choose_span,
+    peer_speeds,
+    should_move,
+    should_resize,
+    speed_share,
+)
 from swarm.identity import Identity
 from swarm.records import PeerRecord
 
@@ -53,13 +64,86 @@ def test_the_only_server_of_a_span_does_not_abandon_it():
     assert should_move(totals, (0, 4), 10.0) is None
 
 
+def test_ties_go_to_windows_aligned_with_the_coverage():
+    # one node holds the whole model: a newcomer takes an end, never the middle (which would
+    # leave two pieces that the first node could not shrink to)
+    assert choose_span([7.0] * 30, 24) == (0, 24)
+    import random
+
+    assert {choose_span([7.0] * 30, 24, random.Random(seed)) for seed in range(20)} == {(0, 24), (6, 30)}
+    # a window whose ends fall where coverage changes beats one that cuts a covered piece
+    assert choose_span([5, 5, 0, 0, 5, 5, 5, 5], 4) == (0, 4)
+
+
+def test_speed_share_is_proportional_to_speed():
+    assert speed_share(100.0, [], 30) == 30  # alone: the whole model
+    assert speed_share(300.0, [(100.0, 30)], 30) == 22  # 3:1 -> 22.5 of 30, rounded half to even
+    assert speed_share(100.0, [(300.0, 24)], 30) == 8
+    assert speed_share(100.0, [(100.0, 10), (100.0, 10), (100.0, 10)], 30) == 8  # 30 / 4 = 7.5
+    # the others already make two replicas of the model: the share of one of two pipelines
+    assert speed_share(100.0, [(100.0, 15)] * 4, 30) == 12  # 2 * 30 * 100 / 500
+    assert speed_share(1.0, [(1.0, 1)], 1) == 1  # one block: never nothing
+
+
+def test_peer_speeds_reads_records_of_this_model_only():
+    records = [_record((0, 4), 10.0), _record((2, 8), 5.0), _record((0, 8), 99.0, model={**MODEL, "digest": "e" * 32}), _record(None, 50.0, model=None, layers=0)]
+    assert sorted(peer_speeds(records, MODEL["digest"], 8)) == [(5.0, 6), (10.0, 4)]
+    assert peer_speeds(records, MODEL["digest"], 8, skip=records[0].peer_id) == [(5.0, 6)]
+
+
+def test_one_lying_record_cannot_make_a_node_take_nothing_or_everything():
+    """Attack: a record claims the fastest (or the slowest) speed a record may carry."""
+    for layers in (2, 8, 30, 80):
+        huge = speed_share(100.0, [(1e9, layers)], layers)
+        nothing = speed_share(100.0, [(0.0, layers)], layers)
+        assert 1 <= huge <= nothing <= layers - 1, (layers, huge, nothing)
+    # bounded: the liar counts as CLAIM_FACTOR times our speed at most, or 1/CLAIM_FACTOR at least
+    assert bounded_claim(1e9, 100.0) == 100.0 * CLAIM_FACTOR
+    assert bounded_claim(0.0, 100.0) == 100.0 / CLAIM_FACTOR
+    assert bounded_claim(float("nan"), 100.0) == 100.0 / CLAIM_FACTOR
+    assert speed_share(100.0, [(1e9, 80)], 80) == round(80 / (1 + CLAIM_FACTOR))
+    # an honest mixed swarm is barely clamped: a GPU 10x a CPU, block for block
+    assert speed_share(10.0, [(100.0, 30)], 30) == 3
+    # a node whose own speed is unknown (0, NaN) claims the least
+    assert speed_share(0.0, [(100.0, 30)], 30) == speed_share(float("nan"), [(100.0, 30)], 30) == 1
+
+
+def test_resize_only_when_badly_off_and_never_into_a_hole():
+    # we hold all 30 blocks at 100 blocks/s; a 3x faster node took [6, 30): shrink to the rest
+    without = [0.0] * 6 + [300.0] * 24
+    assert should_resize(without, (0, 30), 100.0, 8) == (0, 8)
+    # near the share (within the margin, or one block): stay, measured speeds are noisy
+    assert should_resize(without, (0, 8), 100.0, 9) is None
+    assert should_resize([0.0] * 6 + [300.0] * 24, (0, 6), 100.0, 7) is None
+    # shrinking would uncover blocks only we hold: stay
+    without = [0.0] * 10 + [300.0] * 20
+    assert should_resize(without, (0, 10), 100.0, 4) is None
+    # growing is fine, onto the weakest window
+    assert should_resize([0.0] * 10 + [300.0] * 10 + [100.0] * 10, (0, 10), 100.0, 20) == (0, 20)
+
+
+def test_cli_sizes_by_speed_unless_num_blocks_is_given():
+    """`--blocks auto` alone resizes by speed, capped by --max-memory beside --kv-memory (on CPU
+    without it: the whole model); with --num-blocks the size is fixed."""
+    from node.cli import _rebalance_config
+    from node.flags import build_parser
+
+    parse = build_parser().parse_args
+    assert _rebalance_config(parse(["--blocks", "auto"])).max_blocks == 30
+    # 200 MiB, 10% reserve, 100 MiB of KV: 80 MiB for float32 blocks of 3.54 M parameters (14.2 MB)
+    config = _rebalance_config(parse(["--blocks", "auto", "--max-memory", "200MiB", "--kv-memory", "100MiB"]))
+    assert config.resize and config.max_blocks == 5
+    assert not _rebalance_config(parse(["--blocks", "auto", "--num-blocks", "5"])).resize
+    assert _rebalance_config(parse(["--blocks", "0:5"])) is None
+
+
 # --- real nodes ---------------------------------------------------------------------------------
 
 TTL = 3.0
 
 
-def _spans(url: str) -> dict[str, tuple[int, int]]:
-    """peer id -> span, as the bootstrap peer's table has it now."""
+def _records(url: str) -> list:
+    """The records the bootstrap peer's table holds now."""
     import asyncio
 
     import aiohttp
@@ -70,7 +154,12 @@ def _spans(url: str) -> dict[str, tuple[int, int]]:
         async with aiohttp.ClientSession() as http:
             return await fetch_peers(http, url, 5.0)
 
-    return {r.peer_id: tuple(r.span) for r in asyncio.run(fetch()) if r.span}
+    return asyncio.run(fetch())
+
+
+def _spans(url: str) -> dict[str, tuple[int, int]]:
+    """peer id -> span, as the bootstrap peer's table has it now."""
+    return {r.peer_id: tuple(r.span) for r in _records(url) if r.span}
 
 
 def _uncovered(spans, skip=frozenset()) -> int:
@@ -184,3 +273,106 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
         print(f"moving node handed its session over: stall {stats.failovers[0].stall_s:.3f} s, now serves {moved['span']}")
     finally:
         stop_nodes([bootstrap, *nodes])
+
+
+def _cpu_quota(share: float, name: str):
+    """A cgroup (v1 cpu controller) whose processes get `share` of one core, and the argv prefix that
+    starts a process in it; None where this machine has no writable cpu cgroup. The period is short
+    (4 ms) so that every step of more than a few ms is throttled, not only the occasional one."""
+    import os
+    from pathlib import Path
+
+    root = Path("/sys/fs/cgroup/cpu")
+    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
+        return None, None
+    group = root / name
+    group.mkdir(exist_ok=True)
+    period = 4000
+    (group / "cpu.cfs_period_us").write_text(str(period))
+    (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(period * share))))
+    return group, ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+
+
+def test_auto_nodes_size_their_spans_by_measured_speed(tmp_path):
+    """`--blocks auto` without `--num-blocks`: a node throttled to a quarter of a core (a CPU quota,
+    so it honestly is that slow: it measures itself so) holds the whole model while alone. A
+    full-speed node joins and takes the share its measured speed earns; the slow node then shrinks
+    to the rest (the rebalancer resizes). The spans' sizes follow the speeds the nodes measured
+    (their ready lines) within 2.5x, and the model stays covered."""
+    import json
+    import os
+    import re
+    import urllib.request
+
+    import pytest
+
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
+
+    group, prefix = _cpu_quota(0.25, f"layerswarm-test-{os.getpid()}")
+    if group is None:
+        pytest.skip("no writable cpu cgroup to throttle a node with")
+
+    def info(node) -> dict:
+        with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+            return json.load(response)
+
+    def throughput(node) -> float:
+        return float(next(m.group(1) for line in node.output if (m := re.search(r"^ready .* throughput=(\S+)", line))))
+
+    def until(predicate, timeout: float, what):
+        began = time.monotonic()
+        while not (value := predicate()):
+            assert time.monotonic() - began < timeout, what()
+            time.sleep(0.2)  # other processes' state: polled, there is no event to await
+        return value
+
+    # A throttled node's event loop is slow too (a quarter core, on a box shared with other tests):
+    # records live longer and proofs of new peers get more time than elsewhere in this module.
+    gossip = ["--gossip-period", "0.3", "--record-ttl", "15", "--proof-timeout", "20"]
+    auto = ["--blocks", "auto", "--rebalance-period", "1", "--min-dwell", "2", *gossip]
+    port, url = reserve_url()
+    nodes = start_nodes([["--no-model", *port, *gossip]], tmp_path / "b")
+    try:
+        nodes += start_nodes([[*auto, "--bootstrap", url]], tmp_path / "s", prefix=prefix)
+        slow = nodes[-1]
+        assert slow.blocks == (0, 30), "alone on a CPU without --max-memory: the whole model"
+        until(lambda: slow.peer_id in _spans(url), 60, lambda: "the bootstrap peer never saw the slow node")
+        nodes += start_nodes([[*auto, "--bootstrap", url]], tmp_path / "f")
+        fast = nodes[-1]
+        t_slow, t_fast = throughput(slow), throughput(fast)
+        moved = until(lambda: (state := info(slow))["moves"] >= 1 and not state["moving"] and state, 180, lambda: f"the slow node never resized: bootstrap sees {_spans(url)}, the slow node's table {info(slow)['discovery']['peer_table']}, fast serves {info(fast)['span']}")
+        spans = {slow.peer_id: tuple(moved["span"]), fast.peer_id: tuple(info(fast)["span"])}
+        size_slow, size_fast = (end - start for start, end in spans.values())
+        print(f"measured blocks/s: slow {t_slow:.0f}, fast {t_fast:.0f}; spans: slow {spans[slow.peer_id]}, fast {spans[fast.peer_id]}")
+        assert _uncovered(spans) == 0, spans
+        assert size_slow < size_fast
+        ratio = (size_fast / size_slow) / (t_fast / t_slow)
+        assert 1 / 2.5 < ratio < 2.5, (spans, t_slow, t_fast)
+    finally:
+        stop_nodes(nodes)
+        group.rmdir()
+
+
+def test_a_record_claiming_the_fastest_speed_cannot_make_an_auto_node_take_nothing(tmp_path):
+    """Attack: a peer serving all 30 blocks signs records claiming 1e9 blocks/s (the most a
+    record may say). A `--blocks auto` node joining measures itself and holds the claim within
+    CLAIM_FACTOR of its own speed: it takes round(30 / (1 + CLAIM_FACTOR)) = 2 blocks, whatever
+    its own speed, not the none an unbounded claim would earn it (30 / 1e9 per block/s)."""
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
+
+    gossip = ["--gossip-period", "0.3", "--record-ttl", "15"]
+    port, url = reserve_url()
+    nodes = start_nodes([["--no-model", *port, *gossip]], tmp_path / "b")
+    try:
+        nodes += start_nodes([["--claim", "1e9", "--blocks", "0:30", "--threads", "1", "--bootstrap", url, *gossip]], tmp_path / "l", module="tests.claiming_node")
+        liar = nodes[-1]
+        began = time.monotonic()
+        while liar.peer_id not in _spans(url):
+            assert time.monotonic() - began < 60, "the bootstrap peer never saw the liar"
+            time.sleep(0.2)  # another process's table: polled, there is no event to await
+        assert next(r.throughput for r in _records(url) if r.peer_id == liar.peer_id) == 1e9
+        nodes += start_nodes([["--blocks", "auto", "--bootstrap", url, *gossip]], tmp_path / "a")
+        start, end = nodes[-1].blocks
+        assert end - start == round(30 / (1 + CLAIM_FACTOR)) == 2
+    finally:
+        stop_nodes(nodes)
