@@ -88,6 +88,7 @@ def _generate_swarm(args: argparse.Namespace, params) -> int:
 
 
 def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
+    from client.session import SessionConfig
     from client.swarm import ClientConfig, SwarmModel
     from swarm.progress import progress_bar
 
@@ -96,7 +97,8 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
         options = replace(options, bootstrap=tuple(bootstrap))
     if not 0.0 <= args.verify_fraction <= 1.0:
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
-    config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction)
+    session = SessionConfig(remote_head=args.remote_head)  # the last hop's head (client/remote_head.py)
+    config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction, session=session)
     with progress_bar("loading the model head", unit="part") as show:  # a bar on a terminal only
         return SwarmModel(args.model, discovery=options, config=config, dtype=_dtype(args), device=args.device, progress=show)
 
@@ -272,6 +274,11 @@ def _add_client(parser: argparse.ArgumentParser, discovery: bool = True, printin
         "--dtype", choices=DTYPES, default=None, help="compute dtype of the local part (default bfloat16 on a GPU, float32 on the CPU)"
     )
     parser.add_argument("--wire-dtype", choices=DTYPES, default="bfloat16", help="dtype of hidden states between nodes (default bfloat16)")
+    parser.add_argument(
+        "--remote-head", choices=("auto", "always", "never"), default="auto",
+        help="let a route's last node apply the LM head where it serves it (swarm-node --serve-head): auto (default) when "
+        "this client's head is on the CPU. That node then sees each step's likeliest tokens, i.e. the text (README: Serving the head)",
+    )  # fmt: skip
     if printing:  # commands that print one generation's text
         parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens, route and timings instead of streaming")
         parser.add_argument(

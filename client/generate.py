@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from client.remote_head import Candidates
 from swarm.errors import BadRequest
 from swarm.model.block import Segment, Span
 from swarm.model.engine import DecodeEngine
@@ -228,7 +229,12 @@ async def stream_tokens(
         hidden = await blocks.forward(head.embed(prompt_ids), 0)
         first_at = 0.0
         for step in range(params.max_new_tokens):
-            logits, best = await batcher.score(hidden[-1]) if batcher is not None else (head.logits(hidden[-1:])[0], None)
+            # A last hop serving the head answers with candidates, not hidden states (client/remote_head.py).
+            remote = hidden if isinstance(hidden, Candidates) else None
+            if remote is not None:
+                logits, best = remote.dense(), None
+            else:
+                logits, best = await batcher.score(hidden[-1]) if batcher is not None else (head.logits(hidden[-1:])[0], None)
             token_id = sampler(logits, history, stats.token_ids, best)
             now = time.perf_counter()
             if step == 0:
@@ -242,7 +248,7 @@ async def stream_tokens(
             stats.token_ids.append(token_id)
             stats.new_tokens += 1
             piece, stopped = text.push(token_id)
-            yield _token(token_id, piece, logits, params.logprobs)
+            yield _token(token_id, piece, remote if remote is not None else logits, params.logprobs)
             if stopped:
                 stats.finish_reason = "stop"
                 return
@@ -255,10 +261,12 @@ async def stream_tokens(
         yield Token(None, tail)
 
 
-def _token(token_id: int, piece: str, logits: torch.Tensor, top: int | None) -> Token:
+def _token(token_id: int, piece: str, logits: torch.Tensor | Candidates, top: int | None) -> Token:
     """The token, with its log-probabilities under the model's own (unpenalised, untempered) logits when asked."""
     if top is None:
         return Token(token_id, piece)
+    if isinstance(logits, Candidates):
+        return Token(token_id, piece, *logits.logprobs(token_id, top))
     logprobs = torch.log_softmax(logits, -1)
     best = torch.topk(logprobs, top) if top else None
     alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()

@@ -238,7 +238,7 @@ class Planner:
             address = None if record is None else self.address(record)
             if address is None:
                 raise NoRoute(f"peer {hop.peer_id} left the swarm while planning")
-            out.append(RemoteHop(address, hop.start, hop.end, hop.peer_id))
+            out.append(RemoteHop(address, hop.start, hop.end, hop.peer_id, record))  # its record: e.g. whether it serves the head
         return out
 
     # --- what the client saw -------------------------------------------------------------

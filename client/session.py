@@ -43,9 +43,11 @@ from typing import Any
 import aiohttp
 import torch
 
+from client.remote_head import Candidates, HeadTape, head_request
 from client.verify import Tape
 from swarm import wire
 from swarm.errors import BadRequest, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError, error_from_code
+from swarm.head_protocol import HeadResult, parse_session
 from swarm.identity import peer_id_from_public_key, verify
 from swarm.protocol import (
     Ack,
@@ -62,7 +64,6 @@ from swarm.protocol import (
     Retargeted,
     Step,
     opened_payload,
-    parse,
 )  # fmt: skip
 from swarm.records import PeerRecord, verify_record
 from swarm.transport import PinMismatch, Transport
@@ -92,6 +93,11 @@ class SessionConfig:
     step_timeout_s: float = 60.0  # for one step through the whole route
     close_timeout_s: float = 1.0  # a hop that does not answer our close (cut off, dead) is dropped after this
     tap: bool = True  # every hop sends the client its outputs (so none can tell which generations are checked)
+    # The LM head applied by a last hop that serves it (client/remote_head.py): "auto", "always" or "never",
+    # how many candidates it answers, and the vocabulary (0: unknown, never asked; set by remote_head_config)
+    remote_head: str = "auto"
+    head_candidates: int = 64
+    vocab_size: int = 0
 
 
 @dataclass(eq=False)  # identity: hops are told apart by object, never by value
@@ -111,6 +117,7 @@ class _HopState:
     compute_ms: float = 0.0  # model time of the last acknowledged step
     retired: bool = False  # replaced by failover: its connection closing is expected
     draining: bool = False  # its node is shutting down and asked for the session to move
+    head: int = 0  # K: it applies the LM head and answers the top K (client/remote_head.py)
 
 
 @dataclass
@@ -147,6 +154,7 @@ class RouteSession:
         self._settled = asyncio.Event()  # set while no ack is outstanding
         self._settled.set()
         self.tape: Tape | None = None  # set for a checked generation: what checking one hop needs
+        self.head_tape: HeadTape | None = None  # ... and a sample of the steps a last hop applied the head for
         self._asking: set[_HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
         self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
@@ -207,7 +215,9 @@ class RouteSession:
             state = states[index]
             target = states[index + 1] if index + 1 < len(states) else after
             blocks = (state.hop.start, state.hop.end)
-            message = Open(state.session_id, blocks, self.max_length, self.config.wire_dtype, self.model, state.nonce, state.token, _address(target), self.config.tap)
+            c = self.config
+            state.head = head_request(c.remote_head, c.head_candidates, c.vocab_size, state.hop, state.record, target is None)
+            message = Open(state.session_id, blocks, self.max_length, c.wire_dtype, self.model, state.nonce, state.token, _address(target), c.tap, state.head)
             opened = await self._request(state, message, Opened)
             self._check_opened(state, opened)
 
@@ -246,8 +256,9 @@ class RouteSession:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise at_hop(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
 
-    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor:
-        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D].
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor | Candidates:
+        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D],
+        or the last position's `Candidates` when the last hop applies the head (client/remote_head.py).
 
         A step not answered within `timeout` (default `step_timeout_s`) fails with
         `PeerUnavailable` naming the first hop that has not acknowledged it.
@@ -256,7 +267,7 @@ class RouteSession:
             raise self.broken
         return await self._run(self.hops, hidden, start, output, timeout or self.config.step_timeout_s)
 
-    async def _run(self, chain: Sequence[_HopState], hidden: torch.Tensor, start: int, output: str, timeout: float) -> torch.Tensor:
+    async def _run(self, chain: Sequence[_HopState], hidden: torch.Tensor, start: int, output: str, timeout: float) -> torch.Tensor | Candidates:
         """One step sent to `chain[0]`, answered by the chain's last hop."""
         step = self._step
         self._step += 1
@@ -357,7 +368,7 @@ class RouteSession:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
                 try:
-                    self._dispatch(state, parse(wire.decode(msg.data, self.config.max_frame), limits))
+                    self._dispatch(state, parse_session(wire.decode(msg.data, self.config.max_frame), limits))
                 except SwarmError as exc:  # a node that breaks the protocol: transient, so failover routes around it
                     if not state.retired:
                         self._fail_all(at_hop(PeerUnavailable(f"{state.hop} sent a malformed message: {exc}"), state.hop))
@@ -382,11 +393,16 @@ class RouteSession:
             pending = self._pending.get(message.step)
             if message.session != state.session_id or pending is None or state is not pending.chain[-1]:
                 return  # only the last hop of the chain a step runs through answers it (while it is awaited)
+            if bool(state.head) != isinstance(message, HeadResult):
+                raise BadRequest("a last hop answered with the head's candidates when not asked, or without them when asked")
+            answer = Candidates.of(message, self.config.vocab_size) if isinstance(message, HeadResult) else message.hidden
             state.acked = max(state.acked, message.step)
             state.compute_ms = message.compute_ms
             state.seal = message.seal
             self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
-            _resolve(pending.done, message.hidden)
+            if isinstance(answer, Candidates) and self.head_tape is not None:
+                self.head_tape.add(state.hop, message.hidden[-1:], answer)
+            _resolve(pending.done, answer)
         elif isinstance(message, Error):
             if message.session is not None and message.session != state.session_id:
                 return  # about a session that is not this hop's: not ours to believe
@@ -438,6 +454,11 @@ class RouteSession:
         except asyncio.TimeoutError:
             return False
         return True
+
+    @property
+    def head_hop(self) -> RemoteHop | None:
+        """The last hop, when it applies the LM head for this session (client/remote_head.py)."""
+        return self.hops[-1].hop if self.hops[-1].head else None
 
     def proven(self, index: int) -> tuple[RemoteHop, str, bytes]:
         """Hop `index` of the route: where it is, its session id, and the key it proved at open."""

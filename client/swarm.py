@@ -42,6 +42,7 @@ from client.generate import GenerationStats, SamplingParams, Token, stream_token
 from client.head_batch import HeadBatcher
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
+from client.remote_head import remote_head_config
 from client.session import RemoteHop, RouteSession
 from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig
@@ -105,8 +106,10 @@ class SwarmModel:
             # with no copy to the GPU and back (nor a sync) per step; the norm and LM head go to `device`.
             self.head: Head = load_head(checkpoint, dtype or default_dtype(where), where, progress=progress, embed_device="cpu")
         self.batcher = HeadBatcher(self.head)  # every concurrent generation of this client shares the head's calls
+        # Whether last hops serving the head apply it for us (client/remote_head.py): "auto" when ours is on the CPU.
+        self.config = remote_head_config(self.config, self.head.device, self.head.config.vocab_size)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
-        self.verifier = Verifier(self.planner, self.config)
+        self.verifier = Verifier(self.planner, self.config, logits=self.head.logits)  # logits: checks a last hop's head
 
     @property
     def discovery(self) -> DiscoveryOptions:

@@ -17,12 +17,22 @@ against the hop's proves nothing.
 A generation that failed over is not checked: its hops' transcripts are no
 clean prefix of positions (a splice rebuilds caches from a /forward, a re-route
 replays the prefix), so they could not be replayed as one prefill.
+
+Where the last hop applied the LM head (`--serve-head`, client/remote_head.py),
+its blocks are checked as any hop's (it still sends and seals its hidden
+output), and the candidates it derived from them are checked by the client
+itself, on a sample of the steps (`HeadTape`): the client applies its own head
+to the hidden states the hop applied its head to and compares. A hop caught is
+banned by this client (verdict `head wrong`); the candidates carry no
+signature, so there is nothing to accuse it with. A client given no head to
+check with says in `reason` that the head was not checked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +40,7 @@ import aiohttp
 import torch
 
 from client.planner import ClientConfig, Planner
+from client.remote_head import HeadTape
 from client.session import RouteSession
 from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, frozen, recipients, replicas, settle
 from swarm import wire
@@ -56,10 +67,13 @@ class _Rerun:
 class Verifier:
     """Checks a fraction of one client's generations; holds the client's per-process identity."""
 
-    def __init__(self, planner: Planner, config: ClientConfig, identity: Identity | None = None) -> None:
+    def __init__(
+        self, planner: Planner, config: ClientConfig, identity: Identity | None = None, logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         self.planner = planner
         self.config = config
         self.identity = identity or Identity.generate()  # accusations are signed by this client, whoever it is
+        self.logits = logits  # the client's own head ([1, D] -> [1, V]): checks a last hop's candidates
         self.selector = Selector(config.verify_fraction, config.verify_seed)
 
     def plan(self, session: RouteSession, requested: bool | None = None) -> Tape | None:
@@ -68,22 +82,44 @@ class Verifier:
             return None
         tape = Tape(self.selector.hop(len(session.hops)))
         session.tape = tape
+        session.head_tape = HeadTape()
         return tape
 
     async def check(self, http: aiohttp.ClientSession, session: RouteSession | None, tape: Tape | None, clean: bool) -> Verification | None:
-        """Check the tape's hop (None when the generation was not selected)."""
+        """Check the tape's hop (None when the generation was not selected), and the head where a hop applied it."""
         if tape is None:
             return None
         if session is None or session.tape is not tape or not clean:
-            return Verification(Verdict.SKIPPED, "the route changed during the generation (failover): its transcripts are no clean prefix")
+            outcome = Verification(Verdict.SKIPPED, "the route changed during the generation (failover): its transcripts are no clean prefix")
+            return outcome if session is None else await self._check_head(session, outcome)
         hop, session_id, key = session.proven(tape.hop)
         blocks = (hop.start, hop.end)
         outcome = Verification(Verdict.SKIPPED, hop=str(hop), peer_id=hop.peer_id, blocks=blocks)
         try:
-            return await asyncio.wait_for(self._check(http, session, tape, session_id, key, outcome), self.config.verify_timeout_s)
+            outcome = await asyncio.wait_for(self._check(http, session, tape, session_id, key, outcome), self.config.verify_timeout_s)
         except asyncio.TimeoutError:
             outcome.verdict, outcome.reason = Verdict.SKIPPED, f"the check took over {self.config.verify_timeout_s:g} s"
-            return outcome
+        return await self._check_head(session, outcome)
+
+    async def _check_head(self, session: RouteSession, outcome: Verification) -> Verification:
+        """Apply our own head to a sample of the hidden states a last hop applied its head to, and compare."""
+        tape = session.head_tape
+        if tape is None or not tape.steps:
+            return outcome  # no hop applied the head in this generation
+        hops = ", ".join(sorted({str(hop) for hop, _, _ in tape.steps}))
+        if self.logits is None:
+            return _noted(outcome, f"the LM head applied by {hops} (--serve-head) was not checked")
+        found = await asyncio.to_thread(tape.check, self.logits)
+        if found is None:
+            return _noted(outcome, f"the LM head applied by {hops} agreed on {len(tape.steps)} of its {tape.seen} steps")
+        hop, why = found
+        reason = f"its LM-head candidates are not its hidden state's: {why}"
+        if hop.peer_id:
+            self.planner.measurements.ban(hop.peer_id, reason, self.planner.clock())
+        if outcome.verdict in (Verdict.AGREE, Verdict.SKIPPED):
+            outcome.verdict, outcome.hop, outcome.peer_id, outcome.blocks = Verdict.HEAD_WRONG, str(hop), hop.peer_id, (hop.start, hop.end)
+        log.warning("%s: %s", hop, reason)
+        return _noted(outcome, f"{hop}: {reason}")
 
     async def _check(self, http: aiohttp.ClientSession, session: RouteSession, tape: Tape, session_id: str, key: bytes, outcome: Verification) -> Verification:
         hop = session.hops[tape.hop].hop
@@ -222,3 +258,8 @@ class Verifier:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise PeerUnavailable(f"cannot reach {peer_id[:8]} at {url}: {exc or type(exc).__name__}") from None
 
+
+
+def _noted(outcome: Verification, note: str) -> Verification:
+    outcome.reason = f"{outcome.reason}; {note}" if outcome.reason else note
+    return outcome

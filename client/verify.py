@@ -37,6 +37,7 @@ class Verdict(str, enum.Enum):
     DISPUTED = "disputed"  # hop and replica disagree and no third replica settled it: nobody is accused
     UNSEALED = "unsealed"  # the hop's seal does not cover the outputs it sent: not accusable to others
     SKIPPED = "skipped"  # selected but not checked (failover, no other replica, ...): `reason` says why
+    HEAD_WRONG = "head wrong"  # a last hop's LM-head candidates are not its own hidden state's (client/remote_head.py)
 
 
 @dataclass

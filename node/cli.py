@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         config = _node_config(args)
         lock, identity = _identity(args)
         span, fingerprint, loader = _load(args)  # on the main thread, which computes with it (node/compute.py)
+        head = _load_head(args, span) if args.serve_head and span is not None else None
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _serve_beside(args, config, identity, span, fingerprint, loader)
+        return _serve_beside(args, config, identity, span, fingerprint, loader, head)
     finally:
         lock.close()
 
@@ -269,7 +270,22 @@ def _device(name: str):
     return device
 
 
-def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader) -> int:
+def _load_head(args: argparse.Namespace, span):
+    """`--serve-head`: the final norm and LM head, beside the blocks (same device and dtype); None for a
+    fixed span that does not end at the model's last block (one flag for a whole fleet: only the
+    nodes at the end take it). With --blocks auto the head is held wherever the span goes."""
+    from node.head_service import load_lm_head
+    from swarm.model import open_checkpoint
+
+    num_layers = span.config.num_layers
+    if args.blocks != "auto" and span.end != num_layers:
+        logging.getLogger(__name__).warning("--serve-head ignored: blocks %d:%d do not end at the model's last block (%d)", span.start, span.end, num_layers)
+        return None
+    with open_checkpoint(args.model) as checkpoint:
+        return load_lm_head(checkpoint, span.dtype, span.device)
+
+
+def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint, loader, head=None) -> int:
     """Serve from an event loop in a second thread while this (main) thread runs the model.
 
     Signals arrive on the main thread; they set the loop's stop event, and the loop
@@ -292,7 +308,7 @@ def _serve_beside(args: argparse.Namespace, config, identity, span, fingerprint,
             control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
             if control.get("stop_requested"):
                 control["stop"].set()
-            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute, loader=loader)
+            await serve(span, fingerprint, identity, config, ready=ready, stop=control["stop"], executor=compute, loader=loader, head=head)
 
         try:
             asyncio.run(run())

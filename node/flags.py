@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads torch uses for this node's compute (default: torch's choice, one per core). On a small box "
         "shared with other nodes or a server, fewer threads each waste less time waiting on each other",
     )
+    parser.add_argument(
+        "--serve-head",
+        action="store_true",
+        help="also hold the final norm and LM head, and apply them for clients that ask (a client without a GPU): "
+        "only while this node serves the model's last block (ignored by one that never does), and it then sees each step's most likely next tokens, "
+        "which is the generated text (README: Serving the head)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
     parser.add_argument("--kv-memory", type=parse_size, default=parse_size("2GiB"), metavar="SIZE", help="budget for all KV caches, e.g. 512MiB (default 2GiB)")

@@ -22,6 +22,7 @@ from node.accept import GuardedRunner, body_in_time
 from node.accusations import Relay, accusation_routes
 from node.backend import Backend
 from node.discovery import NodeDiscovery
+from node.head_service import HeadService, LMHead
 from node.http import error_response, get_info, post_forward
 from node.metrics import metrics_routes, serve_metrics
 from node.push import PushPool
@@ -85,9 +86,11 @@ async def serve(
     stop: asyncio.Event | None = None,
     executor: concurrent.futures.Executor | None = None,
     loader: Callable[[int, int], Span] | None = None,
+    head: LMHead | None = None,
 ) -> None:
     """Run a node until `stop` is set (or SIGTERM/SIGINT, when this is the main thread), then shut
-    down gracefully. `span` None: a bootstrap peer. `executor` runs the model (see node/compute.py)."""
+    down gracefully. `span` None: a bootstrap peer. `executor` runs the model (see node/compute.py).
+    `head`: the LM head, for `--serve-head` (node/head_service.py)."""
     stop = stop or asyncio.Event()
     if threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
@@ -97,6 +100,7 @@ async def serve(
         push = await stack.enter_async_context(PushPool(config.push, config.max_frame, config.transport))  # its own connector, not gossip's
         state = NodeState(config, identity, fingerprint, None, push, table=PeerTable(config.discovery.table))
         state.relay = await stack.enter_async_context(Relay(config.accusations, config.max_frame, config.transport))
+        state.head = None if head is None else HeadService(head, executor)
         stack.push_async_callback(_close_backend, state)  # whichever is current at the end: a move replaces it
         if span is not None:
             state.backend = Backend(span, config.backend, executor, observer=state.metrics)

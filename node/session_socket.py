@@ -26,6 +26,7 @@ import torch
 from aiohttp import web
 
 from node.channel import Channel
+from node.head_service import check_head_request, with_head
 from node.limits import source_key
 from node.push import check_next_hop
 from node.sessions import Session
@@ -147,6 +148,8 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
     if request.model != state.fingerprint.digest:
         raise ModelMismatch(f"this node serves model {state.fingerprint} (digest {state.fingerprint.digest}), not {request.model}")
     state.backend.check_blocks(request.blocks)
+    if request.head:
+        check_head_request(state.head, request.blocks, state.span.end)
     if state.sessions.find(request.session):
         raise BadRequest(f"session {request.session} is already open on this node")
     _admit_next(state, request.blocks, request.next)
@@ -158,7 +161,7 @@ async def _on_open(state: NodeState, channel: Channel, message: dict[str, Any]) 
         raise
     identity = state.identity
     transcript = Transcript(request.model, request.blocks, request.session, identity.peer_id)
-    session = Session(request.session, channel, request.blocks, request.max_length, request.dtype, request.next, cache, request.token, transcript, request.tap, hold)
+    session = Session(request.session, channel, request.blocks, request.max_length, request.dtype, request.next, cache, request.token, transcript, request.tap, hold, head=request.head)
     state.sessions.add(session)
     state.sessions_opened += 1
     log.debug("opened session %s blocks %s max_length %d", request.session, request.blocks, request.max_length)
@@ -225,7 +228,8 @@ async def _finish_step(state: NodeState, session: Session, request: Step, done: 
     digest = seal_step(session.transcript, request, sent, session.wire_dtype)
     if next_hop is None:
         seal = state.identity.sign(seal_payload(digest))
-        await session.owner.send(Result(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size, seal, sent, session.wire_dtype))
+        answer = Result(session.id, request.step, session.blocks, compute_ms, queue_ms, result.batch_size, seal, sent, session.wire_dtype)
+        await session.owner.send(answer if not session.head else await with_head(state.head, answer, session.head))
         return
     forward = Step(next_hop.session, request.step, request.position, sent, session.wire_dtype, request.output, next_hop.token)
     try:

@@ -28,6 +28,7 @@ class Session:
     transcript: Transcript = field(repr=False)  # every step run, chained: what each ack's seal signs
     tap: bool = False  # the owner wants each output pushed on, in its ack
     hold: Held | None = None  # this session's place in its source's session count
+    head: int = 0  # K > 0: answer each step with the LM head's top K (node/head_service.py)
     newest_step: int = -1  # highest step number run so far (-1: never stepped)
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)

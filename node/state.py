@@ -30,6 +30,7 @@ from swarm.transport import Transport
 
 if TYPE_CHECKING:
     from node.accusations import Relay
+    from node.head_service import HeadService
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class NodeState:
     tcp_limit: SourceLimit = field(init=False)  # open TCP connections per source, on every listener (node/accept.py)
     metrics: NodeMetrics = field(init=False)  # what /metrics renders (node/metrics.py)
     metrics_url: str | None = None  # the --metrics-port listener, once it listens
+    head: HeadService | None = None  # --serve-head: the LM head, applied for sessions that ask (node/head_service.py)
 
     def __post_init__(self) -> None:
         self.court = Court(self.config.accusations, self.identity, self.table)
@@ -159,6 +161,7 @@ class NodeState:
             throughput=backend.throughput,
             load=min(1.0, backend.load),
             free_kv_bytes=max(0, backend.kv_free),
+            serves_head=self.head is not None and span.end == span.config.num_layers,
         )
 
     def advert(self, port: int) -> Advert:
@@ -246,6 +249,9 @@ class NodeState:
             "steps": backend.steps_done,
             "batches": backend.batches_done,
             "forwards": backend.forwards,
+            "serves_head": self.head is not None and span.end == span.config.num_layers,
+            "head_steps": 0 if self.head is None else self.head.served,
+            "head_batches": 0 if self.head is None else self.head.batches,
         }
 
 

@@ -113,6 +113,13 @@ class PeerUnavailable(TransientError):
     code = "peer_unavailable"
 
 
+class HeadNotServed(TransientError):
+    """A session asked its hop to apply the LM head, and this hop does not: it was not started with
+    `--serve-head`, or the session does not end at the model's last block. Another peer may."""
+
+    code = "head_not_served"
+
+
 class NoRoute(SwarmError):
     """No chain of known peers covers every block of the model."""
 

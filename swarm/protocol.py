@@ -50,6 +50,7 @@ MAX_URL_CHARS = 256
 MAX_MESSAGE_CHARS = 4096  # an error's human text
 MAX_CODE_CHARS = 64
 OUTPUTS = ("all", "last")
+MAX_HEAD_K = 256  # most candidates a head-serving last hop returns per step (node/head_service.py)
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # secrets.token_urlsafe(16..48)
@@ -276,6 +277,7 @@ class Open(Message):
     token: str  # this hop's push token: a step pushed by the previous hop must carry it
     next: NextHop | None = None
     tap: bool = False  # the owner wants every output this hop pushes on, in its `ack` (to verify it later)
+    head: int = 0  # K > 0: this last hop applies the LM head and answers the top K (node/head_service.py)
 
     def to_wire(self) -> dict[str, Any]:
         out = {
@@ -285,11 +287,13 @@ class Open(Message):
         }  # fmt: skip
         if self.tap:
             out["tap"] = True
+        if self.head:
+            out["head"] = self.head
         return out
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any], limits: Limits = NO_LIMITS) -> Open:
-        _check_keys(message, cls.TYPE, frozenset({"session", "blocks", "max_length", "dtype", "model", "nonce", "token"}), frozenset({"next", "tap"}))
+        _check_keys(message, cls.TYPE, frozenset({"session", "blocks", "max_length", "dtype", "model", "nonce", "token"}), frozenset({"next", "tap", "head"}))
         tap = message.get("tap")
         if tap is not None and not isinstance(tap, bool):
             raise BadMessage("field 'tap' must be a boolean")
@@ -303,6 +307,7 @@ class Open(Message):
             token=check_token(message["token"]),
             next=_next(message),
             tap=bool(tap),
+            head=_int(message, "head", 1, MAX_HEAD_K) if "head" in message else 0,
         )
 
 

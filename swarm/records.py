@@ -54,6 +54,10 @@ WIRE_KEYS = frozenset(
         "free_kv_bytes", "protocol", "issued_at", "expires_at", "leaving", "signature",
     }
 )  # fmt: skip
+# Optional keys: on the wire only when set, so a record without them encodes (and signs) exactly as
+# before they existed, and peers that predate them still accept it. When present the value must be
+# the set one (one record, one encoding): `serves_head` is only ever True on the wire.
+OPTIONAL_WIRE_KEYS = frozenset({"serves_head"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class PeerRecord:
     expires_at: float  # unix seconds; after it nobody uses the record
     signature: bytes = field(repr=False)  # Ed25519 over signing_payload(), 64 bytes
     leaving: bool = False  # a signed goodbye (a tombstone): the peer is gone, drop it until this expires
+    serves_head: bool = False  # applies the final norm and LM head for sessions ending at the last block (`--serve-head`)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):  # a read-only copy: a signed record must not change
@@ -99,6 +104,7 @@ class PeerRecord:
         free_kv_bytes: int | None = None,
         protocol: int = PROTOCOL_VERSION,
         leaving: bool = False,
+        serves_head: bool = False,
     ) -> PeerRecord:
         """A record signed by `identity`, valid from `now` for `ttl` seconds.
 
@@ -121,6 +127,7 @@ class PeerRecord:
             expires_at=float(now) + float(ttl),
             signature=bytes(SIGNATURE_BYTES),  # placeholder, replaced below
             leaving=leaving,
+            serves_head=serves_head,
         )
         return replace(unsigned, signature=identity.sign(unsigned.signing_payload()))
 
@@ -141,7 +148,7 @@ class PeerRecord:
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-friendly dict: bytes for key and signature, lists for tuples."""
-        return {
+        wire = {
             "peer_id": self.peer_id,
             "public_key": self.public_key,
             "addresses": list(self.addresses),
@@ -157,6 +164,9 @@ class PeerRecord:
             "leaving": self.leaving,
             "signature": self.signature,
         }
+        if self.serves_head:
+            wire["serves_head"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, raw: object) -> PeerRecord:
@@ -170,10 +180,12 @@ class PeerRecord:
             raise RecordRejected("a peer record is a map", reason="malformed")
         if "signature" not in raw:
             raise SignatureInvalid("peer record is unsigned")
-        if raw.keys() != WIRE_KEYS:
+        if not WIRE_KEYS <= raw.keys() or raw.keys() - WIRE_KEYS - OPTIONAL_WIRE_KEYS:
             missing = sorted(key for key in WIRE_KEYS if key not in raw)
-            unknown = sum(1 for key in raw if key not in WIRE_KEYS)
+            unknown = sum(1 for key in raw if key not in WIRE_KEYS | OPTIONAL_WIRE_KEYS)
             raise RecordRejected(f"peer record lacks {missing} or has {unknown} unknown keys", reason="malformed")
+        if "serves_head" in raw and raw["serves_head"] is not True:
+            raise RecordRejected("serves_head is on the wire only when true", reason="malformed")
         addresses, span, model = raw["addresses"], raw["span"], raw["model"]
         if not isinstance(addresses, (list, tuple)):
             raise RecordRejected("addresses is a list", reason="malformed")
@@ -196,6 +208,7 @@ class PeerRecord:
             expires_at=_as_float(raw["expires_at"]),
             signature=raw["signature"],
             leaving=raw["leaving"],
+            serves_head="serves_head" in raw,
         )
 
     def to_bytes(self) -> bytes:
@@ -290,6 +303,10 @@ def _check_fields(record: PeerRecord) -> None:
         raise _malformed("issued_at and expires_at are not unix seconds with issued_at < expires_at")
     if not isinstance(record.leaving, bool):
         raise _malformed("leaving is not a boolean")
+    if not isinstance(record.serves_head, bool):
+        raise _malformed("serves_head is not a boolean")
+    if record.serves_head and (record.span is None or record.span[1] != record.num_layers):
+        raise _malformed("only a peer serving the last block can serve the head")
     size = len(record.to_bytes())
     if size > MAX_RECORD_BYTES:
         raise RecordRejected(f"peer record of {size} bytes is over {MAX_RECORD_BYTES}", reason="oversized")

@@ -12,7 +12,8 @@ whose `from_wire` checks a whole message before anything acts on it:
 
     open       session, blocks [i, j], max_length, dtype, model, nonce (bytes), token (this hop's push token),
                next? {url, session, peer_id, token, record? (the next hop's signed peer record)},
-               tap? (bool: acks carry the output pushed on)
+               tap? (bool: acks carry the output pushed on), head? (K: the last hop applies the LM head and
+               answers `head_result` instead of `result`: swarm/head_protocol.py)
     opened     session, blocks, max_length, peer_id, public_key, signature (over the tagged nonce, session, blocks), record?
     step       session, step, position, hidden (tensor [T, D]), output? ("all" | "last"), token? (on a push)
     ack        session, step, blocks, compute_ms, queue_ms, batch, seal, hidden? (when tapped)   (every hop -> owner)
