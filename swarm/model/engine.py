@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # torch's SDPA dispatch (cuDNN's kernel on an H100), or plain matmuls. Measured on an H100 with
 # Llama-3-8B's shape, compiled, batch 1: 6.44 ms a step with SDPA; its memory-efficient kernel
-# 6.57 ms, FlexAttention's decoding kernel 6.47 ms (and 1.5x slower at batch 64), matmuls 7.5 ms.
+# 6.57 ms, FlexAttention's decoding kernel 6.47 ms (and 1.5x slower at batch 64), matmuls 6.56 ms.
 ATTENTION = ("sdpa", "matmul")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_LENGTH_BUCKET = 64
