@@ -59,6 +59,16 @@ def engine(full_span):
     return DecodeEngine(full_span, slots=4, max_length=128)
 
 
+def _prefilled(engine: DecodeEngine, span, lengths: list[int], seed: int) -> tuple[list, list[Reference]]:
+    """One session per length, its prompt run through the engine and through a reference."""
+    caches, refs = [engine.open(64) for _ in lengths], [Reference(span) for _ in lengths]
+    for i, (cache, ref, n) in enumerate(zip(caches, refs, lengths)):
+        prompt = _inputs(seed + i, n)
+        engine.forward(prompt, [Segment(cache, 0, n)])
+        ref(prompt, 0)
+    return caches, refs
+
+
 def _close_all(engine: DecodeEngine, caches) -> None:
     for cache in caches:
         engine.release(cache)
@@ -79,13 +89,8 @@ def test_prefill_then_decode_matches_ragged_path(engine, full_span):
 
 def test_batched_sessions_of_different_lengths(engine, full_span):
     lengths = [3, 7, 11]
-    caches = [engine.open(64) for _ in lengths]
-    refs = [Reference(full_span) for _ in lengths]
+    caches, refs = _prefilled(engine, full_span, lengths, seed=10)
     try:
-        for i, (cache, ref, n) in enumerate(zip(caches, refs, lengths)):
-            prompt = _inputs(10 + i, n)
-            engine.forward(prompt, [Segment(cache, 0, n)])
-            ref(prompt, 0)
         positions = list(lengths)
         for step in range(4):
             x = _inputs(100 + step, len(caches))
@@ -120,13 +125,8 @@ def test_mixed_batch_of_prefill_and_decode(engine, full_span):
 
 
 def test_released_slot_is_refilled_by_compaction(engine, full_span):
-    caches = [engine.open(64) for _ in range(3)]
-    refs = [Reference(full_span) for _ in range(3)]
+    caches, refs = _prefilled(engine, full_span, [3, 4, 5], seed=20)
     try:
-        for i, (cache, ref) in enumerate(zip(caches, refs)):
-            prompt = _inputs(20 + i, 3 + i)
-            engine.forward(prompt, [Segment(cache, 0, 3 + i)])
-            ref(prompt, 0)
         engine.release(caches[0])
         last = caches[2]
         assert last.slot == 2
@@ -161,13 +161,8 @@ def test_sub_span_and_rewind(engine, full_span, checkpoint):
 
 
 def test_decode_host_matches_forward(engine, full_span):
-    caches = [engine.open(64) for _ in range(2)]
-    refs = [Reference(full_span) for _ in range(2)]
+    caches, refs = _prefilled(engine, full_span, [2, 3], seed=50)
     try:
-        for i, (cache, ref) in enumerate(zip(caches, refs)):
-            prompt = _inputs(50 + i, 2 + i)
-            engine.forward(prompt, [Segment(cache, 0, 2 + i)])
-            ref(prompt, 0)
         x = _inputs(60, 2)
         out = engine.decode_host(x, caches, [2, 3])
         assert out.device.type == "cpu" and out.shape == (2, D)
