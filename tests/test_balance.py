@@ -294,7 +294,7 @@ def _cpu_quota(share: float, name: str):
 
 
 def test_auto_nodes_size_their_spans_by_measured_speed(tmp_path):
-    """`--blocks auto` without `--num-blocks`: a node throttled to a quarter of a core (a CPU quota,
+    """`--blocks auto` without `--num-blocks`: a node throttled to 40% of a core (a CPU quota,
     so it honestly is that slow: it measures itself so) holds the whole model while alone. A
     full-speed node joins and takes the share its measured speed earns; the slow node then shrinks
     to the rest (the rebalancer resizes). The spans' sizes follow the speeds the nodes measured
@@ -308,7 +308,7 @@ def test_auto_nodes_size_their_spans_by_measured_speed(tmp_path):
 
     from tests.nodes import reserve_url, start_nodes, stop_nodes
 
-    group, prefix = _cpu_quota(0.25, f"layerswarm-test-{os.getpid()}")
+    group, prefix = _cpu_quota(0.4, f"layerswarm-test-{os.getpid()}")
     if group is None:
         pytest.skip("no writable cpu cgroup to throttle a node with")
 
