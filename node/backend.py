@@ -3,9 +3,9 @@
 The event loop never runs the model. Steps are queued; a batcher task takes
 everything that is waiting (at most one step per session, so a session's steps
 stay in order), groups it by sub-span, and runs each group as one ragged forward
-in the backend's single compute thread. While a batch computes, new steps pile
-up and form the next batch: with many sessions, every weight read serves many
-tokens, which is where the aggregate throughput comes from.
+in the backend's single compute thread (node/span_runner.py: the ragged path on a
+CPU, the decode engine on CUDA). While a batch computes, new steps pile up and
+form the next batch: every weight read serves many tokens.
 
 Sessions answer a result with their next step a little later, so right after a
 batch only some are back. Taking whatever is there would split the sessions
@@ -35,8 +35,8 @@ the compute is done. If the batcher itself dies, every waiting step fails with
 `ShuttingDown`, new work is refused the same way, and `stopped` with `failure`
 tells the node to leave.
 
-Metrics. An optional `StepObserver` (node/metrics.py) is told, on the loop, each
-step's wait in the queue and its latency, and each batch's size and compute time.
+Metrics: an optional `StepObserver` (node/steps.py) hears each step's queue wait
+and latency and each batch's size and compute time.
 """
 
 from __future__ import annotations
@@ -46,77 +46,15 @@ import concurrent.futures
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from node.span_runner import SpanRunner
+from node.span_runner import SpanRunner, compute_error
+from node.steps import BackendConfig, Chunk, Step, StepObserver, StepResult
 from swarm.errors import BadSpan, Busy, LengthExceeded, SessionNotFound, ShuttingDown, SwarmError
 from swarm.model.block import KVCache, Segment, Span
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    max_sessions: int = 64
-    kv_memory_bytes: int = 2 * 2**30
-    max_length: int = 8192  # per session; capped by the model's context length
-    max_batch_tokens: int = 8192  # tokens in one forward, summed over sessions
-    prefill_chunk_tokens: int = 32  # longer steps run in chunks of this many, behind small steps
-    prefill_every: int = 4  # ... but a chunk rides in at least every this-many batches
-    prefill_share: float = 0.5  # while small steps come, chunks take at most this share of compute time
-    max_forwards: int = 4  # stateless /forwards in the node at once (queued or computing)
-    max_forward_tokens: int = 8192  # the longest /forward; capped by max_length
-    gather_fraction: float = 0.25  # wait at most this share of the last batch's compute time ...
-    gather_max_s: float = 0.005  # ... and never longer than this, for active sessions' next steps
-    active_window_s: float = 1.0  # a session that stepped this recently counts as active
-
-
-@dataclass(frozen=True)
-class StepResult:
-    hidden: torch.Tensor  # [T, D] on the CPU
-    compute_s: float  # the forward of the batch this step rode in
-    batch_size: int  # sessions in that batch
-
-
-class StepObserver(Protocol):
-    """Told what the batcher does, as it happens (node/metrics.py counts it; None: nobody listens)."""
-
-    def queued(self, seconds: float) -> None:
-        """A step waited this long from `submit` until its first tokens started computing."""
-
-    def batch(self, sessions: int, tokens: int, seconds: float) -> None:
-        """One ragged forward ran: `sessions` steps (or chunks) of `tokens` tokens in all, in `seconds`."""
-
-    def step(self, seconds: float) -> None:
-        """A step's result is ready, this long after its `submit`."""
-
-
-@dataclass
-class _Step:
-    cache: KVCache
-    blocks: tuple[int, int]
-    hidden: torch.Tensor  # [T, D], any dtype
-    position: int
-    done: asyncio.Future = field(repr=False)
-    submitted: float = field(default_factory=time.perf_counter)
-    computed: int = 0  # tokens of `hidden` already run (a step in chunks)
-    outputs: list[torch.Tensor] = field(default_factory=list, repr=False)
-    compute_s: float = 0.0
-
-    @property
-    def remaining(self) -> int:
-        return self.hidden.shape[0] - self.computed
-
-
-@dataclass
-class _Chunk:
-    """The part of a step that rides in one batch: `count` tokens from `step.computed`."""
-
-    step: _Step
-    count: int
 
 
 class Backend:
@@ -141,7 +79,7 @@ class Backend:
         self.chunks_done = 0  # prefill chunks of long steps
         self.failure: SwarmError | None = None  # set if the batcher died: every later call raises it
         self.stopped = asyncio.Event()  # set when the batcher ends, by exit or by crash
-        self._pending: deque[_Step] = deque()
+        self._pending: deque[Step] = deque()
         self._wakeup = asyncio.Event()
         # One compute thread: `swarm-node` passes its main thread (see node/compute.py); else a worker.
         self._owns_executor = executor is None  # a lent executor (the node's main thread) outlives this backend
@@ -278,7 +216,7 @@ class Backend:
             raise SessionNotFound("the session's cache was freed")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._pending.append(_Step(cache, blocks, hidden, position, done))
+        self._pending.append(Step(cache, blocks, hidden, position, done))
         if track:
             self._last_submit[id(cache)] = loop.time()
         self._idle.clear()
@@ -332,7 +270,7 @@ class Backend:
                     if not chunk.step.computed:  # its first tokens: the wait ends now
                         self.observer.queued(began - chunk.step.submitted)
             try:
-                groups: dict[tuple[int, int], list[_Chunk]] = {}
+                groups: dict[tuple[int, int], list[Chunk]] = {}
                 for chunk in batch:
                     groups.setdefault(chunk.step.blocks, []).append(chunk)
                 loop = asyncio.get_running_loop()
@@ -341,7 +279,7 @@ class Backend:
                     try:
                         outs, elapsed = await loop.run_in_executor(self._executor, self._compute, blocks, chunks)
                     except Exception as exc:  # one group's failure must not stop the batcher
-                        error = exc if isinstance(exc, SwarmError) else _compute_error(exc)
+                        error = exc if isinstance(exc, SwarmError) else compute_error(exc)
                         for chunk in chunks:
                             if not chunk.step.done.done():
                                 chunk.step.done.set_exception(error)
@@ -361,14 +299,14 @@ class Backend:
                 if not self._pending:
                     self._idle.set()
 
-    def _pace_chunks(self, chunks: list[_Chunk], elapsed: float) -> None:
+    def _pace_chunks(self, chunks: list[Chunk], elapsed: float) -> None:
         """After a batch with a chunk, while small steps come: no chunk for a while (prefill_share)."""
         now = asyncio.get_running_loop().time()
         share = self.config.prefill_share
         if any(c.count < c.step.remaining or c.step.computed for c in chunks) and now - self._last_small < self.config.active_window_s and share < 1:
             self._chunk_not_before = now + elapsed * (1 - share) / share
 
-    def _deliver(self, chunk: _Chunk, out: torch.Tensor, elapsed: float, batch_size: int) -> None:
+    def _deliver(self, chunk: Chunk, out: torch.Tensor, elapsed: float, batch_size: int) -> None:
         step = chunk.step
         step.computed += chunk.count
         step.outputs.append(out)
@@ -403,14 +341,14 @@ class Backend:
             except asyncio.TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Chunk]:
+    def _take_batch(self) -> list[Chunk]:
         """The next batch (see the module notes): every waiting small step, at most one per cache and
         `max_batch_tokens` in all, then a chunk of one long step if none was small or it is its turn.
         Invalid steps fail now."""
         config = self.config
-        small: list[_Chunk] = []
-        longs: list[_Step] = []  # the first waiting step of each cache with a long remainder
-        later: deque[_Step] = deque()
+        small: list[Chunk] = []
+        longs: list[Step] = []  # the first waiting step of each cache with a long remainder
+        later: deque[Step] = deque()
         seen: set[int] = set()
         tokens = 0
         while self._pending:
@@ -429,19 +367,19 @@ class Backend:
             seen.add(id(item.cache))
             later.append(item)
             if count <= config.prefill_chunk_tokens:
-                small.append(_Chunk(item, count))
+                small.append(Chunk(item, count))
                 tokens += count
             else:
                 longs.append(item)
         now = asyncio.get_running_loop().time()
         if small:
             self._last_small = now
-        chunk: _Chunk | None = None
+        chunk: Chunk | None = None
         paced = now < self._chunk_not_before and now - self._last_small < config.active_window_s
         if longs and not paced and (not small or self._batches_without_chunk + 1 >= config.prefill_every):
             # the long step that has had the least compute so far: long steps share the chunks
             step = min(longs, key=lambda item: item.computed)
-            chunk = _Chunk(step, config.prefill_chunk_tokens)
+            chunk = Chunk(step, config.prefill_chunk_tokens)
         self._batches_without_chunk = 0 if chunk or not longs else self._batches_without_chunk + 1
         batch = small + ([chunk] if chunk else [])
         taken = {id(c.step) for c in batch}
@@ -449,7 +387,7 @@ class Backend:
         self.chunks_done += chunk is not None
         return batch
 
-    def _compute(self, blocks: tuple[int, int], chunks: list[_Chunk]) -> tuple[list[torch.Tensor], float]:
+    def _compute(self, blocks: tuple[int, int], chunks: list[Chunk]) -> tuple[list[torch.Tensor], float]:
         """In the compute thread: one forward for all `chunks`."""
         began = time.perf_counter()
         parts = [c.step.hidden[c.step.computed : c.step.computed + c.count] for c in chunks]
@@ -458,10 +396,3 @@ class Backend:
         elapsed = time.perf_counter() - began
         self.steps_done += sum(c.count == c.step.remaining for c in chunks)
         return list(out.split([c.count for c in chunks])), elapsed
-
-
-def _compute_error(exc: Exception) -> SwarmError:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return Busy("device ran out of memory for this batch")
-    log.exception("compute failed", exc_info=exc)
-    return SwarmError(f"compute failed: {type(exc).__name__}")

@@ -149,10 +149,10 @@ def _block_cap(args: argparse.Namespace, config) -> int:
 
 
 def _node_config(args: argparse.Namespace):
-    from node.backend import BackendConfig
     from node.court import AccusationConfig
     from node.discovery import DiscoveryConfig
     from node.state import NodeConfig
+    from node.steps import BackendConfig
     from swarm.discovery.gossip import GossipConfig
     from swarm.discovery.mdns import MdnsConfig
     from swarm.discovery.proof import ProofConfig

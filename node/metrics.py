@@ -3,7 +3,7 @@
 `NodeMetrics` belongs to the node's state and owns its own `CollectorRegistry` (never
 prometheus-client's global one: two nodes in one process keep their counts apart).
 Latencies are histograms observed where they happen: the batcher tells `NodeMetrics`
-(a `node.backend.StepObserver`) of each step's queue wait and latency and of each
+(a `node.steps.StepObserver`) of each step's queue wait and latency and of each
 batch, a few microseconds per step. Everything else is a plain number the node keeps
 anyway (sessions, KV bytes, the peer table, gossip rounds, accusations), read by a
 collector at scrape time, so nothing on the hot path keeps a gauge in step.
@@ -89,7 +89,7 @@ class NodeMetrics:
         r.register(_StateCollector(state, self))
         self.exposition = Exposition(r, state.config.metrics_max_age_s)  # strangers scrape too: see swarm/exposition.py
 
-    # --- node.backend.StepObserver: called by the batcher, on the event loop -----------
+    # --- node.steps.StepObserver: called by the batcher, on the event loop -----------
 
     def queued(self, seconds: float) -> None:
         self._queue.observe(seconds)

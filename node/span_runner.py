@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from swarm.errors import Busy, SwarmError
 from swarm.model.block import KVCache, Segment, Span
 from swarm.model.engine import DecodeEngine, slot_bytes
 
@@ -71,3 +72,11 @@ def _engine(span: Span, max_sessions: int, kv_memory_bytes: int, max_length: int
     engine = DecodeEngine(span, slots, max_length)
     log.info("KV pool: %d slots of %d tokens, %.2f GiB", slots, max_length, engine.nbytes / 2**30)
     return engine
+
+
+def compute_error(exc: Exception) -> SwarmError:
+    """What the steps of a batch whose compute raised `exc` are told (out of memory: `busy`)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return Busy("device ran out of memory for this batch")
+    log.exception("compute failed", exc_info=exc)
+    return SwarmError(f"compute failed: {type(exc).__name__}")

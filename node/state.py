@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 
 from aiohttp import web
 
-from node.backend import Backend, BackendConfig
+from node.backend import Backend
 from node.channel import Channel
 from node.court import AccusationConfig, Court
 from node.discovery import DiscoveryConfig, NodeDiscovery
@@ -19,6 +19,7 @@ from node.limits import SourceLimit
 from node.metrics import NodeMetrics
 from node.push import PushConfig, PushPool
 from node.sessions import Sessions
+from node.steps import BackendConfig
 from swarm import wire
 from swarm.discovery.mdns import Advert
 from swarm.errors import BadSpan

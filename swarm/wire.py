@@ -152,7 +152,7 @@ def unpack_tensor(obj: object, *, hidden_size: int | None = None, max_tokens: in
         raise BadRequest(f"hidden size {width} does not match the model's {hidden_size}")
     if max_tokens is not None and tokens > max_tokens:
         raise BadRequest(f"{tokens} tokens in one tensor is over the limit of {max_tokens}")
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     if len(data) != math.prod(shape) * element:
         raise BadRequest(f"tensor data is {len(data)} bytes, shape {shape} of {obj['dtype']} needs {math.prod(shape) * element}")
     # `bytes` are not writable: the tensor is only read (the model computes new tensors

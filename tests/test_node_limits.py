@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 import torch
 
-from node.backend import Backend, BackendConfig
+from node.backend import Backend
 from node.limits import SourceLimit, source_key
+from node.steps import BackendConfig
 from swarm import wire
 from swarm.errors import Busy, LengthExceeded, SessionNotFound, ShuttingDown
 from swarm.model import load_span

@@ -39,7 +39,8 @@ def test_loading_three_blocks_stays_far_below_the_whole_model():
 
 FORWARD = """
 import asyncio, json, resource, sys, torch
-from node.backend import Backend, BackendConfig
+from node.backend import Backend
+from node.steps import BackendConfig
 from swarm.model import DEFAULT_MODEL, load_span, open_checkpoint
 
 tokens, chunk = int(sys.argv[1]), int(sys.argv[2])
