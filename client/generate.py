@@ -4,7 +4,9 @@ Generation is written once, against `Blocks`: anything that runs hidden states
 through all transformer blocks for one session, with explicit positions. A
 local span in this process is one; a route of remote nodes is another. The
 head (embeddings, LM head, tokenizer) stays on the client, on its device (CPU or
-GPU); concurrent generations may share its calls through a `HeadBatcher`.
+GPU), unless a client without a GPU has the last node apply the LM head
+(client/remote_head.py); concurrent generations may share its calls through a
+`HeadBatcher`.
 """
 
 from __future__ import annotations
