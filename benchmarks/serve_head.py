@@ -30,6 +30,7 @@ from client.launcher import LocalSwarm
 from client.planner import ClientConfig
 from client.session import SessionConfig
 from client.swarm import SwarmModel
+from swarm.errors import SwarmError
 from swarm.model import DEFAULT_MODEL, open_checkpoint
 from swarm.transport import Transport
 
@@ -41,6 +42,21 @@ async def decode(client: SwarmModel, ids: list[int], params: SamplingParams) -> 
     async for _ in client.stream_generation(ids, params, stats):
         pass
     return stats
+
+
+async def until_routed(client: SwarmModel, timeout: float = 120.0) -> None:
+    """Until the bootstrap peer knows a route over every block (GPU nodes announce late: compile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with client.config.transport.client_session() as http:
+                await client.refresh(http, force=True)
+            client.plan()
+            return
+        except SwarmError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def head_ms(client: SwarmModel, repeats: int = 20) -> float:
@@ -75,10 +91,12 @@ async def main() -> None:
                 args.model,
                 bootstrap=[swarm.bootstrap_url],
                 insecure_http=True,
+                device="cpu",  # a client without a GPU, on any box
                 config=ClientConfig(wire_dtype=wire_dtype, verify_fraction=0.0, session=SessionConfig(remote_head=mode)),
             )
             for mode in ("never", "always")
         }
+        await until_routed(clients["never"])
         ids = clients["never"].head.encode_prompt(PROMPT, chat=True)
         for client in clients.values():  # warm: routes planned, caches allocated
             await decode(client, ids, SamplingParams(max_new_tokens=4, stop_at_eos=False))
