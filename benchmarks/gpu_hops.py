@@ -28,7 +28,7 @@ from benchmarks.common import emit  # noqa: E402
 from client.session import RemoteHop, RouteSession, SessionConfig  # noqa: E402
 from swarm.model import open_checkpoint  # noqa: E402
 from swarm.transport import Transport  # noqa: E402
-from tests.nodes import start_swarm, stop_nodes  # noqa: E402
+from tests.nodes import start_swarm, stop_nodes, until_routed  # noqa: E402
 
 TRANSPORT = Transport(insecure_http=True)
 
@@ -57,18 +57,9 @@ async def generation(model: str, bootstrap: str, device: str, tokens: int, profi
     from client.generate import GenerationStats, SamplingParams
     from client.swarm import ClientConfig, SwarmModel
 
-    from swarm.errors import SwarmError
-
     client = SwarmModel(model, bootstrap=[bootstrap], config=ClientConfig(verify_fraction=0.0), insecure_http=True, device=device)
     params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False)
-    for _ in range(60):  # until every node has announced itself to the bootstrap peer
-        try:
-            async with client.config.transport.client_session() as http:
-                await client.refresh(http, force=True)
-            client.plan()
-            break
-        except SwarmError:
-            await asyncio.sleep(1.0)
+    await until_routed(client)
     waited = [0.0, 0]  # seconds inside RouteSession.forward (the route's round trips), calls
 
     async def timed(self, *args, **kwargs):

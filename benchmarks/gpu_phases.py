@@ -279,24 +279,6 @@ def _device_head(head, device: str):
     return DeviceHead(head.config, weights, head.tokenizer)
 
 
-async def _wait_route(client, layers: int, timeout: float = 120.0):
-    """Until the client can plan a route over every block (the nodes reached the bootstrap peer)."""
-    from swarm.errors import SwarmError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with client.config.transport.client_session() as http:
-                await client.refresh(http, force=True)
-            route = client.plan()
-            if route.hops and route.hops[-1].end == layers:
-                return route
-        except SwarmError as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no route over all {layers} blocks after {timeout} s: {exc}") from None
-        await asyncio.sleep(0.5)
-
-
 async def _sessions(client, ids: list[int], tokens: int, count: int) -> tuple[list, float]:
     """`count` concurrent generations of exactly `tokens` tokens; (their stats, wall seconds)."""
     from client.generate import GenerationStats, SamplingParams
@@ -351,7 +333,7 @@ def phase_pipeline(args) -> dict:
     import torch
 
     from swarm.model import open_checkpoint
-    from tests.nodes import reserve_url, start_nodes, stop_nodes
+    from tests.nodes import reserve_url, start_nodes, stop_nodes, until_routed
 
     with open_checkpoint(args.model) as checkpoint:
         config = checkpoint.config
@@ -388,7 +370,7 @@ def phase_pipeline(args) -> dict:
         out["prompt_tokens"] = len(ids)
 
         async def measure():
-            route = await _wait_route(client, config.num_layers)
+            route = await until_routed(client)
             out["route"] = [f"{h.start}:{h.end}" for h in route.hops]
             # warm-ups as long as the measured runs: the nodes capture a graph per (batch, length) bucket the first time
             await _sessions(client, ids, args.tokens, 1)

@@ -30,9 +30,9 @@ from client.launcher import LocalSwarm
 from client.planner import ClientConfig
 from client.session import SessionConfig
 from client.swarm import SwarmModel
-from swarm.errors import SwarmError
 from swarm.model import DEFAULT_MODEL, open_checkpoint
 from swarm.transport import Transport
+from tests.nodes import until_routed
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 
@@ -42,21 +42,6 @@ async def decode(client: SwarmModel, ids: list[int], params: SamplingParams) -> 
     async for _ in client.stream_generation(ids, params, stats):
         pass
     return stats
-
-
-async def until_routed(client: SwarmModel, timeout: float = 120.0) -> None:
-    """Until the bootstrap peer knows a route over every block (GPU nodes announce late: compile)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with client.config.transport.client_session() as http:
-                await client.refresh(http, force=True)
-            client.plan()
-            return
-        except SwarmError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
 
 
 def head_ms(client: SwarmModel, repeats: int = 20) -> float:

@@ -6,6 +6,7 @@ swarms. The default path, TLS pinned to identities, is tested in tests/test_tls.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -158,3 +159,19 @@ async def refresh(client) -> None:
     """Make a SwarmModel re-read the swarm now."""
     async with client.config.transport.client_session() as http:
         await client.refresh(http, force=True)
+
+
+async def until_routed(client, timeout: float = 120.0):
+    """The route a SwarmModel plans over every block, once it can: nodes reach the bootstrap peer
+    a gossip round or more after their ready line (GPU nodes: after their compile)."""
+    from swarm.errors import SwarmError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await refresh(client)
+            return client.plan()
+        except SwarmError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
