@@ -218,3 +218,40 @@ def test_cuda_graphs_match_cpu_float32_at_several_batch_sizes(checkpoint, full_s
         _close_all(engine, caches)
     batches = {batch for batch, _ in engine.captured}
     assert {1, 2, 4, 8} <= batches, engine.captured
+
+
+def _speculative_rounds(engine: DecodeEngine, span, device: str, tol: float) -> None:
+    """Verify steps (a token and its drafts in one step) that rewind past rejected drafts, beside
+    a one-token session in the same batches, against the ragged path."""
+    spec, plain = engine.open(100), engine.open(100)
+    spec_ref, plain_ref = Reference(span), Reference(span)
+    try:
+        for cache, ref, seed in ((spec, spec_ref, 100), (plain, plain_ref, 101)):
+            prompt = _inputs(seed, 20)  # longer than a verify step: the ragged path
+            engine.forward(prompt.to(device), [Segment(cache, 0, 20)])
+            ref(prompt, 0)
+        position, plain_position = 20, 20
+        # (rows sent, rows kept): kept < rows rewinds the next step over the rejected drafts
+        for i, (rows, kept) in enumerate([(5, 2), (4, 4), (9, 1), (2, 0), (16, 7), (3, 3)]):
+            x, one = _inputs(110 + i, rows), _inputs(130 + i, 1)
+            out = engine.forward(torch.cat([x, one]).to(device), [Segment(spec, position, rows), Segment(plain, plain_position, 1)])
+            assert _rel(out[:rows], spec_ref(x, position)) < tol
+            assert _rel(out[rows:], plain_ref(one, plain_position)) < tol
+            assert spec.length == position + rows
+            position += kept
+            plain_position += 1
+    finally:
+        _close_all(engine, [spec, plain])
+
+
+def test_verify_steps_rewind_like_the_ragged_path(engine, full_span):
+    _speculative_rounds(engine, full_span, "cpu", FP32_TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_verify_graphs_match_cpu_float32(checkpoint, full_span):
+    span = load_span(checkpoint, 0, LAYERS, torch.bfloat16, device="cuda")
+    engine = DecodeEngine(span, slots=4, max_length=128)
+    engine.warm((1, 2))
+    _speculative_rounds(engine, full_span, "cuda", BF16_TOL)
+    assert {(2, 64), (4, 64), (8, 64), (16, 64)} <= set(engine._verify_graphs)

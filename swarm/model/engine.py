@@ -19,6 +19,15 @@ tensor it touches to live at a fixed address and every shape fixed, so:
 - Attention reads each slot's first Lb positions, Lb a length bucket (64, 128, ...)
   covering the longest session in the batch, with a mask for the shorter ones.
 - One graph per (B, Lb), captured the first time that pair is needed.
+- A short multi-token step of one session (a speculative step: the current token
+  and its drafts, client/speculate.py) is a *verify* step: its T rows write their
+  keys into the session's slot at consecutive positions and attend through a causal
+  mask, with the query heads of a KV head folded into one matrix as in block.py.
+  It has graphs of its own per (Tb, Lb), Tb a row bucket (2, 4, 8, 16), padding
+  rows writing into the slot's spare position; these are not compiled (a compile
+  would stall the first speculative step for tens of seconds), the graph alone
+  removes the launch overhead. A rejected draft needs no undo: the next step starts
+  at its position and overwrites it, and nothing reads past a session's position.
 
 Input and output cross to the host through pinned buffers with asynchronous copies
 and one event wait for the result, instead of pageable copies and `.cpu()` syncs.
@@ -48,6 +57,7 @@ log = logging.getLogger(__name__)
 # 6.57 ms, FlexAttention's decoding kernel 6.47 ms (and 1.5x slower at batch 64), matmuls 6.56 ms.
 ATTENTION = ("sdpa", "matmul")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VERIFY_BUCKETS = (2, 4, 8, 16)  # rows of a verify step (one session's token and drafts)
 MIN_LENGTH_BUCKET = 64
 
 
@@ -127,6 +137,13 @@ class DecodeEngine:
         self._owners: list[SlotCache | None] = [None] * slots
         self._lock = threading.Lock()
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Verify steps: static inputs (rows, their positions, the slot) and graphs per (rows, length) bucket.
+        with torch.inference_mode():
+            top = VERIFY_BUCKETS[-1]
+            self._vx = torch.zeros(top, c.hidden_size, dtype=span.dtype, device=span.device)
+            self._vpos = torch.full((top,), max_length, dtype=torch.long, device=span.device)
+            self._vslot = torch.zeros(1, dtype=torch.long, device=span.device)
+        self._verify_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.graphs else None
         pin = span.device.type == "cuda"
         self._host_x = torch.zeros(slots, c.hidden_size, dtype=span.dtype, pin_memory=pin)
@@ -206,12 +223,12 @@ class DecodeEngine:
         ones = [i for i, seg in enumerate(segments) if seg.length == 1]
         if len(ones) < len(segments):
             if not ones:
-                return self.span(x, segments, blocks)
+                return self._longer(x, segments, blocks)
             offsets = torch.tensor([0] + [seg.length for seg in segments]).cumsum(0).tolist()
             rest = [i for i in range(len(segments)) if segments[i].length != 1]
             out = torch.empty_like(x)
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rest]).to(x.device)
-            out[rows] = self.span(x[rows], [segments[i] for i in rest], blocks)
+            out[rows] = self._longer(x[rows], [segments[i] for i in rest], blocks)
             one_rows = torch.tensor([offsets[i] for i in ones], device=x.device)
             out[one_rows] = self._forward(x[one_rows], [segments[i] for i in ones], blocks)
             return out
@@ -233,6 +250,57 @@ class DecodeEngine:
         for seg in segments:
             seg.cache.length = seg.start + 1
         return out
+
+    def _longer(self, x: torch.Tensor, segments: Sequence[Segment], blocks: tuple[int, int]) -> torch.Tensor:
+        """Segments of several tokens: verify steps one session at a time when all are short
+        (speculative steps), else the ragged path (prefill, replays)."""
+        if all(seg.length <= VERIFY_BUCKETS[-1] for seg in segments):
+            outs, offset = [], 0
+            for seg in segments:
+                outs.append(self._verify(x[offset : offset + seg.length], seg, blocks))
+                offset += seg.length
+            return torch.cat(outs)
+        return self.span(x, segments, blocks)
+
+    def _verify(self, x: torch.Tensor, seg: Segment, blocks: tuple[int, int]) -> torch.Tensor:
+        """One session's T rows at positions [start, start + T) in its slot, T <= the largest row bucket."""
+        seg.cache.check_step(seg.start, seg.length)
+        self._compact()  # its slot may move: read it after
+        rows = next(b for b in VERIFY_BUCKETS if b >= seg.length)
+        length = next(n for n in self.length_buckets if n >= seg.start + seg.length)
+        self._vslot.fill_(seg.cache.slot)
+        self._vpos[:rows].fill_(self.max_length)  # padding rows write the spare position only
+        self._vpos[: seg.length].copy_(torch.arange(seg.start, seg.start + seg.length))
+        self._vx[: seg.length].copy_(x)
+        if self.graphs and blocks == (self.span.start, self.span.end):
+            captured = self._verify_graphs.get((rows, length))
+            if captured is None:
+                captured = self._capture_verify(rows, length)
+            captured[0].replay()
+            out = captured[1]
+        else:
+            out = self._verify_rows(rows, length, blocks)
+        seg.cache.length = seg.start + seg.length
+        return out[: seg.length].clone()
+
+    def _capture_verify(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        whole = (self.span.start, self.span.end)
+        saved = self._vpos[:rows].clone()
+        self._vpos[:rows].fill_(self.max_length)  # warm-up and capture write only the spare position
+        graph = self._record(lambda: self._verify_rows(rows, length, whole))
+        self._vpos[:rows].copy_(saved)
+        self._verify_graphs[(rows, length)] = graph
+        log.debug("captured a verify graph for %d rows, length %d", rows, length)
+        return graph
+
+    def _verify_rows(self, rows: int, length: int, blocks: tuple[int, int]) -> torch.Tensor:
+        x, pos = self._vx[:rows], self._vpos[:rows]
+        cos, sin = rope_tables(self.span.inv_freq, pos, x.dtype)
+        visible = self._arange[:length][None, :] <= pos[:, None]  # [T, Lb]: causal within the step too
+        c = self.span.config
+        for layer in range(blocks[0] - self.span.start, blocks[1] - self.span.start):
+            x = _verify_block(x, cos, sin, self.k[layer], self.v[layer], self._vslot, pos, visible, *self._weights[layer], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_eps)
+        return x
 
     def decode_host(self, x: torch.Tensor, caches: Sequence[SlotCache], positions: Sequence[int]) -> torch.Tensor:
         """One-token steps of whole-span sessions, host tensors in and out: x [N, D] on the CPU
@@ -287,17 +355,22 @@ class DecodeEngine:
         whole = (self.span.start, self.span.end)
         saved = self._pos[:batch].clone()
         self._pos[:batch].fill_(self.max_length)  # warm-up runs write only the spare position
+        graph = self._record(lambda: self._decode(batch, length, whole))
+        self._pos[:batch].copy_(saved)
+        self._captured[(batch, length)] = graph
+        log.debug("captured a CUDA graph for batch %d, length %d", batch, length)
+        return graph
+
+    def _record(self, run) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A CUDA graph of `run()` and its output buffer: a first run off the capture stream, as capture requires."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode(batch, length, whole)  # a first run off the capture stream, as capture requires
+            run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode(batch, length, whole)
-        self._pos[:batch].copy_(saved)
-        self._captured[(batch, length)] = (graph, out)
-        log.debug("captured a CUDA graph for batch %d, length %d", batch, length)
+            out = run()
         return graph, out
 
     def _decode(self, batch: int, length: int, blocks: tuple[int, int]) -> torch.Tensor:
@@ -312,7 +385,7 @@ class DecodeEngine:
         return x
 
     def warm(self, batches: Sequence[int] = (1,)) -> None:
-        """Capture the graphs of the shortest length bucket for these batch sizes (start-up)."""
+        """Capture the graphs of the shortest length bucket for these batch sizes and for verify steps (start-up)."""
         if not self.graphs:
             return
         with torch.inference_mode(), self._on_device():
@@ -320,6 +393,35 @@ class DecodeEngine:
                 bucket = next(b for b in self.batch_buckets if b >= min(batch, self.slots))
                 if (bucket, self.length_buckets[0]) not in self._captured:
                     self._capture(bucket, self.length_buckets[0])
+            for rows in VERIFY_BUCKETS:  # speculative steps: eager graphs, quick to capture
+                if (rows, self.length_buckets[0]) not in self._verify_graphs:
+                    self._capture_verify(rows, self.length_buckets[0])
+
+
+def _verify_block(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
+    wqkv, wo, w_gate_up, w_down, bqkv: torch.Tensor | None, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
+) -> torch.Tensor:
+    """One block for T rows of the session in `slot` ([1]): x [T, D] at positions `pos` [T];
+    `visible` [T, Lb]. The slot is a tensor, so one graph serves a session wherever it sits."""
+    rows, hidden, length = x.shape[0], x.shape[1], visible.shape[-1]
+    q_size, kv_size, group = heads * head_dim, kv_heads * head_dim, heads // kv_heads
+    h = F.rms_norm(x, (hidden,), attn_norm, eps)
+    qkv = _linear(h, wqkv, bqkv)
+    qk = apply_rope(qkv[:, : q_size + kv_size].view(rows, heads + kv_heads, head_dim), cos, sin)
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
+    at = slot.expand(rows)
+    k_pool[at, :, pos] = k  # [T, KV, hd] into the slot at each row's position
+    v_pool[at, :, pos] = v
+    keys, values = k_pool[slot, :, :length][0], v_pool[slot, :, :length][0]  # [KV, Lb, hd]: a copy of Lb positions
+    qg = q.view(rows, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, head_dim)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible.repeat(group, 1))  # [KV, group*T, hd]
+    out = out.view(kv_heads, group, rows, head_dim).permute(2, 0, 1, 3).reshape(rows, q_size)
+    x = x + _linear(out, wo)
+    h = F.rms_norm(x, (hidden,), mlp_norm, eps)
+    gate, up = _linear(h, w_gate_up).chunk(2, dim=-1)
+    return x + _linear(F.silu(gate) * up, w_down)
 
 
 def _block_tensors(block: Block) -> tuple:
