@@ -3,7 +3,8 @@
 Random weights of a Llama shape are made in memory on the device (no checkpoint,
 no tokenizer): this isolates the blocks' step time from everything around it.
 Reports, per batch size, the step time of the engine (CUDA graphs over the KV
-pool) and tokens/s, the eager ragged path at batch 1 for comparison, and the
+pool) and tokens/s, the time of a verify step (one session's token and drafts,
+2-16 rows) against a one-token step, the eager ragged path at batch 1 for comparison, and the
 roofline: weight bytes / measured copy bandwidth.
 
 Run: `python benchmarks/engine_decode.py [--shape 8b|tiny] [--device cuda] [--context 256]`.
@@ -161,6 +162,13 @@ def main() -> None:
             emit(
                 "engine_decode.graph_step", seconds * 1e3, "ms", dict(params, batch=batch, variant=variant), device,
                 f"engine {variant}, batch {batch}: {seconds * 1e3:.2f} ms/step, {batch / seconds:.0f} tok/s ({seconds / one:.2f}x batch 1's step)",
+            )
+        for rows in (2, 4, 8, 16):  # speculative steps: a token and its drafts, one session, rewinding each time
+            xs = torch.randn(rows, hidden, device=device, dtype=dtype)
+            seconds = time_steps(lambda i, xs=xs, rows=rows: engine.forward(xs, [Segment(caches[0], args.context, rows)]), args.steps, device)
+            emit(
+                "engine_decode.verify_step", seconds * 1e3, "ms", dict(params, rows=rows, variant=variant), device,
+                f"engine {variant}, verify step of {rows} rows: {seconds * 1e3:.2f} ms ({seconds / one:.2f}x a one-token step)",
             )
         print(f"  ({variant}: set-up and warm-up {time.perf_counter() - begin:.1f} s)", file=sys.stderr)
         if args.profile:
