@@ -401,7 +401,7 @@ class RouteSession:
             state.seal = message.seal
             self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
             if isinstance(answer, Candidates) and self.head_tape is not None:
-                self.head_tape.add(state.hop, message.hidden[-1:], answer)
+                self.head_tape.add(state.hop, message.hidden, answer)
             _resolve(pending.done, answer)
         elif isinstance(message, Error):
             if message.session is not None and message.session != state.session_id:

@@ -111,7 +111,7 @@ class Verifier:
             return _noted(outcome, f"the LM head applied by {hops} (--serve-head) was not checked")
         found = await asyncio.to_thread(tape.check, self.logits)
         if found is None:
-            return _noted(outcome, f"the LM head applied by {hops} agreed on {len(tape.steps)} of its {tape.seen} steps")
+            return _noted(outcome, f"the LM head applied by {hops} agreed on {len(tape.steps)} of its {tape.seen} rows")
         hop, why = found
         reason = f"its LM-head candidates are not its hidden state's: {why}"
         if hop.peer_id:
