@@ -9,7 +9,7 @@ from client.measure import Measurements, TrustConfig
 from client.planner import ClientConfig
 from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, recipients, replicas, settle
 from swarm import wire
-from swarm.accusation import Accusation
+from swarm.accusation import Accusation, Evidence
 from swarm.identity import Identity
 from swarm.seal import Transcript, check_seal, digest_of, seal_payload
 
@@ -166,6 +166,11 @@ def test_a_transcript_that_rewinds_is_evidence_of_its_final_sequence():
     positions, rows = again.claimed()
     assert positions == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], "the rows rewound over are left out"
     assert again.verdict(again.inputs().cumsum(0)).error < 1e-6
+    # the seal chains each step's position: a rewind moved by one no longer verifies
+    moved = list(again.steps)
+    moved[2] = Evidence(moved[2].step, moved[2].position + 1, moved[2].input, moved[2].output)
+    shifted = Accusation(MODEL, BLOCKS, SESSION, hop.public_key_bytes, tuple(moved), again.seal)
+    assert not check_seal(hop.public_key_bytes, again.seal, shifted.transcript_digest())
     # A lie in a row that stays (step 3's first row, position 9) is caught ...
     liar = Tape(0)
     _speculating_hop(hop, liar, REWINDS, lie=(3, 0))
