@@ -134,7 +134,7 @@ class Accusation:
 
     def claimed(self) -> tuple[list[int], torch.Tensor]:
         """The positions the accused sent rows for that no later step rewound over, and those rows [N, D]."""
-        positions: list[int] = []
+        positions: list[list[int]] = []  # per step, last step first
         rows = []
         later = self.length  # the smallest start of any later step: rows from there on were rewound over
         for e in reversed(self.steps):
@@ -142,10 +142,10 @@ class Accusation:
             at = list(range(e.position, e.position + given)) if sent == given else [e.position + given - 1]
             keep = [i for i, p in enumerate(at) if p < later]
             if keep:
-                positions[:0] = [at[i] for i in keep]
-                rows.insert(0, wire.unpack_tensor(e.output).float()[keep])
+                positions.append([at[i] for i in keep])
+                rows.append(wire.unpack_tensor(e.output).float()[keep])
             later = min(later, e.position)
-        return positions, torch.cat(rows)
+        return [p for step in reversed(positions) for p in step], torch.cat(rows[::-1])
 
     def verdict(self, reference: torch.Tensor) -> Disagreement:
         """How far the claimed rows are from `reference` [L, D], the blocks re-run on `inputs()`."""
