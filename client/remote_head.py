@@ -4,8 +4,9 @@ A client whose head runs on its CPU spends more time per token on it (a [D] x
 [D, V] product: 16.8 ms for a 128k vocabulary) than a GPU swarm spends on every
 block. When the route's last hop advertises `serves_head` in its signed record,
 the session asks it (`Open.head = K`) to apply the head itself and answer each
-step with only what sampling needs (swarm/head_protocol.py): the top K token
-ids, their logits, and the logsumexp over all V logits.
+step with only what sampling needs (swarm/head_protocol.py), for each row the
+step outputs (one, or all k+1 of a speculative step with output "all": `len()`,
+`row(i)`): the top K token ids, their logits, and the logsumexp over all V logits.
 
 What sampling makes of that (`Candidates`):
 - greedy: exact (the argmax is the first candidate);
@@ -18,14 +19,17 @@ What sampling makes of that (`Candidates`):
 If the last hop does not serve the head (a failover put another node there, or
 none serves it), its answer is the hidden state as usual and the client's own
 head runs: the client always holds the head, since it embeds the tokens. The
-hop applies the head to the last position exactly as it is sent on the wire,
-the tensor the client's own head would read, so on the same dtype both give the
-same logits and greedy text does not change across such a failover.
+hop applies the head to each row it sends exactly as it is sent on the wire
+(the last position's, or every position's for a step with output "all": a
+speculative step of k+1 positions), the tensor the client's own head would
+read, so on the same dtype both give the same logits and greedy text does not
+change across such a failover.
 
 A checked generation (client/verification.py) keeps a sample of the rows a
 head-serving hop answered (`HeadTape`: the hidden row it applied the head to,
-as tapped and sealed, and its candidates; a speculative step answers several); afterwards the client applies its
-own head to those hidden states and compares (`wrong_candidates`). A hop whose
+as tapped and sealed, and its candidates; a speculative step answers several);
+afterwards the client applies its own head to those hidden rows and compares
+(`wrong_candidates`). A hop whose
 candidates are not the top K of the logits is banned by this client. The
 candidates are not signed, so nobody else is told: it is a local ban.
 
