@@ -39,6 +39,9 @@ from swarm.model.config import ModelConfig
 from swarm.protocol import Error, Result
 
 
+HEAD_CHUNK_ROWS = 256  # rows in one head product: many speculating sessions' steps at once must not hold [rows, V] all together
+
+
 @dataclass(frozen=True)
 class TopK:
     ids: torch.Tensor  # [K] int64, most likely first
@@ -63,13 +66,18 @@ class LMHead:
 
     @torch.inference_mode()
     def top_batch(self, hidden: torch.Tensor, ks: list[int]) -> list[TopK]:
-        """hidden [n, D] (one row per session) -> each row's top `ks[i]` and logsumexp: one [n, D] x [D, V] product."""
-        h = hidden.to(device=self.lm_head_t.device, dtype=self.lm_head_t.dtype)
-        h = F.rms_norm(h, (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
-        logits = (h @ self.lm_head_t).float()  # [n, V]
-        values, ids = torch.topk(logits, min(max(ks), logits.shape[1]), dim=1)  # [n, K]
-        values, ids, lse = values.cpu(), ids.cpu(), torch.logsumexp(logits, 1).cpu()  # one copy each, one sync
-        return [TopK(ids[i, :k], values[i, :k], float(lse[i])) for i, k in enumerate(ks)]
+        """hidden [n, D] (rows of one or more sessions' steps) -> each row's top `ks[i]` and logsumexp:
+        one [n, D] x [D, V] product per HEAD_CHUNK_ROWS rows (bounding the [rows, V] float32 logits)."""
+        out: list[TopK] = []
+        for at in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
+            chunk, chunk_ks = hidden[at : at + HEAD_CHUNK_ROWS], ks[at : at + HEAD_CHUNK_ROWS]
+            h = chunk.to(device=self.lm_head_t.device, dtype=self.lm_head_t.dtype)
+            h = F.rms_norm(h, (self.config.hidden_size,), self.norm_weight, self.config.rms_eps)
+            logits = (h @ self.lm_head_t).float()  # [n, V]
+            values, ids = torch.topk(logits, min(max(chunk_ks), logits.shape[1]), dim=1)  # [n, K]
+            values, ids, lse = values.cpu(), ids.cpu(), torch.logsumexp(logits, 1).cpu()  # one copy each, one sync
+            out += [TopK(ids[i, :k], values[i, :k], float(lse[i])) for i, k in enumerate(chunk_ks)]
+        return out
 
 
 def load_lm_head(checkpoint, dtype: torch.dtype, device: torch.device) -> LMHead:

@@ -26,6 +26,7 @@ from client.remote_head import Candidates, HeadTape, head_request, remote_head_c
 from client.session import RemoteHop, RouteSession, SessionConfig
 from client.verify import Verdict
 from node.compute import MainThreadExecutor
+from node import head_service
 from node.head_service import HeadService, load_lm_head, with_head
 from swarm import wire
 from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
@@ -242,6 +243,15 @@ def test_the_head_tape_checks_each_row_of_a_step():
     ids[2], values[2] = top.indices[1:], top.values[1:]  # row 2 hides its likeliest token
     liar.add(hop, hidden, Candidates(ids, values, torch.logsumexp(logits, 1), 300))
     assert liar.check(lambda h: h @ weight) is not None
+
+
+def test_a_head_product_of_many_rows_runs_in_chunks(checkpoint, monkeypatch):
+    lm_head = load_lm_head(checkpoint, torch.float32, torch.device("cpu"))
+    rows = torch.randn(5, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    whole = lm_head.top_batch(rows, [20] * 5)
+    monkeypatch.setattr(head_service, "HEAD_CHUNK_ROWS", 2)
+    for a, b in zip(whole, lm_head.top_batch(rows, [20] * 5), strict=True):
+        assert torch.equal(a.ids, b.ids) and torch.allclose(a.logits, b.logits, atol=1e-4)
 
 
 async def test_the_head_service_runs_one_product_for_the_steps_of_one_turn(checkpoint):
