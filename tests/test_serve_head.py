@@ -23,13 +23,13 @@ import torch
 from client.generate import GenerationStats, Sampler, SamplingParams
 from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
-from client.session import RemoteHop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from client.verify import Verdict
 from node.compute import MainThreadExecutor
 from node import head_service
 from node.head_service import HeadService, load_lm_head, with_head
 from swarm import wire
-from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
+from swarm.errors import BadRequest, PeerUnavailable, RecordRejected, SignatureInvalid
 from swarm.head_protocol import MAX_HEAD_ROWS, HeadResult, parse_session
 from swarm.identity import Identity
 from swarm.protocol import MAX_HEAD_K, Error, Open, Result
@@ -545,6 +545,33 @@ def test_a_step_of_several_rows_gets_the_candidates_of_each(swarm, checkpoint, h
         assert wrong_candidates(logits, answer, tolerance=1e-5) is None
     assert torch.equal(rewound.row(0).ids[0, :8], many.row(1).ids[0, :8]), "position 6 again, after the same tokens"
     assert torch.equal(many.row(-1).ids, many.row(3).ids) and many.row(0).dense().isfinite().sum() == 64
+
+
+def test_an_answer_short_of_the_rows_asked_for_is_refused(checkpoint, head, tmp_path):
+    """A last hop answering a step of output "all" with fewer rows than it sent (with or without the
+    head): the client refuses the answer whole, naming the hop (failover routes around it)."""
+    (short,) = start_nodes(
+        [["--blocks", "0:30", "--serve-head", "--threads", "1"]],  # alone: no route of the other tests may take it
+        tmp_path,
+        module="tests.short_rows_node",
+    )
+    digest = checkpoint.fingerprint().digest
+
+    async def run(remote_head: str):
+        config = SessionConfig(wire_dtype="float32", remote_head=remote_head, vocab_size=checkpoint.config.vocab_size)
+        async with aiohttp.ClientSession() as http:
+            record = PeerRecord.from_bytes(base64.b64decode(_info(short)["record"]))
+            async with RouteSession(http, [RemoteHop(short.url, 0, 30, short.peer_id, record)], digest, 16, config) as session:
+                assert len(await session.forward(head.embed([1, 2, 3]), 0)) == 1  # one row asked, one row sent
+                with pytest.raises(PeerUnavailable, match="answered 2 rows for a step of 3") as caught:
+                    await session.forward(head.embed([4, 5, 6]), 3, output="all")
+                assert hop_of(caught.value).peer_id == short.peer_id
+
+    try:
+        asyncio.run(run("always"))
+        asyncio.run(run("never"))
+    finally:
+        stop_nodes([short])
 
 
 def test_a_checked_generation_checks_the_head_it_was_served(swarm):
