@@ -38,7 +38,6 @@ from swarm.head_protocol import MAX_HEAD_ROWS, HeadResult
 from swarm.model.config import ModelConfig
 from swarm.protocol import Error, Result
 
-
 HEAD_CHUNK_ROWS = 256  # rows in one head product: many speculating sessions' steps at once must not hold [rows, V] all together
 
 

@@ -25,8 +25,8 @@ from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from client.verify import Verdict
-from node.compute import MainThreadExecutor
 from node import head_service
+from node.compute import MainThreadExecutor
 from node.head_service import HeadService, load_lm_head, with_head
 from swarm import wire
 from swarm.errors import BadRequest, PeerUnavailable, RecordRejected, SignatureInvalid

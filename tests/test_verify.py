@@ -163,7 +163,7 @@ def test_a_transcript_that_rewinds_is_evidence_of_its_final_sequence():
     evidence.check()
     again = Accusation.from_wire(wire.decode(wire.encode(evidence.to_wire())), hidden_size=8)
     assert (again.tokens, again.length) == (20, 14) and again.inputs().shape == (14, 8)
-    positions, rows = again.claimed()
+    positions, _ = again.claimed()
     assert positions == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], "the rows rewound over are left out"
     assert again.verdict(again.inputs().cumsum(0)).error < 1e-6
     # the seal chains each step's position: a rewind moved by one no longer verifies
