@@ -125,6 +125,7 @@ class _Pending:
     step: int
     done: asyncio.Future = field(repr=False)
     chain: tuple[_HopState, ...] = ()  # the hops this step runs through: acks from these, the result from the last
+    rows: int = 1  # rows its result must hold: all the step's for output "all", else the last
 
 
 class RouteSession:
@@ -272,7 +273,7 @@ class RouteSession:
         step = self._step
         self._step += 1
         done = asyncio.get_running_loop().create_future()
-        self._pending[step] = _Pending(step, done, tuple(chain))
+        self._pending[step] = _Pending(step, done, tuple(chain), hidden.shape[0] if output == "all" else 1)
         if len(chain) > 1:
             self._unacked[step] = (tuple(chain), set(chain[:-1]))
             self._settled.clear()
@@ -395,13 +396,15 @@ class RouteSession:
                 return  # only the last hop of the chain a step runs through answers it (while it is awaited)
             if bool(state.head) != isinstance(message, HeadResult):
                 raise BadRequest("a last hop answered with the head's candidates when not asked, or without them when asked")
+            if message.hidden.shape[0] != pending.rows:
+                raise BadRequest(f"a last hop answered {message.hidden.shape[0]} rows for a step of {pending.rows}")
             answer = Candidates.of(message, self.config.vocab_size) if isinstance(message, HeadResult) else message.hidden
             state.acked = max(state.acked, message.step)
             state.compute_ms = message.compute_ms
             state.seal = message.seal
             self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
             if isinstance(answer, Candidates) and self.head_tape is not None:
-                self.head_tape.add(state.hop, message.hidden[-1:], answer)
+                self.head_tape.add(state.hop, message.hidden, answer)
             _resolve(pending.done, answer)
         elif isinstance(message, Error):
             if message.session is not None and message.session != state.session_id:

@@ -5,7 +5,10 @@ adds no latency to its tokens), the chosen hop's tape (client/verify.py)
 becomes evidence: the hop's inputs and outputs step by step, and its seal over
 them, checked against the key it proved at open. The inputs go to another
 replica of the hop's blocks as one stateless `POST /forward` (it seals its
-answer too), and the hop's outputs are compared with the re-run within the
+answer too): where the transcript rewinds (speculative decoding: a step starts
+at the first rejected draft and overwrites from there), that is the final
+sequence, each position's last input, which reproduces every row the hop sent
+that no later step rewound over (swarm/accusation.py). The hop's outputs are compared with the re-run within the
 wire dtype's tolerance (`swarm.seal.agree`). On disagreement a third replica
 re-runs the same inputs, and the party it sides against is the liar: it is
 banned by this client for long, and an accusation signed with this client's
@@ -14,9 +17,9 @@ they believe it) and to a few other peers this client has proven. With no third
 replica, the disagreement is reported and nobody is accused: one replica's word
 against the hop's proves nothing.
 
-A generation that failed over is not checked: its hops' transcripts are no
-clean prefix of positions (a splice rebuilds caches from a /forward, a re-route
-replays the prefix), so they could not be replayed as one prefill.
+A generation that failed over is not checked: its hops' transcripts do not
+start at position 0 in one session (a splice rebuilds caches from a /forward, a
+re-route replays the prefix), so they could not be replayed as one prefill.
 
 Where the last hop applied the LM head (`--serve-head`, client/remote_head.py),
 its blocks are checked as any hop's (it still sends and seals its hidden
@@ -111,7 +114,7 @@ class Verifier:
             return _noted(outcome, f"the LM head applied by {hops} (--serve-head) was not checked")
         found = await asyncio.to_thread(tape.check, self.logits)
         if found is None:
-            return _noted(outcome, f"the LM head applied by {hops} agreed on {len(tape.steps)} of its {tape.seen} steps")
+            return _noted(outcome, f"the LM head applied by {hops} agreed on {len(tape.steps)} of its {tape.seen} rows")
         hop, why = found
         reason = f"its LM-head candidates are not its hidden state's: {why}"
         if hop.peer_id:
@@ -134,7 +137,9 @@ class Verifier:
             return outcome
         dtype = evidence.dtype
         positions, _ = evidence.claimed()
-        outcome.tokens, outcome.tolerance = sum(e.input["shape"][0] for e in evidence.steps), TOLERANCE.get(dtype, TOLERANCE["float32"])
+        # A transcript that rewinds (speculation's rejected drafts) is re-run as its final sequence,
+        # one prefill: it reproduces every row no later step rewound over (swarm/accusation.py).
+        outcome.tokens, outcome.tolerance = evidence.length, TOLERANCE.get(dtype, TOLERANCE["float32"])
         if not check_seal(key, evidence.seal, evidence.transcript_digest()):
             return self._unsealed(session, tape, outcome)
         banned = self.planner.measurements.banned(self.planner.clock())

@@ -156,23 +156,26 @@ class Tape:
 
     def evidence(self, model: str, blocks: tuple[int, int], session: str, accused: bytes, max_tokens: int = MAX_EVIDENCE_TOKENS) -> Accusation:
         """The hop's transcript as an (unsigned) `Accusation`: its steps from position 0 on, as
-        many as fit in `max_tokens`, with the seal it sent after the last of them."""
+        many as fit in `max_tokens` input rows in all, with the seal it sent after the last of them.
+
+        A step may start at or before the end of the one before it (a rewind: speculative
+        decoding dropping rejected drafts), never after it."""
         steps: list[Evidence] = []
-        seal, position, dtype, width = b"", 0, None, None
+        seal, end, total, dtype, width = b"", 0, 0, None, None
         for number in sorted(self.steps):
             entry = self.steps[number]
             if entry.input is None or entry.output is None or entry.seal is None:
                 raise NotVerifiable(f"step {number} of the hop's transcript is missing (its tap did not arrive)")
-            if entry.position != position:
-                raise NotVerifiable(f"step {number} is at position {entry.position}, not {position}: no clean prefix")
+            if entry.position > end:
+                raise NotVerifiable(f"step {number} is at position {entry.position}, past the end {end} of the steps before it")
             given, sent = entry.input["shape"], entry.output["shape"]
             dtype, width = dtype or entry.input["dtype"], width or given[1]
             if sent[0] not in (given[0], 1) or given[1] != width or sent[1] != width or {entry.input["dtype"], entry.output["dtype"]} != {dtype}:
                 raise NotVerifiable(f"step {number}'s tapped tensors do not fit together ({given} -> {sent})")
-            if position + given[0] > max_tokens:
+            if total + given[0] > max_tokens:
                 break  # a prefix is evidence too: its seal commits the hop to exactly those steps
             steps.append(Evidence(number, entry.position, entry.input, entry.output))
-            seal, position = entry.seal, position + given[0]
+            seal, end, total = entry.seal, entry.position + given[0], total + given[0]
         if not steps:
             raise NotVerifiable("the hop ran no step that fits in one piece of evidence")
         return Accusation(model, blocks, session, accused, tuple(steps), seal)

@@ -15,7 +15,11 @@ An accusation whose claimed outputs the blocks do compute convicts nobody and
 bars its accuser's key for `false_accuser_s`. Every charge is remembered by
 its digest (at most `max_remembered`), so hearing it again costs no re-run.
 
-What a re-check costs is bounded before any work: `Court.admit` charges the
+What a re-check costs is bounded before any work. The evidence holds at most
+MAX_EVIDENCE_TOKENS input rows over all its steps, rewound positions counted
+each time (checked by `Accusation.from_wire`, and again in `hear` for evidence
+built in-process): a transcript that rewinds (speculative decoding) is re-run
+as one prefill of its final sequence, no longer than that. `Court.admit` charges the
 sender's source a token bucket (`source_burst` at once, then one per
 `source_interval_s`), and at most `max_rechecks` re-runs are in the node at
 once; beyond either the answer is a typed `busy`.
@@ -34,15 +38,15 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from swarm.accusation import Accusation, Verdict, verdicts_from_wire
-from swarm.errors import Busy, NotPermitted
+from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation, Verdict, verdicts_from_wire
+from swarm.errors import BadRequest, Busy, NotPermitted
 from swarm.identity import Identity
 from swarm.peers import PeerTable
 from swarm.seal import TOLERANCE
 
 log = logging.getLogger(__name__)
 
-Rerun = Callable[[tuple[int, int], torch.Tensor], Awaitable[torch.Tensor]]  # blocks, inputs [L, D] -> outputs [L, D]
+Rerun = Callable[[tuple[int, int], torch.Tensor], Awaitable[torch.Tensor]]  # blocks, final sequence [L, D] -> outputs [L, D]
 
 _MAX_SOURCES = 4096  # sources with a running budget: bounds memory under a flood from many addresses
 _MAX_BARRED = 4096  # convicted peers and false accusers remembered
@@ -198,6 +202,9 @@ class Court:
             raise NotPermitted(f"accuser {accusation.accuser_id} brought a charge that did not hold: refused for now")
         if accusation.accused == self.identity.public_key_bytes:
             raise NotPermitted("this node does not judge itself")
+        if accusation.tokens > MAX_EVIDENCE_TOKENS:
+            self.counts["refused"] += 1
+            raise BadRequest(f"the evidence's inputs are {accusation.tokens} tokens in all, over {MAX_EVIDENCE_TOKENS}")
         try:
             accusation.check()  # the accused sealed exactly this evidence, and the accuser signed the charge
             digest = accusation.digest()

@@ -26,7 +26,7 @@ import torch
 from aiohttp import web
 
 from node.channel import Channel
-from node.head_service import check_head_request, with_head
+from node.head_service import check_head_request, check_head_step, with_head
 from node.limits import source_key
 from node.push import check_next_hop
 from node.sessions import Session
@@ -203,6 +203,7 @@ async def _on_step(state: NodeState, channel: Channel, message: dict[str, Any]) 
         end = request.position + request.hidden.shape[0]
         if end > session.max_length:
             raise LengthExceeded(f"step would reach position {end}, past max_length {session.max_length}")
+        check_head_step(session.head, request.output, request.hidden.shape[0])  # before it computes
     except SwarmError as exc:
         await session.owner.send(Error.of(exc, session=session.id, step=request.step))
         return

@@ -7,9 +7,23 @@ signatures, so an accusation can only ever hold outputs the accused really
 signed; it is then up to a node that holds the same blocks to re-run
 `inputs()` and compare with `claimed()` (`verdict`) before it believes it.
 
-The steps of the transcript must be one clean prefix: positions 0, 1, ... with
-no gaps or repeats (a generation that failed over is not accused), which makes
-the re-run one stateless prefill of `inputs()`.
+The transcript starts at position 0, and each step starts at or before the end
+of the step before it (never after: a hop's cache refuses that). A step that
+starts before that end rewinds: speculative decoding sends k+1 positions and the
+next step starts at the first rejected one, overwriting from there, so the
+hop's cache (swarm/model/block.py `KVCache`) then holds only positions up to the
+new step's end. Hence every row a hop sent that no later step rewound over was
+computed from exactly the inputs that end up at the positions before it: one
+stateless prefill of the final sequence (`inputs()`: each position's last
+input) reproduces all of them, and `claimed()` holds only those rows. The rows a
+later step rewound over (rejected drafts) are not compared: nothing read them
+afterwards (no surviving row, and no token the client kept, depends on them),
+and their context is gone from the final sequence. The seal still covers every
+step, so the chain replays the whole transcript.
+
+What a re-check costs is bounded by the inputs of all steps, not only the final
+length (a rewinding transcript repeats positions): at most MAX_EVIDENCE_TOKENS
+in all, so the prefill of `inputs()` is too.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from swarm.seal import Disagreement, Transcript, check_seal, difference, tensor_
 ACCUSATION_TAG = b"layerswarm/accusation/v1\n"
 VERDICT_TAG = b"layerswarm/verdict-guilty/v1\n"
 MAX_VERDICTS = 32  # signed verdicts passed along with one accusation
-MAX_EVIDENCE_TOKENS = 4096  # inputs over all steps; a node re-runs them once, as one prefill
+MAX_EVIDENCE_TOKENS = 4096  # inputs over all steps (rewound positions count again); a node re-runs at most this many
 MAX_EVIDENCE_STEPS = 4096
 
 
@@ -96,19 +110,42 @@ class Accusation:
         if not verify(self.accuser, self.signature, self.payload()):
             raise SignatureInvalid("the accuser's signature does not hold")
 
+    @property
+    def tokens(self) -> int:
+        """Input rows over all steps (a rewound position counts each time it is sent)."""
+        return sum(e.input["shape"][0] for e in self.steps)
+
+    @property
+    def length(self) -> int:
+        """Positions in the hop's cache after the last step: what re-running `inputs()` computes."""
+        last = self.steps[-1]
+        return last.position + last.input["shape"][0]
+
     def inputs(self) -> torch.Tensor:
-        """Every step's input, in order: [L, D] for positions 0..L-1."""
-        return torch.cat([wire.unpack_tensor(e.input) for e in self.steps]).float()
+        """The final sequence: each position's last input, [L, D] for positions 0..L-1 (a step
+        that rewinds drops everything from its position on, as the hop's cache does)."""
+        # Written in place: positions cut off by a rewind are all written again before the end grows
+        # past them (a step never starts past the end), so the buffer's first `length` rows are the last writes.
+        sequence = torch.empty(max(e.position + e.input["shape"][0] for e in self.steps), self.steps[0].input["shape"][1])
+        for e in self.steps:
+            x = wire.unpack_tensor(e.input)
+            sequence[e.position : e.position + x.shape[0]] = x.float()
+        return sequence[: self.length]
 
     def claimed(self) -> tuple[list[int], torch.Tensor]:
-        """The positions the accused sent rows for, and those rows [N, D]."""
-        positions: list[int] = []
+        """The positions the accused sent rows for that no later step rewound over, and those rows [N, D]."""
+        positions: list[list[int]] = []  # per step, last step first
         rows = []
-        for e in self.steps:
+        later = self.length  # the smallest start of any later step: rows from there on were rewound over
+        for e in reversed(self.steps):
             given, sent = e.input["shape"][0], e.output["shape"][0]
-            positions.extend(range(e.position, e.position + given) if sent == given else [e.position + given - 1])
-            rows.append(wire.unpack_tensor(e.output).float())
-        return positions, torch.cat(rows)
+            at = list(range(e.position, e.position + given)) if sent == given else [e.position + given - 1]
+            keep = [i for i, p in enumerate(at) if p < later]
+            if keep:
+                positions.append([at[i] for i in keep])
+                rows.append(wire.unpack_tensor(e.output).float()[keep])
+            later = min(later, e.position)
+        return [p for step in reversed(positions) for p in step], torch.cat(rows[::-1])
 
     def verdict(self, reference: torch.Tensor) -> Disagreement:
         """How far the claimed rows are from `reference` [L, D], the blocks re-run on `inputs()`."""
@@ -124,7 +161,8 @@ class Accusation:
 
     @classmethod
     def from_wire(cls, message: dict[str, Any], hidden_size: int | None = None) -> Accusation:
-        """Checked whole: types, sizes, tensors (finite, of `hidden_size`), one clean prefix of positions."""
+        """Checked whole: types, sizes, tensors (finite, of `hidden_size`), positions from 0 that never
+        start past the previous step's end, and at most MAX_EVIDENCE_TOKENS input rows in all."""
         if not isinstance(message, dict) or message.get("type") != "accusation":
             raise BadRequest("not an accusation")
         model = wire.field(message, "model", str)
@@ -141,21 +179,24 @@ class Accusation:
         raw = wire.field(message, "steps", list)
         if not 0 < len(raw) <= MAX_EVIDENCE_STEPS:
             raise BadRequest(f"an accusation holds 1 to {MAX_EVIDENCE_STEPS} steps")
-        steps, position, dtype = [], 0, None
+        steps, end, total, dtype = [], 0, 0, None
         for item in raw:
             if not isinstance(item, list) or len(item) != 4:
                 raise BadRequest("each step of an accusation is [step, position, input, output]")
             step, at, given, sent = item
             if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**53:
                 raise BadRequest("a step number must be a non-negative integer")
-            if at != position:
-                raise BadRequest(f"evidence positions must run 0, 1, ... without gaps (step {step} is at {at!r}, expected {position})")
-            x = wire.unpack_tensor(given, hidden_size=hidden_size, max_tokens=MAX_EVIDENCE_TOKENS - position)
+            if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= end:
+                raise BadRequest(f"a step starts at or before the end of the one before it (step {step} is at {at!r}, the end is {end})")
+            if total >= MAX_EVIDENCE_TOKENS:
+                raise BadRequest(f"the evidence's inputs are over {MAX_EVIDENCE_TOKENS} tokens in all (rewound positions count again)")
+            # Bounded over all steps, not by the final length: rewinding steps could repeat positions without end.
+            x = wire.unpack_tensor(given, hidden_size=hidden_size, max_tokens=MAX_EVIDENCE_TOKENS - total)
             y = wire.unpack_tensor(sent, hidden_size=x.shape[1])
             if y.shape[0] not in (x.shape[0], 1) or {given["dtype"], sent["dtype"]} != {dtype or given["dtype"]}:
                 raise BadRequest("a step's output must be all its rows or the last, in the same wire dtype as every input")
             dtype = given["dtype"]
-            position += x.shape[0]
+            end, total = at + x.shape[0], total + x.shape[0]
             steps.append(Evidence(step, at, given, sent))
         return cls(model, blocks, session, keys["accused"], tuple(steps), keys["seal"], keys["accuser"], keys["signature"])
 

@@ -87,10 +87,10 @@ class TappedChain:
             raise RuntimeError(f"{hop.url}: {message.code}: {message.message}")
         return message
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One step of `hidden` [T, D] at the next position; the last hop's output."""
+    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """One step of `hidden` [T, D] at the next position (or at `position`, rewinding); the last hop's output."""
         given = packed(hidden, self.dtype)
-        step, position = self.step_number, self.position
+        step, position = self.step_number, self.position if position is None else position
         first = self.hops[0]
         await first.ws.send_bytes(wire.encode(Step(first.session, step, position, hidden, self.dtype, "all").to_wire()))
         out = None
@@ -106,7 +106,7 @@ class TappedChain:
             given = hop.outputs[-1]
             out = answer.hidden
         self.step_number += 1
-        self.position += hidden.shape[0]
+        self.position = position + hidden.shape[0]
         return out
 
     def accusation(self, index: int, accuser: Identity, steps: int | None = None) -> Accusation:

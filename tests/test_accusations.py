@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from swarm import wire
-from swarm.accusation import Accusation, Evidence, Verdict
+from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation, Evidence, Verdict
 from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, Transcript, check_seal, tensor_digest
@@ -256,6 +256,38 @@ async def test_an_accusation_of_honest_outputs_convicts_nobody_and_marks_the_acc
         # and a charge against the node itself is not its to judge
         status, answer = await _accuse(http, h1, chain.accusation(1, Identity.generate()))
         assert (status, answer["code"]) == (403, "not_permitted"), answer
+
+
+# --- transcripts that rewind (speculative decoding) ----------------------------------------------
+
+
+async def test_a_transcript_that_rewinds_is_judged_on_real_blocks(swarm, head, digest):
+    """Speculation's steps start at the first rejected draft, overwriting from there. A holder re-runs
+    such a transcript as its final sequence: an honest hop's is acquitted. Evidence that rewinds over
+    the same positions past MAX_EVIDENCE_TOKENS in all is refused whole (bad_request), judged by nobody."""
+    h1, h2 = swarm["h1"], swarm["h2"]
+    async with aiohttp.ClientSession() as http:
+        chain = TappedChain(http, _hops(swarm["a"], h1, swarm["b"]), digest)
+        async with chain:
+            prompt = head.encode_prompt(PROMPT, chat=True)
+            n = len(prompt)
+            await chain.step(head.embed(prompt))
+            await chain.step(head.embed([504, 3575, 314, 28]))  # positions n..n+3
+            await chain.step(head.embed([3575, 9, 11]), position=n + 1)  # two drafts rejected
+            await chain.step(head.embed([6]), position=n + 3)  # one more
+        accusation = chain.accusation(1, Identity.generate())
+        assert accusation.length == n + 4 and accusation.tokens == n + 8
+        status, answer = await _accuse(http, h2, accusation)
+        assert status == 200 and answer["acquitted"] and not answer["convicted"] and answer["error"] < 0.005, answer
+
+        before = await _cases(http, h2)
+        rows = packed(torch.zeros(128, head.config.hidden_size), "bfloat16")
+        steps = tuple(Evidence(i, 0, rows, rows) for i in range(MAX_EVIDENCE_TOKENS // 128 + 1))  # 128 positions, 4224 tokens
+        hostile = Accusation(digest, (10, 20), "s1", Identity.generate().public_key_bytes, steps, bytes(64)).signed_by(Identity.generate())
+        status, answer = await _accuse(http, h2, hostile)
+        assert (status, answer["code"]) == (400, "bad_request") and "tokens in all" in answer["message"], answer
+        after = await _cases(http, h2)
+        assert len(after["accusations"]) == len(before["accusations"]) and after["rechecking"] == 0
 
 
 # --- a flood from one source ----------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from node.court import AccusationConfig, Barred, Court
 from swarm import wire
-from swarm.accusation import Accusation, Evidence, Verdict
+from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation, Evidence, Verdict
 from swarm.errors import BadRequest, Busy, NotPermitted, SignatureInvalid
 from swarm.identity import Identity
 from swarm.peers import PeerTable, TableConfig
@@ -96,6 +96,69 @@ async def test_honest_outputs_convict_nobody_and_bar_the_accuser():
         await judge.hear(sealed(hop, steps=2).signed_by(client), None, NOW + 1, rerun)
     case, _ = await judge.hear(sealed(hop, steps=2).signed_by(client), None, NOW + 61, rerun)  # the bar ends
     assert case.acquitted
+
+
+def speculating(hop: Identity, steps: list[tuple[int, int]], lie: tuple[int, int] | None = None) -> Accusation:
+    """A hop with causal blocks (row x = the sum of inputs 0..x) running `steps` (position, rows) as
+    speculation sends them, its cache cut back at each step's position; `lie` = (step, row) is 1% off."""
+    transcript = Transcript(MODEL["digest"], BLOCKS, "s2", hop.peer_id)
+    generator = torch.Generator().manual_seed(2)
+    cache, evidence, seal = torch.empty(0, D), [], b""
+    for step, (position, rows) in enumerate(steps):
+        x = torch.randn(rows, D, generator=generator)
+        cache = torch.cat([cache[:position], x])
+        y = cache.cumsum(0)[position:].clone()
+        if lie is not None and lie[0] == step:
+            y[lie[1]] *= 1.01
+        given, sent = wire.pack_tensor(x, "float32"), wire.pack_tensor(y, "float32")
+        seal = hop.sign(seal_payload(transcript.update(step, position, digest_of(x, "float32"), digest_of(y, "float32"))))
+        evidence.append(Evidence(step, position, {**given, "data": bytes(given["data"])}, {**sent, "data": bytes(sent["data"])}))
+    return Accusation(MODEL["digest"], BLOCKS, "s2", hop.public_key_bytes, tuple(evidence), seal)
+
+
+async def causal_rerun(span: tuple[int, int], inputs: torch.Tensor) -> torch.Tensor:
+    causal_rerun.tokens += inputs.shape[0]
+    return inputs.cumsum(0)
+
+
+causal_rerun.tokens = 0
+REWINDS = [(0, 6), (6, 5), (8, 4), (10, 2), (11, 5)]  # speculation: each step from the first rejected draft
+
+
+async def test_a_rewinding_transcript_is_judged_on_its_final_sequence():
+    """An honest hop whose steps rewind is acquitted (its kept rows are those of the final sequence);
+    a lie in a kept row convicts. The re-run is one prefill of the final 16 positions."""
+    hop, liar, client = Identity.generate(), Identity.generate(), Identity.generate()
+    judge = court(table_with((hop, BLOCKS), (liar, BLOCKS)))
+    causal_rerun.tokens = 0
+    case, _ = await judge.hear(speculating(hop, REWINDS).signed_by(client), None, NOW, causal_rerun)
+    assert case.acquitted and case.error < 1e-6 and causal_rerun.tokens == 16
+    case, forward = await judge.hear(speculating(liar, REWINDS, lie=(3, 0)).signed_by(Identity.generate()), None, NOW, causal_rerun)
+    assert case.convicted and forward and case.error > 0.005
+
+
+async def test_evidence_that_rewinds_past_the_token_limit_is_refused_before_any_rerun():
+    """A hostile accuser's transcript that rewinds over the same positions again and again: short in
+    final length, long in tokens re-sent. Refused typed, on the wire and in the court, before any re-run."""
+    hop, client = Identity.generate(), Identity.generate()
+    judge = court(table_with((hop, BLOCKS)))
+    steps = [(0, 128)] * (MAX_EVIDENCE_TOKENS // 128 + 1)  # 4224 tokens, 128 positions
+    accusation = speculating(hop, steps).signed_by(client)
+    assert accusation.length == 128 and accusation.tokens > MAX_EVIDENCE_TOKENS
+    with pytest.raises(BadRequest, match="tokens in all"):
+        Accusation.from_wire(wire.decode(wire.encode(accusation.to_wire())), hidden_size=D)
+    causal_rerun.tokens = 0
+    with pytest.raises(BadRequest, match="tokens in all"):
+        await judge.hear(accusation, None, NOW, causal_rerun)
+    assert causal_rerun.tokens == 0 and not judge.cases and judge.counts["refused"] == 1
+    fits = speculating(hop, steps[:-1]).signed_by(client)  # 4096: at the limit, judged
+    again = Accusation.from_wire(wire.decode(wire.encode(fits.to_wire())), hidden_size=D)
+    case, _ = await judge.hear(again, None, NOW, causal_rerun)
+    assert case.acquitted and causal_rerun.tokens == 128
+    past = fits.to_wire()
+    past["steps"][1][1] = 129  # a step past the end so far: no node sealed that
+    with pytest.raises(BadRequest, match="at or before the end"):
+        Accusation.from_wire(past, hidden_size=D)
 
 
 async def test_evidence_altered_after_sealing_is_refused_whole():

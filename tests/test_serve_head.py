@@ -23,13 +23,14 @@ import torch
 from client.generate import GenerationStats, Sampler, SamplingParams
 from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
-from client.session import RemoteHop, RouteSession, SessionConfig
+from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from client.verify import Verdict
+from node import head_service
 from node.compute import MainThreadExecutor
 from node.head_service import HeadService, load_lm_head, with_head
 from swarm import wire
-from swarm.errors import BadRequest, RecordRejected, SignatureInvalid
-from swarm.head_protocol import HeadResult, parse_session
+from swarm.errors import BadRequest, PeerUnavailable, RecordRejected, SignatureInvalid
+from swarm.head_protocol import MAX_HEAD_ROWS, HeadResult, parse_session
 from swarm.identity import Identity
 from swarm.protocol import MAX_HEAD_K, Error, Open, Result
 from swarm.records import PeerRecord, verify_record
@@ -92,10 +93,11 @@ def test_open_carries_k_and_refuses_any_other_value():
 
 
 def _head_result(ids, logits, lse) -> dict:
-    hidden = torch.zeros(1, 4)
-    message = HeadResult(
-        "s1", 3, (15, 30), 1.0, 2.0, 1, bytes(64), hidden, "float32", torch.tensor(ids), torch.tensor(logits), lse
-    ).to_wire()
+    """A head_result on the wire: ids, logits [K] (one row) or [T, K]; lse a float (one row) or [T]."""
+    ids, logits = torch.tensor(ids).reshape(-1, len(ids[-1]) if isinstance(ids[0], list) else len(ids)), torch.tensor(logits)
+    logits, lse = logits.reshape(ids.shape), torch.tensor(lse, dtype=torch.float32).reshape(-1)
+    hidden = torch.zeros(ids.shape[0], 4)
+    message = HeadResult("s1", 3, (15, 30), 1.0, 2.0, 1, bytes(64), hidden, "float32", ids, logits, lse).to_wire()
     return wire.decode(wire.encode(message))
 
 
@@ -103,11 +105,29 @@ def test_a_head_result_round_trips_and_is_checked_whole():
     back = parse_session(_head_result([5, 1, 9], [3.0, 2.0, -1.0], 4.5))
     assert (
         isinstance(back, HeadResult)
-        and back.ids.tolist() == [5, 1, 9]
-        and back.logits.tolist() == [3.0, 2.0, -1.0]
-        and back.logsumexp == 4.5
+        and back.ids.tolist() == [[5, 1, 9]]
+        and back.logits.tolist() == [[3.0, 2.0, -1.0]]
+        and back.logsumexp.tolist() == [4.5]
     )
+    rows = parse_session(_head_result([[5, 1], [1, 5], [7, 2]], [[3.0, 2.0], [1.0, 0.5], [0.0, -1.0]], [4.5, 2.0, 1.0]))
+    assert rows.ids.tolist() == [[5, 1], [1, 5], [7, 2]] and rows.logsumexp.tolist() == [4.5, 2.0, 1.0]
+    assert rows.hidden.shape == (3, 4)
     good = _head_result([5, 1, 9], [3.0, 2.0, -1.0], 4.5)
+    two = _head_result([[5, 1], [1, 5]], [[3.0, 2.0], [1.0, 0.5]], [4.5, 2.0])
+    many = MAX_HEAD_ROWS + 1
+    bad = [
+        two | {"logsumexp": two["logsumexp"][:4]},  # one logsumexp for two rows
+        two | {"ids": two["ids"][:12], "logits": two["logits"][:12]},  # 3 values: not K per row
+        two | {"hidden": good["hidden"]},  # candidates of two rows for one row sent
+        _head_result([[5, 1], [1, 1]], [[3.0, 2.0], [1.0, 0.5]], [4.5, 2.0]),  # an id twice in the second row
+        _head_result([[5, 1], [1, 5]], [[3.0, 2.0], [0.5, 1.0]], [4.5, 2.0]),  # the second row ascending
+        _head_result([[5, 1], [1, 5]], [[3.0, 2.0], [1.0, 0.5]], [4.5, 0.9]),  # the second lse below its top logit
+        _head_result([[5, 1], [1, 5]], [[3.0, 2.0], [1.0, 0.5]], [4.5, float("nan")]),
+        _head_result([[1]] * many, [[0.0]] * many, [1.0] * many),  # more rows than a head_result answers
+    ]
+    for message in bad:
+        with pytest.raises(BadRequest):
+            parse_session(message)
     bad = [
         good | {"ids": good["ids"][:8]},  # fewer ids than logits
         good | {"ids": b""},  # no candidates
@@ -117,8 +137,8 @@ def test_a_head_result_round_trips_and_is_checked_whole():
         _head_result([5, -1, 9], [3.0, 2.0, -1.0], 4.5),  # a negative id
         _head_result([5, 1, 9], [float("nan"), 2.0, -1.0], 4.5),
         _head_result([5, 1, 9], [3.0, 2.0, -1.0], 2.5),  # logsumexp below the largest logit
-        good | {"logsumexp": float("inf")},
-        good | {"logsumexp": 4},  # not a float
+        good | {"logsumexp": torch.tensor([float("inf")]).numpy().tobytes()},
+        good | {"logsumexp": 4.5},  # not bytes
         good | {"extra": 1},
         {k: v for k, v in good.items() if k != "logsumexp"},
     ]
@@ -131,9 +151,10 @@ def test_candidates_sample_like_the_full_logits(head):
     """Greedy exact, logprobs exact for candidates, top_k <= K the same draws from one seed."""
     full = torch.randn(head.config.vocab_size, generator=torch.Generator().manual_seed(1)) * 3
     values, ids = torch.topk(full, 64)
-    candidates = Candidates(ids, values, float(torch.logsumexp(full, 0)), full.numel())
+    candidates = Candidates.one(ids, values, float(torch.logsumexp(full, 0)), full.numel())
     with pytest.raises(BadRequest):
         Candidates.of(_as_message(ids + full.numel(), values, candidates.logsumexp), full.numel())
+    assert len(candidates) == 1 and torch.equal(candidates.row(-1).ids, candidates.ids)
     dense = candidates.dense()
     history = [int(ids[0]), 3, 4]
     for params in (
@@ -152,7 +173,23 @@ def test_candidates_sample_like_the_full_logits(head):
 
 
 def _as_message(ids, logits, lse) -> HeadResult:
-    return HeadResult("s1", 0, (15, 30), 0.0, 0.0, 1, bytes(64), torch.zeros(1, 4), "float32", ids, logits, lse)
+    return HeadResult("s1", 0, (15, 30), 0.0, 0.0, 1, bytes(64), torch.zeros(1, 4), "float32", ids.reshape(1, -1), logits.reshape(1, -1), lse)
+
+
+def test_candidates_of_several_rows_give_each_row_alone():
+    rows = torch.randn(3, 500, generator=torch.Generator().manual_seed(6)) * 3
+    values, ids = torch.topk(rows, 20, dim=1)
+    many = Candidates(ids, values, torch.logsumexp(rows, 1), 500)
+    assert len(many) == 3
+    for i in range(3):
+        one = many.row(i)
+        assert len(one) == 1 and torch.equal(one.dense()[ids[i]], values[i]) and wrong_candidates(rows[i], one) is None
+        logprob, _ = one.logprobs(int(ids[i, 3]), 2)
+        assert abs(logprob - float(torch.log_softmax(rows[i], 0)[ids[i, 3]])) <= LOGPROB_TOLERANCE
+    with pytest.raises(ValueError):
+        many.dense()  # one row at a time
+    with pytest.raises(IndexError):
+        many.row(3)
 
 
 def test_the_nodes_head_gives_the_clients_logits(checkpoint, head):
@@ -169,25 +206,52 @@ def test_the_nodes_head_gives_the_clients_logits(checkpoint, head):
 def test_the_head_check_catches_hidden_tokens_and_reweighting():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 4
     values, ids = torch.topk(logits, 64)
-    honest = Candidates(ids, values, float(torch.logsumexp(logits, 0)), 1000)
+    honest = Candidates.one(ids, values, float(torch.logsumexp(logits, 0)), 1000)
     assert wrong_candidates(logits, honest) is None
     bf16 = logits.to(torch.bfloat16).float()  # a bf16 GPU head's rounding passes
     assert wrong_candidates(bf16, honest) is None
-    hidden = Candidates(ids[1:], values[1:], honest.logsumexp, 1000)  # the likeliest token left out
+    lse = float(honest.logsumexp[0])
+    hidden = Candidates.one(ids[1:], values[1:], lse, 1000)  # the likeliest token left out
     assert "left out" in wrong_candidates(logits, hidden)
-    scaled = Candidates(ids, values * 1.2, honest.logsumexp, 1000)  # the distribution sharpened
+    scaled = Candidates.one(ids, values * 1.2, lse, 1000)  # the distribution sharpened
     assert "off by" in wrong_candidates(logits, scaled)
-    assert "logsumexp" in wrong_candidates(logits, Candidates(ids, values, honest.logsumexp + 1.0, 1000))
+    assert "logsumexp" in wrong_candidates(logits, Candidates.one(ids, values, lse + 1.0, 1000))
 
 
 def test_the_head_tape_keeps_a_bounded_uniform_sample():
     hop = RemoteHop("http://127.0.0.1:7001", 15, 30, ID.peer_id)
     tape = HeadTape(keep=4, rng=random.Random(0))
-    answer = Candidates(torch.tensor([1]), torch.tensor([0.0]), 0.0, 8)
+    answer = Candidates.one(torch.tensor([1]), torch.tensor([0.0]), 0.0, 8)
     for step in range(100):
         tape.add(hop, torch.full((1, 2), float(step)), answer)
     assert tape.seen == 100 and len(tape.steps) == 4
     assert max(int(h[0, 0]) for _, h, _ in tape.steps) >= 4, "later steps replace earlier ones"
+
+
+def test_the_head_tape_checks_each_row_of_a_step():
+    """A step of several rows is kept row by row; a lie in one row of it is caught."""
+    hop = RemoteHop("http://127.0.0.1:7001", 15, 30, ID.peer_id)
+    weight = torch.randn(6, 300, generator=torch.Generator().manual_seed(8))
+    hidden = torch.randn(4, 6, generator=torch.Generator().manual_seed(9))
+    logits = hidden @ weight
+    values, ids = torch.topk(logits, 20, dim=1)
+    tape = HeadTape(keep=8)
+    tape.add(hop, hidden, Candidates(ids, values, torch.logsumexp(logits, 1), 300))
+    assert tape.seen == 4 and tape.check(lambda h: h @ weight) is None
+    liar = HeadTape(keep=8)
+    top = torch.topk(logits[2], 21)
+    ids[2], values[2] = top.indices[1:], top.values[1:]  # row 2 hides its likeliest token
+    liar.add(hop, hidden, Candidates(ids, values, torch.logsumexp(logits, 1), 300))
+    assert liar.check(lambda h: h @ weight) is not None
+
+
+def test_a_head_product_of_many_rows_runs_in_chunks(checkpoint, monkeypatch):
+    lm_head = load_lm_head(checkpoint, torch.float32, torch.device("cpu"))
+    rows = torch.randn(5, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    whole = lm_head.top_batch(rows, [20] * 5)
+    monkeypatch.setattr(head_service, "HEAD_CHUNK_ROWS", 2)
+    for a, b in zip(whole, lm_head.top_batch(rows, [20] * 5), strict=True):
+        assert torch.equal(a.ids, b.ids) and torch.allclose(a.logits, b.logits, atol=1e-4)
 
 
 async def test_the_head_service_runs_one_product_for_the_steps_of_one_turn(checkpoint):
@@ -196,12 +260,18 @@ async def test_the_head_service_runs_one_product_for_the_steps_of_one_turn(check
     rows = torch.randn(5, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(2))
     answers = await asyncio.gather(*(service.top(rows[i : i + 1], 20 + i) for i in range(5)))
     assert (service.batches, service.served) == (1, 5)
-    for i, answer in enumerate(answers):
+    for i, (answer,) in enumerate(answers):
         alone = lm_head.top(rows[i : i + 1], 20 + i)
         assert torch.equal(answer.ids, alone.ids) and answer.ids.numel() == 20 + i
         assert torch.allclose(answer.logits, alone.logits, atol=1e-4) and abs(answer.logsumexp - alone.logsumexp) < 1e-4
     await service.top(rows[:1], 20)
     assert (service.batches, service.served) == (2, 6), "a step alone is a batch of its own"
+    # steps of several rows (speculation's output "all") share the product with one-row steps
+    many, one = await asyncio.gather(service.top(rows[:4], 24), service.top(rows[4:], 20))
+    assert (service.batches, service.served, service.rows) == (3, 8, 1 + 5 + 5)
+    assert len(many) == 4 and len(one) == 1 and torch.equal(one[0].ids, lm_head.top(rows[4:], 20).ids)
+    for i, answer in enumerate(many):
+        assert torch.equal(answer.ids, lm_head.top(rows[i : i + 1], 24).ids)
 
 
 async def test_a_head_asked_of_a_stopped_compute_thread_answers_shutting_down(checkpoint):
@@ -444,6 +514,66 @@ def test_a_direct_session_gets_candidates_only_from_the_hop_asked(swarm, checkpo
     assert type(out).__name__ == "Tensor" and served_by is None
 
 
+def test_a_step_of_several_rows_gets_the_candidates_of_each(swarm, checkpoint, head):
+    """Output "all" (a speculative step), then a step rewinding over two of its rows: every row's
+    candidates are the client's own head's top K on the very hidden row the hop sent; over the limit
+    of rows the step is refused with a typed error."""
+    _, first, node, _ = swarm
+    digest = checkpoint.fingerprint().digest
+    config = SessionConfig(wire_dtype="float32", remote_head="always", vocab_size=checkpoint.config.vocab_size)
+
+    async def run():
+        async with aiohttp.ClientSession() as http:
+            record = PeerRecord.from_bytes(base64.b64decode(_info(node)["record"]))
+            hops = [RemoteHop(first.url, 0, 15, first.peer_id), RemoteHop(node.url, 15, 30, node.peer_id, record)]
+            async with RouteSession(http, hops, digest, 64, config) as session:
+                session.head_tape = HeadTape(keep=64)
+                answers = [
+                    await session.forward(head.embed([1, 2, 3, 4, 5]), 0),
+                    await session.forward(head.embed([6, 7, 8, 9]), 5, output="all"),
+                    await session.forward(head.embed([7, 8, 10]), 6, output="all"),  # rows 7 and 8 rewound
+                ]
+                with pytest.raises(BadRequest):
+                    await session.forward(head.embed([1] * (MAX_HEAD_ROWS + 1)), 9, output="all")
+                return answers, session.head_tape
+
+    (last, many, rewound), tape = asyncio.run(run())
+    assert (len(last), len(many), len(rewound)) == (1, 4, 3) and tape.seen == 8 and len(tape.steps) == 8
+    for _, hidden, answer in tape.steps:
+        logits = head.logits(hidden)[0].float()
+        assert torch.equal(answer.ids[0, :8], torch.topk(logits, 8).indices), "the same top candidates, in order"
+        assert wrong_candidates(logits, answer, tolerance=1e-5) is None
+    assert torch.equal(rewound.row(0).ids[0, :8], many.row(1).ids[0, :8]), "position 6 again, after the same tokens"
+    assert torch.equal(many.row(-1).ids, many.row(3).ids) and many.row(0).dense().isfinite().sum() == 64
+
+
+def test_an_answer_short_of_the_rows_asked_for_is_refused(checkpoint, head, tmp_path):
+    """A last hop answering a step of output "all" with fewer rows than it sent (with or without the
+    head): the client refuses the answer whole, naming the hop (failover routes around it)."""
+    (short,) = start_nodes(
+        [["--blocks", "0:30", "--serve-head", "--threads", "1"]],  # alone: no route of the other tests may take it
+        tmp_path,
+        module="tests.short_rows_node",
+    )
+    digest = checkpoint.fingerprint().digest
+
+    async def run(remote_head: str):
+        config = SessionConfig(wire_dtype="float32", remote_head=remote_head, vocab_size=checkpoint.config.vocab_size)
+        async with aiohttp.ClientSession() as http:
+            record = PeerRecord.from_bytes(base64.b64decode(_info(short)["record"]))
+            async with RouteSession(http, [RemoteHop(short.url, 0, 30, short.peer_id, record)], digest, 16, config) as session:
+                assert len(await session.forward(head.embed([1, 2, 3]), 0)) == 1  # one row asked, one row sent
+                with pytest.raises(PeerUnavailable, match="answered 2 rows for a step of 3") as caught:
+                    await session.forward(head.embed([4, 5, 6]), 3, output="all")
+                assert hop_of(caught.value).peer_id == short.peer_id
+
+    try:
+        asyncio.run(run("always"))
+        asyncio.run(run("never"))
+    finally:
+        stop_nodes([short])
+
+
 def test_a_checked_generation_checks_the_head_it_was_served(swarm):
     """verify=True: the client applies its own head to a sample of the served steps' hidden states."""
     _, _, head, _ = swarm
@@ -452,7 +582,7 @@ def test_a_checked_generation_checks_the_head_it_was_served(swarm):
     result = asyncio.run(client.agenerate(PROMPT, route=route, verify=True, max_new_tokens=8, stop_at_eos=False))
     outcome = result.stats.verification
     assert outcome is not None and outcome.verdict is not Verdict.HEAD_WRONG, outcome
-    assert f"the LM head applied by {head.peer_id[:8]}" in outcome.reason and "agreed on 8 of its 8 steps" in outcome.reason, (
+    assert f"the LM head applied by {head.peer_id[:8]}" in outcome.reason and "agreed on 8 of its 8 rows" in outcome.reason, (
         outcome
     )
 
@@ -510,7 +640,7 @@ def test_a_bfloat16_head_node_passes_the_head_check(device, tmp_path):
         outcome = result.stats.verification
         assert len(result.stats.token_ids) == 16
         assert (
-            outcome is not None and outcome.verdict is not Verdict.HEAD_WRONG and "agreed on 16 of its 16 steps" in outcome.reason
+            outcome is not None and outcome.verdict is not Verdict.HEAD_WRONG and "agreed on 16 of its 16 rows" in outcome.reason
         ), outcome
     finally:
         stop_nodes([bootstrap, *nodes])

@@ -167,6 +167,55 @@ def test_verify_on_request_and_never_when_told(swarm):
     assert _generate(always, route, verify=False).stats.verification is None
 
 
+# Speculative decoding's steps, driven by hand: (tokens, position, output). After the prompt and one
+# token at P, drafts at P+1..P+4; the next step rewinds to P+3 (two rejected); and so on. The liar
+# lies on step 3 (the rewinding one), whose rows at P+3 and P+4 no later step rewinds over.
+REWINDS = [([504], 0, "last"), ([3575, 314, 28, 9], 1, "all"), ([314, 11, 6], 3, "all"), ([504, 28], 5, "all"), ([7], 6, "last")]
+
+
+async def _rewinding_check(client: SwarmModel, route, replicas: list[NodeProcess]):
+    """A checked transcript of the steps of REWINDS (checking hop 1, its replicas tried in `replicas`'
+    order): the verification, with accusations kept to this client (the liar stays unconvicted
+    for the tests after these)."""
+    client.verifier.selector = _Forced(1, [n.peer_id for n in replicas])
+
+    async def keep_it_here(http, accusation, blocks):
+        return []
+
+    client.verifier._accuse = keep_it_here
+    prompt = client.head.encode_prompt(PROMPT, chat=True)
+    async with client.config.transport.client_session() as http:
+        session = await client.open_session(http, len(prompt) + 16, route)
+        try:
+            tape = client.verifier.plan(session, True)
+            await session.forward(client.head.embed(prompt), 0)
+            for tokens, at, output in REWINDS:
+                out = await session.forward(client.head.embed(tokens), len(prompt) + at, output=output)
+                assert out.shape[0] == (len(tokens) if output == "all" else 1)
+            return await client.verifier.check(http, session, tape, clean=True), len(prompt)
+        finally:
+            await session.close()
+
+
+def test_a_transcript_that_rewinds_verifies_against_a_replica(swarm):
+    """Speculation's steps rewind (each starts at the first rejected draft): the checked hop's
+    transcript is re-run as its final sequence on a replica, and an honest hop agrees."""
+    client = _client(swarm)
+    route = _route(client, swarm, [swarm.a, swarm.h1, swarm.c])
+    outcome, prompt = asyncio.run(_rewinding_check(client, route, [swarm.h2]))
+    assert outcome.verdict is Verdict.AGREE and outcome.replica == swarm.h2.peer_id, outcome
+    assert outcome.tokens == prompt + 7 and outcome.error <= outcome.tolerance
+
+
+def test_a_liar_in_a_transcript_that_rewinds_is_caught(swarm):
+    client = _client(swarm)
+    route = _route(client, swarm, [swarm.a, swarm.liar, swarm.c])
+    outcome, _ = asyncio.run(_rewinding_check(client, route, [swarm.h1, swarm.h2]))
+    assert outcome.verdict is Verdict.HOP_LIED and outcome.accused == swarm.liar.peer_id, outcome
+    assert {outcome.replica, outcome.third} == {swarm.h1.peer_id, swarm.h2.peer_id} and outcome.error > outcome.tolerance
+    assert swarm.liar.peer_id in client.planner.measurements.banned(client.planner.clock())
+
+
 def test_a_lying_replica_is_caught_by_a_third_and_the_honest_hop_is_not_accused(swarm):
     """The checked hop C is honest; the replica asked first (R) lies in its re-run; the third (X)
     sides with C, so R is convicted, and C is not."""

@@ -9,7 +9,7 @@ from client.measure import Measurements, TrustConfig
 from client.planner import ClientConfig
 from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, recipients, replicas, settle
 from swarm import wire
-from swarm.accusation import Accusation
+from swarm.accusation import Accusation, Evidence
 from swarm.identity import Identity
 from swarm.seal import Transcript, check_seal, digest_of, seal_payload
 
@@ -115,7 +115,7 @@ def test_tape_refuses_missing_taps_and_gaps():
         tape.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes)
     gap = Tape(0)
     _record(hop, gap, 0, [(torch.ones(4, 8), 0), (torch.ones(1, 8), 6)])
-    with pytest.raises(NotVerifiable, match="clean prefix"):
+    with pytest.raises(NotVerifiable, match="past the end"):
         gap.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes)
     with pytest.raises(NotVerifiable):
         Tape(1).evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes)
@@ -130,6 +130,68 @@ def test_a_long_transcript_gives_a_sealed_prefix_within_the_evidence_limit():
     assert check_seal(hop.public_key_bytes, evidence.seal, evidence.transcript_digest())  # the seal of step 2, not the last
     with pytest.raises(NotVerifiable):
         tape.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes, max_tokens=5)
+
+
+def _speculating_hop(hop: Identity, tape: Tape, steps: list[tuple[int, int]], lie: tuple[int, int] | None = None) -> None:
+    """A hop whose blocks are causal (row x = the sum of the inputs at positions 0..x, so each row
+    depends on its context) running `steps` (position, rows) with output "all" as speculation sends
+    them, its cache cut back at each step's position as a node's is; `lie` = (step, row) is 1% off."""
+    transcript = Transcript(MODEL, BLOCKS, SESSION, hop.peer_id)
+    g = torch.Generator().manual_seed(3)
+    cache = torch.empty(0, 8)
+    for number, (position, rows) in enumerate(steps):
+        x = torch.randn(rows, 8, generator=g)
+        cache = torch.cat([cache[:position], x])
+        y = cache.cumsum(0)[position:].clone()
+        if lie is not None and lie[0] == number:
+            y[lie[1]] *= 1.01
+        tape.sent(number, position, x, "float32")
+        seal = hop.sign(seal_payload(transcript.update(number, position, digest_of(x, "float32"), digest_of(y, "float32"))))
+        tape.tapped(0, number, y, "float32", seal)
+
+
+REWINDS = [(0, 5), (5, 4), (7, 3), (9, 4), (10, 1), (11, 3)]  # prefill, then drafts partly rejected: 7 < 9, 9 < 10, 10 < 13
+
+
+def test_a_transcript_that_rewinds_is_evidence_of_its_final_sequence():
+    """Speculation rewinds: steps start at or before the end so far. The re-run of the final
+    sequence reproduces every row no later step rewound over; the seal covers every step."""
+    hop = Identity.generate()
+    tape = Tape(0)
+    _speculating_hop(hop, tape, REWINDS)
+    evidence = tape.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes).signed_by(Identity.generate())
+    evidence.check()
+    again = Accusation.from_wire(wire.decode(wire.encode(evidence.to_wire())), hidden_size=8)
+    assert (again.tokens, again.length) == (20, 14) and again.inputs().shape == (14, 8)
+    positions, _ = again.claimed()
+    assert positions == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], "the rows rewound over are left out"
+    assert again.verdict(again.inputs().cumsum(0)).error < 1e-6
+    # the seal chains each step's position: a rewind moved by one no longer verifies
+    moved = list(again.steps)
+    moved[2] = Evidence(moved[2].step, moved[2].position + 1, moved[2].input, moved[2].output)
+    shifted = Accusation(MODEL, BLOCKS, SESSION, hop.public_key_bytes, tuple(moved), again.seal)
+    assert not check_seal(hop.public_key_bytes, again.seal, shifted.transcript_digest())
+    # A lie in a row that stays (step 3's first row, position 9) is caught ...
+    liar = Tape(0)
+    _speculating_hop(hop, liar, REWINDS, lie=(3, 0))
+    assert liar.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes).verdict(again.inputs().cumsum(0)).error > 5e-3
+    # ... one in a row a later step rewound over (step 1's last, position 8) changed nothing anyone read.
+    harmless = Tape(0)
+    _speculating_hop(hop, harmless, REWINDS, lie=(1, 3))
+    assert harmless.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes).verdict(again.inputs().cumsum(0)).error < 1e-6
+
+
+def test_a_rewinding_transcript_is_cut_by_its_inputs_in_all_not_its_length():
+    hop = Identity.generate()
+    tape = Tape(0)
+    _speculating_hop(hop, tape, [(0, 4), *[(4, 3)] * 10])  # the same three positions ten times
+    evidence = tape.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes, max_tokens=16)
+    assert (evidence.tokens, evidence.length, len(evidence.steps)) == (16, 7, 5)
+    assert check_seal(hop.public_key_bytes, evidence.seal, evidence.transcript_digest())
+    past = Tape(0)
+    _speculating_hop(hop, past, [(0, 4), (5, 1)])  # past the end: a node refuses it, so no hop sealed it
+    with pytest.raises(NotVerifiable, match="past the end"):
+        past.evidence(MODEL, BLOCKS, SESSION, hop.public_key_bytes)
 
 
 def test_settle_accuses_only_whom_a_third_replica_sides_against():
