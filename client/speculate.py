@@ -179,7 +179,8 @@ class AdaptiveDraft:
             return 0
         plain = self.step_time(1)
         if plain is None:
-            return min(limit, 4)  # nothing measured yet: a moderate first guess, measured at once
+            # A moderate first guess, measured at once; then one plain step, the baseline to compare with.
+            return 0 if self.times else min(limit, 4)
         best_k, best_rate = 0, (1.0 + self.margin) / plain
         for k in range(1, limit + 1):
             rate = self.expected_tokens(k) / (self.step_time(k + 1) + k * self.draft_s)
