@@ -275,9 +275,9 @@ def test_local_logprobs_and_stops_are_exact_per_token(head, full_span):
     ids = head.encode_prompt(GROUNDED, chat=True)
 
     def run(speculate: bool, **extra):
-        params = SamplingParams(max_new_tokens=24, logprobs=3, speculate=speculate, **extra)
+        params = SamplingParams(max_new_tokens=16, logprobs=3, speculate=speculate, **extra)
         stats = GenerationStats()
-        tokens = list(stream_tokens_sync(head, LocalBlocks(full_span, len(ids) + 24), ids, params, stats))
+        tokens = list(stream_tokens_sync(head, LocalBlocks(full_span, len(ids) + 16), ids, params, stats))
         return tokens, stats
 
     (plain, _), (spec, stats) = run(False), run(True)
@@ -285,7 +285,7 @@ def test_local_logprobs_and_stops_are_exact_per_token(head, full_span):
     assert [t.id for t in spec] == [t.id for t in plain]
     for a, b in zip(spec, plain):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
-    stop = {"stop": ("Reading",)}
+    stop = {"stop": ("Oxford",)}
     (plain, _), (spec, stats) = run(False, **stop), run(True, **stop)
     assert "".join(t.text for t in spec) == "".join(t.text for t in plain) and stats.finish_reason == "stop"
 
@@ -347,11 +347,11 @@ async def test_concurrent_speculative_generations_share_head_calls(head, full_sp
 
     async def one(prompt):
         ids = head.encode_prompt(prompt, chat=True)
-        params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        return [t.id async for t in stream_tokens(head, Yielding(LocalBlocks(full_span, len(ids) + NEW_TOKENS)), ids, params, batcher=batcher) if t.id is not None]
+        params = SamplingParams(max_new_tokens=20)
+        return [t.id async for t in stream_tokens(head, Yielding(LocalBlocks(full_span, len(ids) + 20)), ids, params, batcher=batcher) if t.id is not None]
 
     grounded, free = await asyncio.gather(one(GROUNDED), one(FREE))
-    assert grounded == local_plain[GROUNDED][1].token_ids and free == local_plain[FREE][1].token_ids
+    assert grounded == local_plain[GROUNDED][1].token_ids[:20] and free == local_plain[FREE][1].token_ids[:20]
     assert batcher.rows > batcher.calls
 
 
@@ -437,3 +437,39 @@ def test_swarm_kill_mid_speculation_gives_the_same_text(client, swarm, swarm_pla
     assert killed and text == swarm_plain[GROUNDED][0]
     assert [f.how for f in stats.failovers] == ["splice"] and stats.failovers[0].failed.startswith(middle.peer_id[:8])
     assert stats.accepted > 0
+
+
+# --- the switches: CLI flags and the API's `speculate` field (no model) ------------------------
+
+
+def test_cli_flags_reach_the_sampling_params():
+    from client.cli import _sampling_params, build_parser
+
+    parser = build_parser()
+    on = parser.parse_args(["generate", "hi"])
+    assert _sampling_params(on).drafts == 8 and on.draft_model is None
+    off = parser.parse_args(["generate", "hi", "--no-speculate"])
+    assert _sampling_params(off).drafts == 0
+    few = parser.parse_args(["chat", "--max-draft", "3", "--draft-model", DEFAULT_MODEL, "--draft-blocks", "12"])
+    assert _sampling_params(few).drafts == 3 and (few.draft_model, few.draft_blocks) == (DEFAULT_MODEL, 12)
+    serve = parser.parse_args(["serve", "--no-speculate", "--max-draft", "4"])
+    from client.serve_cli import serve_config
+
+    config = serve_config(serve)
+    assert (config.speculate, config.max_draft) == (False, 4)
+    with pytest.raises(BadRequest):
+        _sampling_params(parser.parse_args(["generate", "hi", "--max-draft", "40"]))
+
+
+def test_the_api_takes_speculate_as_an_extra_body_field():
+    from client.openai_schema import ApiError, parse_chat, parse_completion
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat(body).sampling(8, 0).drafts == 8  # the server's default
+    assert parse_chat(body).sampling(8, 0, speculate=False).drafts == 0
+    assert parse_chat({**body, "speculate": False}).sampling(8, 0).drafts == 0
+    assert parse_chat({**body, "speculate": True}).sampling(8, 0, speculate=False, max_draft=5).drafts == 5
+    assert parse_completion({"model": "m", "prompt": "x", "speculate": False}).sampling(8, 0).drafts == 0
+    with pytest.raises(ApiError) as refused:
+        parse_chat({**body, "speculate": "yes"})
+    assert refused.value.status == 400 and refused.value.param == "speculate"
