@@ -175,6 +175,7 @@ class LocalBlocks:
 
     def __init__(self, span: Span, max_length: int) -> None:
         self.span = span
+        self.max_length = max_length
         self.engine = DecodeEngine(span, 1, max_length) if span.device.type == "cuda" else None
         self.cache = self.engine.open(max_length) if self.engine else span.new_cache(max_length)
 
@@ -334,8 +335,10 @@ async def stream_tokens(
             position = len(history) - 1
             drafts = []
             if policy is not None:
-                # k + 1 new tokens at most, the last never fed: positions stay below prompt + max_new_tokens.
-                k = policy.choose(params.max_new_tokens - stats.new_tokens - 1)
+                # k + 1 new tokens at most, the last never fed: positions stay below prompt + max_new_tokens,
+                # and below the blocks' own max_length where they say it.
+                limit = params.max_new_tokens - stats.new_tokens - 1
+                k = policy.choose(min(limit, getattr(blocks, "max_length", limit + len(history)) - len(history)))
                 if k:
                     began = time.perf_counter()
                     drafts = _valid(drafter.propose(history, k), k, vocab)
