@@ -397,7 +397,7 @@ def test_swarm_head_on_device_shares_its_calls_and_keeps_greedy_text(tiny, tiny_
     async def together():
         async def one(ids):
             stats = GenerationStats()
-            params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+            params = SamplingParams(max_new_tokens=6, stop_at_eos=False, speculate=False)  # one head row a step
             async for _ in model.stream_generation(ids, params, stats):
                 pass
             return stats.token_ids
