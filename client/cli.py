@@ -39,6 +39,29 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_speculation(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "speculative decoding",
+        "Each step carries the current token and draft tokens that may follow it; the model checks them all in one pass "
+        "and the ones it agrees with are kept, so a step yields several tokens where drafts hit (a rewrite, a quote, code). "
+        "The output is the same as without it; the number of drafts adapts to how many are kept (none when they miss).",
+    )
+    group.add_argument(
+        "--speculate", action=argparse.BooleanOptionalAction, default=True,
+        help="send draft tokens with each step (default on); --no-speculate decodes one token a step",
+    )  # fmt: skip
+    group.add_argument("--max-draft", type=int, default=8, metavar="N", help="the most draft tokens a step carries, 0 to 32 (default 8; 0 is --no-speculate)")
+    group.add_argument(
+        "--draft-model", default=None, metavar="MODEL",
+        help="draft with this model held here (alias, .gguf file or HF directory with the target's tokenizer) instead of "
+        "prompt lookup (n-gram matches in the prompt and reply, no model); the model itself with --draft-blocks N drafts by early exit",
+    )  # fmt: skip
+    group.add_argument(
+        "--draft-blocks", type=int, default=None, metavar="N",
+        help="run only the first N blocks of --draft-model (then its head): fewer is faster, more is kept more often (default all)",
+    )  # fmt: skip
+
+
 def _sampling_params(args: argparse.Namespace):
     from client.generate import SamplingParams
 
@@ -51,6 +74,8 @@ def _sampling_params(args: argparse.Namespace):
         seed=args.seed,
         stop=tuple(args.stop),
         stop_at_eos=not args.ignore_eos,
+        speculate=args.speculate,
+        max_draft=args.max_draft,
     )
 
 
@@ -66,13 +91,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = LocalModel.load(args.model, _dtype(args), args.device, progress=show)
     prompt_ids = model.head.encode_prompt(args.prompt, chat=args.chat)
     blocks = LocalBlocks(model.span, len(prompt_ids) + params.max_new_tokens)
+    drafter = _local_drafter(args, model) if params.drafts else None
 
     async def pieces():
         stats = GenerationStats()
-        async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats, model.batcher):
+        async for token in stream_tokens(model.head, blocks, prompt_ids, params, stats, model.batcher, drafter):
             yield token.text, stats, ["local"]
 
     return _print_stream(args, pieces(), model.head.device)
+
+
+def _local_drafter(args: argparse.Namespace, model):
+    """--draft-model for a local run: the model itself shares its weights (early exit), another is loaded."""
+    if args.draft_model is None:
+        if args.draft_blocks is not None:
+            raise SwarmError("--draft-blocks needs --draft-model")
+        return None
+    from client.draft_model import DraftModel
+    from swarm.model import resolve_model
+
+    if resolve_model(args.draft_model) == resolve_model(args.model):
+        return model.drafter(args.draft_blocks or model.span.num_blocks)
+    draft = DraftModel.load(args.draft_model, args.draft_blocks, model.device, _dtype(args))
+    draft.check_vocabulary(model.head)
+    return draft
 
 
 def _dtype(args: argparse.Namespace):
@@ -99,8 +141,13 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
     session = SessionConfig(remote_head=args.remote_head)  # the last hop's head (client/remote_head.py)
     config = ClientConfig(wire_dtype=args.wire_dtype, transport=_transport(args), verify_fraction=args.verify_fraction, session=session)
+    if args.draft_blocks is not None and args.draft_model is None:
+        raise SwarmError("--draft-blocks needs --draft-model")
     with progress_bar("loading the model head", unit="part") as show:  # a bar on a terminal only
-        return SwarmModel(args.model, discovery=options, config=config, dtype=_dtype(args), device=args.device, progress=show)
+        return SwarmModel(
+            args.model, discovery=options, config=config, dtype=_dtype(args), device=args.device, progress=show,
+            draft_model=args.draft_model, draft_blocks=args.draft_blocks,
+        )  # fmt: skip
 
 
 def _transport(args: argparse.Namespace):
@@ -141,12 +188,18 @@ async def _print_stream_async(args: argparse.Namespace, pieces, device=None) -> 
             "prompt_tokens": stats.prompt_tokens,
             "time_to_first_token_s": round(stats.time_to_first_token_s, 4),
             "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+            "round_trips": stats.round_trips,
+            "drafted": stats.drafted,
+            "accepted": stats.accepted,
             "device": str(device) if device is not None else None,
             "verification": stats.verification.to_json() if getattr(stats, "verification", None) else None,
         }))
     else:
         sys.stdout.write("\n")
-        logging.getLogger(__name__).info("route %s: %d tokens, first after %.3f s, %.1f tokens/s", " -> ".join(route), stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s)
+        logging.getLogger(__name__).info(
+            "route %s: %d tokens, first after %.3f s, %.1f tokens/s; %d round trips, %d of %d drafts kept", " -> ".join(route),
+            stats.new_tokens, stats.time_to_first_token_s, stats.decode_tokens_per_s, stats.round_trips, stats.accepted, stats.drafted,
+        )  # fmt: skip
     _report_verification(args, stats)
     return 0
 
@@ -439,12 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     _add_sampling(gen)
+    _add_speculation(gen)
     _add_client(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="chat with a model served by the swarm", description="An interactive chat with a model served by the swarm (give --bootstrap or --mdns).")
     chat.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     _add_sampling(chat)
+    _add_speculation(chat)
     _add_client(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -458,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     demo.add_argument("--quiet", action="store_true", help="print only the answer")
     _add_sampling(demo)
+    _add_speculation(demo)
     _add_client(demo, discovery=False)
     demo.set_defaults(func=cmd_demo)
 
@@ -470,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF directory (default {DEFAULT_MODEL})")
     _add_client(serve, printing=False)
+    _add_speculation(serve)  # the default of requests that do not say (the API's `speculate` field)
     from client.serve_cli import add_serve_arguments
 
     add_serve_arguments(serve)

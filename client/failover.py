@@ -11,13 +11,15 @@ planned again and the prefix replayed on it as one prefill.
 A node shutting down (SIGTERM) says `draining` first and keeps serving; the
 session is moved off it the same way before the next step, so no step fails.
 
-A one-token step gets a deadline derived from this session's measured step
-time, so a node that hangs or is cut off is noticed in about `deadline_factor`
-steps' time rather than at a fixed timeout. Greedy output matches a run without
+Every step gets a deadline derived from this session's measured times of steps
+its size (a speculative step carries several positions: client/speculate.py),
+so a node that hangs or is cut off is noticed in about `deadline_factor` steps'
+time rather than at a fixed timeout. Greedy output matches a run without
 the failure up to float rounding (a prefill sums in another order than steps).
 
 Every one-token step is also a measurement: its wall time and each hop's
-reported model time go to the `Planner`, which ranks peers by them; a hop that
+reported model time go to the `Planner` (a speculative step's do not: it ranks
+hops by the time of one position), which ranks peers by them; a hop that
 fails is banned there (client/measure.py), so later generations avoid it too.
 Planning and opening sessions live in client/planner.py, which this module and
 client/swarm.py both use. The generation's route is counted in the planner's
@@ -36,6 +38,7 @@ import aiohttp
 import torch
 
 from client.planner import Planner
+from client.remote_head import Candidates
 from client.session import RemoteHop, RouteSession, at_hop, hop_of
 from swarm.errors import NoRoute, ShuttingDown, SwarmError, TransientError
 from swarm.routing import Route
@@ -66,7 +69,7 @@ class FailoverBlocks:
         self.session: RouteSession | None = None
         self.exclude: set[str] = set()
         self.inputs = _Rows()  # what every position was fed, for a replay after a re-route
-        self.step_times: list[float] = []
+        self.step_times: dict[int, list[float]] = {}  # step size -> recent wall times (of steps without a recovery)
         self.failovers: list[Failover] = []
         self.clean = True  # every step ran once on the route opened first: its transcripts are one clean prefix
         self._closing: list[asyncio.Future] = []  # sessions of abandoned routes, closing in the background
@@ -86,12 +89,15 @@ class FailoverBlocks:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _deadline(self, tokens: int) -> float | None:
-        if tokens > 1 or len(self.step_times) < 3:
-            return None  # the session's own (generous) timeout
-        recent = sorted(self.step_times[-16:])
-        return max(self.config.min_deadline_s, self.config.deadline_factor * recent[len(recent) // 2])
+        """A step of `tokens` positions gets `deadline_factor` times the usual time of steps its
+        size (a larger size's, or the one-token time scaled by the size, until 3 were measured)."""
+        usual = _usual(self.step_times, tokens)
+        return None if usual is None else max(self.config.min_deadline_s, self.config.deadline_factor * usual)
 
-    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last") -> torch.Tensor | Candidates:
+        """`hidden` [T, D] at `start` through the route: the last row (`output` "last") or all T rows
+        ("all"), or their `Candidates` where the last hop applies the head. `start` may rewind
+        (rejected drafts): every hop overwrites from there."""
         prefix = self.inputs.upto(start, hidden)
         first = len(self.failovers)  # this step's recoveries are self.failovers[first:]
         latest: tuple[Failover, float] | None = None  # this step's latest recovery and when its stall began
@@ -103,13 +109,18 @@ class FailoverBlocks:
                 latest = (await self._recover(at_hop(ShuttingDown(f"{hop} is draining"), hop), prefix), began)
             except SwarmError as exc:
                 log.warning("%s is draining and its blocks could not move (%s); staying on it", hop, exc)
+        size = hidden.shape[0]
         for attempt in range(self.config.max_attempts + 1):
             # After a re-route in this step every cache on the new route is empty: replay the prefix.
-            replay = any(f.how == "reroute" for f in self.failovers[first:])
-            send, at = (torch.cat([prefix, hidden]), 0) if replay else (hidden, start)
+            replay = prefix.shape[0] > 0 and any(f.how == "reroute" for f in self.failovers[first:])
             began = time.perf_counter()
             try:
-                out = await self.session.forward(send, at, timeout=self._deadline(send.shape[0]))
+                if replay and output == "last":  # one step: its last row is this step's
+                    out = await self.session.forward(torch.cat([prefix, hidden]), 0, timeout=self._deadline(start + size))
+                else:
+                    if replay:  # the prefix first, so that the answer holds this step's rows alone
+                        await self.session.forward(prefix, 0, timeout=self._deadline(start))
+                    out = await self.session.forward(hidden, start, output=output, timeout=self._deadline(size))
             except TransientError as exc:
                 self.clean = False
                 if attempt == self.config.max_attempts:
@@ -123,9 +134,13 @@ class FailoverBlocks:
             wall = time.perf_counter() - began
             if latest is not None:
                 _settle(latest, time.perf_counter())
-            elif send.shape[0] == 1:
-                self.step_times.append(wall)
-                self.planner.record_step(self.session.route, self.session.compute_ms, wall)
+            else:
+                self.step_times.setdefault(size, []).append(wall)
+                del self.step_times[size][:-16]
+                if size == 1:
+                    # The planner ranks peers by one-token steps (per block); a speculative step's
+                    # time is several positions' and would read as slow hops, so it is not told.
+                    self.planner.record_step(self.session.route, self.session.compute_ms, wall)
             self.inputs.write(start, hidden)
             return out
         raise AssertionError("unreachable: the loop returns or raises")
@@ -175,6 +190,20 @@ class FailoverBlocks:
         except NoRoute:
             await self.planner.refresh(self.http, force=True)
             return self.planner.plan_hops(frozenset(self.exclude), hop.start, hop.end)
+
+
+def _usual(times: dict[int, list[float]], size: int) -> float | None:
+    """The usual (median) time of a step of `size` positions: of that size or the nearest larger
+    one measured 3 times; else the nearest smaller one's scaled up by the sizes' ratio (a bound:
+    a step costs at most linearly more per position); None before 3 steps of any size."""
+    measured = sorted(s for s, t in times.items() if len(t) >= 3)
+    if not measured:
+        return None
+    larger = [s for s in measured if s >= size]
+    chosen = larger[0] if larger else measured[-1]
+    recent = sorted(times[chosen])
+    median = recent[len(recent) // 2]
+    return median if chosen >= size else median * size / chosen
 
 
 def _settle(latest: tuple[Failover, float] | None, now: float) -> None:

@@ -12,6 +12,7 @@ GPU), unless a client without a GPU has the last node apply the LM head
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from client.remote_head import Candidates
+from client.speculate import MAX_DRAFT, AdaptiveDraft, Drafter, PromptLookup
 from swarm.errors import BadRequest
 from swarm.model.block import Segment, Span
 from swarm.model.engine import DecodeEngine
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from client.failover import Failover
     from client.head_batch import HeadBatcher
     from client.verify import Verification
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the tokens generated so far
     logprobs: int | None = None  # None: off; else each Token carries its logprob and this many top alternatives
+    speculate: bool = True  # send draft tokens with each step (client/speculate.py); the output is the same
+    max_draft: int = 8  # the most drafts a step carries (0: no speculation, as speculate=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +67,13 @@ class SamplingParams:
             raise BadRequest("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise BadRequest("logprobs must be in [0, 20]")
+        if not 0 <= self.max_draft <= MAX_DRAFT:
+            raise BadRequest(f"max_draft must be in [0, {MAX_DRAFT}]")
+
+    @property
+    def drafts(self) -> int:
+        """The most drafts a step may carry: 0 when speculation is off."""
+        return self.max_draft if self.speculate else 0
 
 
 class Sampler:
@@ -70,23 +83,30 @@ class Sampler:
     a GPU client as on a CPU one (the same token wherever the two devices' probabilities
     agree). Penalties, temperature, top-k and top-p run where the logits are; greedy is an
     argmax there; only a random draw moves the probabilities [V] to the CPU.
+
+    The draw for a position is seeded by (seed, `index`): the token at a position depends on
+    its distribution alone, not on how many draws came before it. Speculative decoding
+    (client/speculate.py) relies on that: a seed gives the same text whatever drafts were sent.
     """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.base = params.seed if params.seed is not None else int(torch.Generator().seed())
+        self.draws = 0  # the index of a draw not given one
 
-    def __call__(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = (), best: int | None = None) -> int:
-        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter.
+    def distribution(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = ()) -> torch.Tensor:
+        """The processed distribution [V] (float32, on the CPU) the next token is drawn from at a
+        position whose prompt and earlier tokens are `history` (`generated`: only the latter):
+        penalties, temperature, top-k, top-p; greedy is a point mass on the argmax."""
+        processed = self.processed(logits, history, generated)
+        if self.params.temperature == 0:
+            return torch.nn.functional.one_hot(processed.argmax(), processed.numel()).float().cpu()
+        return processed.softmax(-1).float().cpu()
 
-        `best`: the argmax of `logits` when already known (client/head_batch.py finds a whole
-        batch's at once); greedy decoding without penalties then needs no device sync of its own."""
+    def processed(self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = ()) -> torch.Tensor:
+        """`logits` [V] after penalties and, when sampling, temperature, top-k and top-p (-inf: never drawn)."""
         p = self.params
-        raw = logits
         if (p.presence_penalty or p.frequency_penalty) and generated:
             # OpenAI's definition: logit[j] -= count[j] * frequency + (count[j] > 0) * presence.
             ids, counts = torch.tensor(list(generated), dtype=torch.long, device=logits.device).unique(return_counts=True)
@@ -98,7 +118,7 @@ class Sampler:
             logits = logits.clone()
             logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
         if p.temperature == 0:
-            return best if best is not None and logits is raw else int(logits.argmax())
+            return logits
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -109,14 +129,44 @@ class Sampler:
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
             # Masked in sorted order and scattered back whole: no boolean index, so no device sync.
             logits = torch.empty_like(logits).scatter_(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1).cpu()  # the CPU generator draws: one seed, one run, on any device
+        return logits
+
+    def __call__(
+        self, logits: torch.Tensor, history: Sequence[int], generated: Sequence[int] = (), best: int | None = None, index: int | None = None
+    ) -> int:
+        """logits [V] (float32) -> token id. `history`: prompt and generated ids; `generated`: only the latter.
+
+        `best`: the argmax of `logits` when already known (client/head_batch.py finds a whole
+        batch's at once); greedy decoding without penalties then needs no device sync of its own.
+        `index`: which position this draw is for (its seed); by default, one past the last call's."""
+        p = self.params
+        if index is None:
+            index = self.draws
+        self.draws = index + 1
+        if p.temperature == 0:
+            if best is not None and not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+                return best
+            return int(self.processed(logits, history, generated).argmax())
+        probs = self.processed(logits, history, generated).softmax(-1).cpu()  # the CPU generator draws: one seed, one run, on any device
+        self.generator.manual_seed(_mix(self.base, index))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-class Blocks(Protocol):
-    """All transformer blocks of one session: hidden [T, D] at position `start` -> [T, D]."""
+def _mix(seed: int, index: int) -> int:
+    """A 64-bit seed for draw `index` of a run seeded `seed` (splitmix64: nearby inputs, unrelated outputs)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
-    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor: ...
+
+class Blocks(Protocol):
+    """All transformer blocks of one session: hidden [T, D] at position `start` -> the last row [1, D]
+    (`output` "last") or all T rows [T, D] ("all"); or, where a last hop applies the LM head, the
+    `Candidates` of those rows. A step may start at any position up to the positions written so
+    far: it overwrites from there (how rejected drafts are dropped)."""
+
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last") -> torch.Tensor | Candidates: ...
 
 
 class LocalBlocks:
@@ -125,13 +175,15 @@ class LocalBlocks:
 
     def __init__(self, span: Span, max_length: int) -> None:
         self.span = span
+        self.max_length = max_length
         self.engine = DecodeEngine(span, 1, max_length) if span.device.type == "cuda" else None
         self.cache = self.engine.open(max_length) if self.engine else span.new_cache(max_length)
 
-    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last") -> torch.Tensor:
         x = hidden.to(device=self.span.device, dtype=self.span.dtype)
         segments = [Segment(self.cache, start, hidden.shape[0])]
-        return self.engine.forward(x, segments) if self.engine else self.span(x, segments)
+        out = self.engine.forward(x, segments) if self.engine else self.span(x, segments)
+        return out if output == "all" else out[-1:]
 
 
 @dataclass
@@ -155,6 +207,9 @@ class GenerationStats:
     decode_s: float = 0.0  # from the first new token to the last
     finish_reason: str = ""  # "eos", "stop", "length"
     token_ids: list[int] = field(default_factory=list)
+    round_trips: int = 0  # steps sent after the prefill (forward calls)
+    drafted: int = 0  # draft tokens sent (client/speculate.py)
+    accepted: int = 0  # ... and kept: new_tokens - accepted tokens came one per round trip
     failovers: list[Failover] = field(default_factory=list)  # one per hop routed around
     verification: Verification | None = None  # set when this generation was checked (client/verification.py)
 
@@ -213,8 +268,16 @@ async def stream_tokens(
     params: SamplingParams,
     stats: GenerationStats | None = None,
     batcher: HeadBatcher | None = None,
+    drafter: Drafter | None = None,
 ) -> AsyncIterator[Token]:
-    """Prefill the prompt, then decode one token per step, yielding tokens as they come.
+    """Prefill the prompt, then decode, yielding tokens as they come.
+
+    With `params.speculate` (the default) each step carries the current token and up to
+    `params.max_draft` draft tokens from `drafter` (default: `PromptLookup`), as many as
+    `AdaptiveDraft` finds worth it; every row is scored and the tokens the model agrees with
+    are kept (client/speculate.py). Tokens, stop strings, eos, max_new_tokens and logprobs
+    are exactly those of one-token steps: greedy text is the same, and so is sampled text
+    of one seed.
 
     With `batcher` (of this `head`), the head's calls are shared with the other generations
     of this event loop that use the same batcher (client/head_batch.py)."""
@@ -226,41 +289,109 @@ async def stream_tokens(
     text = _TextStream(head, params.stop)
     eos = head.eos_token_ids if params.stop_at_eos else set()
     history = list(prompt_ids)
+    policy = AdaptiveDraft(params.drafts) if params.drafts else None
+    if policy is not None and drafter is None:
+        drafter = PromptLookup()
+    vocab = head.config.vocab_size
     with batcher.generation() if batcher is not None else nullcontext():
         started = time.perf_counter()
-        hidden = await blocks.forward(head.embed(prompt_ids), 0)
-        first_at = 0.0
-        for step in range(params.max_new_tokens):
-            # A last hop serving the head answers with candidates, not hidden states (client/remote_head.py).
-            remote = hidden if isinstance(hidden, Candidates) else None
-            if remote is not None:
-                logits, best = remote.dense(), None
-            else:
-                logits, best = await batcher.score(hidden[-1]) if batcher is not None else (head.logits(hidden[-1:])[0], None)
-            token_id = sampler(logits, history, stats.token_ids, best)
-            now = time.perf_counter()
-            if step == 0:
-                first_at = now
-                stats.time_to_first_token_s = now - started
-            stats.decode_s = now - first_at
-            if token_id in eos:
-                stats.finish_reason = "eos"
+        rows = await _score(head, batcher, await blocks.forward(head.embed(prompt_ids), 0), 1)
+        assert rows is not None, "a step answers at least its last row"
+        first_at: float | None = None
+        drafts: list[int] = []
+        while True:
+            accepted, done = 0, False
+            for i, (logits, best) in enumerate(rows):  # row i follows drafts[:i]: reached only while they were kept
+                dense = logits.dense() if isinstance(logits, Candidates) else logits
+                token_id = sampler(dense, history, stats.token_ids, best, index=len(stats.token_ids))
+                now = time.perf_counter()
+                if first_at is None:
+                    first_at = now
+                    stats.time_to_first_token_s = now - started
+                stats.decode_s = now - first_at
+                if token_id in eos:
+                    stats.finish_reason, done = "eos", True
+                    break
+                history.append(token_id)
+                stats.token_ids.append(token_id)
+                stats.new_tokens += 1
+                piece, stopped = text.push(token_id)
+                yield _token(token_id, piece, logits, params.logprobs)
+                if stopped:
+                    stats.finish_reason = "stop"
+                    return
+                if stats.new_tokens == params.max_new_tokens:
+                    stats.finish_reason, done = "length", True
+                    break
+                if i == len(drafts) or token_id != drafts[i]:
+                    break
+                accepted += 1
+            stats.accepted += accepted
+            if done:
                 break
-            history.append(token_id)
-            stats.token_ids.append(token_id)
-            stats.new_tokens += 1
-            piece, stopped = text.push(token_id)
-            yield _token(token_id, piece, remote if remote is not None else logits, params.logprobs)
-            if stopped:
-                stats.finish_reason = "stop"
-                return
-            if step + 1 == params.max_new_tokens:
-                stats.finish_reason = "length"
-                break
-            hidden = await blocks.forward(head.embed([token_id]), len(history) - 1)
+            if policy is not None and drafts:
+                policy.record_round(len(drafts), accepted)
+            # The next round starts at the current token's position; the hops overwrite from there.
+            position = len(history) - 1
+            drafts = []
+            if policy is not None:
+                # k + 1 new tokens at most, the last never fed: positions stay below prompt + max_new_tokens,
+                # and below the blocks' own max_length where they say it.
+                limit = params.max_new_tokens - stats.new_tokens - 1
+                k = policy.choose(min(limit, getattr(blocks, "max_length", limit + len(history)) - len(history)))
+                if k:
+                    began = time.perf_counter()
+                    drafts = _valid(drafter.propose(history, k), k, vocab)
+                    policy.record_drafting(len(drafts), time.perf_counter() - began)
+            began = time.perf_counter()
+            sent = head.embed([history[-1], *drafts])
+            out = await (blocks.forward(sent, position, "all") if drafts else blocks.forward(sent, position))
+            stats.round_trips += 1
+            rows = await _score(head, batcher, out, len(drafts) + 1)
+            if rows is None:
+                # The route answered fewer rows than asked (a last hop that applies the head to
+                # the last row only): no speculation on it; ask for this position again, alone.
+                log.info("the route answers one row per step: speculation off for this generation")
+                policy, drafts = None, []
+                rows = await _score(head, batcher, await blocks.forward(sent[:1], position), 1)
+                stats.round_trips += 1
+                assert rows is not None
+            elif policy is not None:
+                policy.record_step(len(drafts) + 1, time.perf_counter() - began)
+            stats.drafted += len(drafts)
     tail = text.flush()
     if tail:
         yield Token(None, tail)
+
+
+def _valid(drafts: Sequence[int], k: int, vocab: int) -> list[int]:
+    """At most `k` drafts, up to the first that is not a token id of this vocabulary."""
+    out: list[int] = []
+    for draft in list(drafts)[:k]:
+        if not isinstance(draft, int) or not 0 <= draft < vocab:
+            break
+        out.append(draft)
+    return out
+
+
+async def _score(head: Head, batcher: HeadBatcher | None, out: torch.Tensor | Candidates, n: int) -> list[tuple[torch.Tensor | Candidates, int | None]] | None:
+    """The last `n` rows of a step's answer, each as (logits [V] or one-row `Candidates`, argmax if
+    known); None when the answer has fewer than `n` rows."""
+    if isinstance(out, Candidates):
+        if n == 1 and not hasattr(out, "row"):
+            return [(out, None)]  # a one-row Candidates of a head that answers no more
+        count = len(out) if hasattr(out, "row") else 1
+        if count < n:
+            return None
+        return [(out.row(i) if count > 1 else out, None) for i in range(count - n, count)]
+    if out.shape[0] < n:
+        return None
+    hidden = out[-n:]
+    if batcher is not None:
+        logits, best = await batcher.score_rows(hidden)
+        return list(zip(logits, best))
+    logits = head.logits(hidden)
+    return [(row, None) for row in logits]
 
 
 def _token(token_id: int, piece: str, logits: torch.Tensor | Candidates, top: int | None) -> Token:
@@ -275,10 +406,12 @@ def _token(token_id: int, piece: str, logits: torch.Tensor | Candidates, top: in
     return Token(token_id, piece, float(logprobs[token_id]), alternatives)
 
 
-def stream_tokens_sync(head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[Token]:
+def stream_tokens_sync(
+    head: Head, blocks: Blocks, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None, drafter: Drafter | None = None
+) -> Iterator[Token]:
     """`stream_tokens` for callers without an event loop."""
     loop = asyncio.new_event_loop()
-    agen = stream_tokens(head, blocks, prompt_ids, params, stats)
+    agen = stream_tokens(head, blocks, prompt_ids, params, stats, drafter=drafter)
     try:
         while True:
             try:

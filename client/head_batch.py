@@ -44,7 +44,7 @@ class _LoopState:
     """The batch being gathered in one event loop."""
 
     active: int = 0  # generations registered in this loop
-    waiting: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)  # rows [1, D] and their waiters
+    waiting: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)  # rows [n, D] and their waiters
     handle: asyncio.Handle | None = None  # the turn-end check, while rows wait
     turns: int = 0  # turns the current batch has waited
 
@@ -75,14 +75,18 @@ class HeadBatcher:
 
     async def score(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
         """One last-block output [D] or [1, D] -> (its logits [V], float32 on the head's device; their argmax)."""
-        row = hidden.reshape(1, -1)
+        logits, best = await self.score_rows(hidden.reshape(1, -1))
+        return logits[0], best[0]
+
+    async def score_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Rows [n, D] of one generation (a speculative step's) -> (their logits [n, V]; each row's argmax),
+        in one head call with the other generations' rows."""
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None or (state.active <= 1 and not state.waiting):
-            logits, best = self._run([row])  # alone: inline, as without a batcher
-            return logits[0], best[0]
+            return self._run([hidden])  # alone: inline, as without a batcher
         future = loop.create_future()
-        state.waiting.append((row, future))
+        state.waiting.append((hidden, future))
         if len(state.waiting) >= state.active:
             self._flush(state)  # every generation of the loop is here: nobody else to wait for
         elif state.handle is None:
@@ -108,18 +112,21 @@ class HeadBatcher:
         if not waiting:
             return
         try:
-            logits, best = self._run([row for row, _ in waiting])
+            logits, best = self._run([rows for rows, _ in waiting])
         except Exception as exc:  # the head failed: every waiter of this batch hears it
             for _, future in waiting:
                 future.set_exception(exc)
             return
-        for index, (_, future) in enumerate(waiting):
-            future.set_result((logits[index], best[index]))
+        at = 0
+        for rows, future in waiting:
+            n = rows.shape[0]
+            future.set_result((logits[at : at + n], best[at : at + n]))
+            at += n
 
     def _run(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """rows of [1, D] -> (logits [n, V], each row's argmax): one head call, one device sync."""
+        """blocks of rows [n_i, D] -> (logits [sum n_i, V], each row's argmax): one head call, one device sync."""
         self.calls += 1
-        self.rows += len(rows)
+        self.rows += sum(r.shape[0] for r in rows)
         first = rows[0]
         stacked = first if len(rows) == 1 else torch.cat([r.to(first.device, first.dtype) for r in rows])
         logits = self.head.logits(stacked)

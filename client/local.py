@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from client.draft_model import DraftModel
 from client.head_batch import HeadBatcher
 from swarm.model import Head, Span, load_head, load_span, open_checkpoint
 from swarm.model.device import default_dtype, resolve_device
@@ -44,3 +45,8 @@ class LocalModel:
             span = load_span(checkpoint, 0, layers, dtype, device=where, progress=(lambda done, _: progress(done, layers + 2)) if progress else None)
             head = load_head(checkpoint, dtype, where, progress=(lambda done, _: progress(layers + done, layers + 2)) if progress else None)
         return cls(head, span)
+
+    def drafter(self, blocks: int) -> DraftModel:
+        """Self-speculation: this model's own first `blocks` blocks and head draft (client/draft_model.py),
+        sharing every weight with it."""
+        return DraftModel(self.head, self.span, blocks)

@@ -156,7 +156,7 @@ async def _complete(request: web.Request, parse: Callable[[dict[str, Any]], ApiR
     _check_model(app, body.model)
     prompt_ids = _encode(model, body)
     new_tokens = max_new_tokens(body, len(prompt_ids), model.head.config.max_position, config.default_max_tokens)
-    params = [body.sampling(new_tokens, i) for i in range(body.n)]
+    params = [body.sampling(new_tokens, i, config.speculate, config.max_draft) for i in range(body.n)]
     if len(live) + body.n > config.max_concurrent:
         raise ApiError(
             429,

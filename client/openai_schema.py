@@ -42,7 +42,8 @@ _UNSUPPORTED = {
     "echo": "echo is not supported",
     "best_of": "best_of other than 1 is not supported",
 }
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "stream"}
+# `speculate` (bool) is ours, an extra body field: false sends no draft tokens (client/speculate.py); absent, the server's default.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "stream", "speculate"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
 
@@ -88,14 +89,16 @@ class ApiRequest:
     logprobs: int | None = None  # None: off; else how many top alternatives per token
     stream: bool = False
     include_usage: bool = False
+    speculate: bool | None = None  # None: the server's default
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def prompt_param(self) -> str:
         return "messages" if self.kind == "chat" else "prompt"
 
-    def sampling(self, max_new_tokens: int, choice: int) -> SamplingParams:
-        """The sampling of choice `choice` (0..n-1): choices of a seeded request get seed + choice."""
+    def sampling(self, max_new_tokens: int, choice: int, speculate: bool = True, max_draft: int = 8) -> SamplingParams:
+        """The sampling of choice `choice` (0..n-1): choices of a seeded request get seed + choice.
+        `speculate`, `max_draft`: the server's defaults (a request's `speculate` overrides the first)."""
         greedy = self.temperature == 0 or self.top_p == 0  # top_p -> 0 keeps only the most likely token
         try:
             return SamplingParams(
@@ -107,6 +110,8 @@ class ApiRequest:
                 presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 logprobs=self.logprobs,
+                speculate=speculate if self.speculate is None else self.speculate,
+                max_draft=max_draft,
             )
         except BadRequest as exc:  # parse_* checked every field already: this is a bug, but say it as a 400
             raise invalid(str(exc)) from None
@@ -213,6 +218,7 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
         "stream": stream,
         "include_usage": include_usage,
+        "speculate": None if body.get("speculate") is None else _bool(body, "speculate"),
     }
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from client.api_metrics import ApiMetrics, metrics_routes
 from client.live import LiveGenerations
 from client.openai_schema import ApiError
+from client.speculate import MAX_DRAFT
 from client.swarm import SwarmModel
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,14 @@ class ServeConfig:
     max_concurrent: int = 64  # generations in flight; beyond it a request gets 429 `busy`
     watch_period_s: float = 2.0  # how often the swarm view is re-read and peers probed (client/watch.py)
     default_max_tokens: int = 512  # a request without max_tokens gets this many at most (each session's KV cache is sized by it)
+    speculate: bool = True  # requests that do not say (the API's `speculate` field) send draft tokens (client/speculate.py)
+    max_draft: int = 8  # the most drafts a step carries
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1 or self.default_max_tokens < 1:
             raise ValueError("max_concurrent and default_max_tokens must be at least 1")
+        if not 0 <= self.max_draft <= MAX_DRAFT:
+            raise ValueError(f"max_draft must be in [0, {MAX_DRAFT}]")
 
 
 def build_app(model: SwarmModel, config: ServeConfig) -> web.Application:

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from client.speculate import MAX_DRAFT
 from swarm.errors import KeyFileError, SwarmError
 
 
@@ -86,6 +87,8 @@ def serve_config(args: argparse.Namespace):
         )
     if args.max_concurrent < 1 or args.default_max_tokens < 1:
         raise SwarmError("--max-concurrent and --default-max-tokens must be at least 1")
+    if not 0 <= args.max_draft <= MAX_DRAFT:
+        raise SwarmError(f"--max-draft must be in [0, {MAX_DRAFT}], not {args.max_draft}")
     return ServeConfig(
         host=args.host,
         port=args.port,
@@ -93,6 +96,8 @@ def serve_config(args: argparse.Namespace):
         model_id=args.model_id,
         max_concurrent=args.max_concurrent,
         default_max_tokens=args.default_max_tokens,
+        speculate=args.speculate,
+        max_draft=args.max_draft,
     )
 
 

@@ -19,6 +19,8 @@ Planning and session opening live in client/planner.py (`self.planner`).
     SwarmModel(..., swarm_key="swarm.key")  # a private swarm: NotMember where a peer is not in it
     SwarmModel(..., device="cuda")          # the head on this machine's GPU, in bfloat16 (default "auto")
     model.agenerate("...", verify=True)     # check one hop of this generation on other replicas
+    model.generate("...", speculate=False)  # one token a step: no drafts (client/speculate.py; on by default)
+    SwarmModel(..., draft_model="smollm2-135m-instruct", draft_blocks=8)  # drafts from a model held here
 
 A share of generations (`ClientConfig.verify_fraction`) is verified after its
 text is complete (client/verification.py); `verify=True` checks one on request,
@@ -37,6 +39,7 @@ from pathlib import Path
 import aiohttp
 import torch
 
+from client.draft_model import DraftModel
 from client.failover import FailoverBlocks
 from client.generate import GenerationStats, SamplingParams, Token, stream_tokens
 from client.head_batch import HeadBatcher
@@ -86,6 +89,8 @@ class SwarmModel:
         swarm_key: str | Path | SwarmKey | None = None,
         progress: Callable[[int, int], None] | None = None,  # the head's load, part by part (swarm.model.load_head)
         tokenizer_cache: Path | bool = True,  # True: keep a GGUF's built tokenizer in ~/.cache/layerswarm; False: never
+        draft_model: str | Path | DraftModel | None = None,  # drafts from this model (its first draft_blocks blocks) instead of prompt lookup
+        draft_blocks: int | None = None,
     ) -> None:
         self.config = config or ClientConfig()
         where = resolve_device(device)  # SwarmError before anything is read
@@ -110,6 +115,11 @@ class SwarmModel:
         self.config = remote_head_config(self.config, self.head.device, self.head.config.vocab_size)
         self.planner = Planner(self.fingerprint.digest, self.num_layers, discovery, self.config, claims=claims, model_name=str(self.fingerprint))
         self.verifier = Verifier(self.planner, self.config, logits=self.head.logits)  # logits: checks a last hop's head
+        # Speculative decoding's drafter (client/speculate.py): prompt lookup unless a draft model is held here.
+        self.draft: DraftModel | None = None
+        if draft_model is not None:
+            self.draft = draft_model if isinstance(draft_model, DraftModel) else DraftModel.load(str(draft_model), draft_blocks, where, dtype)
+            self.draft.check_vocabulary(self.head)  # ModelMismatch: drafts in another vocabulary would never be kept
 
     @property
     def discovery(self) -> DiscoveryOptions:
@@ -179,7 +189,8 @@ class SwarmModel:
                 stats.failovers = blocks.failovers
                 tape = self.verifier.plan(blocks.session, verify)
                 seen: list[RemoteHop] = []
-                async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats, self.batcher):
+                drafter = self.draft.fork() if self.draft is not None and params.drafts else None  # its own cache
+                async for token in stream_tokens(self.head, blocks, prompt_ids, params, stats, self.batcher, drafter):
                     if on_route is not None and blocks.session.route != seen:
                         seen = list(blocks.session.route)
                         on_route(seen)

@@ -228,7 +228,7 @@ class _FakeSession:
     def take_draining(self):
         return []
 
-    async def forward(self, hidden, start, timeout=None):
+    async def forward(self, hidden, start, output="last", timeout=None):
         if self.failures:
             self.failures -= 1
             error = PeerUnavailable(f"{self.route[0]} closed the connection")

@@ -53,9 +53,9 @@ class YieldingBlocks:
     def __init__(self, inner: LocalBlocks) -> None:
         self.inner = inner
 
-    async def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def forward(self, hidden: torch.Tensor, start: int, output: str = "last") -> torch.Tensor:
         await asyncio.sleep(0)
-        return await self.inner.forward(hidden, start)
+        return await self.inner.forward(hidden, start, output)
 
 
 def _rows(head, n: int, seed: int = 0) -> torch.Tensor:
@@ -205,7 +205,7 @@ def test_a_cancelled_waiter_drops_out_and_an_error_reaches_every_waiter(head):
 def test_concurrent_local_generations_batch_the_head_and_keep_their_text(head, full_span):
     """Four generations at once through one batcher: one head call per step, each text as when it runs alone."""
     prompts = [head.encode_prompt(p, chat=True) for p in ("Hi", "What is 2+2?", "Name a colour.", "Say yes.")]
-    params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=6, stop_at_eos=False, speculate=False)  # one row a step (tests/test_speculate.py: several)
 
     async def generate(batcher, ids):
         blocks = YieldingBlocks(LocalBlocks(full_span, len(ids) + params.max_new_tokens))
@@ -317,7 +317,7 @@ PROMPTS = ["w5 w9 w17 w33", "w100 w7", "w3 w4 w5 w6 w7 w8", "w400"]
 
 
 def _greedy(model, ids, new_tokens, batcher=None) -> list[int]:
-    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, speculate=False)  # one head row a step
 
     async def run():
         blocks = YieldingBlocks(LocalBlocks(model.span, len(ids) + new_tokens))
@@ -359,7 +359,7 @@ def test_local_model_on_device_matches_cpu_float32(tiny, tiny_reference, device)
     async def together():
         async def one(p):
             blocks = YieldingBlocks(LocalBlocks(exact.span, len(p) + 5))
-            params = SamplingParams(max_new_tokens=5, stop_at_eos=False)
+            params = SamplingParams(max_new_tokens=5, stop_at_eos=False, speculate=False)  # one head row a step
             return [t.id async for t in stream_tokens(exact.head, blocks, p, params, batcher=batcher) if t.id is not None]
 
         return await asyncio.gather(*(one(p) for p in prompts))
@@ -397,7 +397,7 @@ def test_swarm_head_on_device_shares_its_calls_and_keeps_greedy_text(tiny, tiny_
     async def together():
         async def one(ids):
             stats = GenerationStats()
-            params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+            params = SamplingParams(max_new_tokens=6, stop_at_eos=False, speculate=False)  # one head row a step
             async for _ in model.stream_generation(ids, params, stats):
                 pass
             return stats.token_ids
