@@ -29,7 +29,7 @@ import random
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 CHUNK = 64 * 1024
 
@@ -81,7 +81,7 @@ class DelayRelay:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def __aenter__(self) -> DelayRelay:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

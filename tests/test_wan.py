@@ -47,15 +47,15 @@ async def test_a_step_through_relays_pays_hops_plus_one_delays(relayed_swarm, ch
     transport = Transport(insecure_http=True)
     x = torch.randn(1, checkpoint.config.hidden_size)
     loopback, delayed = [], []
-    async with transport.client_session() as http:
-        async with RouteSession(http, hops, checkpoint.fingerprint().digest, 128, SessionConfig(wire_dtype="float32"), transport) as session:
-            position = len(await _steps(session, x, 0, 4))  # warm up: connections pushed through, caches grown
-            for _ in range(3):
-                for delay, times in ((0.0, loopback), (DELAY_S, delayed)):
-                    relays.set_delay(delay)
-                    measured = await _steps(session, x, position, 5)
-                    position += len(measured)
-                    times += measured[1:]  # the first step after a switch may meet bytes still held at the old delay
+    config = SessionConfig(wire_dtype="float32")
+    async with transport.client_session() as http, RouteSession(http, hops, checkpoint.fingerprint().digest, 128, config, transport) as session:
+        position = len(await _steps(session, x, 0, 4))  # warm up: connections pushed through, caches grown
+        for _ in range(3):
+            for delay, times in ((0.0, loopback), (DELAY_S, delayed)):
+                relays.set_delay(delay)
+                measured = await _steps(session, x, position, 5)
+                position += len(measured)
+                times += measured[1:]  # the first step after a switch may meet bytes still held at the old delay
     relays.set_delay(0.0)
     base, wan = statistics.median(loopback), statistics.median(delayed)
     added, told = wan - base, (len(hops) + 1) * DELAY_S
