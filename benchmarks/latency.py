@@ -1,0 +1,146 @@
+"""Decoding over a WAN: 3 hops each behind a delay relay, against the physical floor, and on loopback.
+
+Two swarms of the default model ([0,10) [10,20) [20,30), a bootstrap peer each) run at
+once on this machine: one on plain loopback, one whose every node sits behind its own
+`DelayRelay` (tests/delay_relay.py) at `--delay-ms` each way, its `--public-url` the relay's,
+so the client's connections and the pushes between hops all cross relays. Trials alternate
+between the swarms and the modes, so drift in the machine's speed hits all alike.
+
+Per swarm, greedy, fixed prompts, median of `--trials`:
+- plain push decoding (`speculate=False`) of a free chat prompt, against the floor per
+  token: (hops + 1) one-way delays + the compute of one token, measured in the same run as
+  the loopback swarm's plain time per token (model, client and loopback hops: what the
+  relays' swarm pays besides the wire);
+- speculation (prompt lookup) on a grounded task (repeat a given passage: drafts hit),
+  against plain decoding of the same prompt;
+- speculation on the free chat prompt, against plain.
+Speculation needs `SamplingParams.speculate` (client/generate.py); without it only the
+plain figures run.
+
+Run: `python benchmarks/latency.py [--delay-ms 10] [--new-tokens 64] [--trials 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit
+from client.generate import GenerationStats, SamplingParams
+from tests.nodes import start_swarm, stop_nodes, swarm_client, until_routed
+
+SPANS = ["0:10", "10:20", "20:30"]
+CHAT = "Write a long story about a dragon who learns to cook."
+PASSAGE = (
+    "The river rose for three days after the storm. On the fourth morning the ferryman untied his boat, "
+    "loaded it with bread, lamp oil and a crate of letters, and crossed to the village on the far bank, "
+    "where nobody had seen a stranger since the bridge fell. The children ran down to the water to meet him, "
+    "and the baker's daughter read the letters aloud in the square until the sun went down."
+)
+GROUNDED = f"Repeat the following passage exactly, word for word, and nothing else.\n\n{PASSAGE}"
+
+
+def can_speculate() -> bool:
+    return "speculate" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+async def decode(client, ids: list[int], new_tokens: int, speculate: bool | None) -> GenerationStats:
+    """One greedy generation, unchecked (verification runs after the stream, outside decode time)."""
+    sampling = {"max_new_tokens": new_tokens}
+    if speculate is not None:
+        sampling["speculate"] = speculate
+    stats = GenerationStats()
+    async for _, stats, _ in client.stream_result(ids, SamplingParams(**sampling), verify=False):
+        pass
+    return stats
+
+
+def tokens_per_s(runs: list[GenerationStats]) -> float:
+    return statistics.median(s.decode_tokens_per_s for s in runs)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay of each relay (default 10: an RTT of 20 ms per hop)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (the grounded passage ends sooner, at eos)")
+    parser.add_argument("--trials", type=int, default=3, help="generations per figure; the median counts")
+    args = parser.parse_args()
+    delay = args.delay_ms / 1e3
+    speculation = can_speculate()
+    if not speculation:
+        print("SamplingParams has no `speculate` field (speculative decoding not on this branch): plain decoding only", file=sys.stderr)
+    # (mode name, prompt, speculate): None leaves SamplingParams' default, which is plain without speculation
+    modes = [("plain_chat", CHAT, False if speculation else None), ("plain_grounded", GROUNDED, False if speculation else None)]
+    if speculation:
+        modes += [("speculate_chat", CHAT, True), ("speculate_grounded", GROUNDED, True)]
+
+    tmp = Path(tempfile.mkdtemp(prefix="latency-"))
+    print(f"starting two swarms of 3 nodes (loopback; relays at {args.delay_ms:g} ms each way) ...", file=sys.stderr)
+    loop_boot, loop_nodes = start_swarm(tmp / "loopback", SPANS)
+    try:
+        wan_boot, wan_nodes = start_swarm(tmp / "wan", SPANS, delay_s=delay)
+    except BaseException:
+        stop_nodes([loop_boot, *loop_nodes])
+        raise
+    try:
+        clients = {"loopback": swarm_client(loop_boot.url), "wan": swarm_client(wan_boot.url)}
+        for client in clients.values():
+            await until_routed(client)
+        ids = {prompt: clients["wan"].head.encode_prompt(prompt, chat=True) for prompt in (CHAT, GROUNDED)}
+        runs: dict[tuple[str, str], list[GenerationStats]] = {(s, m): [] for s in clients for m, _, _ in modes}
+        for client in clients.values():  # warm up: sessions, connections, the nodes' first steps
+            await decode(client, ids[CHAT], 8, modes[0][2])
+        for trial in range(args.trials):
+            for swarm, client in clients.items():
+                for mode, prompt, speculate in modes:
+                    runs[swarm, mode].append(await decode(client, ids[prompt], args.new_tokens, speculate))
+            print(f"trial {trial + 1}/{args.trials} done", file=sys.stderr)
+    finally:
+        stop_nodes([loop_boot, *loop_nodes, wan_boot, *wan_nodes])
+    report(runs, modes, args, delay)
+
+
+def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args, delay: float) -> None:
+    hops = len(SPANS)
+    base = {"hops": hops, "trials": args.trials, "new_tokens": args.new_tokens, "wire": "float32", "greedy": True}
+    compute = 1.0 / tokens_per_s(runs["loopback", "plain_chat"])  # s per token with no wire delay
+    floor = (hops + 1) * delay + compute
+    for swarm, delay_ms in (("loopback", 0.0), ("wan", args.delay_ms)):
+        p = {**base, "swarm": swarm, "delay_ms_each_way": delay_ms}
+        plain = {m: tokens_per_s(runs[swarm, m]) for m in ("plain_chat", "plain_grounded")}
+        for mode, _, _ in modes:
+            stats = runs[swarm, mode]
+            tps = tokens_per_s(stats)
+            extra = {"tokens": statistics.median(s.new_tokens for s in stats)}
+            if hasattr(stats[0], "round_trips"):
+                extra.update(
+                    round_trips=statistics.median(s.round_trips for s in stats),
+                    drafted=statistics.median(s.drafted for s in stats),
+                    accepted=statistics.median(s.accepted for s in stats),
+                )
+            emit(f"latency_{mode}_tokens_per_s", tps, "tokens/s", {**p, **extra}, human=f"{swarm} {mode}: {tps:.1f} tok/s {extra}")
+            if mode.startswith("speculate"):
+                against = plain["plain_" + mode.split("_", 1)[1]]
+                emit(f"latency_{mode}_vs_plain", tps / against, "ratio", p, human=f"{swarm} {mode}: {tps / against:.2f}x plain ({against:.1f} tok/s)")
+        if swarm == "wan":
+            per_token = 1.0 / plain["plain_chat"]
+            emit("latency_floor_per_token", floor * 1e3, "ms", {**p, "compute_ms": compute * 1e3, "compute": "loopback plain ms/token, same run"})
+            emit(
+                "latency_plain_vs_floor",
+                per_token / floor,
+                "ratio",
+                p,
+                human=f"wan plain: {per_token * 1e3:.1f} ms/token against a floor of {floor * 1e3:.1f} ms "
+                f"({hops + 1} x {args.delay_ms:g} ms + {compute * 1e3:.1f} ms compute) = {per_token / floor:.3f}x",
+            )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
