@@ -17,7 +17,10 @@ Per swarm, greedy, fixed prompts, median of `--trials`:
 Speculation needs `SamplingParams.speculate` (client/generate.py); without it only the
 plain figures run.
 
-Run: `python benchmarks/latency.py [--delay-ms 10] [--new-tokens 64] [--trials 3]`.
+The machine's noise moves the figures much on a small shared box (compute per token there is
+tens of ms, as much as the wire); `--device cuda` puts the nodes on the GPU (all three on one).
+
+Run: `python benchmarks/latency.py [--delay-ms 10] [--new-tokens 64] [--trials 3] [--device cuda]`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import statistics
 import sys
 import tempfile
@@ -71,6 +75,7 @@ async def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay of each relay (default 10: an RTT of 20 ms per hop)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (the grounded passage ends sooner, at eos)")
     parser.add_argument("--trials", type=int, default=3, help="generations per figure; the median counts")
+    parser.add_argument("--device", default="cpu", help="the nodes' device: cpu, cuda or cuda:N (default cpu; the client's head stays on the CPU)")
     args = parser.parse_args()
     delay = args.delay_ms / 1e3
     speculation = can_speculate()
@@ -83,9 +88,10 @@ async def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="latency-"))
     print(f"starting two swarms of 3 nodes (loopback; relays at {args.delay_ms:g} ms each way) ...", file=sys.stderr)
-    loop_boot, loop_nodes = start_swarm(tmp / "loopback", SPANS)
+    extra = ["--device", args.device]
+    loop_boot, loop_nodes = start_swarm(tmp / "loopback", SPANS, extra=extra)
     try:
-        wan_boot, wan_nodes = start_swarm(tmp / "wan", SPANS, delay_s=delay)
+        wan_boot, wan_nodes = start_swarm(tmp / "wan", SPANS, extra=extra, delay_s=delay)
     except BaseException:
         stop_nodes([loop_boot, *loop_nodes])
         raise
@@ -109,7 +115,8 @@ async def main() -> None:
 
 def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args, delay: float) -> None:
     hops = len(SPANS)
-    base = {"hops": hops, "trials": args.trials, "new_tokens": args.new_tokens, "wire": "float32", "greedy": True}
+    base = {"hops": hops, "trials": args.trials, "new_tokens": args.new_tokens, "wire": "float32", "greedy": True, "device": args.device}
+    say = functools.partial(emit, device=args.device)
     compute = 1.0 / tokens_per_s(runs["loopback", "plain_chat"])  # s per token with no wire delay
     floor = (hops + 1) * delay + compute
     for swarm, delay_ms in (("loopback", 0.0), ("wan", args.delay_ms)):
@@ -125,14 +132,16 @@ def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args
                     drafted=statistics.median(s.drafted for s in stats),
                     accepted=statistics.median(s.accepted for s in stats),
                 )
-            emit(f"latency_{mode}_tokens_per_s", tps, "tokens/s", {**p, **extra}, human=f"{swarm} {mode}: {tps:.1f} tok/s {extra}")
+            say(f"latency_{mode}_tokens_per_s", tps, "tokens/s", {**p, **extra}, human=f"{swarm} {mode}: {tps:.1f} tok/s {extra}")
             if mode.startswith("speculate"):
                 against = plain["plain_" + mode.split("_", 1)[1]]
-                emit(f"latency_{mode}_vs_plain", tps / against, "ratio", p, human=f"{swarm} {mode}: {tps / against:.2f}x plain ({against:.1f} tok/s)")
+                say(f"latency_{mode}_vs_plain", tps / against, "ratio", p, human=f"{swarm} {mode}: {tps / against:.2f}x plain ({against:.1f} tok/s)")
         if swarm == "wan":
             per_token = 1.0 / plain["plain_chat"]
-            emit("latency_floor_per_token", floor * 1e3, "ms", {**p, "compute_ms": compute * 1e3, "compute": "loopback plain ms/token, same run"})
-            emit(
+            say("latency_floor_per_token", floor * 1e3, "ms", {**p, "compute_ms": compute * 1e3, "compute": "loopback plain ms/token, same run"})
+            added = per_token - compute
+            say("latency_wire_added_per_token", added * 1e3, "ms", p, human=f"wan plain: the relays added {added * 1e3:.1f} ms a token (told {(hops + 1) * args.delay_ms:g} ms)")
+            say(
                 "latency_plain_vs_floor",
                 per_token / floor,
                 "ratio",
