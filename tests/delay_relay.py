@@ -121,6 +121,10 @@ class DelayRelay:
                 for t in rest:
                     t.cancel()
             await asyncio.gather(*rest, return_exceptions=True)
+        except asyncio.CancelledError:
+            # close() cancels us and awaits us; a connection callback that ends cancelled is
+            # reported by asyncio's streams as an error (3.11), so this one ends quietly
+            pass
         finally:
             for t in pipes:
                 t.cancel()
