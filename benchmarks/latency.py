@@ -1,16 +1,18 @@
 """Decoding over a WAN: 3 hops each behind a delay relay, against the physical floor, and on loopback.
 
-Two swarms of the default model ([0,10) [10,20) [20,30), a bootstrap peer each) run at
-once on this machine: one on plain loopback, one whose every node sits behind its own
-`DelayRelay` (tests/delay_relay.py) at `--delay-ms` each way, its `--public-url` the relay's,
-so the client's connections and the pushes between hops all cross relays. Trials alternate
-between the swarms and the modes, so drift in the machine's speed hits all alike.
+A swarm of the default model ([0,10) [10,20) [20,30) and a bootstrap peer) runs on this
+machine, every node behind its own `DelayRelay` (tests/delay_relay.py), its `--public-url` the
+relay's, so the client's connections and the pushes between hops all cross relays. Each
+generation runs with the relays at `--delay-ms` each way ("wan") or at 0 ("loopback": the
+relays then only copy bytes, about 0.01 ms a round trip), alternating, so the machine's drift
+hits both alike and both run on the same processes. `--separate-loopback` takes the loopback
+figures from a second swarm with no relay at all instead.
 
 Per swarm, greedy, fixed prompts, median of `--trials`:
 - plain push decoding (`speculate=False`) of a free chat prompt, against the floor per
   token: (hops + 1) one-way delays + the compute of one token, measured in the same run as
-  the loopback swarm's plain time per token (model, client and loopback hops: what the
-  relays' swarm pays besides the wire);
+  the loopback plain time per token (model, client and loopback hops: all a token costs
+  besides the wire);
 - speculation (prompt lookup) on a grounded task (repeat a given passage: drafts hit),
   against plain decoding of the same prompt;
 - speculation on the free chat prompt, against plain.
@@ -75,6 +77,11 @@ async def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay of each relay (default 10: an RTT of 20 ms per hop)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (the grounded passage ends sooner, at eos)")
     parser.add_argument("--trials", type=int, default=3, help="generations per figure; the median counts")
+    parser.add_argument(
+        "--separate-loopback",
+        action="store_true",
+        help="loopback figures from a second swarm with no relays at all (default: the same swarm, its relays at 0 ms)",
+    )
     parser.add_argument("--device", default="cpu", help="the nodes' device: cpu, cuda or cuda:N (default cpu; the client's head stays on the CPU)")
     args = parser.parse_args()
     delay = args.delay_ms / 1e3
@@ -87,35 +94,43 @@ async def main() -> None:
         modes += [("speculate_chat", CHAT, True), ("speculate_grounded", GROUNDED, True)]
 
     tmp = Path(tempfile.mkdtemp(prefix="latency-"))
-    print(f"starting two swarms of 3 nodes (loopback; relays at {args.delay_ms:g} ms each way) ...", file=sys.stderr)
     extra = ["--device", args.device]
-    loop_boot, loop_nodes = start_swarm(tmp / "loopback", SPANS, extra=extra)
+    started = []
     try:
-        wan_boot, wan_nodes = start_swarm(tmp / "wan", SPANS, extra=extra, delay_s=delay)
-    except BaseException:
-        stop_nodes([loop_boot, *loop_nodes])
-        raise
-    try:
-        clients = {"loopback": swarm_client(loop_boot.url), "wan": swarm_client(wan_boot.url)}
-        for client in clients.values():
+        print(f"starting 3 nodes behind relays ({args.delay_ms:g} ms each way; 0 for loopback) ...", file=sys.stderr)
+        boot, nodes = start_swarm(tmp / "wan", SPANS, extra=extra, relayed=True)
+        started += [boot, *nodes]
+        relays = nodes[0].relays
+        wan = swarm_client(boot.url)
+        # (name, client, the relays' delay while it runs): loopback is the same swarm, its relays at 0 ms
+        settings = [("loopback", wan, 0.0), ("wan", wan, delay)]
+        if args.separate_loopback:
+            print("starting 3 more nodes on plain loopback ...", file=sys.stderr)
+            loop_boot, loop_nodes = start_swarm(tmp / "loopback", SPANS, extra=extra)
+            started += [loop_boot, *loop_nodes]
+            settings[0] = ("loopback", swarm_client(loop_boot.url), delay)
+        for client in {id(c): c for _, c, _ in settings}.values():
             await until_routed(client)
-        ids = {prompt: clients["wan"].head.encode_prompt(prompt, chat=True) for prompt in (CHAT, GROUNDED)}
-        runs: dict[tuple[str, str], list[GenerationStats]] = {(s, m): [] for s in clients for m, _, _ in modes}
-        for client in clients.values():  # warm up: sessions, connections, the nodes' first steps
+        ids = {prompt: wan.head.encode_prompt(prompt, chat=True) for prompt in (CHAT, GROUNDED)}
+        runs: dict[tuple[str, str], list[GenerationStats]] = {(name, m): [] for name, _, _ in settings for m, _, _ in modes}
+        for _, client, wait in settings:  # warm up: sessions, connections, the nodes' first steps
+            relays.set_delay(wait)
             await decode(client, ids[CHAT], 8, modes[0][2])
         for trial in range(args.trials):
-            for swarm, client in clients.items():
-                for mode, prompt, speculate in modes:
-                    runs[swarm, mode].append(await decode(client, ids[prompt], args.new_tokens, speculate))
+            for mode, prompt, speculate in modes:
+                for name, client, wait in settings:  # alternate, so drift in the machine's speed hits both alike
+                    relays.set_delay(wait)
+                    runs[name, mode].append(await decode(client, ids[prompt], args.new_tokens, speculate))
             print(f"trial {trial + 1}/{args.trials} done", file=sys.stderr)
     finally:
-        stop_nodes([loop_boot, *loop_nodes, wan_boot, *wan_nodes])
+        stop_nodes(started)
     report(runs, modes, args, delay)
 
 
 def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args, delay: float) -> None:
     hops = len(SPANS)
     base = {"hops": hops, "trials": args.trials, "new_tokens": args.new_tokens, "wire": "float32", "greedy": True, "device": args.device}
+    base["loopback"] = "another swarm, no relays" if args.separate_loopback else "the same swarm, relays at 0 ms"
     say = functools.partial(emit, device=args.device)
     compute = 1.0 / tokens_per_s(runs["loopback", "plain_chat"])  # s per token with no wire delay
     floor = (hops + 1) * delay + compute
