@@ -15,7 +15,9 @@ Per swarm, greedy, fixed prompts, median of `--trials`:
   besides the wire);
 - speculation (prompt lookup) on a grounded task (repeat a given passage: drafts hit),
   against plain decoding of the same prompt;
-- speculation on the free chat prompt, against plain.
+- speculation on the free chat prompt, against plain;
+- the push path alone: bare one-token steps through the hops (no client model), against
+  (hops + 1) delays + the model time the hops report for the same steps.
 Speculation needs `SamplingParams.speculate` (client/generate.py); without it only the
 plain figures run.
 
@@ -34,12 +36,16 @@ import functools
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit
 from client.generate import GenerationStats, SamplingParams
+from client.session import RemoteHop, RouteSession, SessionConfig
 from tests.nodes import start_swarm, stop_nodes, swarm_client, until_routed
 
 SPANS = ["0:10", "10:20", "20:30"]
@@ -68,6 +74,34 @@ async def decode(client, ids: list[int], new_tokens: int, speculate: bool | None
     return stats
 
 
+async def hop_steps(client, nodes, relays, delays: tuple[float, ...], steps: int) -> dict[float, list[tuple[float, float]]]:
+    """One-token steps of a random hidden state straight through the 3 hops (no head, no client
+    model), alternating the relays' delay every few steps: per delay, (wall s, the hops' reported
+    model s) of each step."""
+    hops = [RemoteHop(n.url, *n.blocks, n.peer_id) for n in nodes]
+    x = torch.randn(1, client.head.config.hidden_size)
+    out: dict[float, list[tuple[float, float]]] = {d: [] for d in delays}
+    transport = client.config.transport
+    config = SessionConfig(wire_dtype="float32")
+    async with transport.client_session() as http, RouteSession(http, hops, client.fingerprint.digest, steps * len(delays) + 16, config, transport) as session:
+        position = 0
+        for _ in range(4):  # warm up
+            await session.forward(x, position)
+            position += 1
+        for block in range(0, steps, 5):
+            for delay in delays:
+                relays.set_delay(delay)
+                for i in range(min(5, steps - block)):
+                    began = time.perf_counter()
+                    await session.forward(x, position)
+                    wall = time.perf_counter() - began
+                    await session.settle(5.0)  # every hop's ack in: its compute_ms is this step's
+                    position += 1
+                    if i:  # the first step after a switch may meet bytes still held at the old delay
+                        out[delay].append((wall, sum(session.compute_ms) / 1e3))
+    return out
+
+
 def tokens_per_s(runs: list[GenerationStats]) -> float:
     return statistics.median(s.decode_tokens_per_s for s in runs)
 
@@ -77,6 +111,7 @@ async def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay of each relay (default 10: an RTT of 20 ms per hop)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation (the grounded passage ends sooner, at eos)")
     parser.add_argument("--trials", type=int, default=3, help="generations per figure; the median counts")
+    parser.add_argument("--steps", type=int, default=60, help="bare one-token steps through the hops per delay (default 60)")
     parser.add_argument(
         "--separate-loopback",
         action="store_true",
@@ -122,9 +157,11 @@ async def main() -> None:
                     relays.set_delay(wait)
                     runs[name, mode].append(await decode(client, ids[prompt], args.new_tokens, speculate))
             print(f"trial {trial + 1}/{args.trials} done", file=sys.stderr)
+        steps = await hop_steps(wan, nodes, relays, (0.0, delay), args.steps)
     finally:
         stop_nodes(started)
     report(runs, modes, args, delay)
+    report_steps(steps, args, delay)
 
 
 def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args, delay: float) -> None:
@@ -164,6 +201,25 @@ def report(runs: dict[tuple[str, str], list[GenerationStats]], modes: list, args
                 human=f"wan plain: {per_token * 1e3:.1f} ms/token against a floor of {floor * 1e3:.1f} ms "
                 f"({hops + 1} x {args.delay_ms:g} ms + {compute * 1e3:.1f} ms compute) = {per_token / floor:.3f}x",
             )
+
+
+def report_steps(steps: dict[float, list[tuple[float, float]]], args, delay: float) -> None:
+    """The push path alone: a bare one-token step against (hops + 1) delays + the hops' own model time."""
+    hops = len(SPANS)
+    p = {"hops": hops, "steps": args.steps, "wire": "float32", "device": args.device, "delay_ms_each_way": args.delay_ms}
+    say = functools.partial(emit, device=args.device)
+    overhead = statistics.median(wall - model for wall, model in steps[0.0])
+    say("latency_step_overhead_loopback", overhead * 1e3, "ms", {**p, "delay_ms_each_way": 0.0}, human=f"loopback step: {overhead * 1e3:.2f} ms beyond the hops' model time ({hops} hops)")
+    ratio = statistics.median(wall / ((hops + 1) * delay + model) for wall, model in steps[delay])
+    wall = statistics.median(w for w, _ in steps[delay])
+    model = statistics.median(m for _, m in steps[delay])
+    say(
+        "latency_step_vs_floor",
+        ratio,
+        "ratio",
+        {**p, "wall_ms": wall * 1e3, "model_ms": model * 1e3},
+        human=f"wan step: {wall * 1e3:.1f} ms against {hops + 1} x {args.delay_ms:g} ms + {model * 1e3:.1f} ms of the hops' model time = {ratio:.3f}x the floor",
+    )
 
 
 if __name__ == "__main__":
