@@ -15,13 +15,21 @@ serialise, and the order of bytes is kept.
 
     async with DelayRelay(("127.0.0.1", node_port), delay_s=0.010) as relay:
         url = relay.url()   # http://127.0.0.1:<relay port>
+
+`delay_s` may be changed while the relay runs (from any thread): chunks read after
+the change take the new delay, and still never overtake the ones before them.
+A `RelayHost` runs relays on an event loop of its own, in a thread, so they live
+as long as a swarm does whatever loop (or none) the test or benchmark runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 CHUNK = 64 * 1024
 
@@ -30,7 +38,6 @@ CHUNK = 64 * 1024
 class _Direction:
     """One direction of one connection: chunks in flight and the link's state."""
 
-    delay_s: float
     jitter_s: float
     bandwidth: float | None
     rng: random.Random
@@ -38,12 +45,12 @@ class _Direction:
     link_free: float = 0.0
     last_deliver: float = 0.0
 
-    def schedule(self, now: float, size: int) -> float:
+    def schedule(self, now: float, size: int, delay_s: float) -> float:
         """When a chunk of `size` bytes read at `now` is delivered at the far end."""
         sent = max(self.link_free, now) + (size / self.bandwidth if self.bandwidth else 0.0)
         self.link_free = sent
         jitter = self.rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0
-        self.last_deliver = max(self.last_deliver, sent + self.delay_s + jitter)
+        self.last_deliver = max(self.last_deliver, sent + delay_s + jitter)
         return self.last_deliver
 
 
@@ -74,7 +81,7 @@ class DelayRelay:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def __aenter__(self) -> DelayRelay:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -114,6 +121,10 @@ class DelayRelay:
                 for t in rest:
                     t.cancel()
             await asyncio.gather(*rest, return_exceptions=True)
+        except asyncio.CancelledError:
+            # close() cancels us and awaits us; a connection callback that ends cancelled is
+            # reported by asyncio's streams as an error (3.11), so this one ends quietly
+            pass
         finally:
             for t in pipes:
                 t.cancel()
@@ -125,7 +136,7 @@ class DelayRelay:
         """Read everything from `reader` and deliver it to `writer` on the link's schedule; False
         when the connection broke instead of closing."""
         loop = asyncio.get_running_loop()
-        way = _Direction(self.delay_s, self.jitter_s, self.bandwidth, self.rng)
+        way = _Direction(self.jitter_s, self.bandwidth, self.rng)
 
         async def deliver() -> None:
             while True:
@@ -145,7 +156,7 @@ class DelayRelay:
             while data := await reader.read(CHUNK):
                 self.bytes += len(data)
                 now = loop.time()
-                way.queue.put_nowait((way.schedule(now, len(data)), data))
+                way.queue.put_nowait((way.schedule(now, len(data), self.delay_s), data))
             way.queue.put_nowait((max(way.last_deliver, loop.time() + self.delay_s), None))
             await sender
             return True
@@ -154,3 +165,47 @@ class DelayRelay:
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+
+
+class RelayHost:
+    """`DelayRelay`s on an event loop of their own, in a daemon thread: they outlive any one loop of
+    the caller's (pytest-asyncio's are per test) and serve a swarm started from plain code.
+
+        host = RelayHost()
+        relay = host.relay(("127.0.0.1", node_port), delay_s=0.030)   # started, listening
+        ...
+        host.close()   # every relay closed, the thread gone; idempotent"""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.relays: list[DelayRelay] = []
+        self._thread = threading.Thread(target=self.loop.run_forever, name="delay-relays", daemon=True)
+        self._thread.start()
+
+    def _call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def relay(self, target: tuple[str, int], delay_s: float, **options: Any) -> DelayRelay:
+        """A started relay in front of `target`; `options` as DelayRelay's (jitter_s, bandwidth, ...)."""
+        relay = DelayRelay(target, delay_s, **options)
+        self._call(relay.start())
+        self.relays.append(relay)
+        return relay
+
+    def set_delay(self, delay_s: float) -> None:
+        """Every relay's one-way delay from now on (0: loopback through the relays)."""
+        if delay_s < 0:
+            raise ValueError("delay must be >= 0")
+        for relay in self.relays:
+            relay.delay_s = delay_s
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            for relay in self.relays:
+                self._call(relay.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+            self.loop.close()

@@ -2,7 +2,12 @@
 
 Nodes started here serve plain http (`--insecure-http`, a loopback fixture the issue allows)
 unless `tls=True`; clients of them come from `swarm_client`, which dials http only for such
-swarms. The default path, TLS pinned to identities, is tested in tests/test_tls.py."""
+swarms. The default path, TLS pinned to identities, is tested in tests/test_tls.py.
+
+A swarm "over a WAN": `start_swarm(..., delay_s=0.010)` puts a `DelayRelay` (tests/delay_relay.py)
+in front of every node that holds blocks and starts the node with `--public-url` of its relay, so
+the client's connections and the pushes from hop to hop all cross relays: a one-token step pays
+(hops + 1) one-way delays. `stop_nodes` closes the relays after the nodes."""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from tests.delay_relay import RelayHost
 
 READY = re.compile(r"^ready peer=(\S+) url=(\S+) blocks=(?:(\d+):(\d+)|none) model=(\S+)")
 
@@ -30,6 +38,7 @@ class NodeProcess:
     blocks: tuple[int, int] = (0, 0)
     output: list[str] = field(default_factory=list)
     settled: threading.Event = field(default_factory=threading.Event)  # ready line seen, or output ended
+    relays: RelayHost | None = None  # the relays in front of it and its swarm (`behind_relays`), closed by stop_nodes
 
     def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -98,6 +107,7 @@ def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProce
 
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:
+    """Stop the nodes (SIGTERM, then kill), then close the relays in front of them."""
     for node in nodes:
         if node.proc.poll() is None:
             node.proc.send_signal(signal.SIGTERM)
@@ -106,6 +116,9 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             node.proc.wait(30)
         except subprocess.TimeoutExpired:
             node.kill()
+    for node in nodes:
+        if node.relays is not None:
+            node.relays.close()  # idempotent: nodes of one swarm share their host
 
 
 def reserve_url(tls: bool = False) -> tuple[list[str], str]:
@@ -119,27 +132,66 @@ def reserve_url(tls: bool = False) -> tuple[list[str], str]:
     return ["--port", str(port)], f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
+def behind_relays(specs: list[list[str]], relays: RelayHost, delay_s: float, tls: bool = False, **options: Any) -> list[list[str]]:
+    """Each node's arguments with a reserved loopback `--port` and `--public-url` of a `DelayRelay`
+    (started on `relays`, delay `delay_s` each way, `options` as DelayRelay's) in front of that port.
+
+    The relay listens before the node starts and dials the node only when a connection comes, so
+    the nodes can start at once. Every peer learns the relay's URL from the node's record: the
+    client and the node pushing to it both go through the relay."""
+    fronted = []
+    for args in specs:
+        port, _ = reserve_url(tls)
+        relay = relays.relay(("127.0.0.1", int(port[1])), delay_s, **options)
+        fronted.append([*args, *port, "--public-url", relay.url("https" if tls else "http")])
+    return fronted
+
+
 def start_swarm(
-    tmp: Path, spans: list[str], gossip_period: float = 0.5, tls: bool = False, extra: Sequence[str] = ()
+    tmp: Path,
+    spans: list[str],
+    gossip_period: float = 0.5,
+    tls: bool = False,
+    extra: Sequence[str] = (),
+    delay_s: float = 0.0,
+    relayed: bool | None = None,
+    relay_options: dict[str, Any] | None = None,
 ) -> tuple[NodeProcess, list[NodeProcess]]:
     """A bootstrap peer (no blocks) and one node per span ("0:10", ...) that announces to it, all
     started at once (`reserve_url`). The nodes' identities are tmp/node{i}-{pid}.key, the bootstrap
-    peer's is under tmp/bootstrap. `extra`: more flags for the nodes that hold blocks."""
+    peer's is under tmp/bootstrap. `extra`: more flags for the nodes that hold blocks.
+
+    With `delay_s` > 0 (or `relayed`, which also puts relays of 0 delay in front, to raise later)
+    every node that holds blocks sits behind its own `DelayRelay`
+    (`behind_relays`; `relay_options`: jitter_s, bandwidth, ...), all on one `RelayHost` set on
+    every node's `.relays` (`set_delay` changes the delay of the whole swarm at once). The
+    bootstrap peer is dialled directly: it is on no step's path."""
     period = ["--gossip-period", str(gossip_period)]
     port, url = reserve_url(tls)
     identity = ["--identity", str(tmp / "bootstrap" / f"node0-{os.getpid()}.key")]  # an explicit --identity wins
-    node_args = (["--blocks", span, "--bootstrap", url, *period, *extra] for span in spans)
-    *nodes, bootstrap = start_nodes([*node_args, ["--no-model", *port, *identity, *period]], tmp, tls=tls)
+    node_args = [["--blocks", span, "--bootstrap", url, *period, *extra] for span in spans]
+    relays = RelayHost() if (delay_s > 0 if relayed is None else relayed) else None
+    try:
+        if relays is not None:
+            node_args = behind_relays(node_args, relays, delay_s, tls, **(relay_options or {}))
+        *nodes, bootstrap = start_nodes([*node_args, ["--no-model", *port, *identity, *period]], tmp, tls=tls)
+    except BaseException:
+        if relays is not None:
+            relays.close()
+        raise
+    for node in nodes:
+        node.relays = relays
     return bootstrap, nodes
 
 
-def module_swarm(name: str, spans: list[str], tls: bool = False):
-    """A module-scoped pytest fixture: `start_swarm` with these spans, stopped after the module."""
+def module_swarm(name: str, spans: list[str], tls: bool = False, delay_s: float = 0.0):
+    """A module-scoped pytest fixture: `start_swarm` with these spans (behind relays with
+    `delay_s`), stopped after the module."""
     import pytest
 
     @pytest.fixture(scope="module")
     def swarm(tmp_path_factory):
-        bootstrap, nodes = start_swarm(tmp_path_factory.mktemp(name), spans, tls=tls)
+        bootstrap, nodes = start_swarm(tmp_path_factory.mktemp(name), spans, tls=tls, delay_s=delay_s)
         yield bootstrap, nodes
         stop_nodes([bootstrap, *nodes])
 

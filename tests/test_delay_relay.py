@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.delay_relay import DelayRelay
+from tests.delay_relay import DelayRelay, RelayHost
 
 
 @pytest.fixture
@@ -91,5 +91,26 @@ async def test_closing_the_relay_drops_its_connections(echo):
     await relay.close()
     assert await reader.read() == b"", "a dead relay's connections end"
     writer.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection(relay.host, relay.port)
+
+
+async def test_a_relay_host_serves_from_its_own_thread_and_its_delay_can_change(echo):
+    host = RelayHost()  # its loop is not the test's: the relays outlive any one test's loop
+    try:
+        relay = host.relay(echo, delay_s=0.0)
+        reader, writer = await asyncio.open_connection(relay.host, relay.port)
+        took = []
+        for delay in (0.0, 0.015):  # the same connection, before and after the change
+            host.set_delay(delay)
+            began = time.perf_counter()
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            took.append(time.perf_counter() - began)
+        writer.close()
+        assert took[0] < 0.015 and took[1] >= 0.030, took
+    finally:
+        host.close()
+    host.close()  # idempotent
     with pytest.raises(OSError):
         await asyncio.open_connection(relay.host, relay.port)
