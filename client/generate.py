@@ -296,7 +296,6 @@ async def stream_tokens(
     with batcher.generation() if batcher is not None else nullcontext():
         started = time.perf_counter()
         rows = await _score(head, batcher, await blocks.forward(head.embed(prompt_ids), 0), 1)
-        assert rows is not None, "a step answers at least its last row"
         first_at: float | None = None
         drafts: list[int] = []
         while True:
@@ -348,15 +347,7 @@ async def stream_tokens(
             out = await (blocks.forward(sent, position, "all") if drafts else blocks.forward(sent, position))
             stats.round_trips += 1
             rows = await _score(head, batcher, out, len(drafts) + 1)
-            if rows is None:
-                # The route answered fewer rows than asked (a last hop that applies the head to
-                # the last row only): no speculation on it; ask for this position again, alone.
-                log.info("the route answers one row per step: speculation off for this generation")
-                policy, drafts = None, []
-                rows = await _score(head, batcher, await blocks.forward(sent[:1], position), 1)
-                stats.round_trips += 1
-                assert rows is not None
-            elif policy is not None:
+            if policy is not None:
                 policy.record_step(len(drafts) + 1, time.perf_counter() - began)
             stats.drafted += len(drafts)
     tail = text.flush()
@@ -374,18 +365,11 @@ def _valid(drafts: Sequence[int], k: int, vocab: int) -> list[int]:
     return out
 
 
-async def _score(head: Head, batcher: HeadBatcher | None, out: torch.Tensor | Candidates, n: int) -> list[tuple[torch.Tensor | Candidates, int | None]] | None:
+async def _score(head: Head, batcher: HeadBatcher | None, out: torch.Tensor | Candidates, n: int) -> list[tuple[torch.Tensor | Candidates, int | None]]:
     """The last `n` rows of a step's answer, each as (logits [V] or one-row `Candidates`, argmax if
-    known); None when the answer has fewer than `n` rows."""
+    known). A route answers every row a step asks for (client/session.py refuses a hop that does not)."""
     if isinstance(out, Candidates):
-        if n == 1 and not hasattr(out, "row"):
-            return [(out, None)]  # a one-row Candidates of a head that answers no more
-        count = len(out) if hasattr(out, "row") else 1
-        if count < n:
-            return None
-        return [(out.row(i) if count > 1 else out, None) for i in range(count - n, count)]
-    if out.shape[0] < n:
-        return None
+        return [(out.row(i), None) for i in range(len(out) - n, len(out))]
     hidden = out[-n:]
     if batcher is not None:
         logits, best = await batcher.score_rows(hidden)
