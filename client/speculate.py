@@ -110,7 +110,9 @@ class AdaptiveDraft:
     for k + 1 positions (EMA per size; sizes not measured yet extrapolated linearly from the
     one-position time and the measured cost per extra position) plus the drafter's time.
     k maximises E(k) / cost(k); no drafts unless that beats plain steps by `margin`. At
-    k = 0 every `probe_every`-th round sends one draft, so acceptance is measured again.
+    k = 0 a round sends one draft after `probe_every` idle rounds, so acceptance is measured
+    again; each probe that misses doubles that wait (up to `max_probe_gap`), so text where
+    drafts never hit pays for a probe ever more rarely, and one that hits resets it.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class AdaptiveDraft:
         rate: float = 0.3,
         margin: float = 0.03,
         probe_every: int = 8,
+        max_probe_gap: int = 128,
         extra_prior: float = 0.05,
     ) -> None:
         self.max_draft = max(0, min(max_draft, MAX_DRAFT))
@@ -127,6 +130,9 @@ class AdaptiveDraft:
         self.rate = rate
         self.margin = margin
         self.probe_every = probe_every
+        self.max_probe_gap = max_probe_gap
+        self.probe_gap = probe_every  # idle rounds before the next probe
+        self.probing = False  # the round in flight is a probe
         self.extra_prior = extra_prior  # an extra position's cost, as a share of a one-position step, until measured
         self.times: dict[int, float] = {}  # step size -> EMA wall seconds
         self.extra: float | None = None  # EMA seconds per position beyond the first
@@ -146,6 +152,9 @@ class AdaptiveDraft:
         """`drafted` drafts were sent, the first `accepted` of them kept."""
         for i in range(min(drafted, accepted + 1, self.max_draft)):  # positions past the first miss say nothing
             self.accept[i] = self._ema(self.accept[i], 1.0 if i < accepted else 0.0)
+        if self.probing:
+            self.probe_gap = self.probe_every if accepted else min(2 * self.probe_gap, self.max_probe_gap)
+            self.probing = False
 
     def record_drafting(self, drafted: int, seconds: float) -> None:
         if drafted:
@@ -190,7 +199,7 @@ class AdaptiveDraft:
             self.idle = 0
             return best_k
         self.idle += 1
-        if self.idle >= self.probe_every:
-            self.idle = 0
+        if self.idle >= self.probe_gap:
+            self.idle, self.probing = 0, True
             return 1  # the cheapest probe
         return 0

@@ -137,6 +137,25 @@ def test_adaptive_k_goes_to_zero_on_misses_and_back_up_on_hits():
     assert max(climb[-5:]) >= 6, climb
 
 
+def test_probes_that_keep_missing_come_ever_more_rarely():
+    """Free text where drafts never hit: each missed probe doubles the wait for the next, so the
+    probes' cost fades (a hit resets it)."""
+    policy = AdaptiveDraft(8, probe_every=4, max_probe_gap=32)
+    _cpu_like(policy)
+    policy.accept = [0.0] * 8
+    probes = []
+    for round_ in range(200):
+        if policy.choose(100):
+            probes.append(round_)
+            policy.record_round(1, 0)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:4] == [8, 16, 32, 32], gaps
+    assert len(probes) <= 9
+    policy.probing = True
+    policy.record_round(1, 1)
+    assert policy.probe_gap == 4
+
+
 def test_adaptive_k_drafts_more_where_a_step_costs_the_same_for_more_positions():
     """Over a WAN a 9-position step costs what a 1-position one does: at 40% acceptance several
     drafts pay there, at most one on a CPU loopback, and none there at 10%."""
