@@ -58,7 +58,7 @@ async def generation(model: str, bootstrap: str, device: str, tokens: int, profi
     from client.swarm import ClientConfig, SwarmModel
 
     client = SwarmModel(model, bootstrap=[bootstrap], config=ClientConfig(verify_fraction=0.0), insecure_http=True, device=device)
-    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False, speculate=False)
     await until_routed(client)
     waited = [0.0, 0]  # seconds inside RouteSession.forward (the route's round trips), calls
 

@@ -172,7 +172,7 @@ async def _local_run(local, blocks, ids: list[int], tokens: int):
     from client.generate import GenerationStats, SamplingParams, stream_tokens
 
     stats = GenerationStats()
-    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False, speculate=False)
     async for _ in stream_tokens(local.head, blocks, ids, params, stats):
         pass
     assert stats.new_tokens == tokens, (stats.new_tokens, tokens)
@@ -283,7 +283,7 @@ async def _sessions(client, ids: list[int], tokens: int, count: int) -> tuple[li
     """`count` concurrent generations of exactly `tokens` tokens; (their stats, wall seconds)."""
     from client.generate import GenerationStats, SamplingParams
 
-    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False, speculate=False)
 
     async def one():
         stats = GenerationStats()

@@ -57,7 +57,7 @@ def run_ours(model: str, dtype_name: str, new_tokens: int, trials: int) -> dict:
     local = LocalModel.load(model, getattr(torch, dtype_name))
     load_s = time.perf_counter() - begin
     ids = local.head.encode_prompt(PROMPT, chat=True)
-    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, speculate=False)
     runs = []
     for _ in range(trials):
         stats = GenerationStats()

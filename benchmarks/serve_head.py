@@ -66,7 +66,7 @@ async def main() -> None:
     with open_checkpoint(args.model) as checkpoint:
         layers = checkpoint.config.num_layers
     wire_dtype = args.wire_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False, speculate=False)
     extra = ["--serve-head", "--device", args.device]  # the first node ignores --serve-head: it does not end at the last block
     async with LocalSwarm(
         args.model, [(0, layers // 2), (layers // 2, layers)], extra, say, Transport(insecure_http=True)
@@ -84,7 +84,7 @@ async def main() -> None:
         await until_routed(clients["never"])
         ids = clients["never"].head.encode_prompt(PROMPT, chat=True)
         for client in clients.values():  # warm: routes planned, caches allocated
-            await decode(client, ids, SamplingParams(max_new_tokens=4, stop_at_eos=False))
+            await decode(client, ids, SamplingParams(max_new_tokens=4, stop_at_eos=False, speculate=False))
         runs: dict[str, list[GenerationStats]] = {mode: [] for mode in clients}
         for _ in range(args.trials):
             for mode, client in clients.items():

@@ -85,7 +85,7 @@ async def main() -> None:
     parser.add_argument("--wire-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     args = parser.parse_args()
     every = round(1 / DEFAULT_FRACTION) if DEFAULT_FRACTION else 0
-    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False, speculate=False)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
     arms = ("http", "tls", "tls+verify")
     single: dict[str, list[float]] = {arm: [] for arm in arms}

@@ -88,7 +88,7 @@ async def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which arms, comma separated (default {','.join(ARMS)})")
     args = parser.parse_args()
     arms = args.arms.split(",")
-    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False, speculate=False)
     spans = _spans(args.spans)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
     tps: dict[str, list[float]] = {arm: [] for arm in arms}
