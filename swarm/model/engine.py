@@ -47,10 +47,10 @@ import threading
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from swarm.errors import Busy, LengthExceeded
-from swarm.model.block import Block, KVCache, Segment, Span, apply_rope, rope_tables
+from swarm.model.block import KVCache, Segment, Span, rope_tables
+from swarm.model.engine_blocks import block_tensors, decode_block, verify_block
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,9 @@ class DecodeEngine:
         self.attention = attention
         self.compiled = self.graphs if compile is None else compile
         # One compiled function serves every block and bucket: weights are arguments, shapes symbolic.
-        self._block = torch.compile(_decode_block, dynamic=True) if self.compiled else _decode_block
-        self._verify_block = torch.compile(_verify_block, dynamic=True) if self.compiled else _verify_block
-        self._weights = [_block_tensors(block) for block in span.blocks]
+        self._block = torch.compile(decode_block, dynamic=True) if self.compiled else decode_block
+        self._verify_block = torch.compile(verify_block, dynamic=True) if self.compiled else verify_block
+        self._weights = [block_tensors(block) for block in span.blocks]
         self.batch_buckets = sorted({b for b in BATCH_BUCKETS if b < slots} | {slots})
         self.length_buckets = length_buckets(max_length)
         self._owners: list[SlotCache | None] = [None] * slots
@@ -399,71 +399,3 @@ class DecodeEngine:
             for rows in VERIFY_BUCKETS:  # speculative steps: compiles their block function now, not mid-generation
                 if (rows, self.length_buckets[0]) not in self._verify_graphs:
                     self._capture_verify(rows, self.length_buckets[0])
-
-
-def _verify_block(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
-    wqkv, wo, w_gate_up, w_down, bqkv: torch.Tensor | None, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float,
-) -> torch.Tensor:
-    """One block for T rows of the session in `slot` ([1]): x [T, D] at positions `pos` [T];
-    `visible` [T, Lb]. The slot is a tensor, so one graph serves a session wherever it sits."""
-    rows, hidden, length = x.shape[0], x.shape[1], visible.shape[-1]
-    q_size, kv_size, group = heads * head_dim, kv_heads * head_dim, heads // kv_heads
-    h = F.rms_norm(x, (hidden,), attn_norm, eps)
-    qkv = _linear(h, wqkv, bqkv)
-    qk = apply_rope(qkv[:, : q_size + kv_size].view(rows, heads + kv_heads, head_dim), cos, sin)
-    q, k = qk[:, :heads], qk[:, heads:]
-    v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
-    at = slot.expand(rows)
-    k_pool[at, :, pos] = k  # [T, KV, hd] into the slot at each row's position
-    v_pool[at, :, pos] = v
-    keys, values = k_pool[slot, :, :length][0], v_pool[slot, :, :length][0]  # [KV, Lb, hd]: a copy of Lb positions
-    qg = q.view(rows, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, head_dim)
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible.repeat(group, 1))  # [KV, group*T, hd]
-    out = out.view(kv_heads, group, rows, head_dim).permute(2, 0, 1, 3).reshape(rows, q_size)
-    x = x + _linear(out, wo)
-    h = F.rms_norm(x, (hidden,), mlp_norm, eps)
-    gate, up = _linear(h, w_gate_up).chunk(2, dim=-1)
-    return x + _linear(F.silu(gate) * up, w_down)
-
-
-def _block_tensors(block: Block) -> tuple:
-    """The weights `_decode_block` takes, as plain tensors (one compiled function serves every block)."""
-    linears = (block.wqkv, block.wo, block.w_gate_up, block.w_down)
-    if block.wqkv.packed:  # oneDNN-packed CPU weights: only the Linear modules can read them
-        return (*linears, block.wqkv.bias, block.attn_norm, block.mlp_norm)
-    return (*(m.weight for m in linears), block.wqkv.bias, block.attn_norm, block.mlp_norm)
-
-
-def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A weight tensor, or a `Linear` holding packed CPU weights (which applies its own bias)."""
-    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x)
-
-
-def _decode_block(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
-    wqkv, wo, w_gate_up, w_down, bqkv: torch.Tensor | None, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, attention: str,
-) -> torch.Tensor:
-    """One block for one token in each of slots [0, B): x [B, D]; k_pool/v_pool [slots, KV, L+1, hd];
-    `visible` [B, 1, 1, Lb] the positions each row attends to."""
-    batch, hidden, length = x.shape[0], x.shape[1], visible.shape[-1]
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    h = F.rms_norm(x, (hidden,), attn_norm, eps)
-    qkv = _linear(h, wqkv, bqkv)  # [B, q + 2kv]
-    qk = apply_rope(qkv[:, : q_size + kv_size].view(batch, heads + kv_heads, head_dim), cos, sin)
-    q, k = qk[:, :heads], qk[:, heads:]
-    v = qkv[:, q_size + kv_size :].view(batch, kv_heads, head_dim)
-    k_pool[rows, :, pos] = k  # [B, KV, hd] into each slot at its position
-    v_pool[rows, :, pos] = v
-    keys, values = k_pool[:batch, :, :length], v_pool[:batch, :, :length]  # views: [B, KV, Lb, hd]
-    # The query heads sharing a KV head act as that head's query rows: [B, KV, group, hd].
-    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    if attention == "sdpa":
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible)
-    else:
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (head_dim**-0.5)
-        out = torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(x.dtype), values)
-    x = x + _linear(out.reshape(batch, q_size), wo)
-    h = F.rms_norm(x, (hidden,), mlp_norm, eps)
-    gate, up = _linear(h, w_gate_up).chunk(2, dim=-1)
-    return x + _linear(F.silu(gate) * up, w_down)
