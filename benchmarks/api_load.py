@@ -98,7 +98,7 @@ async def stream_api(http: aiohttp.ClientSession, url: str, model: str, messages
 
 async def stream_direct(model, messages: list[dict[str, str]], max_tokens: int) -> Outcome:
     """The same request straight on `SwarmModel` in this process (`--target swarm`)."""
-    from client.generate import SamplingParams
+    from client.sampling import SamplingParams
     from swarm.errors import SwarmError
 
     outcome = Outcome(time.perf_counter())

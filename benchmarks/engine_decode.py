@@ -165,7 +165,7 @@ def main() -> None:
             )
         for rows in (2, 4, 8, 16):  # speculative steps: a token and its drafts, one session, rewinding each time
             xs = torch.randn(rows, hidden, device=device, dtype=dtype)
-            seconds = time_steps(lambda i, xs=xs, rows=rows: engine.forward(xs, [Segment(caches[0], args.context, rows)]), args.steps, device)
+            seconds = time_steps(lambda i, xs=xs, rows=rows, engine=engine, cache=caches[0]: engine.forward(xs, [Segment(cache, args.context, rows)]), args.steps, device)
             emit(
                 "engine_decode.verify_step", seconds * 1e3, "ms", dict(params, rows=rows, variant=variant), device,
                 f"engine {variant}, verify step of {rows} rows: {seconds * 1e3:.2f} ms ({seconds / one:.2f}x a one-token step)",

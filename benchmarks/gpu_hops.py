@@ -54,7 +54,8 @@ async def generation(model: str, bootstrap: str, device: str, tokens: int, profi
     import cProfile
     import pstats
 
-    from client.generate import GenerationStats, SamplingParams
+    from client.generate import GenerationStats
+    from client.sampling import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
 
     client = SwarmModel(model, bootstrap=[bootstrap], config=ClientConfig(verify_fraction=0.0), insecure_http=True, device=device)

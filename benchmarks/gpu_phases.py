@@ -169,7 +169,8 @@ def load_local(model: str, dtype, device: str):
 
 
 async def _local_run(local, blocks, ids: list[int], tokens: int):
-    from client.generate import GenerationStats, SamplingParams, stream_tokens
+    from client.generate import GenerationStats, stream_tokens
+    from client.sampling import SamplingParams
 
     stats = GenerationStats()
     params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False, speculate=False)
@@ -281,7 +282,8 @@ def _device_head(head, device: str):
 
 async def _sessions(client, ids: list[int], tokens: int, count: int) -> tuple[list, float]:
     """`count` concurrent generations of exactly `tokens` tokens; (their stats, wall seconds)."""
-    from client.generate import GenerationStats, SamplingParams
+    from client.generate import GenerationStats
+    from client.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, stop_at_eos=False, speculate=False)
 

@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit
-from client.generate import GenerationStats, SamplingParams
+from client.generate import GenerationStats
+from client.sampling import SamplingParams
 from client.session import RemoteHop, RouteSession, SessionConfig
 from tests.nodes import start_swarm, stop_nodes, swarm_client, until_routed
 

@@ -50,8 +50,9 @@ def measure_bandwidth(dtype_name: str, device: str = "cpu") -> float:
 def run_ours(model: str, dtype_name: str, new_tokens: int, trials: int) -> dict:
     import torch
 
-    from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
+    from client.generate import GenerationStats, LocalBlocks, stream_tokens_sync
     from client.local import LocalModel
+    from client.sampling import SamplingParams
 
     begin = time.perf_counter()
     local = LocalModel.load(model, getattr(torch, dtype_name))

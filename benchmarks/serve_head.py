@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.common import emit
-from client.generate import GenerationStats, SamplingParams
+from client.generate import GenerationStats
 from client.launcher import LocalSwarm
 from client.planner import ClientConfig
+from client.sampling import SamplingParams
 from client.session import SessionConfig
 from client.swarm import SwarmModel
 from swarm.model import DEFAULT_MODEL, open_checkpoint

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
 from benchmarks.route_planning import random_table, time_plan  # noqa: E402
-from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens  # noqa: E402
+from client.generate import GenerationStats, LocalBlocks, stream_tokens  # noqa: E402
 from client.launcher import LocalSwarm  # noqa: E402
 from client.local import LocalModel  # noqa: E402
+from client.sampling import SamplingParams  # noqa: E402
 from client.swarm import ClientConfig, SwarmModel  # noqa: E402
 from swarm.model import DEFAULT_MODEL  # noqa: E402
 

@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit  # noqa: E402
-from client.generate import SamplingParams  # noqa: E402
 from client.launcher import LocalSwarm  # noqa: E402
+from client.sampling import SamplingParams  # noqa: E402
 from client.session import SessionConfig  # noqa: E402
 from client.swarm import ClientConfig, SwarmModel  # noqa: E402
 from swarm.model import DEFAULT_MODEL  # noqa: E402

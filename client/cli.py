@@ -63,7 +63,7 @@ def _add_speculation(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args: argparse.Namespace):
-    from client.generate import SamplingParams
+    from client.sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,

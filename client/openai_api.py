@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 from jinja2 import TemplateError  # what a chat template raises (transformers renders them with jinja2)
 
-from client.generate import GenerationStats, SamplingParams, Token
+from client.generate import GenerationStats, Token
 from client.live import Generation, HopSpan
 from client.openai_responses import (
     DONE,
@@ -45,6 +45,7 @@ from client.openai_responses import (
     usage_chunk,
 )
 from client.openai_schema import ApiError, ApiRequest, invalid, max_new_tokens, parse_chat, parse_completion, parse_json
+from client.sampling import SamplingParams
 from client.serve import CONFIG, LIVE, METRICS, MODEL, MODEL_IDS, TOKENS, ServeConfig
 from client.session import RemoteHop
 from client.swarm import SwarmModel

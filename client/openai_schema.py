@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from client.generate import SamplingParams
+from client.sampling import SamplingParams
 from swarm.errors import BadRequest
 
 MAX_N = 8

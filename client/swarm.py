@@ -41,11 +41,12 @@ import torch
 
 from client.draft_model import DraftModel
 from client.failover import FailoverBlocks
-from client.generate import GenerationStats, SamplingParams, Token, stream_tokens
+from client.generate import GenerationStats, Token, stream_tokens
 from client.head_batch import HeadBatcher
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner, claimed_throughput
 from client.remote_head import remote_head_config
+from client.sampling import SamplingParams
 from client.session import RemoteHop, RouteSession
 from client.verification import Verifier
 from swarm.discovery.mdns import MdnsConfig

@@ -92,7 +92,7 @@ async def listed(timeout: float, ids: set[str], urls: list[str]) -> int:
 
 
 async def generate(bootstrap: str, tokens: int) -> None:
-    from client.generate import SamplingParams
+    from client.sampling import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
     from swarm.model import DEFAULT_MODEL
     from tests.nodes import refresh

@@ -14,7 +14,7 @@ import json
 import sys
 import warnings
 
-from client.generate import SamplingParams
+from client.sampling import SamplingParams
 from client.swarm import ClientConfig, SwarmModel
 from swarm.model import DEFAULT_MODEL
 from tests.nodes import refresh

@@ -29,7 +29,7 @@ PROMPT = "Write a long story about a dragon who learns to cook."
 
 
 async def legit(bootstrap: str, new_tokens: int) -> None:
-    from client.generate import SamplingParams
+    from client.sampling import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
     from swarm.errors import NoRoute
     from swarm.model import DEFAULT_MODEL

@@ -218,7 +218,7 @@ def test_a_node_moving_mid_generation_hands_its_session_over_first(tmp_path):
     import json
     import urllib.request
 
-    from client.generate import SamplingParams
+    from client.sampling import SamplingParams
     from client.swarm import ClientConfig, SwarmModel
     from swarm.model import DEFAULT_MODEL
     from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
+from client.generate import GenerationStats, LocalBlocks, stream_tokens_sync
+from client.sampling import SamplingParams
 from client.swarm import ClientConfig, SwarmModel
 from swarm.model import DEFAULT_MODEL, resolve_model
 from tests.nodes import module_swarm, refresh, start_nodes, stop_nodes

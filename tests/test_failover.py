@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import torch
 
-from client.generate import SamplingParams
+from client.sampling import SamplingParams
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import PeerUnavailable
 from swarm.model import Segment

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.generate import Sampler, SamplingParams, _TextStream
+from client.generate import _TextStream
+from client.sampling import Sampler, SamplingParams
 from swarm.errors import BadRequest
 
 

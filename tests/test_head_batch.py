@@ -18,8 +18,9 @@ import sys
 import pytest
 import torch
 
-from client.generate import GenerationStats, LocalBlocks, Sampler, SamplingParams, stream_tokens
+from client.generate import GenerationStats, LocalBlocks, stream_tokens
 from client.head_batch import HeadBatcher
+from client.sampling import Sampler, SamplingParams
 from swarm.errors import SwarmError
 from swarm.model.device import default_dtype, resolve_device
 

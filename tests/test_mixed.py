@@ -19,7 +19,8 @@ import asyncio
 import pytest
 import torch
 
-from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
+from client.generate import GenerationStats, LocalBlocks, stream_tokens_sync
+from client.sampling import SamplingParams
 from client.session import RemoteHop, RouteSession, SessionConfig
 from swarm.model import Segment
 from swarm.seal import difference

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.generate import GenerationStats, LocalBlocks, SamplingParams, stream_tokens_sync
+from client.generate import GenerationStats, LocalBlocks, stream_tokens_sync
+from client.sampling import SamplingParams
 from swarm.model import Segment, load_span
 
 PROMPTS = [

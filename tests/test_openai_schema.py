@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from client.generate import GenerationStats, Sampler, SamplingParams, Token
+from client.generate import GenerationStats, Token
 from client.openai_responses import (
     DONE,
     Choice,
@@ -21,6 +21,7 @@ from client.openai_responses import (
     usage_chunk,
 )
 from client.openai_schema import ApiError, max_new_tokens, parse_chat, parse_completion, parse_json
+from client.sampling import Sampler, SamplingParams
 from swarm.errors import BadRequest, Busy, LengthExceeded, NoRoute, PeerUnavailable, SwarmError
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -21,9 +21,10 @@ import aiohttp
 import pytest
 import torch
 
-from client.generate import GenerationStats, Sampler, SamplingParams
+from client.generate import GenerationStats
 from client.planner import ClientConfig
 from client.remote_head import Candidates, HeadTape, head_request, remote_head_config, wrong_candidates
+from client.sampling import Sampler, SamplingParams
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from client.verify import Verdict
 from node import head_service

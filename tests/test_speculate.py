@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from client.draft_model import DraftModel
-from client.generate import GenerationStats, LocalBlocks, Sampler, SamplingParams, stream_tokens, stream_tokens_sync
+from client.generate import GenerationStats, LocalBlocks, stream_tokens, stream_tokens_sync
 from client.head_batch import HeadBatcher
+from client.sampling import Sampler, SamplingParams
 from client.session import RemoteHop
 from client.speculate import AdaptiveDraft, PromptLookup, verify_round
 from swarm.errors import BadRequest, ModelMismatch, PeerUnavailable

@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from client.generate import LocalBlocks, SamplingParams, stream_tokens_sync
+from client.generate import LocalBlocks, stream_tokens_sync
 from client.peers import DiscoveryOptions
 from client.planner import ClientConfig, Planner
+from client.sampling import SamplingParams
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from node.accept import GuardedRunner
 from node.limits import SourceLimit

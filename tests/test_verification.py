@@ -277,7 +277,7 @@ def test_a_generation_that_fails_over_is_not_verified_and_nobody_is_accused(swar
     async def run():
         nonlocal stats
         ids = client.head.encode_prompt(PROMPT, chat=True)
-        from client.generate import SamplingParams
+        from client.sampling import SamplingParams
 
         async for _, stats, _ in client.stream_result(ids, SamplingParams(**params), route, verify=True):
             if len(stats.token_ids) == 3 and swarm.x.proc.poll() is None:
