@@ -426,14 +426,15 @@ def test_cli_local_run_on_device(tiny, device):
 
 def test_cli_flags_reach_the_configs():
     """--ignore-eos on generate and chat; --device and --dtype (default: the device's) on generate, chat, serve."""
-    from client.cli import _dtype, _sampling_params, build_parser
+    from client.cli import build_parser
+    from client.cli_args import dtype_of, sampling_params
 
     parser = build_parser()
     for argv in (["generate", "hi"], ["chat"], ["serve"]):
         args = parser.parse_args(argv)
-        assert args.device == "auto" and _dtype(args) is None
+        assert args.device == "auto" and dtype_of(args) is None
         if argv[0] != "serve":
-            assert _sampling_params(args).stop_at_eos
+            assert sampling_params(args).stop_at_eos
     args = parser.parse_args(["chat", "--ignore-eos", "--device", "cuda:1", "--dtype", "float16"])
-    assert not _sampling_params(args).stop_at_eos and args.device == "cuda:1" and _dtype(args) == torch.float16
+    assert not sampling_params(args).stop_at_eos and args.device == "cuda:1" and dtype_of(args) == torch.float16
     assert parser.parse_args(["serve", "--device", "cpu"]).device == "cpu"

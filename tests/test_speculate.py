@@ -463,22 +463,23 @@ def test_swarm_kill_mid_speculation_gives_the_same_text(client, swarm, swarm_pla
 
 
 def test_cli_flags_reach_the_sampling_params():
-    from client.cli import _sampling_params, build_parser
+    from client.cli import build_parser
+    from client.cli_args import sampling_params
 
     parser = build_parser()
     on = parser.parse_args(["generate", "hi"])
-    assert _sampling_params(on).drafts == 8 and on.draft_model is None
+    assert sampling_params(on).drafts == 8 and on.draft_model is None
     off = parser.parse_args(["generate", "hi", "--no-speculate"])
-    assert _sampling_params(off).drafts == 0
+    assert sampling_params(off).drafts == 0
     few = parser.parse_args(["chat", "--max-draft", "3", "--draft-model", DEFAULT_MODEL, "--draft-blocks", "12"])
-    assert _sampling_params(few).drafts == 3 and (few.draft_model, few.draft_blocks) == (DEFAULT_MODEL, 12)
+    assert sampling_params(few).drafts == 3 and (few.draft_model, few.draft_blocks) == (DEFAULT_MODEL, 12)
     serve = parser.parse_args(["serve", "--no-speculate", "--max-draft", "4"])
     from client.serve_cli import serve_config
 
     config = serve_config(serve)
     assert (config.speculate, config.max_draft) == (False, 4)
     with pytest.raises(BadRequest):
-        _sampling_params(parser.parse_args(["generate", "hi", "--max-draft", "40"]))
+        sampling_params(parser.parse_args(["generate", "hi", "--max-draft", "40"]))
 
 
 def test_the_api_takes_speculate_as_an_extra_body_field():
