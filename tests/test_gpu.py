@@ -145,6 +145,25 @@ async def test_prefill_and_single_steps_match_cpu_float32(gpu_swarm, reference, 
     print(f"prompt {prompt}: prefill {relative(prefill, expected[:prompt]):.4f}, steps {relative(got, expected[prompt:]):.4f}, worst step {max(row_errors(got, expected[prompt:])):.4f}")
 
 
+async def test_speculative_steps_that_rewind_match_cpu_float32(gpu_swarm, reference, digest):
+    """Steps of a token and its drafts (the engine's verify graphs), each followed by one starting at
+    its first rejected row (the hops overwrite from there), beside a one-token session: every
+    row against the reference run of the sequence as it stood when the step was sent."""
+    _, nodes, _ = gpu_swarm
+    prompt = 30
+    kept = inputs(prompt, seed=500)
+    async with aiohttp.ClientSession() as http, RouteSession(http, hops(nodes, "A", "B"), digest, MAX_LENGTH, WIRE) as session:
+        await session.forward(kept, 0, output="all")
+        for i, (rows, keep) in enumerate([(5, 2), (9, 9), (3, 0), (16, 7), (2, 1)]):
+            x = inputs(rows, seed=510 + i)
+            position = kept.shape[0]
+            out = await session.forward(x, position, output="all")
+            expected = reference(torch.cat([kept, x]))[position:]
+            assert out.shape == (rows, HIDDEN)
+            assert max(row_errors(out, expected)) < ROW_REL_ERROR, (i, row_errors(out, expected))
+            kept = torch.cat([kept, x[: max(keep, 1)]])  # the next step starts after the kept rows
+
+
 async def _lockstep(sessions: list, xs: list[torch.Tensor], positions: list[int], rounds: int, outs: list[list[torch.Tensor]]) -> None:
     """`rounds` one-token steps of every session at once (the node batches steps that arrive together)."""
     for _ in range(rounds):
