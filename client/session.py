@@ -272,7 +272,8 @@ class RouteSession:
         """One step sent to `chain[0]`, answered by the chain's last hop."""
         step = self._step
         self._step += 1
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._pending[step] = _Pending(step, done, tuple(chain), hidden.shape[0] if output == "all" else 1)
         if len(chain) > 1:
             self._unacked[step] = (tuple(chain), set(chain[:-1]))
@@ -281,13 +282,17 @@ class RouteSession:
         if self.tape is not None and first is self.hops[0]:
             self.tape.sent(step, start, hidden, self.config.wire_dtype)
         message = Step(first.session_id, step, start, hidden, self.config.wire_dtype, output)
+        # A timer on `done` itself, not wait_for: the answer then wakes this task in one loop pass, not
+        # three (wait_for's own future and callbacks), on every step.
+        timer = loop.call_later(timeout, _fail, done, asyncio.TimeoutError())
         try:
             await self._send(first, message)
-            return await asyncio.wait_for(done, timeout)
+            return await done
         except asyncio.TimeoutError:
             laggard = next((s.hop for s in chain if s.acked < step), chain[-1].hop)
             raise at_hop(PeerUnavailable(f"step {step} timed out after {timeout:g} s waiting for {laggard}"), laggard) from None
         finally:
+            timer.cancel()
             self._pending.pop(step, None)
 
     async def replace(self, failed: RemoteHop, hops: Sequence[RemoteHop], prefix: torch.Tensor) -> None:

@@ -1,11 +1,24 @@
 """Runs the node's blocks: KV cache budget, a step queue with continuous batching, one compute thread.
 
-The event loop never runs the model. Steps are queued; a batcher task takes
-everything that is waiting (at most one step per session, so a session's steps
-stay in order), groups it by sub-span, and runs each group as one ragged forward
-in the backend's single compute thread (node/span_runner.py: the ragged path on a
-CPU, the decode engine on CUDA). While a batch computes, new steps pile up and
-form the next batch: every weight read serves many tokens.
+Steps are queued; a batcher task takes everything that is waiting (at most one
+step per session, so a session's steps stay in order), groups it by sub-span,
+and runs each group as one ragged forward in the backend's single compute thread
+(node/span_runner.py: the ragged path on a CPU, the decode engine on CUDA). While
+a batch computes, new steps pile up and form the next batch: every weight read
+serves many tokens.
+
+Small batches of a short span on a CPU run on the event loop's thread instead.
+The hand-off to the compute thread and back (a queue, two thread wake-ups, the
+result through `call_soon_threadsafe`) cost 0.12-0.19 ms of every one-token hop
+through one block on the 2-core CI box (benchmarks/hop_overhead.py), a quarter of
+the hop. Where a batch of small steps takes at most `inline_max_s` (a moving
+average, from the self-benchmark on), the next batch of at most
+`INLINE_MAX_TOKENS` tokens of whole steps (a few sessions decoding, a speculative
+step) runs inline: the loop stalls no longer than a few milliseconds. Longer spans, larger batches and prefill chunks still go to the
+compute thread, so the loop keeps reading and answering while they run (and a
+ten-block span computed ~10% slower on the loop's thread than on the main thread,
+which loaded its weights: node/compute.py). On CUDA every batch goes to the
+compute thread (the decode engine's graphs and pinned buffers belong to it).
 
 Sessions answer a result with their next step a little later, so right after a
 batch only some are back. Taking whatever is there would split the sessions
@@ -56,6 +69,8 @@ from swarm.model.block import KVCache, Segment, Span
 
 log = logging.getLogger(__name__)
 
+INLINE_MAX_TOKENS = 16  # a CPU batch of more tokens never runs on the loop's thread (module notes)
+
 
 class Backend:
     """The blocks of one span and everything that computes with them. An async context manager."""
@@ -94,9 +109,12 @@ class Backend:
         self._batches_without_chunk = 0
         self._chunk_not_before = 0.0  # loop time before which no chunk runs (prefill_share)
         self._last_small = -float("inf")  # loop time of the last batch with a small step
+        self._small_batch_s = float("inf")  # moving average of the compute time of batches of whole small steps
+        self._ran_inline = False  # the last batch computed on the loop's thread
 
     async def __aenter__(self) -> Backend:
         self.throughput = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.self_benchmark)
+        self._small_batch_s = self.span.num_blocks / self.throughput if self.throughput > 0 else float("inf")
         self._batcher = asyncio.create_task(self._batch_loop(), name="batcher")
         self._batcher.add_done_callback(self._batcher_ended)
         return self
@@ -254,6 +272,9 @@ class Backend:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            elif self._ran_inline:
+                await asyncio.sleep(0)  # let the loop read (and the finished steps leave) between inline batches
+            self._ran_inline = False
             await self._gather()
             batch = self._take_batch()
             if not batch and self._pending:  # only chunks wait, and they must pause (prefill_share)
@@ -277,7 +298,14 @@ class Backend:
                 self._computing = {id(chunk.step.cache) for chunk in batch}
                 for blocks, chunks in groups.items():
                     try:
-                        outs, elapsed = await loop.run_in_executor(self._executor, self._compute, blocks, chunks)
+                        small = self._small(chunks)
+                        if small and self._small_batch_s <= self.config.inline_max_s:
+                            self._ran_inline = True
+                            outs, elapsed = self._compute(blocks, chunks)
+                        else:
+                            outs, elapsed = await loop.run_in_executor(self._executor, self._compute, blocks, chunks)
+                        if small:
+                            self._small_batch_s += 0.125 * (elapsed - self._small_batch_s)
                     except Exception as exc:  # one group's failure must not stop the batcher
                         error = exc if isinstance(exc, SwarmError) else compute_error(exc)
                         for chunk in chunks:
@@ -387,8 +415,13 @@ class Backend:
         self.chunks_done += chunk is not None
         return batch
 
+    def _small(self, chunks: list[Chunk]) -> bool:
+        """Whether this group may compute right here on the loop's thread (see the module notes): whole
+        small steps on a CPU, never a chunk of a long one."""
+        return self.engine is None and sum(c.count for c in chunks) <= INLINE_MAX_TOKENS and all(c.count == c.step.hidden.shape[0] for c in chunks)
+
     def _compute(self, blocks: tuple[int, int], chunks: list[Chunk]) -> tuple[list[torch.Tensor], float]:
-        """In the compute thread: one forward for all `chunks`."""
+        """In the compute thread (or the loop's, for a small batch on a CPU): one forward for all `chunks`."""
         began = time.perf_counter()
         parts = [c.step.hidden[c.step.computed : c.step.computed + c.count] for c in chunks]
         segments = [Segment(c.step.cache, c.step.position + c.step.computed, c.count) for c in chunks]

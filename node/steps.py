@@ -27,6 +27,9 @@ class BackendConfig:
     gather_fraction: float = 0.25  # wait at most this share of the last batch's compute time ...
     gather_max_s: float = 0.005  # ... and never longer than this, for active sessions' next steps
     active_window_s: float = 1.0  # a session that stepped this recently counts as active
+    # On a CPU, a batch of whole small steps computes on the loop's thread while such batches
+    # take at most this long (node/backend.py); 0: every batch goes to the compute thread.
+    inline_max_s: float = 0.0025
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ async def test_freeing_a_cache_drops_its_waiting_step_and_returns_the_budget(spa
 
 async def test_a_cache_freed_while_its_step_computes_keeps_its_budget_until_the_compute_ends(span):
     executor = GatedExecutor()
-    async with Backend(span, BackendConfig(kv_memory_bytes=2**30), executor) as backend:
+    async with Backend(span, BackendConfig(kv_memory_bytes=2**30, inline_max_s=0.0), executor) as backend:
         cache = backend.open_cache((0, 2), 16)
         executor.close()
         done = backend.submit(cache, (0, 2), hidden(span, 1), 0)
@@ -209,7 +209,7 @@ async def test_a_forward_counts_as_a_session_and_against_the_kv_budget(span):
 
 async def test_forwards_beyond_the_limit_are_busy_at_once(span):
     executor = GatedExecutor()
-    async with Backend(span, BackendConfig(max_forwards=2), executor) as backend:
+    async with Backend(span, BackendConfig(max_forwards=2, inline_max_s=0.0), executor) as backend:
         executor.close()
         running = [asyncio.ensure_future(backend.forward((0, 2), hidden(span, 4))) for _ in range(2)]
         await executor.started.wait()
