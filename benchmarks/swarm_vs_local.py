@@ -4,7 +4,8 @@ Decode tokens/s and time to first token of greedy generation through a bootstrap
 peer and three real node processes ([0,10) [10,20) [20,30)), against the whole
 model in this process, as ratios; and route planning time for 1000 peers.
 
-Run: `python benchmarks/swarm_vs_local.py [--new-tokens 64] [--trials 3]`.
+Run: `python benchmarks/swarm_vs_local.py [--new-tokens 64] [--trials 3] [--model DIR]` (a random
+checkpoint of the default model's shape stands in where the model is not: tests/random_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf or HF directory of 30 blocks (default: the default model)")
     args = parser.parse_args()
-    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False)
-    local = LocalModel.load(DEFAULT_MODEL)
+    # One token a step on both sides: this compares the pipeline's cost, not speculation's gain (benchmarks/latency.py).
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_at_eos=False, speculate=False)
+    local = LocalModel.load(args.model)
     ids = local.head.encode_prompt(PROMPT, chat=True)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    async with LocalSwarm(DEFAULT_MODEL, [(0, 10), (10, 20), (20, 30)], progress=say) as swarm:
+    async with LocalSwarm(args.model, [(0, 10), (10, 20), (20, 30)], progress=say) as swarm:
         for wire in ("float32", "bfloat16"):
-            client = SwarmModel(DEFAULT_MODEL, bootstrap=[swarm.bootstrap_url], config=ClientConfig(wire_dtype=wire))
+            client = SwarmModel(args.model, bootstrap=[swarm.bootstrap_url], config=ClientConfig(wire_dtype=wire))
             # alternate, so drift in the machine's speed hits both sides alike
             ours, theirs = [], []
             for _ in range(args.trials):
