@@ -190,6 +190,8 @@ def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, h
         result = json.loads(lines.expect(lambda line: line.startswith("{"), 120))
         assert client.wait(30) == 0
     finally:
+        if len(nodes) > 2:
+            nodes[2].kill()  # the cut-off middle node: SIGTERM would have it drain for sessions nobody can reach
         stop_nodes(nodes)
     ids = head.encode_prompt(PROMPT, chat=True)
     local = asyncio.run(_local(head, full_span, ids))

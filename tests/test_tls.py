@@ -336,7 +336,7 @@ class Relay:
             else:  # the man in the middle's own TLS to the node
                 upstream.close()
         if gone:
-            await asyncio.wait([asyncio.ensure_future(event.wait()) for event in gone], timeout=30)
+            await asyncio.wait([asyncio.ensure_future(event.wait()) for event in gone], timeout=5)  # a dialler that leaked its socket (a refused pin) never closes it
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = writer.get_extra_info("peername")[0]
