@@ -258,8 +258,9 @@ class RouteSession:
             raise at_hop(PeerUnavailable(f"connection to {state.hop} is closed ({exc})"), state.hop) from None
 
     async def forward(self, hidden: torch.Tensor, start: int, output: str = "last", timeout: float | None = None) -> torch.Tensor | Candidates:
-        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D],
-        or the last position's `Candidates` when the last hop applies the head (client/remote_head.py).
+        """Run hidden [T, D] at position `start` through every hop; returns [1, D] ("last") or [T, D]
+        ("all"), or `Candidates` of as many rows when the last hop applies the head (client/remote_head.py).
+        `start` may rewind to any position written so far: the hops overwrite from there (speculation).
 
         A step not answered within `timeout` (default `step_timeout_s`) fails with
         `PeerUnavailable` naming the first hop that has not acknowledged it.
