@@ -12,7 +12,6 @@ GPU), unless a client without a GPU has the last node apply the LM head
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
     from client.failover import Failover
     from client.head_batch import HeadBatcher
     from client.verify import Verification
-
-log = logging.getLogger(__name__)
 
 
 class Blocks(Protocol):
