@@ -25,9 +25,11 @@ from swarm.errors import SwarmError
 
 
 def lock_identity(path: Path):
-    """Hold an exclusive lock beside the key for the node's lifetime: two nodes, one identity is an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_suffix(path.suffix + ".lock"), "w")
+    """Hold an exclusive lock on the key file for the node's lifetime: two nodes, one identity is an error.
+
+    The key itself, opened read-only, not a file beside it: flock needs no write access, so a key
+    mounted read-only in a directory the node cannot write (a container's /run/secrets) locks too."""
+    handle = open(path, "rb")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -69,8 +71,8 @@ def _identity(args: argparse.Namespace):
     from swarm.identity import Identity
 
     path = args.identity or default_identity_path()
-    lock = lock_identity(path)
-    return lock, Identity.load_or_create(path)
+    identity = Identity.load_or_create(path)  # creating is race-free (swarm/identity.py); then the lock says who holds it
+    return lock_identity(path), identity
 
 
 def _load(args: argparse.Namespace):
