@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class Topology:
     services: dict[str, Service] = field(default_factory=dict)
     client: Host | None = None  # a namespace of its own, for parties outside the services
     _made_secrets_dir: bool = False
+    _made_etc_netns: bool = False
     _netns_dirs: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -176,6 +178,9 @@ class Topology:
         """Compose's DNS: in every namespace, each service name resolves to its address."""
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
         lines += [f"{service.host.address} {name}" for name, service in self.services.items()]
+        if not ETC_NETNS.exists():
+            ETC_NETNS.mkdir(parents=True)
+            self._made_etc_netns = True
         for host in self.lan.hosts:
             folder = ETC_NETNS / host.namespace
             folder.mkdir(parents=True)
@@ -207,8 +212,9 @@ class Topology:
                 service = self.services[name]
                 service.process = self._run(service, executable(service.spec["command"]), stderr=subprocess.STDOUT)
                 service.lines = Lines(service.process.stdout)
-            for name in wave:
-                self.wait_healthy(name, deadline)
+            with ThreadPoolExecutor(len(wave)) as pool:  # the engine checks them all at once, too
+                for waited in [pool.submit(self.wait_healthy, name, deadline) for name in wave]:
+                    waited.result()
 
     def _check_conditions(self, name: str) -> None:
         for dependency, condition in dependencies(self.services[name].spec).items():
@@ -283,8 +289,9 @@ class Topology:
         finally:
             for folder in self._netns_dirs:
                 shutil.rmtree(folder, ignore_errors=True)
-            if self._made_secrets_dir:
-                try:
-                    SECRETS_DIR.rmdir()
-                except OSError:
-                    pass  # another run mounted something there meanwhile; it is empty and harmless
+            for made, folder in ((self._made_secrets_dir, SECRETS_DIR), (self._made_etc_netns, ETC_NETNS)):
+                if made:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        pass  # a concurrent run uses it; it removes it itself

@@ -194,8 +194,11 @@ def test_compose_topology_answers_a_chat_with_the_local_greedy_text(topology, co
 
 def test_the_swarm_is_private(topology):
     """The same probe without the swarm key is refused by every peer: only members are answered."""
-    for name in ("bootstrap", "node1"):
-        probe = topology.lan.run_in(topology.client, [*cp.EXECUTABLES["python"], "-m", "node.health", f"https://{name}:7000/info"], stderr=subprocess.STDOUT)
+    probes = [
+        topology.lan.run_in(topology.client, [*cp.EXECUTABLES["python"], "-m", "node.health", f"https://{name}:7000/info"], stderr=subprocess.STDOUT)
+        for name in ("bootstrap", "node1", "node2", "node3")
+    ]
+    for probe in probes:
         output, _ = probe.communicate(timeout=60)
         assert probe.returncode == 1 and "private swarm" in output, output
 
