@@ -43,10 +43,12 @@ async def probe(url: str, swarm_key: Path | None, api_key_file: Path | None, tim
     membership = Membership(SwarmKey.load(swarm_key)) if swarm_key is not None else None
     transport = Transport(insecure_http=url.lower().startswith("http://"), membership=membership)
     headers = {"Authorization": f"Bearer {api_key_file.read_text().strip()}"} if api_key_file is not None else {}
-    async with transport.client_session(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-        async with http.get(url, headers=headers, allow_redirects=False) as response:
-            await response.read()
-            return response.status
+    async with (
+        transport.client_session(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
+        http.get(url, headers=headers, allow_redirects=False) as response,
+    ):
+        await response.read()
+        return response.status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def load(path: Path = COMPOSE_FILE) -> dict[str, Any]:
         return yaml.safe_load(file)
 
 
-def duration(text: str | int | float | None, default: float) -> float:
+def duration(text: str | float | None, default: float) -> float:
     """Compose's durations ('1m30s', '2s', '500ms') in seconds."""
     if text is None:
         return default

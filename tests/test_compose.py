@@ -18,7 +18,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -138,6 +137,7 @@ def test_lock_pins_every_dependency_exactly(kind):
             name, _, version = line.partition("==")
             assert name and version and " " not in line, line
             pins[name.lower().replace("_", "-")] = Version(version)
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for dependency in project["dependencies"]:
         requirement = Requirement(dependency)
