@@ -50,7 +50,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
 
-from swarm import wire
 from swarm.errors import Busy, NotMember, PeerUnavailable, SwarmError
 from swarm.swarm_key import SwarmKey
 
@@ -207,6 +206,10 @@ _ANSWER_TO = web.RequestKey("swarm_nonce", object)  # the client nonce the answe
 
 
 def _refusal(error: SwarmError, status: int = 401) -> web.Response:
+    # imported here, not at the top: it brings torch, which a node has loaded anyway and a
+    # healthcheck probe (node/health.py, every 30 s in a container) should not pay for
+    from swarm import wire
+
     headers = {"WWW-Authenticate": "LayerswarmKey"} if status == 401 else None
     return web.Response(status=status, body=wire.encode(wire.error_message(error)), content_type="application/msgpack", headers=headers)
 
