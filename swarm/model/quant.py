@@ -1,0 +1,144 @@
+"""Weight-only int8 with per-output-channel symmetric scales (`swarm-node --quant int8`).
+
+Each row of a projection's [out, in] weight becomes int8 values q and one float32 scale
+s = max|row| / 127, so W ~= q * s[:, None]. Activations are not quantized: the hidden
+states between projections stay in the span's compute dtype (float32 on CPU, bfloat16 on
+CUDA), so the error is the weights' rounding alone (half a step, <= 0.4% of a row's
+largest weight). Quantization happens one block at a time while loading (load_span), from
+whatever the checkpoint holds (GGUF Q4_1/Q8_0 blocks are dequantized per block first), so
+the whole model never sits in float32 at once.
+
+Kernels, measured before choosing (benchmarks/int8_kernels.py; 2-core AMD EPYC with
+AVX512-VNNI, torch 2.13, one thread, M=1 rows, the default model's shapes; us a call):
+
+    shape (in->out)   fp32 F.linear  fp32 oneDNN  int8pack(f32 x)  int8pack(bf16 x)  fbgemm dyn.  dequant+mm
+    576->576                 16.9         26.2          209.6             11.2           11.0         35.4
+    576->960 (qkv)           29.8         36.2          352.6             16.4           13.6         57.8
+    576->3072 (gate,up)      97.6         87.7         1204.4             47.3           29.0        161.5
+    1536->576 (down)         42.0         48.7          557.3             23.1           17.8         84.5
+
+- `torch.ops.aten._weight_int8pack_mm` takes float32, bfloat16 and float16 activations on
+  CPU (scales in the activation's dtype), but only its bfloat16/float16 paths are
+  vectorized: with float32 activations it is 10x slower than float32 weights. So the CPU
+  kernel casts the (tiny, one-row) activation to bfloat16 and back; the weights and the
+  float32 per-channel scale are applied exactly (the int8 product is scaled in float32).
+- fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`) is ~1.5x faster still,
+  but it quantizes each step's activations per tensor to 7 bits: twice the error per
+  projection on random data and worse on real activations with outlier channels (its
+  top-1 agreement on the default model is in benchmarks/edge.py's kernel table), and its
+  packed weight keeps a second copy of the int8 weight (RSS).
+- dequantize-then-matmul is the floor: slower than float32.
+
+On CUDA the lead measured `_weight_int8pack_mm` at 9x slower than bfloat16 F.linear, and
+eager dequantize-then-matmul at 10x; `F.linear(x, q.to(x.dtype)) * s` compiled is on par
+with bfloat16. So on CUDA the weight is dequantized inside the linear (`F.linear` of the
+cast weight): correct everywhere, fast inside the decode engine's compiled block functions
+(swarm/model/engine_blocks.py takes the (q, scale) pair as the weight), and it buys memory,
+not speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTS = ("none", "int8")  # what `--quant` takes; "none": the compute dtype's own weights
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight -> (q int8 [out, in], scale float32 [out]), W ~= q * scale[:, None].
+
+    Symmetric per output channel: q in [-127, 127]; an all-zero row gets scale 1 (q = 0)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def int8pack_available() -> bool:
+    """Whether this torch build has the CPU weight-only int8 kernel (probed once)."""
+    try:
+        q, x = torch.ones(8, 32, dtype=torch.int8), torch.ones(1, 32, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=torch.bfloat16))
+        return bool(torch.allclose(out.float(), torch.full((1, 8), 32.0)))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class Int8Linear(nn.Module):
+    """y = x (q s)^T (+ b) for x [N, in]: an int8 [out, in] weight with float32 per-row scales.
+
+    `weight` comes as a float [out, in] tensor (quantized here) or as a ready (q, scale) pair;
+    `dtype` is the compute dtype: on CPU the scales stay float32 (applied to the kernel's output),
+    elsewhere they are kept in `dtype`, the weight's cast (gpt-fast)."""
+
+    def __init__(self, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        q, scale = quantize_int8(weight) if isinstance(weight, torch.Tensor) else weight
+        self.cpu_kernel = q.device.type == "cpu" and int8pack_available()
+        self.register_buffer("q", q.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.to(torch.float32 if self.cpu_kernel else dtype).contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        # int8pack_mm scales by a vector of the activation's dtype: ones, so the real float32
+        # scale is applied after, exactly (bfloat16 scales would round each row's by up to 0.4%).
+        self.register_buffer("unit", torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device) if self.cpu_kernel else None, persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.unit).to(x.dtype) * self.scale
+        else:
+            y = int8_linear(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.q, self.scale, dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (q s)^T with the weight cast to x's dtype inside the matmul: on CUDA, under torch.compile,
+    the cast fuses into the matmul's load (gpt-fast)."""
+    return (F.linear(x, q.to(x.dtype)) * scale).to(x.dtype)
+
+
+def block_bytes(config, dtype: torch.dtype, quant: str | None = None, device: torch.device | str = "cpu") -> int:
+    """Bytes one block's weights take once loaded (`Span.weight_bytes` per block), before loading it:
+    what `--max-memory` sizes a span by. `config` is a swarm.model.config.ModelConfig."""
+    element = torch.empty((), dtype=dtype).element_size()
+    if quant in (None, "none"):
+        return config.block_params() * element
+    c = config
+    rows = (c.q_size + 2 * c.kv_size) + c.hidden_size + 2 * c.intermediate_size + c.hidden_size  # qkv, o, gate+up, down
+    kept = 2 * c.hidden_size + ((c.q_size + 2 * c.kv_size) if c.qkv_bias else 0)  # norms, biases: compute dtype
+    per_row = 4 + 2 if torch.device(device).type == "cpu" and int8pack_available() else element  # scale (+ bfloat16 ones)
+    return (c.block_params() - kept) + rows * per_row + kept * element
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Loading dequantizes each block through float32 temporaries several times its int8 size;
+    glibc keeps what they freed in its arenas, so an int8 node would otherwise sit at the
+    RSS of its loading peak (the default model: 610 MB instead of 350)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return
+    if trim is not None:
+        trim(0)
