@@ -48,14 +48,19 @@ from torch import nn
 QUANTS = ("none", "int8")  # what `--quant` takes; "none": the compute dtype's own weights
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float weight -> (q int8 [out, in], scale float32 [out]), W ~= q * scale[:, None].
 
-    Symmetric per output channel: q in [-127, 127]; an all-zero row gets scale 1 (q = 0)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    Symmetric per output channel: q in [-127, 127]; an all-zero row gets scale 1 (q = 0). Rows go
+    `chunk` at a time, so the float32 scratch stays small beside a large matrix (an LM head)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for first in range(0, weight.shape[0], chunk):
+        w = weight[first : first + chunk].float()
+        s = w.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[first : first + chunk] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[first : first + chunk] = s
     return q, scale
 
 
