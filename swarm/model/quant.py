@@ -68,7 +68,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8pack_available() -> bool:
     """Whether this torch build has the CPU weight-only int8 kernel (probed once)."""
     try:
