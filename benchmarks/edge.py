@@ -3,20 +3,21 @@
 One run, on the default model (a GGUF of Q4_1 blocks), all on the CPU:
 
 - decode tokens/s and RSS of a process that holds all blocks and the head and decodes greedily
-  (our float32, our int8: int8 blocks and int8 LM head/embeddings), and of llama.cpp
+  (our float32; our int8: int8 blocks and int8 LM head/embeddings; our q4_1: the GGUF's own Q4_1
+  blocks and the int8 head), and of llama.cpp
   (`llama-cpp-python`) on the same GGUF with as many threads. Every timed thing runs in its own
   child process (one model per process, so RSS is honest), the variants alternate, repeats give
   medians. RSS is read after load (after `release_freed_memory`, as a node does) and after
   decode, current and peak (the peak is the loading transient); `baseline` is the process's RSS
   before it loads weights (python + torch), and the `_above_baseline` figures subtract it.
 - accuracy: top-1 agreement with our float32 over every teacher-forced position of the plain
-  English text below (int8; int8 blocks with a float32 head; llama.cpp), and the greedy text of
+  English text below (int8, q4_1; their blocks with a float32 head; llama.cpp), and the greedy text of
   a few chat prompts, side by side.
 
 The box may be shared: the 1-minute load average is printed before and after and kept in
 every result's params.
 
-    python -m benchmarks.edge [--threads N] [--new-tokens 64] [--repeats 3] [--no-llama]
+    python -m benchmarks.edge [--threads N] [--new-tokens 64] [--repeats 3] [--no-llama] [--no-q4]
 
 Results: JSON lines on stdout (benchmarks/common.py), progress on stderr.
 """
@@ -54,6 +55,8 @@ VARIANTS = {  # name -> (block quant, head quant)
     "float32": ("none", "none"),
     "int8": ("int8", "int8"),
     "int8_blocks": ("int8", "none"),  # accuracy only: what the blocks alone cost
+    "q4_1": ("q4_1", "int8"),  # the GGUF's own 4-bit blocks (--quant q4_1), with the int8 head
+    "q4_1_blocks": ("q4_1", "none"),  # accuracy only
 }
 
 
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=24, help="tokens of each prompt's greedy text (default 24)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant, alternating (default 3)")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp (llama-cpp-python not installed)")
+    parser.add_argument("--no-q4", action="store_true", help="skip --quant q4_1 (the GGUF's own 4-bit blocks)")
     parser.add_argument("--worker", choices=("ours", "llama"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -195,11 +199,13 @@ def main() -> None:
     prompts = [[int(i) for i in (c["input_ids"] if hasattr(c, "keys") else c)] for c in chats]
     common = {"model": DEFAULT_MODEL, "threads": args.threads, "load_avg_1m": round(load_before, 2)}
     job = {"threads": args.threads, "prompts": prompts, "text": text, "new_tokens": args.new_tokens, "greedy_tokens": args.greedy_tokens}
-    engines = [("ours", "float32"), ("ours", "int8")] + ([] if args.no_llama else [("llama", "llama.cpp")])
+    ours = [("ours", "float32"), ("ours", "int8")] + ([] if args.no_q4 else [("ours", "q4_1")])
+    engines = ours + ([] if args.no_llama else [("llama", "llama.cpp")])
 
     # accuracy: one process per variant
     answers = {}
-    for kind, variant in [("ours", "float32"), ("ours", "int8"), ("ours", "int8_blocks")] + engines[2:]:
+    extra = [("ours", "int8_blocks")] + ([] if args.no_q4 else [("ours", "q4_1_blocks")])
+    for kind, variant in ours + extra + engines[len(ours) :]:
         say(f"accuracy: {variant} ...")
         answers[variant] = run_worker(kind, {**job, "mode": "accuracy", "variant": variant})
     reference = answers["float32"]["top1"]

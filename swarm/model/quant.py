@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTS = ("none", "int8")  # what `--quant` takes; "none": the compute dtype's own weights
+QUANTS = ("none", "int8", "q4_1")  # what `--quant` takes; "none": the compute dtype's own weights
+Q4_GROUP = 32  # inputs per Q4_1 block (GGUF)
 
 
 def quantize_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +128,9 @@ def block_bytes(config, dtype: torch.dtype, quant: str | None = None, device: to
     c = config
     rows = (c.q_size + 2 * c.kv_size) + c.hidden_size + 2 * c.intermediate_size + c.hidden_size  # qkv, o, gate+up, down
     kept = 2 * c.hidden_size + ((c.q_size + 2 * c.kv_size) if c.qkv_bias else 0)  # norms, biases: compute dtype
+    if quant == "q4_1":  # half a byte a weight, a bfloat16 (scale, zero) pair per group of 32
+        weights = c.block_params() - kept
+        return weights // 2 + weights // Q4_GROUP * 4 + kept * element
     per_row = 4 + 2 if torch.device(device).type == "cpu" and int8pack_available() else element  # scale (+ bfloat16 ones)
     return (c.block_params() - kept) + rows * per_row + kept * element
 
@@ -147,3 +151,27 @@ def release_freed_memory() -> None:
         return
     if trim is not None:
         trim(0)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W in a GGUF's own Q4_1 blocks (`--quant q4_1`): 4-bit values, a scale and
+    a minimum per group of 32 inputs, w = nibble * scale + minimum. torch's CPU int4 kernel
+    (`_weight_int4pack_mm_for_cpu`, fast with bfloat16 activations) computes with exactly that,
+    as (nibble - 8) * scale + zero with zero = minimum + 8 * scale: the file's weights, not a
+    re-quantization of them; only scale and zero round to bfloat16 (the kernel's dtype).
+    CPU only (the kernel is)."""
+
+    def __init__(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        nibbles, scale, minimum = parts  # [out, in] int32; [out, in/32] float32 twice
+        if nibbles.device.type != "cpu":
+            raise ValueError("q4_1 weights run on the CPU only (torch's int4 kernel there)")
+        self.out_features, self.in_features = nibbles.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1), persistent=False)
+        zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1)  # [in/32, out, 2]
+        self.register_buffer("scale_zero", zeros.to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, Q4_GROUP, self.scale_zero).to(x.dtype)
+        return y if self.bias is None else y + self.bias
