@@ -37,7 +37,7 @@ from torch import nn
 
 from swarm.errors import LengthExceeded, PositionError, UnsupportedModel
 from swarm.model.config import ModelConfig
-from swarm.model.quant import QUANTS, Int4Linear, Int8Linear
+from swarm.model.quant import QUANTS, Int4Linear, Int8Linear, release_freed_memory
 
 # The projections `--quant int8` stores as int8 (swarm/model/quant.py); norms and biases stay in the compute dtype.
 PROJECTIONS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
@@ -324,6 +324,9 @@ def load_span(
         del raw
         blocks.append(Block(config, weights, quant))
         del weights
+        # Hand the block's float32 scratch back to the OS now: glibc would keep it, and the scraps
+        # of 30 blocks add up (int8, the default model: a loading peak of 1045 MB instead of 859).
+        release_freed_memory()
         if progress:
             progress(number, end - start)
     inv_freq = rope_inv_freq(config, checkpoint.rope_freq_factors()).to(device)
