@@ -151,16 +151,19 @@ def release_freed_memory() -> None:
     Loading dequantizes each block through float32 temporaries several times its int8 size;
     glibc keeps what they freed in its arenas, so an int8 node would otherwise sit at the
     RSS of its loading peak (the default model: 610 MB instead of 350)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc; musl and others have no such call
+    except (OSError, AttributeError):
+        return None
 
 
 class Int4Linear(nn.Module):
