@@ -85,6 +85,7 @@ def _load(args: argparse.Namespace):
     import torch
 
     from swarm.model import load_span, open_checkpoint
+    from swarm.model.quant import release_freed_memory
     from swarm.progress import progress_bar
 
     if args.threads is not None:
@@ -94,7 +95,9 @@ def _load(args: argparse.Namespace):
 
     def loader(start: int, end: int):  # a bar on a terminal only (node/cli.py draws; nothing in tests or logs)
         with open_checkpoint(args.model) as checkpoint, progress_bar(f"loading blocks {start}:{end}") as show:
-            return load_span(checkpoint, start, end, dtype, device, progress=show)
+            span = load_span(checkpoint, start, end, dtype, device, progress=show, quant=args.quant)
+        release_freed_memory()
+        return span
 
     with open_checkpoint(args.model) as checkpoint:
         fingerprint = checkpoint.fingerprint()
@@ -125,7 +128,7 @@ def _auto_blocks(args: argparse.Namespace, digest: str, checkpoint, dtype, devic
     found = asyncio.run(records())
     count = args.num_blocks
     if count is None:
-        speed, peers = block_speed(checkpoint, dtype, device), peer_speeds(found, digest, layers)
+        speed, peers = block_speed(checkpoint, dtype, device, quant=args.quant), peer_speeds(found, digest, layers)
         count = min(speed_share(speed, peers, layers), _block_cap(args, checkpoint.config))
         logging.getLogger(__name__).info("%.1f blocks/s beside %d peers of this model: %d blocks", speed, len(peers), count)
     return choose_span(block_throughput(found, digest, layers), count, random.Random())
@@ -133,19 +136,21 @@ def _auto_blocks(args: argparse.Namespace, digest: str, checkpoint, dtype, devic
 
 def _block_cap(args: argparse.Namespace, config) -> int:
     """The most blocks this node may hold: what fits in --max-memory beside --kv-memory, else in the
-    GPU's free memory; a CPU node without --max-memory may hold the whole model."""
+    GPU's free memory; a CPU node without --max-memory may hold the whole model. A block counts
+    the bytes it really takes with --quant (int8: about a quarter of float32)."""
     import torch
 
     from node.balance import blocks_that_fit
+    from swarm.model.quant import block_bytes
 
     device = _device(args.device)
-    element = torch.empty((), dtype=getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))).element_size()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     memory = args.max_memory
     if memory is None and device.type == "cuda":
         memory = torch.cuda.mem_get_info(device)[0]  # free bytes now, before this node loads anything
     if memory is None:
         return config.num_layers
-    count = min(config.num_layers, blocks_that_fit(memory, config.block_params() * element, args.kv_memory))
+    count = min(config.num_layers, blocks_that_fit(memory, block_bytes(config, dtype, args.quant, device), args.kv_memory))
     logging.getLogger(__name__).info("%d bytes of memory hold %d blocks", memory, count)
     return count
 

@@ -29,6 +29,7 @@ import time
 import torch
 
 from swarm.model import Segment, Span, load_span
+from swarm.model.quant import block_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ def _rounds(span: Span, x: torch.Tensor, rounds: int, steps: int) -> None:
         torch.cuda.synchronize(span.device)  # the window ends when the GPU is done, not when launches are
 
 
-def block_speed(checkpoint, dtype: torch.dtype, device: torch.device, min_seconds: float = 0.3) -> float:
+def block_speed(checkpoint, dtype: torch.dtype, device: torch.device, min_seconds: float = 0.3, quant: str | None = None) -> float:
     """Blocks/s of this node on the first blocks of `checkpoint` (swarm.model.Checkpoint): one, or as
-    many as make `MIN_WEIGHT_BYTES`; loaded and dropped here."""
+    many as make `MIN_WEIGHT_BYTES`; loaded (with `quant`, as the node will serve them) and dropped here."""
     config = checkpoint.config
-    block_bytes = config.block_params() * torch.empty((), dtype=dtype).element_size()
-    count = max(1, min(config.num_layers, -(-MIN_WEIGHT_BYTES // block_bytes)))
-    speed = sustained_speed(load_span(checkpoint, 0, count, dtype, device), min_seconds)  # the blocks are freed on return
+    size = block_bytes(config, dtype, quant, device)
+    count = max(1, min(config.num_layers, -(-MIN_WEIGHT_BYTES // size)))
+    speed = sustained_speed(load_span(checkpoint, 0, count, dtype, device, quant=quant), min_seconds)  # the blocks are freed on return
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give their memory back before the span loads
     log.info("measured %.1f blocks/s on %d blocks (%s, %s)", speed, count, device, dtype)

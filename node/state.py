@@ -238,6 +238,8 @@ class NodeState:
             "hidden_size": span.config.hidden_size,
             "span": [span.start, span.end],
             "dtype": str(span.dtype).removeprefix("torch."),
+            "quant": span.quant or "none",
+            "weight_bytes": span.weight_bytes,  # really held: int8 values and scales under --quant int8
             "device": str(span.device),
             "throughput": backend.throughput,
             "load": backend.load,

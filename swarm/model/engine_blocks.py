@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from swarm.model.block import Block, apply_rope
+from swarm.model.block import Block, Linear, apply_rope
+from swarm.model.quant import Int8Linear, int8_linear
 
 
 def verify_block(
@@ -43,14 +44,23 @@ def verify_block(
 
 def block_tensors(block: Block) -> tuple:
     """The weights `decode_block` takes, as plain tensors (one compiled function serves every block)."""
-    linears = (block.wqkv, block.wo, block.w_gate_up, block.w_down)
-    if block.wqkv.packed:  # oneDNN-packed CPU weights: only the Linear modules can read them
-        return (*linears, block.wqkv.bias, block.attn_norm, block.mlp_norm)
-    return (*(m.weight for m in linears), block.wqkv.bias, block.attn_norm, block.mlp_norm)
+    return (*(_weight(m) for m in (block.wqkv, block.wo, block.w_gate_up, block.w_down)), block.wqkv.bias, block.attn_norm, block.mlp_norm)
+
+
+def _weight(linear: Linear | Int8Linear):
+    """What `_linear` takes for one projection: a tensor, an int8 (values, scales) pair (cast inside
+    the compiled function, where the cast fuses into the matmul), or the module itself where only it
+    can read its weights (oneDNN-packed or int8pack CPU weights; the engine is not compiled there)."""
+    if isinstance(linear, Int8Linear):
+        return linear if linear.cpu_kernel else (linear.q, linear.scale)
+    return linear if linear.packed else linear.weight
 
 
 def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A weight tensor, or a `Linear` holding packed CPU weights (which applies its own bias)."""
+    """A weight tensor, an int8 (values, scales) pair, or a module holding packed CPU weights (which applies its own bias)."""
+    if isinstance(weight, tuple):
+        y = int8_linear(x, *weight)
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x)
 
 
