@@ -208,13 +208,13 @@ class Planner:
         banned peers, with this client's open sessions weighing on the peers they use (`occupied`)."""
         candidates = self.candidates()
         if not candidates:
-            self._check_precision(start, self.num_layers if end is None else end)
+            self._check_precision(start, self.num_layers if end is None else end, exclude)
             raise NoRoute(f"no peer serves model {self.model_name}{self._served_elsewhere()}")
         candidates = occupied(candidates, self.occupancy, self.config.spread_penalty)
         try:
             return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
         except NoRoute:
-            self._check_precision(start, self.num_layers if end is None else end)
+            self._check_precision(start, self.num_layers if end is None else end, exclude)
             raise
 
     def plan_routes(self, count: int) -> list[Route]:
@@ -224,16 +224,17 @@ class Planner:
         try:
             return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, spread_penalty=spread, exclude=avoid), frozenset())
         except NoRoute:
-            self._check_precision(0, self.num_layers)
+            self._check_precision(0, self.num_layers, frozenset())
             raise
 
-    def _check_precision(self, start: int, end: int) -> None:
+    def _check_precision(self, start: int, end: int, exclude: frozenset[str]) -> None:
         """Raise `NoFullPrecisionRoute` when full precision is required and blocks of [start, end) that
-        quantized peers serve are served by no full-precision one (what made planning fail)."""
+        quantized peers serve are served by no full-precision one outside `exclude` (why planning failed)."""
         if not self.config.full_precision:
             return
-        full = [r.span for r in self.routable()]
-        quantized = [r.span for r in self.records() if r.span is not None and not is_full(r.precision)]
+        usable = [r for r in self.records() if r.span is not None and r.peer_id not in exclude]
+        full = [r.span for r in usable if is_full(r.precision)]
+        quantized = [r.span for r in usable if not is_full(r.precision)]
         gaps = uncovered(full, start, end)
         unserved = [part for gap in gaps for part in uncovered(quantized, *gap)]
         only_quantized = [part for gap in gaps for part in uncovered(unserved, *gap)]  # a gap's parts quantized peers serve

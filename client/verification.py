@@ -156,7 +156,7 @@ class Verifier:
         if first is None:
             outcome.reason = "no other replica of the hop's blocks re-ran its inputs"
             return outcome
-        mine, count = self._declared(hop), blocks[1] - blocks[0]
+        mine, count = self.precision_of(hop), blocks[1] - blocks[0]
         outcome.replica = first.peer_id
         outcome.error = evidence.verdict(first.hidden).error
         outcome.tolerance = tolerance(dtype, mine, first.precision, count)
@@ -186,7 +186,7 @@ class Verifier:
         log.info("%s", outcome.summary())
         return outcome
 
-    def _declared(self, hop: RemoteHop) -> str:
+    def precision_of(self, hop: RemoteHop) -> str:
         """The precision `hop` is held to: its record's when this client planned it (else the table's now, else
         float32). With `full_precision` a declared int8 buys nothing: the hop is held to float32's rule."""
         record = hop.record or self.planner.view.table.get(hop.peer_id)
