@@ -273,3 +273,184 @@ async def test_the_court_holds_the_accused_to_its_declared_precision():
     honest = Identity.generate()  # a float32 hop judged by a bfloat16 judge: the mixed rule, not the judge's own wire rounding
     case, _ = await _judge_with(honest, "float32").hear(_sealed(honest, 0.03).signed_by(Identity.generate()), None, NOW, _rerun, "bfloat16")
     assert case.acquitted and case.tolerance == pytest.approx(tolerance("float32", "float32", "bfloat16", 15))
+
+
+# --- a real swarm: float32 nodes, an int8 node, an int8 liar ---------------------------------
+
+PROMPT = "What is the capital of France?"
+NEW_TOKENS = 10
+LIE_SCALE = 0.5  # the liar's noise, relative to each row's RMS: beyond the int8 limit over 15 blocks (~0.19)
+PERIOD = ["--gossip-period", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """{"bootstrap", "a", "b", "q", "liar"}: started nodes (see the module doc)."""
+    import concurrent.futures
+
+    from tests.nodes import reserve_url, start_nodes, stop_nodes
+
+    tmp = tmp_path_factory.mktemp("precision")
+    port, url = reserve_url()
+    join = ["--bootstrap", url, *PERIOD]
+    started = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            liar = ["--blocks", "0:15", "--quant", "int8", "--threads", "1", "--lie-every", "1", "--lie-scale", str(LIE_SCALE), *join]
+            groups = [
+                pool.submit(
+                    start_nodes,
+                    [["--no-model", *port, *PERIOD], ["--blocks", "0:15", *join], ["--blocks", "15:30", *join], ["--blocks", "0:15", "--quant", "int8", *join]],
+                    tmp / "honest",
+                ),
+                pool.submit(start_nodes, [liar], tmp / "liar", module="tests.lying_node"),
+            ]
+            failure: Exception | None = None
+            for group in groups:  # collect every group that started, so that all are stopped below
+                try:
+                    started += group.result()
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others are collected
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
+        yield dict(zip(("bootstrap", "a", "b", "q", "liar"), started))
+    finally:
+        stop_nodes(started)
+
+
+def _client(swarm, **config):
+    from tests.nodes import refresh, swarm_client
+
+    client = swarm_client(swarm["bootstrap"].url, config=ClientConfig(wire_dtype="float32", verify_fraction=0.0, **config))
+    everyone = {swarm[name].peer_id for name in ("a", "b", "q", "liar")}
+    for _ in range(120):  # records reach the bootstrap peer by gossip: no event to await across processes
+        asyncio.run(refresh(client))
+        if everyone <= {r.peer_id for r in client.planner.records()}:
+            return client
+        time.sleep(0.25)
+    raise AssertionError("the client never saw every node")
+
+
+def _ids(swarm, *names: str) -> frozenset[str]:
+    return frozenset(swarm[name].peer_id for name in names)
+
+
+def _generate(client, route=None, verify: bool | None = False, tokens: int = NEW_TOKENS):
+    return asyncio.run(client.agenerate(PROMPT, route=route, verify=verify, max_new_tokens=tokens))
+
+
+class _Forced(Selector):
+    """Every generation checked, at hop `hop` (the default order of replicas)."""
+
+    def __init__(self, hop: int) -> None:
+        super().__init__(1.0, 0)
+        self._hop = hop
+
+    def hop(self, hops: int) -> int:
+        return self._hop
+
+
+def _info(node) -> dict:
+    with urllib.request.urlopen(f"{node.url}/info", timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def float32_text(swarm) -> str:
+    client = _client(swarm)
+    route = client.plan(exclude=_ids(swarm, "q", "liar"))
+    assert set(route.peers) == _ids(swarm, "a", "b")
+    return _generate(client, route).text
+
+
+def test_an_int8_node_declares_its_precision_in_its_record_info_and_swarm_peers(swarm):
+    assert (_info(swarm["q"])["precision"], _info(swarm["a"])["precision"]) == ("int8", "float32")
+    client = _client(swarm)
+    assert {r.peer_id: r.precision for r in client.planner.records()} == {
+        swarm["a"].peer_id: "float32", swarm["b"].peer_id: "float32", swarm["q"].peer_id: "int8", swarm["liar"].peer_id: "int8"
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "client.cli", "peers", "--bootstrap", swarm["bootstrap"].url, "--insecure-http", "--no-standing", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    peers = {p["peer_id"]: p["precision"] for p in json.loads(shown.stdout)["peers"] if p["model"]}
+    assert peers[swarm["q"].peer_id] == "int8" and peers[swarm["b"].peer_id] == "float32"
+
+
+def test_a_route_through_an_int8_node_answers_like_float32(swarm, float32_text):
+    """The issue's route: the int8 CPU node Q for [0, 15), float32 B for [15, 30)."""
+    client = _client(swarm)
+    route = client.plan(exclude=_ids(swarm, "a", "liar"))
+    assert route.peers == (swarm["q"].peer_id, swarm["b"].peer_id)
+    text = _generate(client, route).text
+    print(f"int8+float32 route: {text!r}; all-float32: {float32_text!r}; equal: {text == float32_text}")
+    assert "Paris" in float32_text and "Paris" in text
+
+
+def test_a_client_that_requires_full_precision_routes_around_the_int8_nodes(swarm, float32_text):
+    client = _client(swarm, full_precision=True)
+    assert {c.peer_id for c in client.candidates()} == _ids(swarm, "a", "b")
+    result = _generate(client)  # planned by the client itself
+    assert result.route == [f"{swarm['a'].peer_id[:8]}[0:15)", f"{swarm['b'].peer_id[:8]}[15:30)"]
+    assert result.text == float32_text
+    with pytest.raises(NoFullPrecisionRoute, match=r"only quantized \(int8\) peers serve blocks \[0, 15\)"):
+        client.plan(exclude=_ids(swarm, "a"))  # A gone: only int8 nodes serve [0, 15)
+    lenient = _client(swarm)
+    with pytest.raises(NoFullPrecisionRoute, match="declares int8"):
+        _generate(client, lenient.plan(exclude=_ids(swarm, "a", "liar")))  # a route given through Q
+
+
+def test_attack_records_declaring_an_unknown_or_overlong_precision_leave_the_peer_table_unchanged(swarm):
+    """A peer posts its own, validly signed records whose precision is not a known name: the bootstrap
+    peer refuses them at parse (counted), lists nothing new, and the honest nodes' records stay."""
+    from swarm.discovery.peers_http import fetch_peers
+
+    bootstrap = swarm["bootstrap"]
+
+    async def table() -> dict[str, str]:
+        async with Transport(insecure_http=True).client_session() as http:
+            return {r.peer_id: r.precision for r in await fetch_peers(http, bootstrap.url, 10.0)}
+
+    before, refused = asyncio.run(table()), _info(bootstrap)["discovery"]["peer_table"]["refused"]
+    attacker = Identity.generate()
+    records = [_forged(attacker, {**MODEL, "precision": value}, time.time()) for value in ("int4", "x" * 4000, "float32")]
+    for record in records:
+        body = wire.encode({"type": "peers", "records": [record]})
+        request = urllib.request.Request(f"{bootstrap.url}/peers", data=body, headers={"Content-Type": "application/msgpack"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200  # the frame is fine; the record in it is refused
+    after = _info(bootstrap)["discovery"]["peer_table"]["refused"]
+    assert asyncio.run(table()) == before and attacker.peer_id not in before
+    assert after.get("malformed", 0) - refused.get("malformed", 0) == 2
+    assert after.get("oversized", 0) - refused.get("oversized", 0) == 1
+
+
+def test_verification_of_an_int8_hop_against_a_float32_replica_agrees(swarm):
+    """Q's outputs re-run on A (float32): within the int8 limit for 15 blocks, so an honest int8 node
+    is not disputed; a full-precision client re-checks on full-precision replicas only."""
+    client = _client(swarm)
+    client.planner.measurements.ban(swarm["liar"].peer_id, "the test keeps it out", client.planner.clock())
+    client.verifier.selector = _Forced(0)
+    route = client.plan(exclude=_ids(swarm, "a", "liar"))
+    outcome = _generate(client, route, verify=True, tokens=6).stats.verification
+    print(f"int8 hop checked: {outcome.summary()}")
+    assert outcome.verdict is Verdict.AGREE, outcome
+    assert (outcome.peer_id, outcome.replica) == (swarm["q"].peer_id, swarm["a"].peer_id)
+    assert outcome.tolerance == pytest.approx(tolerance("float32", "int8", "float32", 15))
+    assert TOLERANCE["float32"] < outcome.error < outcome.tolerance  # int8 really differs, by less than allowed
+
+
+def test_a_liar_that_declares_int8_is_still_caught_beyond_the_int8_limit(swarm):
+    """L (int8, LIE_SCALE noise on its decode steps): its re-run on a replica disagrees beyond even the
+    int8 limit, the third replica sides with the replica, and L is accused and convicted. Last in the
+    module: the holders drop L from their tables."""
+    client = _client(swarm)
+    client.verifier.selector = _Forced(0)
+    route = client.plan(exclude=_ids(swarm, "a", "q"))
+    assert route.peers == (swarm["liar"].peer_id, swarm["b"].peer_id)
+    outcome = _generate(client, route, verify=True, tokens=6).stats.verification
+    print(f"int8 liar checked: {outcome.summary()}")
+    assert outcome.verdict is Verdict.HOP_LIED, outcome
+    assert outcome.accused == swarm["liar"].peer_id and outcome.error > outcome.tolerance
+    assert {outcome.replica, outcome.third} == _ids(swarm, "a", "q")
+    assert outcome.convinced  # a holder of [0, 15) re-ran the evidence and convicted
