@@ -221,6 +221,18 @@ def test_a_hop_is_held_to_the_precision_it_declared_when_planned(full_precision)
     assert verifier.precision_of(RemoteHop("http://x", 0, 15, "unknown")) == "float32"
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "demo", "serve"])
+def test_every_client_command_takes_full_precision(command):
+    from client.cli import build_parser
+
+    parser = build_parser()
+    positional = ["the prompt"] if command == "generate" else []
+    assert parser.parse_args([command, *positional, "--full-precision"]).full_precision is True
+    assert parser.parse_args([command, *positional]).full_precision is False
+    help_text = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions if "--full-precision" in a.option_strings).help
+    assert "int8" in help_text
+
+
 # --- the court -------------------------------------------------------------------------------
 
 D = 8
@@ -318,10 +330,10 @@ def swarm(tmp_path_factory):
         stop_nodes(started)
 
 
-def _client(swarm, **config):
+def _client(swarm, **kwargs):
     from tests.nodes import refresh, swarm_client
 
-    client = swarm_client(swarm["bootstrap"].url, config=ClientConfig(wire_dtype="float32", verify_fraction=0.0, **config))
+    client = swarm_client(swarm["bootstrap"].url, config=ClientConfig(wire_dtype="float32", verify_fraction=0.0), **kwargs)
     everyone = {swarm[name].peer_id for name in ("a", "b", "q", "liar")}
     for _ in range(120):  # records reach the bootstrap peer by gossip: no event to await across processes
         asyncio.run(refresh(client))
