@@ -10,9 +10,9 @@ at the first rejected draft and overwrites from there), that is the final
 sequence, each position's last input, which reproduces every row the hop sent
 that no later step rewound over (swarm/accusation.py). The hop's outputs are compared with the re-run within the
 tolerance for the two parties' precisions (`swarm.precision.tolerance`: the wire dtype's rounding when both
-declare the same full precision, wider across precisions and with int8). The hop's precision is the one its
-record declared when this client planned it (a record signed later cannot widen it); the replica's, its record's
-now. A client that requires full precision (`ClientConfig.full_precision`) re-runs on full-precision replicas
+declare the same full precision, far wider across precisions). Replicas of the hop's own precision are asked
+first. The hop's precision is the one its record declared when this client planned it (a record signed later
+cannot widen it); the replica's, its record's now. A client that requires full precision (`ClientConfig.full_precision`) re-runs on full-precision replicas
 only and never widens the tolerance for a hop that declares int8. On disagreement a third replica
 re-runs the same inputs, and the party it sides against is the liar: it is
 banned by this client for long, and an accusation signed with this client's
@@ -150,13 +150,14 @@ class Verifier:
             return self._unsealed(session, tape, outcome)
         banned = self.planner.measurements.banned(self.planner.clock())
         spans = [(r.peer_id, *r.span) for r in self.planner.routable()]  # full_precision: full-precision replicas only
-        others = self.selector.shuffled(replicas(spans, blocks, {hop.peer_id, *banned}))
+        mine, count = self.precision_of(hop), blocks[1] - blocks[0]
+        # Replicas of the hop's own precision first: between them the tolerance is the wire's rounding alone.
+        others = sorted(self.selector.shuffled(replicas(spans, blocks, {hop.peer_id, *banned})), key=lambda p: self._declared(p) != mine)
         inputs = frozen(evidence.inputs(), dtype)
         first = await self._rerun_on(http, others, blocks, inputs)
         if first is None:
             outcome.reason = "no other replica of the hop's blocks re-ran its inputs"
             return outcome
-        mine, count = self.precision_of(hop), blocks[1] - blocks[0]
         outcome.replica = first.peer_id
         outcome.error = evidence.verdict(first.hidden).error
         outcome.tolerance = tolerance(dtype, mine, first.precision, count)
@@ -185,6 +186,10 @@ class Verifier:
         outcome.convinced = await self._accuse(http, accusation.signed_by(self.identity), blocks)
         log.info("%s", outcome.summary())
         return outcome
+
+    def _declared(self, peer_id: str) -> str:
+        record = self.planner.view.table.get(peer_id)
+        return DEFAULT_PRECISION if record is None else record.precision
 
     def precision_of(self, hop: RemoteHop) -> str:
         """The precision `hop` is held to: its record's when this client planned it (else the table's now, else

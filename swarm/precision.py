@@ -20,21 +20,28 @@ nodes of every precision serve one model together; a client may require full pre
 `tolerance` is the verification rule. Two honest outputs of the same blocks on the same
 inputs differ by the wire's rounding when both parties compute alike (WIRE_TOLERANCE,
 as strict as before precisions were declared); across precisions they differ by much
-more, and the difference grows with the blocks run. Measured on the default model by
-benchmarks/precision_error.py (worst row's relative RMS difference, 5 texts, several
-starting blocks; float32 wire):
+more. Measured on the default model by benchmarks/precision_error.py (worst row's
+relative RMS difference over 6 texts, 4 chat prompts and 2 plain texts, one of 238
+tokens, at every few starting blocks; float32 wire):
 
     blocks                      1      5      10     15     20     30
-    bfloat16 vs float32       0.019  0.022  0.070  0.047  0.034  0.059
-    int8 vs float32           0.038  0.036  0.050  0.052  0.089  0.147
-    int8 vs bfloat16          0.044  0.033  0.065  0.061  0.083  0.119
+    bfloat16 vs float32       0.030  0.071  0.162  0.053  0.035  0.059
+    int8 vs float32           0.038  0.042  0.050  0.052  0.089  0.147
+    int8 vs bfloat16          0.049  0.070  0.152  0.062  0.083  0.119
 
-The limits below are about twice the worst measured at every span length (mixed full
-precisions: 1.9x at 10 blocks, 3x and more elsewhere; int8: 2.0x at 1 and 30 blocks).
-They are also what a liar gets: a node that declares int8 may send outputs up to
-QUANTIZED_BASE + QUANTIZED_PER_BLOCK * blocks off (9% for one block, 31% for thirty) and
-pass every check against a full-precision replica; a client that will not give that room
-requires full precision.
+The median row is 5-10x smaller (0.005-0.05): the worst rows are single positions whose
+state a few blocks amplify, above all the first position of a plain text (the attention
+sink: 0.162 after blocks [0, 10) in bfloat16, back to 0.05 after [0, 15)). The tails of
+bfloat16 and int8 are alike (a CPU int8 node rounds each projection's input to bfloat16
+too), so one rule covers every pair of different precisions, and two int8 nodes (whose
+activations may differ: float32 on a CPU, bfloat16 on a GPU):
+CROSS_BASE + CROSS_PER_BLOCK * blocks, 0.16 for one block, 0.25 for ten (1.5x the worst
+measured, at the sink row), 0.45 for thirty (3x).
+
+That is also what a liar gets: a node that declares another precision than its replica's
+may send outputs that far off and pass. The client therefore re-runs a hop on replicas of
+its own precision first (strict), and a client that requires full precision plans no
+int8 node; a bfloat16 node checked against a float32 replica still gets the room.
 """
 
 from __future__ import annotations
@@ -51,9 +58,9 @@ MAX_PRECISION_CHARS = 16  # longer than any name: refused as oversized before it
 # rounding is at most 2^-9 relative per element (~0.2%), two independent ones
 # and a different summation order stay well under 0.5%; a 1% perturbation does not.
 WIRE_TOLERANCE = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 5e-3}
-# Relative RMS (worst row) allowed on top of the wire's rounding; see the module doc for the measurements.
-MIXED_BASE, MIXED_PER_BLOCK = 0.08, 0.005  # two different full precisions (or two int8 nodes: their activations may differ)
-QUANTIZED_BASE, QUANTIZED_PER_BLOCK = 0.08, 0.0075  # int8 against a full precision
+# Relative RMS (worst row) allowed on top of the wire's rounding between two parties of different
+# precisions, or two int8 parties; see the module doc for the measurements.
+CROSS_BASE, CROSS_PER_BLOCK = 0.15, 0.01
 
 
 def is_full(precision: str) -> bool:
@@ -80,9 +87,7 @@ def tolerance(wire_dtype: str, a: str, b: str, blocks: int) -> float:
     wire = WIRE_TOLERANCE.get(wire_dtype, WIRE_TOLERANCE["float32"])
     if a == b and is_full(a):
         return wire
-    if is_full(a) and is_full(b) or a == b:
-        return wire + MIXED_BASE + MIXED_PER_BLOCK * blocks
-    return wire + QUANTIZED_BASE + QUANTIZED_PER_BLOCK * blocks
+    return wire + CROSS_BASE + CROSS_PER_BLOCK * blocks
 
 
 def uncovered(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

@@ -141,7 +141,7 @@ def test_verification_of_a_bf16_hop_against_a_float32_replica_agrees(mixed):
     """Verified outputs on a mixed swarm: each hop of the route is re-run on its replica of the
     other dtype, and an honest pair agrees: bf16 and float32 replicas differ by 1-3% over 15 blocks,
     far beyond the float32 wire's 1e-3, so the tolerance is the pair's precisions' (swarm/precision.py
-    `tolerance`, from the precisions their records declare: 0.16 for 15 blocks)."""
+    `tolerance`, from the precisions their records declare: 0.3 for 15 blocks)."""
     from client.swarm import ClientConfig
     from client.verify import Verdict
 

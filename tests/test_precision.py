@@ -65,19 +65,18 @@ def test_equal_full_precisions_are_held_exactly_as_strictly_as_before(wire_dtype
         assert tolerance(wire_dtype, precision, precision, blocks) == TOLERANCE[wire_dtype]
 
 
-def test_mixed_pairs_get_room_that_grows_with_the_blocks_and_int8_gets_the_most():
+def test_pairs_of_different_precisions_get_room_that_grows_with_the_blocks():
     for blocks in (1, 10, 30):
         mixed = tolerance("float32", "bfloat16", "float32", blocks)
-        quantized = tolerance("float32", "int8", "float32", blocks)
-        assert TOLERANCE["float32"] < mixed < quantized
-        assert quantized == tolerance("float32", "float32", "int8", blocks) == tolerance("float32", "int8", "bfloat16", blocks)
+        assert TOLERANCE["float32"] < mixed
+        assert mixed == tolerance("float32", "float32", "bfloat16", blocks) == tolerance("float32", "int8", "float32", blocks)
         assert tolerance("float32", "int8", "int8", blocks) == mixed  # two int8 nodes may differ in their activations' dtype
+        assert tolerance("bfloat16", "int8", "float32", blocks) > mixed  # plus the wire's own rounding
     assert tolerance("float32", "int8", "float32", 1) < tolerance("float32", "int8", "float32", 30)
-    # Measured worst cases (benchmarks/precision_error.py, swarm/precision.py's table) sit at about half the limit or less.
-    for blocks, measured in ((1, 0.044), (10, 0.065), (20, 0.089), (30, 0.147)):
-        assert tolerance("float32", "int8", "float32", blocks) >= 2 * measured
-    for blocks, measured in ((1, 0.019), (10, 0.070), (30, 0.059)):
-        assert tolerance("float32", "bfloat16", "float32", blocks) >= 1.8 * measured
+    # The worst rows measured (benchmarks/precision_error.py, swarm/precision.py's table) stay 1.5x and more below it.
+    measured = {1: 0.049, 5: 0.071, 10: 0.162, 15: 0.062, 20: 0.089, 30: 0.147}
+    for blocks, worst in measured.items():
+        assert tolerance("float32", "int8", "float32", blocks) >= 1.5 * worst
 
 
 def test_uncovered_names_the_gaps_in_order():
@@ -270,14 +269,14 @@ def _judge_with(accused: Identity, precision: str | None) -> Court:
 
 
 async def test_the_court_holds_the_accused_to_its_declared_precision():
-    """What a declared int8 buys a liar: outputs 10% off over 15 blocks pass a float32 judge (the int8
-    limit there is 0.19), where a float32 node is convicted for 1%. 30% off is convicted either way."""
+    """What a declared int8 buys a liar: outputs 20% off over 15 blocks pass a float32 judge (the
+    limit there is 0.3), where a float32 node is convicted for 1%. 60% off is convicted either way."""
     limit = tolerance("float32", "int8", "float32", BLOCKS[1] - BLOCKS[0])
-    assert 0.15 < limit < 0.25
+    assert 0.25 < limit < 0.35
     liar = Identity.generate()
-    case, _ = await _judge_with(liar, "int8").hear(_sealed(liar, 0.10).signed_by(Identity.generate()), None, NOW, _rerun, "float32")
+    case, _ = await _judge_with(liar, "int8").hear(_sealed(liar, 0.20).signed_by(Identity.generate()), None, NOW, _rerun, "float32")
     assert case.acquitted and case.tolerance == pytest.approx(limit)
-    case, _ = await _judge_with(liar, "int8").hear(_sealed(liar, 0.30).signed_by(Identity.generate()), None, NOW, _rerun, "float32")
+    case, _ = await _judge_with(liar, "int8").hear(_sealed(liar, 0.60).signed_by(Identity.generate()), None, NOW, _rerun, "float32")
     assert case.convicted and case.error > limit
     for precision in ("float32", None):  # declared float32, or a record this judge does not hold: the strict rule
         case, _ = await _judge_with(liar, precision).hear(_sealed(liar, 0.01).signed_by(Identity.generate()), None, NOW, _rerun, "float32")
@@ -291,7 +290,7 @@ async def test_the_court_holds_the_accused_to_its_declared_precision():
 
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 10
-LIE_SCALE = 0.5  # the liar's noise, relative to each row's RMS: beyond the int8 limit over 15 blocks (~0.19)
+LIE_SCALE = 1.0  # the liar's noise, relative to each row's RMS: far beyond the cross-precision limit over 15 blocks (0.3)
 PERIOD = ["--gossip-period", "0.5"]
 
 
