@@ -62,9 +62,9 @@ PAIRS = [("bfloat16", "float32"), ("int8", "float32"), ("int8", "bfloat16")]
 
 def run(span, x: torch.Tensor, blocks: tuple[int, int], wire_dtype: str) -> torch.Tensor:
     """One stateless prefill of `blocks`, as a node's /forward: input cast to the span's dtype, output to the wire's."""
-    h = x.to(span.dtype)
+    h = x.to(span.device, span.dtype)
     out = span(h, [Segment(span.new_cache(x.shape[0], blocks), 0, x.shape[0])], blocks)
-    return rounded(out, wire_dtype)
+    return rounded(out.cpu(), wire_dtype)
 
 
 def rounded(x: torch.Tensor, wire_dtype: str) -> torch.Tensor:
@@ -75,13 +75,22 @@ def rounded(x: torch.Tensor, wire_dtype: str) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the hidden states compared (default float32)")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where the bfloat16 and int8 spans run (default cpu; cuda: a GPU node's, int8 with bfloat16 activations); float32 always on the CPU",
+    )  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 5, 10, 15, 20, 30], help="span lengths in blocks (default 1 5 10 15 20 30)")
     args = parser.parse_args()
     torch.manual_seed(0)
     with open_checkpoint(DEFAULT_MODEL) as checkpoint:
         layers = checkpoint.config.num_layers
         head = load_head(checkpoint, torch.float32)
-        spans = {name: load_span(checkpoint, 0, layers, dtype, quant=quant) for name, dtype, quant in PRECISIONS}
+        spans = {}
+        for name, dtype, quant in PRECISIONS:
+            device = "cpu" if name == "float32" else args.device
+            if quant and device != "cpu":
+                dtype = torch.bfloat16  # what a GPU int8 node computes with between projections
+            spans[name] = load_span(checkpoint, 0, layers, dtype, device, quant=quant)
     reference = spans["float32"]
     # The float32 hidden state entering each block, per prompt, rounded to the wire (what a hop receives).
     entering: list[list[torch.Tensor]] = []
@@ -104,7 +113,8 @@ def main() -> None:
             worst, median = max(values), statistics.median(values)
             emit(
                 "precision_error", worst, "relative RMS (worst row)",
-                {"pair": f"{a} vs {b}", "blocks": length, "starts": starts, "prompts": len(PROMPTS), "wire_dtype": args.wire_dtype, "median": median},
+                {"pair": f"{a} vs {b}", "blocks": length, "starts": starts, "prompts": len(PROMPTS), "wire_dtype": args.wire_dtype, "median": median, "device": args.device},
+                device=args.device,
                 human=f"{a:>10} vs {b:<9} {length:>2} blocks: worst {worst:.4f}, median {median:.4f} over {len(values)} (starts {starts})",
             )  # fmt: skip
     print("done", file=sys.stderr)
