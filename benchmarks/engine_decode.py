@@ -7,7 +7,7 @@ pool) and tokens/s, the time of a verify step (one session's token and drafts,
 2-16 rows) against a one-token step, the eager ragged path at batch 1 for comparison, and the
 roofline: weight bytes / measured copy bandwidth.
 
-Run: `python benchmarks/engine_decode.py [--shape 8b|tiny] [--device cuda] [--context 256]`.
+Run: `python benchmarks/engine_decode.py [--shape 8b|tiny] [--device cuda] [--context 256] [--quant int8]`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SHAPES = {
 }
 
 
-def random_span(shape: str, device: str, dtype: torch.dtype) -> Span:
+def random_span(shape: str, device: str, dtype: torch.dtype, quant: str = "none") -> Span:
     config = ModelConfig(
         "llama", rope_theta=500000.0, max_position=8192, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), **SHAPES[shape]
     )
@@ -48,7 +48,7 @@ def random_span(shape: str, device: str, dtype: torch.dtype) -> Span:
             "w_up": w(c.intermediate_size, c.hidden_size), "w_down": w(c.hidden_size, c.intermediate_size),
             "attn_norm": torch.ones(c.hidden_size, device=device, dtype=dtype), "mlp_norm": torch.ones(c.hidden_size, device=device, dtype=dtype),
         }
-        blocks.append(Block(config, weights))
+        blocks.append(Block(config, weights, quant))  # int8: quantized here, one block at a time
     return Span(config, 0, c.num_layers, blocks, rope_inv_freq(config).to(device))
 
 
@@ -125,11 +125,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--variants", default="sdpa", help="comma-separated: sdpa, matmul, sdpa+compile, matmul+compile")
     parser.add_argument("--profile", action="store_true", help="print the GPU kernels of one eager batch-1 step, by time")
+    parser.add_argument("--quant", choices=("none", "int8"), default="none", help="int8: weight-only int8 projections (swarm/model/quant.py)")
     args = parser.parse_args()
     device, dtype = args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     with torch.inference_mode():
-        span = random_span(args.shape, device, dtype)
-    params = {"shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "context": args.context}
+        span = random_span(args.shape, device, dtype, args.quant)
+    params = {"shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "context": args.context, "precision": span.precision}
     roofline_s = span.weight_bytes / copy_bandwidth(device) if device.startswith("cuda") else 0.0
     hidden = span.config.hidden_size
 

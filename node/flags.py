@@ -117,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument(
         "--quant",
-        choices=("none", "int8"),
+        choices=("none", "int8", "q4_1"),
         default="none",
-        help="weights: none (the compute dtype's) or int8 (weight-only, one float scale per output channel: a quarter of "
-        "float32's memory and faster CPU decode, for small boxes; activations stay in --dtype; peers see precision int8 "
-        "and clients that require full precision route around it) (default none)",
+        help="weights: none (the compute dtype's); int8 (weight-only, one float scale per output channel: a quarter of "
+        "float32's memory and faster CPU decode, for small boxes); or q4_1 (CPU only, a GGUF whose blocks are Q4_1, "
+        "such as the default model: its own 4-bit blocks served as stored, an eighth of float32's memory, the fastest "
+        "CPU decode). Activations stay in --dtype; peers see the precision (int8, q4_1) and clients that require full "
+        "precision route around it; README: Edge nodes (default none)",
     )
     parser.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions before refusing as busy (default 64)")
     parser.add_argument("--kv-memory", type=parse_size, default=parse_size("2GiB"), metavar="SIZE", help="budget for all KV caches, e.g. 512MiB (default 2GiB)")

@@ -1,40 +1,50 @@
-"""Weight-only int8 with per-output-channel symmetric scales (`swarm-node --quant int8`).
+"""Compressed weights for edge nodes: weight-only int8 with per-output-channel symmetric scales
+(`swarm-node --quant int8`), and a GGUF's own Q4_1 blocks served as stored (`--quant q4_1`).
 
-Each row of a projection's [out, in] weight becomes int8 values q and one float32 scale
-s = max|row| / 127, so W ~= q * s[:, None]. Activations are not quantized: the hidden
-states between projections stay in the span's compute dtype (float32 on CPU, bfloat16 on
-CUDA), so the error is the weights' rounding alone (half a step, <= 0.4% of a row's
-largest weight). Quantization happens one block at a time while loading (load_span), from
-whatever the checkpoint holds (GGUF Q4_1/Q8_0 blocks are dequantized per block first), so
-the whole model never sits in float32 at once.
+int8: each row of a projection's [out, in] weight becomes int8 values q and one float32 scale
+s = max|row| / 127, so W ~= q * s[:, None]. Activations are not quantized: the hidden states
+between projections stay in the span's compute dtype (float32 on CPU, bfloat16 on CUDA), so the
+error is the weights' rounding (half a step, <= 0.4% of a row's largest weight) plus, on CPU, the
+kernel's bfloat16 activations (below). Quantization happens one block at a time while loading
+(load_span), from whatever the checkpoint holds (GGUF Q4_1/Q8_0 blocks are dequantized per block
+first), so the whole model never sits in float32 at once.
 
-Kernels, measured before choosing (benchmarks/int8_kernels.py; 2-core AMD EPYC with
-AVX512-VNNI, torch 2.13, one thread, M=1 rows, the default model's shapes; us a call):
+q4_1: the default model's blocks ARE Q4_1 (32 weights share a float16 scale and minimum, 4 bits
+each); our float32 is their dequantization, and re-quantizing that to per-row int8 adds an error
+of its own. torch's CPU int4 kernel computes w = (nibble - 8) * scale + zero per group of 32,
+which is Q4_1 exactly with zero = minimum + 8 * scale: `Int4Linear` serves the file's blocks
+with no re-quantization (only scale and zero round to bfloat16), in half int8's bytes.
 
-    shape (in->out)   fp32 F.linear  fp32 oneDNN  int8pack(f32 x)  int8pack(bf16 x)  fbgemm dyn.  dequant+mm
-    576->576                 16.9         26.2          209.6             11.2           11.0         35.4
-    576->960 (qkv)           29.8         36.2          352.6             16.4           13.6         57.8
-    576->3072 (gate,up)      97.6         87.7         1204.4             47.3           29.0        161.5
-    1536->576 (down)         42.0         48.7          557.3             23.1           17.8         84.5
+Kernels, measured before choosing (benchmarks/int8_kernels.py; 2-core AMD EPYC with AVX512-VNNI,
+torch 2.13, one thread, M=1 row, the default model's shapes; us a call, median):
 
-- `torch.ops.aten._weight_int8pack_mm` takes float32, bfloat16 and float16 activations on
-  CPU (scales in the activation's dtype), but only its bfloat16/float16 paths are
-  vectorized: with float32 activations it is 10x slower than float32 weights. So the CPU
-  kernel casts the (tiny, one-row) activation to bfloat16 and back; the weights and the
-  float32 per-channel scale are applied exactly (the int8 product is scaled in float32).
-- fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`) is ~1.5x faster still,
-  but it quantizes each step's activations per tensor to 7 bits: twice the error per
-  projection on random data and worse on real activations with outlier channels (its
-  top-1 agreement on the default model is in benchmarks/edge.py's kernel table), and its
-  packed weight keeps a second copy of the int8 weight (RSS).
+    shape (in->out)  fp32 F.linear  fp32 oneDNN  int8pack(f32 x)  int8pack(bf16 x)  fbgemm dyn.  dequant+mm  int4pack(bf16 x)
+    576->576                16.9         26.2          209.6             11.2           11.0         35.4         10.2
+    576->960 (qkv)          29.8         36.2          352.6             16.4           13.6         57.8         16.1
+    576->3072 (gate,up)     97.6         87.7         1204.4             47.3           29.0        161.5         47.4
+    1536->576 (down)        42.0         48.7          557.3             23.1           17.8         84.5         24.1
+
+- `torch.ops.aten._weight_int8pack_mm` takes float32, bfloat16 and float16 activations on CPU
+  (scales in the activation's dtype), but only its bfloat16/float16 paths are vectorized: with
+  float32 activations it is 10x slower than float32 weights. So the CPU kernel casts the (one-row)
+  activation to bfloat16 and back, with unit scales, and applies the float32 per-channel scale to
+  its output. On the default model this costs no top-1 agreement beyond the weights' rounding
+  (measured: 97.25% with exact float32 activations, 97.5% with bfloat16, 400 positions).
+- fbgemm's dynamic linear (`torch.ops.quantized.linear_dynamic`) is ~1.5x faster per call here,
+  but it quantizes each step's activations per tensor to 7 bits (twice the error per projection
+  on random data, worse on real activations with outlier channels), and its packed weight keeps a
+  second copy of the int8 weight (RSS). Not chosen: weight-only is what the issue asks, and int8
+  already misses the accuracy aim on this model by its weight rounding alone.
 - dequantize-then-matmul is the floor: slower than float32.
+- `_weight_int4pack_mm_for_cpu` (bfloat16 activations; float32 ones take its slow path, like
+  int8pack) runs at int8pack's speed per call in cache, and reads half the bytes from memory:
+  whole-model decode is the fastest of all (benchmarks/edge.py).
 
-On CUDA the lead measured `_weight_int8pack_mm` at 9x slower than bfloat16 F.linear, and
-eager dequantize-then-matmul at 10x; `F.linear(x, q.to(x.dtype)) * s` compiled is on par
-with bfloat16. So on CUDA the weight is dequantized inside the linear (`F.linear` of the
-cast weight): correct everywhere, fast inside the decode engine's compiled block functions
-(swarm/model/engine_blocks.py takes the (q, scale) pair as the weight), and it buys memory,
-not speed.
+On CUDA the lead measured `_weight_int8pack_mm` at 9x slower than bfloat16 F.linear, and eager
+dequantize-then-matmul at 10x; `F.linear(x, q.to(x.dtype)) * s` compiled is on par with bfloat16.
+So on CUDA the weight is cast inside the linear (`int8_linear`): correct everywhere, and inside
+the decode engine's compiled block functions (swarm/model/engine_blocks.py takes the (q, scale)
+pair as the weight) the cast can fuse into the matmul; it buys memory, not speed. q4_1 is CPU only.
 """
 
 from __future__ import annotations
@@ -45,17 +55,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTS = ("none", "int8")  # what `--quant` takes; "none": the compute dtype's own weights
+QUANTS = ("none", "int8", "q4_1")  # what `--quant` takes; "none": the compute dtype's own weights
+Q4_GROUP = 32  # inputs per Q4_1 block (GGUF)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float weight -> (q int8 [out, in], scale float32 [out]), W ~= q * scale[:, None].
 
-    Symmetric per output channel: q in [-127, 127]; an all-zero row gets scale 1 (q = 0)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    Symmetric per output channel: q in [-127, 127]; an all-zero row gets scale 1 (q = 0). Rows go
+    `chunk` at a time, so the float32 scratch stays small beside a large matrix (an LM head)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for first in range(0, weight.shape[0], chunk):
+        w = weight[first : first + chunk].float()
+        s = w.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[first : first + chunk] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[first : first + chunk] = s
     return q, scale
 
 
@@ -63,7 +79,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8pack_available() -> bool:
     """Whether this torch build has the CPU weight-only int8 kernel (probed once)."""
     try:
@@ -122,6 +138,9 @@ def block_bytes(config, dtype: torch.dtype, quant: str | None = None, device: to
     c = config
     rows = (c.q_size + 2 * c.kv_size) + c.hidden_size + 2 * c.intermediate_size + c.hidden_size  # qkv, o, gate+up, down
     kept = 2 * c.hidden_size + ((c.q_size + 2 * c.kv_size) if c.qkv_bias else 0)  # norms, biases: compute dtype
+    if quant == "q4_1":  # half a byte a weight, a bfloat16 (scale, zero) pair per group of 32
+        weights = c.block_params() - kept
+        return weights // 2 + weights // Q4_GROUP * 4 + kept * element
     per_row = 4 + 2 if torch.device(device).type == "cpu" and int8pack_available() else element  # scale (+ bfloat16 ones)
     return (c.block_params() - kept) + rows * per_row + kept * element
 
@@ -132,13 +151,40 @@ def release_freed_memory() -> None:
     Loading dequantizes each block through float32 temporaries several times its int8 size;
     glibc keeps what they freed in its arenas, so an int8 node would otherwise sit at the
     RSS of its loading peak (the default model: 610 MB instead of 350)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc; musl and others have no such call
+    except (OSError, AttributeError):
+        return None
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W in a GGUF's own Q4_1 blocks (`--quant q4_1`): 4-bit values, a scale and
+    a minimum per group of 32 inputs, w = nibble * scale + minimum. torch's CPU int4 kernel
+    (`_weight_int4pack_mm_for_cpu`, fast with bfloat16 activations) computes with exactly that,
+    as (nibble - 8) * scale + zero with zero = minimum + 8 * scale: the file's weights, not a
+    re-quantization of them; only scale and zero round to bfloat16 (the kernel's dtype).
+    CPU only (the kernel is)."""
+
+    def __init__(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        nibbles, scale, minimum = parts  # [out, in] int32; [out, in/32] float32 twice
+        if nibbles.device.type != "cpu":
+            raise ValueError("q4_1 weights run on the CPU only (torch's int4 kernel there)")
+        self.out_features, self.in_features = nibbles.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1), persistent=False)
+        zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1)  # [in/32, out, 2]
+        self.register_buffer("scale_zero", zeros.to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, Q4_GROUP, self.scale_zero).to(x.dtype)
+        return y if self.bias is None else y + self.bias

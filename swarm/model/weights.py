@@ -161,18 +161,23 @@ class Checkpoint:
         """llama3 frequency divisors stored by llama.cpp (`rope_freqs.weight`), if any."""
         return None
 
+    def block_q4_1(self, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Block `index`'s projections in the file's own Q4_1 blocks, where it has them (GGUF)."""
+        return None
+
     def check_span(self, start: int, end: int) -> None:
         layers = self.config.num_layers
         if not (0 <= start < end <= layers):
             raise BadSpan(f"blocks [{start}, {end}) are not a non-empty range inside [0, {layers})")
 
-    def block_weights(self, index: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The tensors of block `index` under canonical names, shape-checked."""
+    def block_weights(self, index: int, dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """The tensors of block `index` under canonical names, shape-checked; `skip`: canonical names not to read."""
         self.check_span(index, index + 1)
         which = self._source_index()
         names = dict(_BLOCK_TENSORS)
         if self.config.qkv_bias:
             names.update(_BIAS_TENSORS)
+        names = {key: pair for key, pair in names.items() if key not in skip}
         out = {key: self._read(key, pair[which].format(i=index), dtype) for key, pair in names.items()}
         self._check_shapes(out, _expected_block_shapes(self.config), f"block {index}")
         return out
@@ -270,6 +275,29 @@ class GGUFCheckpoint(Checkpoint):
             out = _unpermute(out, self.config.num_heads)
         elif self.config.architecture == "llama" and canonical in ("wk", "bk"):
             out = _unpermute(out, self.config.num_kv_heads)
+        return out
+
+    def block_q4_1(self, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Block `index`'s projections as the file stores them, if all are Q4_1: for each, (nibbles
+        int32 [out, in], scales and minimums float32 [out, in/32]) with w = nibble * scale + minimum
+        per group of 32 inputs; None if any projection has another type (swarm/model/quant.py)."""
+        self.check_span(index, index + 1)
+        out = {}
+        for key in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            tensor = self._tensors.get(_BLOCK_TENSORS[key][0].format(i=index))
+            if tensor is None or tensor.tensor_type.name != "Q4_1":
+                return None
+            rows = int(tensor.shape.tolist()[1])
+            blocks = np.asarray(tensor.data).reshape(rows, -1, 20)  # per block of 32: d, m (float16), 16 bytes of nibbles
+            scale = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+            minimum = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+            packed = torch.from_numpy(blocks[..., 4:].copy())  # low nibbles: inputs 0-15 of the block, high: 16-31
+            nibbles = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(rows, -1).to(torch.int32)
+            parts = (nibbles, scale, minimum)
+            if self.config.architecture == "llama" and key in ("wq", "wk"):
+                heads = self.config.num_heads if key == "wq" else self.config.num_kv_heads
+                parts = tuple(_unpermute(part, heads) for part in parts)
+            out[key] = parts
         return out
 
     def rope_freq_factors(self) -> torch.Tensor | None:
