@@ -55,9 +55,10 @@ PROMPTS = [
     ),
 ]
 # (name, compute dtype, quant) of each precision measured. int8 here is a CPU node's: float32
-# between projections (the kernel rounds each projection's input to bfloat16).
-PRECISIONS = [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None), ("int8", torch.float32, "int8")]
-PAIRS = [("bfloat16", "float32"), ("int8", "float32"), ("int8", "bfloat16")]
+# between projections (the kernel rounds each projection's input to bfloat16); q4_1 serves the
+# default GGUF's own 4-bit blocks (the same weights float32 dequantizes), CPU only.
+PRECISIONS = [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None), ("int8", torch.float32, "int8"), ("q4_1", torch.float32, "q4_1")]
+PAIRS = [("bfloat16", "float32"), ("int8", "float32"), ("int8", "bfloat16"), ("q4_1", "float32"), ("q4_1", "bfloat16"), ("q4_1", "int8")]
 
 
 def run(span, x: torch.Tensor, blocks: tuple[int, int], wire_dtype: str) -> torch.Tensor:
@@ -87,7 +88,7 @@ def main() -> None:
         head = load_head(checkpoint, torch.float32)
         spans = {}
         for name, dtype, quant in PRECISIONS:
-            device = "cpu" if name == "float32" else args.device
+            device = "cpu" if name in ("float32", "q4_1") else args.device  # q4_1 runs on the CPU only
             if quant and device != "cpu":
                 dtype = torch.bfloat16  # what a GPU int8 node computes with between projections
             spans[name] = load_span(checkpoint, 0, layers, dtype, device, quant=quant)

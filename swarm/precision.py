@@ -8,7 +8,9 @@ nodes of every precision serve one model together; a client may require full pre
 - "Full precision" is "not quantized": float32, bfloat16 and float16 hold the
   checkpoint's weights (rounded to the dtype; bfloat16 is what every GPU node runs).
   int8 (weight-only, per-channel scales: swarm/model/quant.py) rounds every weight to
-  one of 255 steps of its row and is the only quantized precision today.
+  one of 255 steps of its row; q4_1 serves a GGUF's own 4-bit blocks with a 4-bit kernel
+  (`--quant q4_1`, CPU only). Both are quantized: a client that requires full precision
+  plans neither.
 - A record without the key declares float32: records signed before the key existed, and
   float32 nodes' records now (the key is on the wire only when it is not float32, so a
   float32 node's record is byte for byte what peers that predate the key accept).
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-PRECISIONS = ("float32", "bfloat16", "float16", "int8")  # what a record may declare
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "q4_1")  # what a record may declare
 FULL_PRECISIONS = frozenset({"float32", "bfloat16", "float16"})  # not quantized
 DEFAULT_PRECISION = "float32"  # what a record without the key declares
 MAX_PRECISION_CHARS = 16  # longer than any name: refused as oversized before it is looked up

@@ -53,7 +53,7 @@ def test_a_record_without_the_key_declares_float32_and_float32_is_never_on_the_w
     assert declared(None) == declared(MODEL) == DEFAULT_PRECISION == "float32"
     assert model_entry(MODEL, "float32") == MODEL  # a float32 node's record is what peers before the key accept
     assert model_entry(MODEL, "int8") == {**MODEL, "precision": "int8"}
-    assert [p for p in PRECISIONS if not is_full(p)] == ["int8"]  # full = not quantized: bfloat16 and float16 are full
+    assert [p for p in PRECISIONS if not is_full(p)] == ["int8", "q4_1"]  # full = not quantized: bfloat16 and float16 are full
     with pytest.raises(ValueError):
         model_entry(MODEL, "int4")
 
