@@ -30,15 +30,19 @@ tokens, at every few starting blocks; float32 wire):
     bfloat16 vs float32       0.030  0.071  0.162  0.053  0.035  0.059
     int8 vs float32           0.038  0.042  0.050  0.052  0.089  0.147
     int8 vs bfloat16          0.049  0.070  0.152  0.062  0.083  0.119
+    q4_1 vs float32           0.016         0.023                0.054
+    q4_1 vs int8              0.040         0.072                0.183
 
 The median row is 5-10x smaller (0.005-0.05): the worst rows are single positions whose
 state a few blocks amplify, above all the first position of a plain text (the attention
-sink: 0.162 after blocks [0, 10) in bfloat16, back to 0.05 after [0, 15)). The tails of
+sink: 0.162 after blocks [0, 10) in bfloat16, back to 0.05 after [0, 15)). q4_1 on the default
+model holds the very weights float32 dequantizes from the file, so it differs from float32
+by its kernel's bfloat16 activations only. The tails of
 bfloat16 and int8 are alike (a CPU int8 node rounds each projection's input to bfloat16
 too), so one rule covers every pair of different precisions, and two int8 nodes (whose
 activations may differ: float32 on a CPU, bfloat16 on a GPU):
 CROSS_BASE + CROSS_PER_BLOCK * blocks, 0.16 for one block, 0.25 for ten (1.5x the worst
-measured, at the sink row), 0.45 for thirty (3x).
+measured, at the sink row), 0.45 for thirty (2.5x the worst, q4_1 vs int8).
 
 That is also what a liar gets: a node that declares another precision than its replica's
 may send outputs that far off and pass. The client therefore re-runs a hop on replicas of
