@@ -58,6 +58,14 @@ def test_a_record_without_the_key_declares_float32_and_float32_is_never_on_the_w
         model_entry(MODEL, "int4")
 
 
+def test_every_precision_a_node_can_run_is_one_a_record_may_declare():
+    """A node signs its span's precision (`Span.precision`): a quant without a name here would be a
+    record its own node cannot build."""
+    from swarm.model.quant import QUANTS
+
+    assert {q for q in QUANTS if q != "none"} | {"float32", "bfloat16", "float16"} == set(PRECISIONS)
+
+
 @pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
 def test_equal_full_precisions_are_held_exactly_as_strictly_as_before(wire_dtype, precision):
