@@ -85,7 +85,9 @@ def _swarm_model(args: argparse.Namespace, bootstrap: list[str] | None = None):
     if not 0.0 <= args.verify_fraction <= 1.0:
         raise SwarmError(f"--verify-fraction must be in [0, 1], not {args.verify_fraction}")
     session = SessionConfig(remote_head=args.remote_head)  # the last hop's head (client/remote_head.py)
-    config = ClientConfig(wire_dtype=args.wire_dtype, transport=transport_of(args), verify_fraction=args.verify_fraction, session=session)
+    config = ClientConfig(
+        wire_dtype=args.wire_dtype, transport=transport_of(args), verify_fraction=args.verify_fraction, session=session, full_precision=args.full_precision
+    )
     if args.draft_blocks is not None and args.draft_model is None:
         raise SwarmError("--draft-blocks needs --draft-model")
     with progress_bar("loading the model head", unit="part") as show:  # a bar on a terminal only

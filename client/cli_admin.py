@@ -35,6 +35,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                     "peer_id": r.peer_id,
                     "addresses": list(r.addresses),
                     "model": dict(r.model) if r.model else None,
+                    "precision": r.precision if r.model else None,  # what it computes with (swarm/precision.py)
                     "num_layers": r.num_layers,
                     "span": list(r.span) if r.span else None,
                     "throughput": r.throughput,
@@ -51,15 +52,16 @@ def cmd_peers(args: argparse.Namespace) -> int:
             "unreachable": view.unreachable,
         }))
         return 0
-    print(f"{'peer':14} {'address':24} {'model':14} {'span':>8} {'blocks/s':>9} {'load':>5} {'age':>6}  {'pinned':8} {'private':7} standing")
+    print(f"{'peer':14} {'address':24} {'model':14} {'span':>8} {'precision':9} {'blocks/s':>9} {'load':>5} {'age':>6}  {'pinned':8} {'private':7} standing")
     for r in records:
         span = f"{r.span[0]}:{r.span[1]}" if r.span else "-"
         model = (r.model_digest or "-")[:12]
+        precision = r.precision if r.model else "-"
         mine = found.get(r.peer_id, Standing())
         shown = "-" if mine.private is None else ("yes" if mine.private else "no")
         judged = f"convicted by {len(mine.convicted_by)}" if mine.convicted_by else (f"{mine.accusations} accusations" if mine.accusations else "clean")
         print(
-            f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s"
+            f"{r.peer_id[:12]:14} {r.addresses[0][:24]:24} {model:14} {span:>8} {precision:9} {r.throughput:9.1f} {r.load:5.2f} {now - r.issued_at:5.0f}s"
             f"  {mine.pinned[:8]:8} {shown:7} {judged if args.standing else '-'}"
         )
     for accused, by in sorted(convicted.items()):

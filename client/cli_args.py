@@ -114,6 +114,12 @@ def add_client(parser: argparse.ArgumentParser, discovery: bool = True, printing
     else:
         parser.set_defaults(json=False, verify=False)
     parser.add_argument(
+        "--full-precision", action="store_true",
+        help="route only through nodes that compute with the model's full weights (float32, bfloat16, float16), never a "
+        "quantized one (swarm-node --quant int8), and re-check hops only on such nodes; fails with no_full_precision_route "
+        "where only int8 nodes serve some blocks (default off: int8 nodes are used, and checked within a wider tolerance)",
+    )  # fmt: skip
+    parser.add_argument(
         "--verify-fraction", type=float, default=0.25, metavar="F",
         help="share of generations checked on other replicas when --verify is not given (default 0.25; 0 turns checks off)",
     )  # fmt: skip

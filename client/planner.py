@@ -34,7 +34,8 @@ import aiohttp
 from client.measure import Measurements, StepHop, TrustConfig
 from client.peers import DiscoveryOptions, SwarmView, discover
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
-from swarm.errors import Busy, NoRoute, ShuttingDown, SwarmError, TransientError
+from swarm.errors import Busy, NoFullPrecisionRoute, NoRoute, ShuttingDown, SwarmError, TransientError
+from swarm.precision import is_full, uncovered
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
 from swarm.transport import Transport
@@ -64,6 +65,10 @@ class ClientConfig:
     # slower: sessions spread over replicas in proportion to their speed. 0 piles every session on
     # the fastest route (they still batch there).
     spread_penalty: float = 1.0
+    # Plan only hops that compute with the model's full weights (float32, bfloat16, float16), never a
+    # quantized one (int8, `swarm-node --quant int8`), and re-run checked hops only on such replicas
+    # (swarm/precision.py: what a declared int8 lets a liar get away with).
+    full_precision: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_fraction <= 1.0:
@@ -173,9 +178,14 @@ class Planner:
         """The first of `record`'s addresses this client dials, else None."""
         return next((a for a in record.addresses if self.config.transport.allows(a)), None)
 
+    def routable(self) -> list[PeerRecord]:
+        """Records of peers this client may plan through: every one serving blocks, or with
+        `full_precision` only those not quantized."""
+        return [r for r in self.records() if r.span is not None and (is_full(r.precision) or not self.config.full_precision)]
+
     def candidates(self) -> list[Candidate]:
-        """The planner's view of every peer serving this model; speeds as `Measurements.per_block_costs` rules."""
-        records = [r for r in self.records() if r.span is not None]
+        """The planner's view of every peer it may route through; speeds as `Measurements.per_block_costs` rules."""
+        records = self.routable()
         costs = self.measurements.per_block_costs(((r.peer_id, self.claims(r)) for r in records), self.clock())
         unmeasured_rtt = self.config.trust.unmeasured_rtt_s
         return [
@@ -198,15 +208,42 @@ class Planner:
         banned peers, with this client's open sessions weighing on the peers they use (`occupied`)."""
         candidates = self.candidates()
         if not candidates:
+            self._check_precision(start, self.num_layers if end is None else end, exclude)
             raise NoRoute(f"no peer serves model {self.model_name}{self._served_elsewhere()}")
         candidates = occupied(candidates, self.occupancy, self.config.spread_penalty)
-        return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
+        try:
+            return self._unbanned(lambda avoid: plan_route(candidates, self.num_layers, self.model_digest, start=start, end=end, exclude=avoid), exclude)
+        except NoRoute:
+            self._check_precision(start, self.num_layers if end is None else end, exclude)
+            raise
 
     def plan_routes(self, count: int) -> list[Route]:
         """`count` routes spread over replicas (see `swarm.routing.plan_routes`), around the sessions already open."""
         candidates = occupied(self.candidates(), self.occupancy, self.config.spread_penalty)
         spread = self.config.spread_penalty
-        return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, spread_penalty=spread, exclude=avoid), frozenset())
+        try:
+            return self._unbanned(lambda avoid: plan_routes(candidates, self.num_layers, self.model_digest, count, spread_penalty=spread, exclude=avoid), frozenset())
+        except NoRoute:
+            self._check_precision(0, self.num_layers, frozenset())
+            raise
+
+    def _check_precision(self, start: int, end: int, exclude: frozenset[str]) -> None:
+        """Raise `NoFullPrecisionRoute` when full precision is required and blocks of [start, end) that
+        quantized peers serve are served by no full-precision one outside `exclude` (why planning failed)."""
+        if not self.config.full_precision:
+            return
+        usable = [r for r in self.records() if r.span is not None and r.peer_id not in exclude]
+        full = [r.span for r in usable if is_full(r.precision)]
+        quantized = [r.span for r in usable if not is_full(r.precision)]
+        gaps = uncovered(full, start, end)
+        unserved = [part for gap in gaps for part in uncovered(quantized, *gap)]
+        only_quantized = [part for gap in gaps for part in uncovered(unserved, *gap)]  # a gap's parts quantized peers serve
+        if only_quantized:
+            ranges = ", ".join(f"[{a}, {b})" for a, b in only_quantized)
+            nobody = f"; nobody serves {', '.join(f'[{a}, {b})' for a, b in unserved)}" if unserved else ""
+            raise NoFullPrecisionRoute(
+                f"only quantized (int8) peers serve blocks {ranges} of model {self.model_name}, and this client requires full precision{nobody}"
+            )
 
     def lease(self) -> Lease:
         """A new session's place in `occupancy` (empty until `open_session` or `Lease.move` fills it)."""
@@ -238,6 +275,8 @@ class Planner:
             address = None if record is None else self.address(record)
             if address is None:
                 raise NoRoute(f"peer {hop.peer_id} left the swarm while planning")
+            if self.config.full_precision and not is_full(record.precision):  # a route given, not planned here
+                raise NoFullPrecisionRoute(f"peer {hop.peer_id} declares {record.precision}, and this client requires full precision")
             out.append(RemoteHop(address, hop.start, hop.end, hop.peer_id, record))  # its record: e.g. whether it serves the head
         return out
 

@@ -21,6 +21,7 @@ Planning and session opening live in client/planner.py (`self.planner`).
     model.agenerate("...", verify=True)     # check one hop of this generation on other replicas
     model.generate("...", speculate=False)  # one token a step: no drafts (client/speculate.py; on by default)
     SwarmModel(..., draft_model="smollm2-135m-instruct", draft_blocks=8)  # drafts from a model held here
+    SwarmModel(..., full_precision=True)    # never route through a quantized (int8) node (swarm/precision.py)
 
 A share of generations (`ClientConfig.verify_fraction`) is verified after its
 text is complete (client/verification.py); `verify=True` checks one on request,
@@ -92,8 +93,11 @@ class SwarmModel:
         tokenizer_cache: Path | bool = True,  # True: keep a GGUF's built tokenizer in ~/.cache/layerswarm; False: never
         draft_model: str | Path | DraftModel | None = None,  # drafts from this model (its first draft_blocks blocks) instead of prompt lookup
         draft_blocks: int | None = None,
+        full_precision: bool | None = None,  # None: the config's (default off); True: no quantized (int8) hops, NoFullPrecisionRoute where only they serve
     ) -> None:
         self.config = config or ClientConfig()
+        if full_precision is not None:
+            self.config = replace(self.config, full_precision=full_precision)
         where = resolve_device(device)  # SwarmError before anything is read
         if insecure_http:  # also dial plain http peers (pins still hold on https ones)
             self.config = replace(self.config, transport=replace(self.config.transport, insecure_http=True))

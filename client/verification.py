@@ -9,7 +9,11 @@ answer too): where the transcript rewinds (speculative decoding: a step starts
 at the first rejected draft and overwrites from there), that is the final
 sequence, each position's last input, which reproduces every row the hop sent
 that no later step rewound over (swarm/accusation.py). The hop's outputs are compared with the re-run within the
-wire dtype's tolerance (`swarm.seal.agree`). On disagreement a third replica
+tolerance for the two parties' precisions (`swarm.precision.tolerance`: the wire dtype's rounding when both
+declare the same full precision, far wider across precisions). Replicas of the hop's own precision are asked
+first. The hop's precision is the one its record declared when this client planned it (a record signed later
+cannot widen it); the replica's, its record's now. A client that requires full precision (`ClientConfig.full_precision`) re-runs on full-precision replicas
+only and never widens the tolerance for a hop that declares int8. On disagreement a third replica
 re-runs the same inputs, and the party it sides against is the liar: it is
 banned by this client for long, and an accusation signed with this client's
 identity is sent to the nodes holding those blocks (which re-check it before
@@ -44,12 +48,13 @@ import torch
 
 from client.planner import ClientConfig, Planner
 from client.remote_head import HeadTape
-from client.session import RouteSession
+from client.session import RemoteHop, RouteSession
 from client.verify import NotVerifiable, Selector, Tape, Verdict, Verification, frozen, recipients, replicas, settle
 from swarm import wire
 from swarm.accusation import Accusation, Evidence
 from swarm.errors import IdentityMismatch, PeerUnavailable, SignatureInvalid, SwarmError, error_from_code
 from swarm.identity import Identity
+from swarm.precision import DEFAULT_PRECISION, is_full, tolerance
 from swarm.seal import FORWARD_SESSION, TOLERANCE, Transcript, check_seal, difference, tensor_digest
 from swarm.transport import PinMismatch
 
@@ -65,6 +70,7 @@ class _Rerun:
     output: dict[str, Any]  # the wire tensor as it sent it
     hidden: torch.Tensor  # ... as floats [L, D]
     seal: bytes
+    precision: str  # what its record declares (swarm/precision.py)
 
 
 class Verifier:
@@ -143,8 +149,10 @@ class Verifier:
         if not check_seal(key, evidence.seal, evidence.transcript_digest()):
             return self._unsealed(session, tape, outcome)
         banned = self.planner.measurements.banned(self.planner.clock())
-        spans = [(r.peer_id, *r.span) for r in self.planner.records() if r.span is not None]
-        others = self.selector.shuffled(replicas(spans, blocks, {hop.peer_id, *banned}))
+        spans = [(r.peer_id, *r.span) for r in self.planner.routable()]  # full_precision: full-precision replicas only
+        mine, count = self.precision_of(hop), blocks[1] - blocks[0]
+        # Replicas of the hop's own precision first: between them the tolerance is the wire's rounding alone.
+        others = sorted(self.selector.shuffled(replicas(spans, blocks, {hop.peer_id, *banned})), key=lambda p: self._declared(p) != mine)
         inputs = frozen(evidence.inputs(), dtype)
         first = await self._rerun_on(http, others, blocks, inputs)
         if first is None:
@@ -152,6 +160,7 @@ class Verifier:
             return outcome
         outcome.replica = first.peer_id
         outcome.error = evidence.verdict(first.hidden).error
+        outcome.tolerance = tolerance(dtype, mine, first.precision, count)
         if outcome.error <= outcome.tolerance:
             outcome.verdict = Verdict.AGREE
             return outcome
@@ -160,8 +169,8 @@ class Verifier:
             outcome.verdict, outcome.reason = Verdict.DISPUTED, "no third replica to settle it: nobody is accused"
             return outcome
         outcome.third = third.peer_id
-        with_hop = evidence.verdict(third.hidden).error <= outcome.tolerance
-        with_replica = difference(first.hidden[positions], third.hidden[positions]).error <= outcome.tolerance
+        with_hop = evidence.verdict(third.hidden).error <= tolerance(dtype, mine, third.precision, count)
+        with_replica = difference(first.hidden[positions], third.hidden[positions]).error <= tolerance(dtype, first.precision, third.precision, count)
         outcome.verdict = settle(False, with_hop, with_replica)
         if outcome.verdict is Verdict.HOP_LIED:
             accusation = evidence
@@ -177,6 +186,17 @@ class Verifier:
         outcome.convinced = await self._accuse(http, accusation.signed_by(self.identity), blocks)
         log.info("%s", outcome.summary())
         return outcome
+
+    def _declared(self, peer_id: str) -> str:
+        record = self.planner.view.table.get(peer_id)
+        return DEFAULT_PRECISION if record is None else record.precision
+
+    def precision_of(self, hop: RemoteHop) -> str:
+        """The precision `hop` is held to: its record's when this client planned it (else the table's now, else
+        float32). With `full_precision` a declared int8 buys nothing: the hop is held to float32's rule."""
+        record = hop.record or self.planner.view.table.get(hop.peer_id)
+        precision = DEFAULT_PRECISION if record is None else record.precision
+        return DEFAULT_PRECISION if self.config.full_precision and not is_full(precision) else precision
 
     def _unsealed(self, session: RouteSession, tape: Tape, outcome: Verification) -> Verification:
         """The hop's seal does not sign the outputs it sent us for the inputs it got. Its input came from
@@ -198,12 +218,14 @@ class Verifier:
             if url is None:
                 continue
             try:
-                return await self._rerun(http, url, peer_id, record.public_key, blocks, inputs)
+                return await self._rerun(http, url, peer_id, record.public_key, blocks, inputs, record.precision)
             except SwarmError as exc:
                 log.info("replica %s did not re-run blocks %s: %s", peer_id[:8], blocks, exc)
         return None
 
-    async def _rerun(self, http: aiohttp.ClientSession, url: str, peer_id: str, key: bytes, blocks: tuple[int, int], inputs: dict[str, Any]) -> _Rerun:
+    async def _rerun(
+        self, http: aiohttp.ClientSession, url: str, peer_id: str, key: bytes, blocks: tuple[int, int], inputs: dict[str, Any], precision: str
+    ) -> _Rerun:
         body = wire.encode({"type": "forward", "model": self.planner.model_digest, "blocks": list(blocks), "hidden": inputs})
         message = await self._post(http, f"{url.rstrip('/')}/forward", peer_id, body)
         if message.get("type") == "error":
@@ -218,7 +240,7 @@ class Verifier:
         digest = transcript.update(0, 0, tensor_digest(inputs["dtype"], inputs["shape"], inputs["data"]), tensor_digest(output["dtype"], output["shape"], output["data"]))
         if not isinstance(seal, bytes) or not check_seal(key, seal, digest):
             raise SignatureInvalid(f"{peer_id[:8]} did not seal its re-run")
-        return _Rerun(peer_id, key, {"dtype": output["dtype"], "shape": list(output["shape"]), "data": output["data"]}, hidden.float(), seal)
+        return _Rerun(peer_id, key, {"dtype": output["dtype"], "shape": list(output["shape"]), "data": output["data"]}, hidden.float(), seal, precision)
 
     async def _accuse(self, http: aiohttp.ClientSession, accusation: Accusation, blocks: tuple[int, int]) -> list[str]:
         """Send the signed accusation to the other holders of the blocks first, then to a few other

@@ -53,14 +53,14 @@ class Verification:
     replica: str = ""  # peer id of the replica that re-ran the hop's inputs
     third: str = ""  # peer id of the replica that settled a disagreement
     error: float | None = None  # worst row's relative RMS difference, hop vs replica
-    tolerance: float | None = None  # the limit for the wire dtype
+    tolerance: float | None = None  # the limit for the two parties' precisions and the wire dtype (swarm/precision.py)
     accused: str = ""  # peer id of the liar, when one was found
     convinced: list[str] = field(default_factory=list)  # peers that accepted the accusation
 
     def summary(self) -> str:
         if self.verdict is Verdict.SKIPPED:
             return f"verification skipped: {self.reason}"
-        error = f"error {self.error:.2e} (tolerance {self.tolerance:.0e})" if self.error is not None else ""
+        error = f"error {self.error:.2e} (tolerance {self.tolerance:.2g})" if self.error is not None else ""
         line = f"verified hop {self.hop} on {self.replica[:8] or '-'}: {self.verdict.value}"
         line += f", {error}" if error else ""
         if self.third:

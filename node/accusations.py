@@ -33,7 +33,7 @@ from swarm import wire
 from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation
 from swarm.addresses import base_url
 from swarm.errors import AddressRefused, BadSpan, FrameTooLarge, ModelMismatch, SwarmError
-from swarm.seal import TOLERANCE
+from swarm.precision import DEFAULT_PRECISION
 from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,9 @@ async def _judge(state: NodeState, request: web.Request) -> web.Response:
         if accusation.blocks[1] > span.config.num_layers:
             raise BadSpan(f"blocks {list(accusation.blocks)} are past the model's {span.config.num_layers}")
         holds = span.start <= accusation.blocks[0] and accusation.blocks[1] <= span.end
-    floor = 0.0 if span is None else TOLERANCE.get(str(span.dtype).removeprefix("torch."), 0.0)
-    case, forward = await court.hear(accusation, raw_verdicts, time.time(), _rerun(state) if holds else None, floor)
+    # What this node computes with: the accused's declared precision against it sets the tolerance (node/court.py).
+    precision = DEFAULT_PRECISION if span is None else span.precision
+    case, forward = await court.hear(accusation, raw_verdicts, time.time(), _rerun(state) if holds else None, precision)
     if forward and state.relay is not None:
         state.relay.forward(state, accusation, case)
     return web.Response(body=wire.encode({"type": "judgement", **case.to_json()}), content_type="application/msgpack")

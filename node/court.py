@@ -4,7 +4,11 @@ A client that caught a hop sending wrong outputs signs an accusation holding the
 hop's own sealed transcript and sends it to nodes that hold the same blocks.
 Such a node believes nothing it did not compute: it re-runs the evidence's
 inputs through exactly those blocks and compares with what the accused sealed
-(`Accusation.verdict`). Beyond the wire dtype's tolerance the accused is
+(`Accusation.verdict`). Beyond the tolerance for the pair (swarm/precision.py
+`tolerance`: the wire dtype's rounding when the accused's declared precision and the
+judge's own are the same full precision, wider across precisions; an accused whose
+record this node does not hold is taken at float32, as a record that declares
+nothing) the accused is
 CONVICTED: dropped from the peer table and barred from it for `conviction_s`,
 refused as anyone's next hop, and the accusation goes on, once, to this node's
 proven peers with this node's signed verdict attached. A node that does not
@@ -42,7 +46,7 @@ from swarm.accusation import MAX_EVIDENCE_TOKENS, Accusation, Verdict, verdicts_
 from swarm.errors import BadRequest, Busy, NotPermitted
 from swarm.identity import Identity
 from swarm.peers import PeerTable
-from swarm.seal import TOLERANCE
+from swarm.precision import DEFAULT_PRECISION, tolerance
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,7 @@ class Case:
     dtype: str
     heard_at: float
     error: float | None = None  # this node's own re-run: the worst row's relative RMS difference
+    tolerance: float | None = None  # ... and the most it allowed (the accused's declared precision against this node's)
     convicted: bool = False
     acquitted: bool = False  # re-run here and found honest: the accuser was barred
     verdicts: dict[bytes, bytes] = field(default_factory=dict)  # judge public key -> signature (guilty)
@@ -127,7 +132,7 @@ class Case:
     def to_json(self) -> dict[str, Any]:
         return {
             "digest": self.digest.hex(), "accused": self.accused, "accuser": self.accuser, "model": self.model,
-            "blocks": list(self.blocks), "dtype": self.dtype, "error": self.error, "convicted": self.convicted,
+            "blocks": list(self.blocks), "dtype": self.dtype, "error": self.error, "tolerance": self.tolerance, "convicted": self.convicted,
             "acquitted": self.acquitted, "status": self.status, "verdicts": len(self.verdicts), "heard_at": self.heard_at,
         }  # fmt: skip
 
@@ -186,12 +191,14 @@ class Court:
 
     # --- judging --------------------------------------------------------------------------
 
-    async def hear(self, accusation: Accusation, raw_verdicts: object, now: float, rerun: Rerun | None, tolerance: float = 0.0) -> tuple[Case, bool]:
+    async def hear(
+        self, accusation: Accusation, raw_verdicts: object, now: float, rerun: Rerun | None, precision: str = DEFAULT_PRECISION
+    ) -> tuple[Case, bool]:
         """Judge `accusation` (already read whole with `Accusation.from_wire`, model checked by the caller).
 
-        `rerun` is None when this node does not hold the accusation's blocks; `tolerance`, when larger
-        than the wire dtype's, is what this node's own compute dtype allows (a bfloat16 judge must not
-        convict a float32 hop for its own rounding). Returns the case and
+        `rerun` is None when this node does not hold the accusation's blocks; `precision` is what this
+        node computes with (swarm/precision.py): a bfloat16 judge must not convict a float32 hop for
+        its own rounding, nor a float32 judge an int8 hop for its weights'. Returns the case and
         whether the caller must pass the conviction on (true once per case). Raises `NotPermitted`
         for a barred accuser or a charge against this node, `SignatureInvalid` for evidence the
         accused did not seal, a bad accuser signature or a bad verdict, and `Busy` when re-runs are
@@ -225,14 +232,14 @@ class Court:
         if case.convicted or case.acquitted or case.running:
             return case, self._forward_once(case)
         if rerun is not None:
-            await self._recheck(case, accusation, rerun, now, tolerance)
+            await self._recheck(case, accusation, rerun, now, precision)
         else:
             judges = self._qualified_judges(case, now)
             if len(judges) >= self.config.quorum:
                 self._convict(case, now, f"verdicts of {', '.join(sorted(judges))}")
         return case, self._forward_once(case)
 
-    async def _recheck(self, case: Case, accusation: Accusation, rerun: Rerun, now: float, tolerance: float) -> None:
+    async def _recheck(self, case: Case, accusation: Accusation, rerun: Rerun, now: float, precision: str) -> None:
         if self.rechecking >= self.config.max_rechecks:
             self.counts["busy"] += 1
             raise Busy(f"this node is re-checking its limit of {self.config.max_rechecks} accusations: try again later")
@@ -245,7 +252,8 @@ class Court:
             case.running = False
         found = accusation.verdict(reference)
         case.error = found.error
-        if found.error > max(tolerance, TOLERANCE.get(accusation.dtype, TOLERANCE["float32"])):
+        case.tolerance = tolerance(accusation.dtype, self.declared(case.accused), precision, accusation.blocks[1] - accusation.blocks[0])
+        if found.error > case.tolerance:
             case.verdicts[self.identity.public_key_bytes] = Verdict.sign(self.identity, case.digest).signature
             self._convict(case, now, f"re-run here: row {found.row} is off by {found.error:.2%}")
         else:
@@ -253,6 +261,11 @@ class Court:
             self.counts["acquitted"] += 1
             self.false_accusers.bar(accusation.accuser, now + self.config.false_accuser_s)
             log.warning("false accusation of %s by %s: its outputs agree (error %.2g)", case.accused, case.accuser, found.error)
+
+    def declared(self, peer_id: str) -> str:
+        """The precision `peer_id`'s record declares; float32 (the strictest) when this node holds no record of it."""
+        record = self.table.get(peer_id)
+        return DEFAULT_PRECISION if record is None else record.precision
 
     def _qualified_judges(self, case: Case, now: float) -> set[str]:
         """Peer ids of verdicts by proven peers whose live records hold the case's blocks of its model."""

@@ -26,6 +26,7 @@ from swarm.errors import BadSpan
 from swarm.identity import Identity
 from swarm.model import ModelFingerprint, Span
 from swarm.peers import PeerTable
+from swarm.precision import model_entry
 from swarm.records import PeerRecord
 from swarm.transport import Transport
 
@@ -156,7 +157,7 @@ class NodeState:
         return PeerRecord.create(
             self.identity,
             **common,
-            model=self.fingerprint.to_dict(),
+            model=model_entry(self.fingerprint.to_dict(), span.precision),  # what it computes with: clients may require full precision
             num_layers=span.config.num_layers,
             span=(span.start, span.end),
             throughput=backend.throughput,
@@ -238,6 +239,7 @@ class NodeState:
             "hidden_size": span.config.hidden_size,
             "span": [span.start, span.end],
             "dtype": str(span.dtype).removeprefix("torch."),
+            "precision": span.precision,  # what its record declares (swarm/precision.py): int8 under --quant int8
             "quant": span.quant or "none",
             "weight_bytes": span.weight_bytes,  # really held: int8 values and scales under --quant int8
             "device": str(span.device),

@@ -126,6 +126,13 @@ class NoRoute(SwarmError):
     code = "no_route"
 
 
+class NoFullPrecisionRoute(NoRoute):
+    """The client requires full precision, and only quantized peers (int8) serve some blocks (or a
+    hop it was given declares int8): swarm/precision.py."""
+
+    code = "no_full_precision_route"
+
+
 class SignatureInvalid(SwarmError):
     """A record or message whose signature does not verify."""
 

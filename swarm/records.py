@@ -29,6 +29,7 @@ import msgpack
 from swarm.addresses import base_url
 from swarm.errors import AddressRefused, RecordRejected, SignatureInvalid
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, is_peer_id, peer_id_from_public_key, verify
+from swarm.precision import DEFAULT_PRECISION, MAX_PRECISION_CHARS, PRECISIONS, declared
 
 PROTOCOL_VERSION = 1  # the node wire protocol a record advertises
 RECORD_TAG = b"layerswarm/peer-record/v1\n"  # domain separation: this key signs nothing else with this prefix
@@ -48,6 +49,9 @@ DEFAULT_MAX_SKEW_S = 30.0  # how far in the future a record's issued_at may lie 
 DEFAULT_MAX_TTL_S = 600.0  # longest lifetime a record may claim: a dead peer is gone from every table by then
 
 MODEL_KEYS = ("architecture", "digest", "shape")  # a ModelFingerprint's to_dict(), sorted
+# In `model` only when set, and never the default (one record, one encoding): what the node computes
+# with (swarm/precision.py). Absent, a float32 node's record is what peers that predate the key accept.
+OPTIONAL_MODEL_KEYS = ("precision",)
 WIRE_KEYS = frozenset(
     {
         "peer_id", "public_key", "addresses", "model", "num_layers", "span", "throughput", "load",
@@ -67,7 +71,7 @@ class PeerRecord:
     peer_id: str  # peer_id_from_public_key(public_key)
     public_key: bytes = field(repr=False)  # raw Ed25519, 32 bytes
     addresses: tuple[str, ...]  # "http://host:port" URLs, preferred first; 1..MAX_ADDRESSES
-    model: Mapping[str, str] | None  # fingerprint {architecture, shape, digest}; None: a bootstrap-only peer
+    model: Mapping[str, str] | None  # fingerprint {architecture, shape, digest}, and precision unless float32; None: a bootstrap-only peer
     num_layers: int  # blocks in the whole model; 0 without a model
     span: tuple[int, int] | None  # blocks [start, end) served; None: none (yet)
     throughput: float  # blocks per second for one-token steps
@@ -108,7 +112,8 @@ class PeerRecord:
     ) -> PeerRecord:
         """A record signed by `identity`, valid from `now` for `ttl` seconds.
 
-        `model` is a `ModelFingerprint.to_dict()`. Fields are checked before signing.
+        `model` is a `ModelFingerprint.to_dict()`, with the node's precision where it is not float32
+        (`swarm.precision.model_entry`). Fields are checked before signing.
         With `leaving` it is a tombstone: give it at least the ttl of the live records it
         replaces, so it outlives every one of them that could be replayed.
         """
@@ -135,6 +140,11 @@ class PeerRecord:
     def model_digest(self) -> str | None:
         return None if self.model is None else self.model["digest"]
 
+    @property
+    def precision(self) -> str:
+        """What the node declares it computes with (swarm/precision.py): float32 when the record does not say."""
+        return declared(self.model)
+
     def is_live(self, now: float) -> bool:
         return self.expires_at > now
 
@@ -152,7 +162,7 @@ class PeerRecord:
             "peer_id": self.peer_id,
             "public_key": self.public_key,
             "addresses": list(self.addresses),
-            "model": None if self.model is None else {key: self.model[key] for key in MODEL_KEYS},
+            "model": None if self.model is None else {key: self.model[key] for key in (*MODEL_KEYS, *OPTIONAL_MODEL_KEYS) if key in self.model},
             "num_layers": self.num_layers,
             "span": None if self.span is None else list(self.span),
             "throughput": self.throughput,
@@ -338,11 +348,19 @@ def is_base_url(address: str) -> bool:
 def _check_model(model: object) -> None:
     if model is None:
         return
-    if not isinstance(model, Mapping) or model.keys() != set(MODEL_KEYS):
-        raise _malformed(f"model is not a map of exactly {list(MODEL_KEYS)}")
+    if not isinstance(model, Mapping) or not set(MODEL_KEYS) <= model.keys() <= {*MODEL_KEYS, *OPTIONAL_MODEL_KEYS}:
+        raise _malformed(f"model is not a map of {list(MODEL_KEYS)} and optionally {list(OPTIONAL_MODEL_KEYS)}")
     for key in MODEL_KEYS:
         value = model[key]
         if not isinstance(value, str) or not value:
             raise _malformed(f"model {key} is not a non-empty string")
         if len(value) > MAX_MODEL_FIELD_CHARS:
             raise RecordRejected(f"model {key} is over {MAX_MODEL_FIELD_CHARS} characters", reason="oversized")
+    if "precision" in model:
+        precision = model["precision"]
+        if not isinstance(precision, str):
+            raise _malformed("model precision is not a string")
+        if len(precision) > MAX_PRECISION_CHARS:
+            raise RecordRejected(f"model precision is over {MAX_PRECISION_CHARS} characters", reason="oversized")
+        if precision not in PRECISIONS or precision == DEFAULT_PRECISION:  # one encoding: float32 is said by leaving it out
+            raise _malformed(f"model precision is not one of {', '.join(p for p in PRECISIONS if p != DEFAULT_PRECISION)}")

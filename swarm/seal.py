@@ -18,7 +18,8 @@ cannot deny the outputs it did send.
 
 `agree` is the tolerance rule: two outputs of the same blocks on the same
 inputs agree when their relative RMS difference, row by row, is within what
-the wire dtype's rounding allows.
+the wire dtype's rounding allows, or a given tolerance (parties of different
+precisions: `swarm.precision.tolerance`).
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ import torch
 
 from swarm import wire
 from swarm.identity import verify
+from swarm.precision import WIRE_TOLERANCE
 
 TRANSCRIPT_TAG = b"layerswarm/transcript/v1\n"
 SEAL_TAG = b"layerswarm/step-seal/v1\n"
 FORWARD_SESSION = "forward"  # a POST /forward answer is sealed as step 0 at position 0 of this session
 
-# Largest relative RMS difference per row between two honest computations whose
-# outputs were rounded to the wire dtype. bfloat16 keeps 8 significant bits: one
-# rounding is at most 2^-9 relative per element (~0.2%), two independent ones
-# and a different summation order stay well under 0.5%; a 1% perturbation does not.
-TOLERANCE = {"float32": 1e-3, "float16": 2e-3, "bfloat16": 5e-3}
+# The wire dtype's rounding alone: what two parties computing alike may differ by (swarm/precision.py
+# says why, and what parties of different precisions may differ by: `swarm.precision.tolerance`).
+TOLERANCE = WIRE_TOLERANCE
 
 
 def tensor_digest(dtype: str, shape: list[int] | tuple[int, ...], data: bytes | memoryview) -> bytes:
