@@ -281,7 +281,7 @@ def swarm_on_ray(nodes: int | Sequence[NodeSpec] = 3, config: RaySwarmConfig | N
     )
     actors = []
     for index, (spec, span) in enumerate(zip(specs, spans)):
-        options = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=config.max_restarts, max_task_retries=-1, scheduling_strategy="SPREAD")
+        options = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_restarts": config.max_restarts, "max_task_retries": -1, "scheduling_strategy": "SPREAD"}
         if spec.memory is not None:
             options["memory"] = spec.memory
         argv = node_args(config, spec, span, bootstrap)
