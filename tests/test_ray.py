@@ -56,6 +56,18 @@ def test_spans_cover_once_when_that_is_all_there_is():
         plan_spans(30, [0, 30])
 
 
+def test_node_arguments_follow_resources():
+    from node.ray_nodes import NodeSpec, RaySwarmConfig, node_args
+
+    config = RaySwarmConfig(insecure_http=True, node_args=("--gossip-period", "1"))
+    gpu = node_args(config, NodeSpec(num_cpus=4, num_gpus=1, args=("--kv-memory", "8GiB")), (0, 15), "http://h:1")
+    assert gpu[gpu.index("--device") + 1] == "cuda" and gpu[gpu.index("--threads") + 1] == "4"
+    assert gpu[gpu.index("--blocks") + 1] == "0:15" and gpu[gpu.index("--bootstrap") + 1] == "http://h:1"
+    assert "--insecure-http" in gpu and gpu[-4:] == ["--gossip-period", "1", "--kv-memory", "8GiB"]  # the spec's own flags last: they win
+    cpu = node_args(RaySwarmConfig(), NodeSpec(num_cpus=0.5), (15, 30), "https://h:1")
+    assert "--device" not in cpu and cpu[cpu.index("--threads") + 1] == "1" and "--insecure-http" not in cpu
+
+
 # --- on a local Ray cluster -------------------------------------------------------------
 
 
