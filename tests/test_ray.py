@@ -164,28 +164,25 @@ def test_node_actor_killed_mid_batch_loses_no_prompt(ray_swarm, reference):
 def test_node_process_death_restarts_its_actor_at_the_same_url(ray_swarm):
     """The other direction: the swarm-node dies (not the actor), its actor ends, Ray restarts it.
     The bootstrap peer's, whose restart is quick (no weights) and must come back on its port."""
-    import ray as ray_module
-
     from tests.nodes import refresh, swarm_client, until_routed
 
-    before = ray_module.get(ray_swarm.bootstrap_actor.info.remote())
+    before = ray.get(ray_swarm.bootstrap_actor.info.remote())
     os.kill(before.pid, signal.SIGKILL)  # a local cluster: the node is a process of this machine
     deadline = time.monotonic() + 60
     while True:
         try:
-            after = ray_module.get(ray_swarm.bootstrap_actor.info.remote(), timeout=30)
+            after = ray.get(ray_swarm.bootstrap_actor.info.remote(), timeout=30)
             if after.pid != before.pid:
                 break
-        except ray_module.exceptions.RayError:
+        except ray.exceptions.RayError:
             pass  # the actor is between its death and its restart
         assert time.monotonic() < deadline, "the bootstrap actor never came back"
         time.sleep(0.2)
     assert after.restarted and (after.url, after.peer_id) == (before.url, before.peer_id) == (ray_swarm.bootstrap[0], before.peer_id)
     client = swarm_client(ray_swarm.bootstrap, tls=True)
-    route = asyncio.run(until_routed(client, timeout=60))  # the nodes gossip to it again, so clients find them through it
-    assert route.hops and len(asyncio.run(_records(client, refresh))) == 3
-
-
-async def _records(client, refresh):
-    await refresh(client)
-    return [r for r in client.planner.records() if r.span]
+    asyncio.run(until_routed(client, timeout=60))
+    deadline = time.monotonic() + 60  # the restarted peer's table starts empty: every node's gossip fills it again
+    while len({r.peer_id for r in client.planner.records() if r.span}) < 3:
+        assert time.monotonic() < deadline, "the nodes never came back to the restarted bootstrap peer"
+        time.sleep(0.5)
+        asyncio.run(refresh(client))
