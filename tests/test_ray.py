@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -150,6 +151,7 @@ def test_node_actor_killed_mid_batch_loses_no_prompt(ray_swarm, reference):
     after = ray_swarm.nodes(timeout_s=120)
     assert after[victim].restarted and after[victim].pid != before[victim].pid
     assert after[victim].peer_id == before[victim].peer_id
+    assert _gone(before[victim].pid)  # the killed actor's node went with it (PR_SET_PDEATHSIG), or the restart could not have locked its identity
     client = swarm_client(ray_swarm.bootstrap, tls=True)
     deadline = time.monotonic() + 60
     while True:
@@ -159,6 +161,13 @@ def test_node_actor_killed_mid_batch_loses_no_prompt(ray_swarm, reference):
             break
         assert time.monotonic() < deadline, "the restarted node never rejoined"
         time.sleep(0.5)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_node_process_death_restarts_its_actor_at_the_same_url(ray_swarm):
