@@ -13,8 +13,9 @@
 Ray starts `concurrency` actors, each holding one `SwarmModel` (the tokenizer, embeddings
 and LM head; the blocks are the swarm's) and one event loop, opened in the actor's
 constructor and closed when Ray Data ends the actor. Ray places those actors and
-restarts them (Ray Data retries a dead actor's batch on another); the swarm keeps its
-own routing and failover (client/failover.py).
+restarts them, retrying a dead actor's batch (Ray Data's defaults for actor pools:
+max_restarts=-1, max_task_retries=-1); the swarm keeps its own routing and failover
+(client/failover.py).
 
 **Spreading.** Each batch's prompts run at once, one session each, on routes from
 `Planner.plan_routes`: spread over the replicas in proportion to their speed, so a
