@@ -95,7 +95,9 @@ class RaySwarmConfig:
     model: str = "smollm2-135m-instruct"  # an alias, or a path that exists on every machine
     host: str | None = None  # where nodes listen and what they advertise; None: each Ray node's IP
     insecure_http: bool = False  # plain http instead of TLS pinned to identities (loopback tests only)
-    swarm_key: bytes | None = None  # a private swarm's key file, as bytes: written beside each identity
+    # A private swarm's key file, as bytes: written (0600) beside each identity. It travels in the
+    # actors' arguments, so whoever can run jobs on the cluster can read it (as any file of its machines).
+    swarm_key: bytes | None = None
     identity_dir: str | None = None  # on each machine; None: ~/.local/share/layerswarm/ray
     name: str = "swarm"  # identities are <name>-node<i>.key and <name>-bootstrap.key
     node_args: tuple[str, ...] = ()  # more swarm-node flags for every node (e.g. "--gossip-period", "1")
