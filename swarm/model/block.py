@@ -37,7 +37,7 @@ from torch import nn
 
 from swarm.errors import LengthExceeded, PositionError, UnsupportedModel
 from swarm.model.config import ModelConfig
-from swarm.model.quant import QUANTS, Int4Linear, Int8Linear, release_freed_memory
+from swarm.model.quant import QUANTS, Int4Linear, Int8Linear, equalize_inputs, release_freed_memory
 
 # The projections `--quant int8` stores as int8 (swarm/model/quant.py); norms and biases stay in the compute dtype.
 PROJECTIONS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
@@ -320,6 +320,8 @@ def load_span(
             raw = checkpoint.block_weights(index, dtype, skip=PROJECTIONS) | stored
         else:
             raw = checkpoint.block_weights(index, torch.float32 if quant else dtype)
+            if quant == "int8":
+                raw = equalize_inputs(raw)
         weights = {k: t if isinstance(t, tuple) else t.to(device) if quant and k in PROJECTIONS else t.to(device, dtype) for k, t in raw.items()}
         del raw
         blocks.append(Block(config, weights, quant))

@@ -75,6 +75,45 @@ def quantize_int8(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
     return q, scale
 
 
+# How far `equalize_inputs` flattens input channels: s_j = max|W[:, j]| ** alpha. Measured on the
+# default model (int8 against float32, top-1 agreement over 1,784 teacher-forced positions of two
+# texts): alpha 0 (off) 95.96%, 0.2 96.97%, 0.3 96.69%; on one text 0.5 gave 94.1% and 0.8 93.2%.
+EQUALIZE_ALPHA = 0.2
+
+
+def equalize_inputs(weights: dict[str, torch.Tensor], alpha: float = EQUALIZE_ALPHA) -> dict[str, torch.Tensor]:
+    """Block weights (float, canonical names) rescaled per input channel so per-row int8 rounds them
+    more finely, computing the same function in exact arithmetic.
+
+    A row's int8 step is set by its largest weight, so a few input channels with large weights make
+    every other weight of the row round coarsely. Dividing column j of the projections that read a
+    norm's output by s_j, and multiplying the norm's weight by s_j, leaves x W^T unchanged (the norm
+    output is x * norm_weight); likewise w_down's columns against w_up's rows (the MLP's inner
+    activation is silu(gate) * up, linear in up; per-row int8 is blind to row scaling, so w_up loses
+    nothing). The output projection wo is left alone: its inputs come from v through grouped heads.
+    Weights only, no calibration data: a node holding a middle span has no activations to measure.
+    """
+    w = dict(weights)
+
+    def scales(*names: str) -> torch.Tensor:
+        peak = torch.stack([w[n].abs().amax(0) for n in names]).amax(0).clamp_min(1e-8)
+        s = peak**alpha
+        return s / s.log().mean().exp()  # geometric mean 1: the norm weights keep their magnitude
+
+    s = scales("wq", "wk", "wv")
+    for name in ("wq", "wk", "wv"):
+        w[name] = w[name] / s
+    w["attn_norm"] = w["attn_norm"] * s
+    s = scales("w_gate", "w_up")
+    for name in ("w_gate", "w_up"):
+        w[name] = w[name] / s
+    w["mlp_norm"] = w["mlp_norm"] * s
+    s = scales("w_down")
+    w["w_down"] = w["w_down"] / s
+    w["w_up"] = w["w_up"] * s[:, None]
+    return w
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)
 
@@ -114,7 +153,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.unit).to(x.dtype) * self.scale
+            y = (torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.unit) * self.scale).to(x.dtype)
         else:
             y = int8_linear(x, self.q, self.scale)
         return y if self.bias is None else y + self.bias
