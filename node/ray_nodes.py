@@ -192,6 +192,8 @@ def _wait_for_identity(path: Path, timeout_s: float) -> None:
     from node.cli import lock_identity
     from swarm.errors import SwarmError
 
+    if not path.exists():  # a first start: the node creates its key, nobody can hold it
+        return
     deadline = time.monotonic() + timeout_s
     while True:
         try:
