@@ -28,107 +28,47 @@ every other hop keeps its session and KV cache: the prefix is run statelessly
 (POST /forward) through the hops before the gap to get the gap's inputs, the new
 hops prefill from them, then the hop before the gap is retargeted to push into
 the new sub-route and the new sub-route's last hop to push to the hop after it.
+
+The hops' types and error marking are in client/hop_state.py and the handling of what hops
+send in client/session_inbox.py; their public names are importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import torch
 
+from client.hop_state import (  # some only re-exported: callers import the session's types from here
+    HopState,
+    Pending,
+    RemoteHop,
+    SessionConfig,
+    at_hop,
+    check_contiguous,
+    fail_future,
+    hop_of,
+    identity_mismatch,
+    next_hop_address,
+    usable_record,
+)
 from client.remote_head import Candidates, HeadTape, head_request
+from client.session_inbox import SessionInbox
 from client.verify import Tape
 from swarm import wire
-from swarm.errors import BadRequest, HopNotProven, IdentityMismatch, PeerUnavailable, SwarmError, error_from_code
-from swarm.head_protocol import HeadResult, parse_session
+from swarm.errors import BadRequest, HopNotProven, PeerUnavailable, SwarmError, error_from_code
 from swarm.identity import peer_id_from_public_key, verify
-from swarm.protocol import (
-    Ack,
-    Close,
-    Draining,
-    Error,
-    Limits,
-    Message,
-    NextHop,
-    Open,
-    Opened,
-    Result,
-    Retarget,
-    Retargeted,
-    Step,
-    opened_payload,
-)  # fmt: skip
-from swarm.records import PeerRecord, verify_record
+from swarm.protocol import Close, Message, Open, Opened, Retarget, Retargeted, Step, opened_payload
 from swarm.transport import PinMismatch, Transport
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RemoteHop:
-    """Blocks [start, end) served by the node at `url`."""
-
-    url: str
-    start: int
-    end: int
-    peer_id: str = ""  # the hop must prove this identity at open
-    record: PeerRecord | None = field(default=None, compare=False, repr=False)  # its signed record, if discovery has it
-
-    def __str__(self) -> str:
-        return f"{self.peer_id[:8] or self.url}[{self.start}:{self.end})"
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    wire_dtype: str = "bfloat16"
-    max_frame: int = wire.DEFAULT_MAX_FRAME
-    open_timeout_s: float = 30.0
-    step_timeout_s: float = 60.0  # for one step through the whole route
-    close_timeout_s: float = 1.0  # a hop that does not answer our close (cut off, dead) is dropped after this
-    tap: bool = True  # every hop sends the client its outputs (so none can tell which generations are checked)
-    # The LM head applied by a last hop that serves it (client/remote_head.py): "auto", "always" or "never",
-    # how many candidates it answers, and the vocabulary (0: unknown, never asked; set by remote_head_config)
-    remote_head: str = "auto"
-    head_candidates: int = 64
-    vocab_size: int = 0
-
-
-@dataclass(eq=False)  # identity: hops are told apart by object, never by value
-class _HopState:
-    hop: RemoteHop
-    session_id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)  # its push token
-    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)  # it signs this at open
-    record: PeerRecord | None = field(default=None, repr=False)  # its signed record (from `opened` or discovery)
-    public_key: bytes = field(default=b"", repr=False)  # the key it proved at open: its seals are checked against it
-    seal: bytes = field(default=b"", repr=False)  # its seal over its transcript after the latest step it answered
-    reply: asyncio.Future | None = field(default=None, repr=False)  # the answer awaited from it, if any
-    expect: type[Message] | None = None  # ... and its type
-    ws: aiohttp.ClientWebSocketResponse | None = None
-    reader: asyncio.Task | None = None
-    acked: int = -1  # last step this hop acknowledged
-    compute_ms: float = 0.0  # model time of the last acknowledged step
-    retired: bool = False  # replaced by failover: its connection closing is expected
-    draining: bool = False  # its node is shutting down and asked for the session to move
-    head: int = 0  # K: it applies the LM head and answers the top K (client/remote_head.py)
-
-
-@dataclass
-class _Pending:
-    step: int
-    done: asyncio.Future = field(repr=False)
-    chain: tuple[_HopState, ...] = ()  # the hops this step runs through: acks from these, the result from the last
-    rows: int = 1  # rows its result must hold: all the step's for output "all", else the last
-
-
-class RouteSession:
+class RouteSession(SessionInbox):
     """`async with RouteSession(http, hops, model_digest, max_length) as s: hidden = await s.forward(x, 0)`."""
 
     def __init__(
@@ -142,21 +82,21 @@ class RouteSession:
     ) -> None:
         if not hops:
             raise BadRequest("a route needs at least one hop")
-        _check_contiguous(hops, "route")
+        check_contiguous(hops, "route")
         self.http = http
         self.transport = transport or Transport()  # every hop's connection is pinned to its peer id
         self.model = model
         self.max_length = max_length
         self.config = config or SessionConfig()
-        self.hops = [_HopState(h, record=h.record) for h in hops]
+        self.hops = [HopState(h, record=h.record) for h in hops]
         self._step = 0
-        self._pending: dict[int, _Pending] = {}
-        self._unacked: dict[int, tuple[tuple[_HopState, ...], set[_HopState]]] = {}  # step -> (its chain, hops yet to ack)
+        self._pending: dict[int, Pending] = {}
+        self._unacked: dict[int, tuple[tuple[HopState, ...], set[HopState]]] = {}  # step -> (its chain, hops yet to ack)
         self._settled = asyncio.Event()  # set while no ack is outstanding
         self._settled.set()
         self.tape: Tape | None = None  # set for a checked generation: what checking one hop needs
         self.head_tape: HeadTape | None = None  # ... and a sample of the steps a last hop applied the head for
-        self._asking: set[_HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
+        self._asking: set[HopState] = set()  # hops we await a reply from (`opened`, `retargeted`)
         self._retiring: list[asyncio.Future] = []  # replaced hops, closing in the background
         self.broken: SwarmError | None = None  # set once a hop fails the whole session
 
@@ -192,7 +132,7 @@ class RouteSession:
         await self._connect(self.hops)
         await self._open(self.hops, None)
 
-    async def _connect(self, states: Sequence[_HopState]) -> None:
+    async def _connect(self, states: Sequence[HopState]) -> None:
         for state in states:
             try:
                 state.ws = await self.http.ws_connect(
@@ -210,7 +150,7 @@ class RouteSession:
                 raise at_hop(PeerUnavailable(f"{state.hop} closed the connection at once"), state.hop)
             state.reader = asyncio.create_task(self._read(state), name=f"session-reader {state.hop}")
 
-    async def _open(self, states: Sequence[_HopState], after: _HopState | None) -> None:
+    async def _open(self, states: Sequence[HopState], after: HopState | None) -> None:
         """Open `states` (a chain) from the last backwards, so every push target exists before it is used."""
         for index in reversed(range(len(states))):
             state = states[index]
@@ -218,11 +158,11 @@ class RouteSession:
             blocks = (state.hop.start, state.hop.end)
             c = self.config
             state.head = head_request(c.remote_head, c.head_candidates, c.vocab_size, state.hop, state.record, target is None)
-            message = Open(state.session_id, blocks, self.max_length, c.wire_dtype, self.model, state.nonce, state.token, _address(target), c.tap, state.head)
+            message = Open(state.session_id, blocks, self.max_length, c.wire_dtype, self.model, state.nonce, state.token, next_hop_address(target), c.tap, state.head)
             opened = await self._request(state, message, Opened)
             self._check_opened(state, opened)
 
-    def _check_opened(self, state: _HopState, opened: Opened) -> None:
+    def _check_opened(self, state: HopState, opened: Opened) -> None:
         """The hop signed our nonce with the key of the peer we routed to, or it is refused."""
         hop = state.hop
         blocks = (hop.start, hop.end)
@@ -232,10 +172,10 @@ class RouteSession:
             raise at_hop(HopNotProven(f"{hop} did not sign our nonce for its session"), hop)
         state.public_key = opened.public_key
         record = opened.record
-        if record is not None and _usable_record(record, hop):
+        if record is not None and usable_record(record, hop):
             state.record = record  # the previous hop needs it to admit this one as its next hop
 
-    async def _request(self, state: _HopState, message: Message, expect: type[Message]) -> Message:
+    async def _request(self, state: HopState, message: Message, expect: type[Message]) -> Message:
         """Send a control message to one hop and wait for its reply (`opened`, `retargeted`): only that
         hop's reply of that type, for that session, counts."""
         state.reply = asyncio.get_running_loop().create_future()
@@ -248,7 +188,7 @@ class RouteSession:
             state.reply, state.expect = None, None
             self._asking.discard(state)
 
-    async def _send(self, state: _HopState, message: Message) -> None:
+    async def _send(self, state: HopState, message: Message) -> None:
         # A connection can be closing before its reader has noticed; the write then raises.
         try:
             if state.ws is None or state.ws.closed:
@@ -269,13 +209,13 @@ class RouteSession:
             raise self.broken
         return await self._run(self.hops, hidden, start, output, timeout or self.config.step_timeout_s)
 
-    async def _run(self, chain: Sequence[_HopState], hidden: torch.Tensor, start: int, output: str, timeout: float) -> torch.Tensor | Candidates:
+    async def _run(self, chain: Sequence[HopState], hidden: torch.Tensor, start: int, output: str, timeout: float) -> torch.Tensor | Candidates:
         """One step sent to `chain[0]`, answered by the chain's last hop."""
         step = self._step
         self._step += 1
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._pending[step] = _Pending(step, done, tuple(chain), hidden.shape[0] if output == "all" else 1)
+        self._pending[step] = Pending(step, done, tuple(chain), hidden.shape[0] if output == "all" else 1)
         if len(chain) > 1:
             self._unacked[step] = (tuple(chain), set(chain[:-1]))
             self._settled.clear()
@@ -285,7 +225,7 @@ class RouteSession:
         message = Step(first.session_id, step, start, hidden, self.config.wire_dtype, output)
         # A timer on `done` itself, not wait_for: the answer then wakes this task in one loop pass, not
         # three (wait_for's own future and callbacks), on every step.
-        timer = loop.call_later(timeout, _fail, done, asyncio.TimeoutError())
+        timer = loop.call_later(timeout, fail_future, done, asyncio.TimeoutError())
         try:
             await self._send(first, message)
             return await done
@@ -309,14 +249,14 @@ class RouteSession:
         index = self.route.index(failed)
         if not hops or hops[0].start != failed.start or hops[-1].end != failed.end:
             raise BadRequest(f"a replacement for {failed} must cover blocks [{failed.start}, {failed.end})")
-        _check_contiguous(hops, "replacement")
+        check_contiguous(hops, "replacement")
         old = self.hops[index]
         if not old.retired:
             old.retired = True  # its connection closing is no longer news
             self._retiring.append(asyncio.ensure_future(self._close_hop(old)))  # a dead hop may take a while
         before = self.hops[index - 1] if index > 0 else None
         after = self.hops[index + 1] if index + 1 < len(self.hops) else None
-        fresh = [_HopState(h, record=h.record) for h in hops]
+        fresh = [HopState(h, record=h.record) for h in hops]
         times = [time.perf_counter()]
         try:
             boundary = prefix
@@ -332,7 +272,7 @@ class RouteSession:
                 await self._run(fresh, boundary, 0, "last", self.config.step_timeout_s)
             times.append(time.perf_counter())
             if after is not None:
-                await self._request(fresh[-1], Retarget(fresh[-1].session_id, _address(after)), Retargeted)
+                await self._request(fresh[-1], Retarget(fresh[-1].session_id, next_hop_address(after)), Retargeted)
         except BaseException:
             for state in fresh:
                 state.retired = True
@@ -340,7 +280,7 @@ class RouteSession:
             raise
         self.hops[index : index + 1] = fresh
         if before is not None:  # last: until now `before` pushed to the old hop, or nowhere
-            await self._request(before, Retarget(before.session_id, _address(fresh[0])), Retargeted)
+            await self._request(before, Retarget(before.session_id, next_hop_address(fresh[0])), Retargeted)
         times.append(time.perf_counter())
         if self.broken is not None and hop_of(self.broken) not in self.route:
             self.broken = None  # it was about a hop that is gone now
@@ -367,103 +307,6 @@ class RouteSession:
             raise at_hop(error_from_code(str(message.get("code")), f"{hop}: {message.get('message')}"), hop)
         return wire.unpack_tensor(message.get("hidden"), hidden_size=hidden.shape[1], max_tokens=hidden.shape[0])
 
-    async def _read(self, state: _HopState) -> None:
-        assert state.ws is not None
-        limits = Limits(max_tokens=self.max_length)
-        try:
-            async for msg in state.ws:
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    continue
-                try:
-                    self._dispatch(state, parse_session(wire.decode(msg.data, self.config.max_frame), limits))
-                except SwarmError as exc:  # a node that breaks the protocol: transient, so failover routes around it
-                    if not state.retired:
-                        self._fail_all(at_hop(PeerUnavailable(f"{state.hop} sent a malformed message: {exc}"), state.hop))
-        finally:
-            if not state.retired and (state.ws.close_code is not None or state.ws.closed):
-                self._fail_all(at_hop(PeerUnavailable(f"{state.hop} closed the connection"), state.hop))
-
-    def _dispatch(self, state: _HopState, message: Message) -> None:
-        if state.retired:
-            return
-        if isinstance(message, (Opened, Retargeted)):
-            # only the reply we asked this hop for, about its own session
-            if state.expect is type(message) and message.session == state.session_id:
-                _resolve(state.reply, message)
-        elif isinstance(message, Draining):
-            if message.session == state.session_id:
-                state.draining = True
-        elif isinstance(message, Ack):
-            if message.session == state.session_id:
-                self._on_ack(state, message)
-        elif isinstance(message, Result):
-            pending = self._pending.get(message.step)
-            if message.session != state.session_id or pending is None or state is not pending.chain[-1]:
-                return  # only the last hop of the chain a step runs through answers it (while it is awaited)
-            if bool(state.head) != isinstance(message, HeadResult):
-                raise BadRequest("a last hop answered with the head's candidates when not asked, or without them when asked")
-            if message.hidden.shape[0] != pending.rows:
-                raise BadRequest(f"a last hop answered {message.hidden.shape[0]} rows for a step of {pending.rows}")
-            answer = Candidates.of(message, self.config.vocab_size) if isinstance(message, HeadResult) else message.hidden
-            state.acked = max(state.acked, message.step)
-            state.compute_ms = message.compute_ms
-            state.seal = message.seal
-            self._tapped(state, message.step, message.hidden, message.dtype, message.seal)
-            if isinstance(answer, Candidates) and self.head_tape is not None:
-                self.head_tape.add(state.hop, message.hidden, answer)
-            _resolve(pending.done, answer)
-        elif isinstance(message, Error):
-            if message.session is not None and message.session != state.session_id:
-                return  # about a session that is not this hop's: not ours to believe
-            error = error_from_code(message.code, f"{state.hop}: {message.message}")
-            # the hop to route around: the reporter, or the next hop it could not push to
-            known = [*self.hops, *self._asking, *(s for p in self._pending.values() for s in p.chain)]
-            blamed = next((h.hop for h in known if message.hop is not None and h.hop.peer_id == message.hop), state.hop)
-            at_hop(error, blamed)
-            if state.reply is not None and not state.reply.done():
-                _fail(state.reply, error)
-            elif message.step is not None:
-                # A step's error fails that step. One no longer awaited is about a step failover
-                # already replaced (a hop before the failed one finishing it late): nothing to do.
-                pending = self._pending.get(message.step)
-                _fail(pending.done if pending is not None and state in pending.chain else None, error)
-            else:
-                self._fail_all(error)
-
-    def _on_ack(self, state: _HopState, ack: Ack) -> None:
-        """An ack of a hop of the step's chain: still awaited (it times the step), or trailing its result."""
-        sent = self._unacked.get(ack.step)
-        if sent is None or state not in sent[0]:
-            return  # not a hop this step runs through, or one that acked it already
-        pending = self._pending.get(ack.step)
-        if pending is not None:
-            state.acked = max(state.acked, ack.step)
-            state.compute_ms = ack.compute_ms
-        state.seal = ack.seal
-        if ack.hidden is not None and ack.dtype is not None:
-            self._tapped(state, ack.step, ack.hidden, ack.dtype, ack.seal)
-        waiting = sent[1]
-        waiting.discard(state)
-        if not waiting:
-            del self._unacked[ack.step]
-            if not self._unacked:
-                self._settled.set()
-
-    def _tapped(self, state: _HopState, step: int, hidden: torch.Tensor, dtype: str, seal: bytes) -> None:
-        if self.tape is not None:
-            index = next((i for i, h in enumerate(self.hops) if h is state), None)
-            if index is not None:
-                self.tape.tapped(index, step, hidden, dtype, seal)
-
-    async def settle(self, timeout: float) -> bool:
-        """Wait (at most `timeout`) for the acks still owed for steps already answered; whether all came.
-        Acks of steps that failed never come: this is for a session whose every step succeeded."""
-        try:
-            await asyncio.wait_for(self._settled.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
     @property
     def head_hop(self) -> RemoteHop | None:
         """The last hop, when it applies the LM head for this session (client/remote_head.py)."""
@@ -479,13 +322,13 @@ class RouteSession:
             self.broken = error
         replies = [s.reply for s in self._asking if s.reply is not None]
         for future in replies + [p.done for p in self._pending.values()]:
-            _fail(future, error)
+            fail_future(future, error)
 
     async def close(self) -> None:
         """Close every hop's session and connection. Safe to call twice."""
         await asyncio.gather(*(self._close_hop(s) for s in self.hops), *self._retiring, return_exceptions=True)
 
-    async def _close_hop(self, state: _HopState) -> None:
+    async def _close_hop(self, state: HopState) -> None:
         ws = state.ws
         if ws is not None and not ws.closed:
             try:
@@ -497,55 +340,3 @@ class RouteSession:
             state.reader.cancel()
             await asyncio.gather(state.reader, return_exceptions=True)
 
-
-def _check_contiguous(hops: Sequence[RemoteHop], what: str) -> None:
-    for a, b in zip(hops, hops[1:]):
-        if a.end != b.start:
-            raise BadRequest(f"{what} is not contiguous: {a} then {b}")
-
-
-def _address(state: _HopState | None) -> NextHop | None:
-    """Where a hop pushes its output: the next hop's session, who it is and its token, or None to answer the client."""
-    if state is None:
-        return None
-    return NextHop(state.hop.url.rstrip("/"), state.session_id, state.hop.peer_id, state.token, state.record)
-
-
-def _usable_record(record: PeerRecord, hop: RemoteHop) -> bool:
-    """Whether a hop's own record may be passed on to the hop before it: valid now, its peer, its address."""
-    try:
-        verify_record(record, time.time())
-    except SwarmError:
-        return False
-    return record.peer_id == hop.peer_id and hop.url.rstrip("/") in record.addresses
-
-
-def identity_mismatch(hop: RemoteHop, exc: PinMismatch) -> IdentityMismatch:
-    """What a pinned dial to `hop` that met another TLS identity becomes: transient, so failover routes around it."""
-    who = f"peer {exc.got_peer}" if exc.got_peer else "no identity key"
-    return IdentityMismatch(f"{hop} at {hop.url} refused: {who} answered there, not {hop.peer_id}")
-
-
-def at_hop(error: SwarmError, hop: RemoteHop) -> SwarmError:
-    """Mark `error` with the route hop it came from, so failover routes around that hop.
-
-    A client-side annotation on the instance (read back with `hop_of`): the error
-    vocabulary in swarm/errors.py stays free of client objects."""
-    error.hop = hop  # type: ignore[attr-defined]
-    return error
-
-
-def hop_of(error: BaseException) -> RemoteHop | None:
-    """The route hop `at_hop` marked `error` with, if any."""
-    hop = getattr(error, "hop", None)
-    return hop if isinstance(hop, RemoteHop) else None
-
-
-def _resolve(future: asyncio.Future | None, value: Any) -> None:
-    if future is not None and not future.done():
-        future.set_result(value)
-
-
-def _fail(future: asyncio.Future | None, error: BaseException) -> None:
-    if future is not None and not future.done():
-        future.set_exception(error)

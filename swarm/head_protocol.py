@@ -30,7 +30,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from swarm.protocol import MAX_HEAD_K, NO_LIMITS, Ack, BadMessage, Limits, Message, Result, _bytes, _check_keys, _tensor, parse
+from swarm.protocol import (
+    MAX_HEAD_K,
+    NO_LIMITS,
+    Ack,
+    BadMessage,
+    Limits,
+    Message,
+    Result,
+    bytes_field,
+    check_keys,
+    parse,
+    tensor_field,
+)
 
 MAX_HEAD_ROWS = 33  # rows one head_result answers: a speculative step of 32 drafts and the current token
 
@@ -60,14 +72,14 @@ class HeadResult(Result):
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any], limits: Limits = NO_LIMITS) -> HeadResult:
-        _check_keys(message, cls.TYPE, _FIELDS)
-        hidden, dtype = _tensor(message, "hidden", limits)
+        check_keys(message, cls.TYPE, _FIELDS)
+        hidden, dtype = tensor_field(message, "hidden", limits)
         rows = hidden.shape[0]
         if rows > MAX_HEAD_ROWS:
             raise BadMessage(f"a head_result answers at most {MAX_HEAD_ROWS} rows, not {rows}")
-        raw_ids = _bytes(message, "ids", 4 * rows, 4 * rows * MAX_HEAD_K)
-        raw_logits = _bytes(message, "logits", 4 * rows, 4 * rows * MAX_HEAD_K)
-        raw_lse = _bytes(message, "logsumexp", 4 * rows, 4 * rows)
+        raw_ids = bytes_field(message, "ids", 4 * rows, 4 * rows * MAX_HEAD_K)
+        raw_logits = bytes_field(message, "logits", 4 * rows, 4 * rows * MAX_HEAD_K)
+        raw_lse = bytes_field(message, "logsumexp", 4 * rows, 4 * rows)
         if len(raw_ids) % (4 * rows) or len(raw_ids) != len(raw_logits):
             raise BadMessage(f"fields 'ids' and 'logits' must hold the same number of 4-byte values for each of the {rows} rows")
         k = len(raw_ids) // (4 * rows)

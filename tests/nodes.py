@@ -97,13 +97,35 @@ def _pump(node: NodeProcess) -> None:
     node.settled.set()
 
 
-def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProcess], tls: bool = False) -> NodeProcess:
+NAMESPACE_BOOTSTRAP_PORT = 7100  # a fresh namespace has every port free: a bootstrap peer there can take a known one
+
+
+def start_in_namespace(host, tmp: Path, args: list[str], started: list[NodeProcess], tls: bool = False, index: int | None = None) -> NodeProcess:
     """One node inside `host`'s network namespace (tests/netns.py), listening on its address and
-    gossiping every 0.5 s; it is appended to `started`, which the test stops at the end."""
-    folder = tmp / f"{host.namespace}-{len(started)}"
+    gossiping every 0.5 s; it is appended to `started`, which the test stops at the end.
+    `index` names its folder (its identity), `len(started)` unless given."""
+    folder = tmp / f"{host.namespace}-{len(started) if index is None else index}"
     (node,) = start_nodes([["--host", host.address, "--gossip-period", "0.5", *args]], folder, prefix=["ip", "netns", "exec", host.namespace], tls=tls)
     started.append(node)
     return node
+
+
+def namespace_bootstrap(host) -> tuple[list[str], str]:
+    """(arguments, URL) of a bootstrap peer (no blocks) to start in `host`'s fresh namespace on
+    `NAMESPACE_BOOTSTRAP_PORT`: its URL is known before it is up, so the nodes naming it can
+    start at the same time (`start_in_namespaces`)."""
+    return ["--no-model", "--port", str(NAMESPACE_BOOTSTRAP_PORT)], f"http://{host.address}:{NAMESPACE_BOOTSTRAP_PORT}"
+
+
+def start_in_namespaces(entries: list[tuple[Any, list[str]]], tmp: Path, started: list[NodeProcess], tls: bool = False) -> list[NodeProcess]:
+    """`start_in_namespace` for every (host, args) at once, waiting until all are ready; the nodes
+    in the order given. Each is appended to `started` as it becomes ready (so in any order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = len(started)
+    with ThreadPoolExecutor(len(entries)) as pool:
+        futures = [pool.submit(start_in_namespace, host, tmp, args, started, tls, base + i) for i, (host, args) in enumerate(entries)]
+    return [future.result() for future in futures]
 
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:

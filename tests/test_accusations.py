@@ -28,7 +28,7 @@ from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, Transcript, check_seal, tensor_digest
 from tests.netns import Lines, beside_attacker
-from tests.nodes import reserve_url, start_in_namespace, start_nodes, stop_nodes
+from tests.nodes import namespace_bootstrap, reserve_url, start_in_namespaces, start_nodes, stop_nodes
 from tests.sealed_session import TappedChain, packed
 
 PERIOD = ["--gossip-period", "0.5"]
@@ -305,8 +305,8 @@ def test_a_flood_of_accusations_from_one_source_is_busy_and_a_client_is_undistur
         return json.loads(line)
 
     try:
-        bootstrap = start_in_namespace(home, tmp_path, ["--no-model"], nodes)
-        accused, judge = (start_in_namespace(home, tmp_path, ["--blocks", "0:30", "--bootstrap", bootstrap.url], nodes) for _ in range(2))
+        first, url = namespace_bootstrap(home)  # all three start at once
+        bootstrap, accused, judge = start_in_namespaces([(home, first), *((home, ["--blocks", "0:30", "--bootstrap", url]) for _ in range(2))], tmp_path, nodes)
         undisturbed = legit()
         argv = [sys.executable, "-m", "tests.accusation_flood", accused.url, accused.peer_id, judge.url]
         disturbed, seen = beside_attacker(lan, stranger, argv, legit)

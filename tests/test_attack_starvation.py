@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from tests.netns import Lines, beside_attacker
-from tests.nodes import start_in_namespace, stop_nodes
+from tests.nodes import namespace_bootstrap, start_in_namespaces, stop_nodes
 
 NEW_TOKENS = 24
 HEADER_TIMEOUT_S = 2.0
@@ -29,9 +29,7 @@ def test_a_stranger_cannot_starve_a_legitimate_client(lan_factory, tmp_path):
     home, user, stranger = lan.hosts
     nodes = []
 
-    def node(*args):
-        limits = ["--header-timeout", str(HEADER_TIMEOUT_S), "--max-sessions-per-source", str(SESSIONS)]
-        return start_in_namespace(home, tmp_path, [*limits, *args], nodes)
+    limits = ["--header-timeout", str(HEADER_TIMEOUT_S), "--max-sessions-per-source", str(SESSIONS)]
 
     def legit() -> dict:
         client = lan.run_in(user, [sys.executable, "-m", "tests.starvation_parties", "legit", bootstrap.url, str(NEW_TOKENS)], stderr=subprocess.STDOUT)
@@ -40,8 +38,10 @@ def test_a_stranger_cannot_starve_a_legitimate_client(lan_factory, tmp_path):
         return json.loads(line)
 
     try:
-        bootstrap = node("--no-model")
-        spans = [node("--blocks", blocks, "--bootstrap", bootstrap.url) for blocks in ("0:10", "10:20", "20:30")]
+        first, url = namespace_bootstrap(home)  # all four start at once
+        bootstrap, *spans = start_in_namespaces(
+            [(home, [*limits, *first]), *((home, [*limits, "--blocks", blocks, "--bootstrap", url]) for blocks in ("0:10", "10:20", "20:30"))], tmp_path, nodes
+        )
         undisturbed = legit()
 
         argv = [sys.executable, "-m", "tests.starvation_parties", "attack", *(n.url for n in spans), "--sessions", str(SESSIONS + 4), "--forwards", str(FORWARDS),

@@ -24,7 +24,7 @@ from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
 from swarm.errors import PeerUnavailable
 from swarm.model import Segment
 from tests.netns import Lines
-from tests.nodes import module_swarm, refresh, start_in_namespace, stop_nodes
+from tests.nodes import module_swarm, namespace_bootstrap, refresh, start_in_namespaces, stop_nodes
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 64
@@ -172,16 +172,14 @@ def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, h
     lan = lan_factory(5)
     home, a, b1, b2, c = lan.hosts
     nodes = []
-
-    def node(host, *args):
-        return start_in_namespace(host, tmp_path, list(args), nodes)
-
+    middle = None
     try:
-        bootstrap = node(home, "--no-model")
-        node(a, "--blocks", "0:10", "--bootstrap", bootstrap.url)
-        middle = node(b1, "--blocks", "10:20", "--bootstrap", bootstrap.url)
-        spare = node(b2, "--blocks", "10:20", "--bootstrap", bootstrap.url)
-        node(c, "--blocks", "20:30", "--bootstrap", bootstrap.url)
+        first, url = namespace_bootstrap(home)  # all five start at once
+        bootstrap, _, middle, spare, _ = start_in_namespaces(
+            [(home, first), *((host, ["--blocks", span, "--bootstrap", url]) for host, span in ((a, "0:10"), (b1, "10:20"), (b2, "10:20"), (c, "20:30")))],
+            tmp_path,
+            nodes,
+        )
         client = lan.run_in(home, [sys.executable, "-m", "tests.failover_client", bootstrap.url, spare.peer_id, str(NEW_TOKENS)], stderr=subprocess.STDOUT)
         lines = Lines(client.stdout)
         assert middle.peer_id[:8] in lines.expect(lambda line: line.startswith("route "), 120)
@@ -190,8 +188,8 @@ def test_cut_link_mid_generation_fails_over_by_deadline(lan_factory, tmp_path, h
         result = json.loads(lines.expect(lambda line: line.startswith("{"), 120))
         assert client.wait(30) == 0
     finally:
-        if len(nodes) > 2:
-            nodes[2].kill()  # the cut-off middle node: SIGTERM would have it drain for sessions nobody can reach
+        if middle is not None:
+            middle.kill()  # the cut-off middle node: SIGTERM would have it drain for sessions nobody can reach
         stop_nodes(nodes)
     ids = head.encode_prompt(PROMPT, chat=True)
     local = asyncio.run(_local(head, full_span, ids))
