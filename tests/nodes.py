@@ -12,6 +12,7 @@ the client's connections and the pushes from hop to hop all cross relays: a one-
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import signal
@@ -126,6 +127,19 @@ def start_in_namespaces(entries: list[tuple[Any, list[str]]], tmp: Path, started
     with ThreadPoolExecutor(len(entries)) as pool:
         futures = [pool.submit(start_in_namespace, host, tmp, args, started, tls, base + i) for i, (host, args) in enumerate(entries)]
     return [future.result() for future in futures]
+
+
+def collect_groups(groups: list[concurrent.futures.Future], started: list[NodeProcess]) -> None:
+    """Add the nodes of every group of `start_nodes` calls that started to `started` (so the caller
+    stops them all), then raise the first group's failure, if any."""
+    failure: Exception | None = None
+    for group in groups:
+        try:
+            started += group.result()
+        except Exception as exc:  # noqa: BLE001 - raised below, once the others are collected
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def stop_nodes(nodes: list[NodeProcess]) -> None:

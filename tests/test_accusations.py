@@ -28,7 +28,7 @@ from swarm.discovery.peers_http import fetch_peers
 from swarm.identity import Identity
 from swarm.seal import FORWARD_SESSION, Transcript, check_seal, tensor_digest
 from tests.netns import Lines, beside_attacker
-from tests.nodes import namespace_bootstrap, reserve_url, start_in_namespaces, start_nodes, stop_nodes
+from tests.nodes import collect_groups, namespace_bootstrap, reserve_url, start_in_namespaces, start_nodes, stop_nodes
 from tests.sealed_session import TappedChain, packed
 
 PERIOD = ["--gossip-period", "0.5"]
@@ -50,14 +50,7 @@ def swarm(tmp_path_factory):
                 pool.submit(start_nodes, [["--blocks", "10:20", "--lie-every", "3", *join]], tmp / "liar", module="tests.lying_node"),
                 pool.submit(start_nodes, [["--blocks", span, *join] for span in ("0:10", "10:20", "10:20", "20:30")], tmp / "honest"),
             ]
-            failure: Exception | None = None
-            for group in groups:  # collect every group that started, so that all are stopped below
-                try:
-                    started += group.result()
-                except Exception as exc:  # noqa: BLE001 - raised below, once the others are collected
-                    failure = failure or exc
-        if failure is not None:
-            raise failure
+            collect_groups(groups, started)
         bootstrap, liar, a, h1, h2, b = started
         asyncio.run(_until_everyone_knows_everyone(started))
         yield {"bootstrap": bootstrap, "liar": liar, "a": a, "h1": h1, "h2": h2, "b": b}

@@ -307,7 +307,7 @@ def swarm(tmp_path_factory):
     """{"bootstrap", "a", "b", "q", "liar"}: started nodes (see the module doc)."""
     import concurrent.futures
 
-    from tests.nodes import reserve_url, start_nodes, stop_nodes
+    from tests.nodes import collect_groups, reserve_url, start_nodes, stop_nodes
 
     tmp = tmp_path_factory.mktemp("precision")
     port, url = reserve_url()
@@ -324,14 +324,7 @@ def swarm(tmp_path_factory):
                 ),
                 pool.submit(start_nodes, [liar], tmp / "liar", module="tests.lying_node"),
             ]
-            failure: Exception | None = None
-            for group in groups:  # collect every group that started, so that all are stopped below
-                try:
-                    started += group.result()
-                except Exception as exc:  # noqa: BLE001 - raised below, once the others are collected
-                    failure = failure or exc
-        if failure is not None:
-            raise failure
+            collect_groups(groups, started)
         yield dict(zip(("bootstrap", "a", "b", "q", "liar"), started))
     finally:
         stop_nodes(started)
