@@ -45,6 +45,7 @@ from cryptography.x509.oid import NameOID
 
 from swarm.identity import Identity, peer_id_from_public_key
 from swarm.membership import open_client_middleware, open_server_middleware
+from swarm.relay_wire import sni_name
 
 if TYPE_CHECKING:  # swarm/membership.py: a private swarm's key and its middlewares
     from swarm.membership import Membership
@@ -125,7 +126,7 @@ class Transport:
         certificates are self-signed: identity comes from `pin`, never from a CA); http URLs are
         refused unless `insecure_http`; a private swarm's membership proof rides on every request."""
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ssl=False)
-        middlewares: list[Any] = []
+        middlewares: list[Any] = [_name_the_pinned_peer]
         if not self.insecure_http:
             middlewares.append(_https_only)
         # a private party proves the key on every request and believes only members' answers; an
@@ -166,6 +167,16 @@ class Transport:
         """Whether this party dials `url` at all: https always, http only with `insecure_http`."""
         scheme = urlsplit(url).scheme.lower()
         return scheme == "https" or (scheme == "http" and self.insecure_http)
+
+
+async def _name_the_pinned_peer(request: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
+    """Client middleware: a pinned dial names its peer in the TLS server name (SNI), so a relay at
+    that address can hand the connection, still encrypted, to the node it relays for
+    (swarm/relay_wire.py). A node dialled directly ignores the name: its certificate is its own."""
+    pin = request.ssl
+    if isinstance(pin, PeerPin) and request.server_hostname is None:
+        request.server_hostname = sni_name(pin.peer_id)
+    return await handler(request)
 
 
 async def _https_only(request: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
