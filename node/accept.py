@@ -34,6 +34,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from node.limits import Held, SourceLimit, source_key
+from node.relay_host import RelayHost as Router
+from node.relay_host import Route
 from swarm import wire
 from swarm.errors import BadRequest, Busy, FrameTooLarge, SwarmError
 
@@ -45,12 +47,19 @@ class GuardedRunner(web.AppRunner):
     given `tls`, speak TLS on each (give its sites no `ssl_context` of their own)."""
 
     def __init__(
-        self, app: web.Application, limit: SourceLimit, tls: ssl.SSLContext | None = None, handshake_timeout_s: float = 20.0, **kwargs
+        self,
+        app: web.Application,
+        limit: SourceLimit,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 20.0,
+        router: Router | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(app, **kwargs)
         self._source_limit = limit
         self._tls = tls
         self._handshake_timeout_s = handshake_timeout_s
+        self._router = router if tls is not None else None  # a relay reads the ClientHello's name before TLS
         self._handshakes: set[asyncio.Task] = set()  # TLS upgrades in progress, cancelled at cleanup
 
     @property
@@ -58,7 +67,15 @@ class GuardedRunner(web.AppRunner):
         inner = super().server
         if inner is None:
             return None
-        return functools.partial(_Guard, inner, self._source_limit, self._tls, self._handshake_timeout_s, self._handshakes)
+        return functools.partial(_Guard, inner, self._source_limit, self._tls, self._handshake_timeout_s, self._handshakes, self._router)
+
+    def reverse(self, source: str, preamble: bytes) -> asyncio.Protocol:
+        """The protocol of a connection this node opened to a relay, to be served as if accepted: it
+        writes `preamble` first, then speaks TLS as the server, counted against `source` (the dialler
+        the relay named). node/relay_link.py."""
+        inner = super().server
+        assert inner is not None, "reverse connections need a set-up runner"
+        return _Guard(inner, self._source_limit, self._tls, self._handshake_timeout_s, self._handshakes, source=source, preamble=preamble)
 
     async def cleanup(self) -> None:
         for task in list(self._handshakes):
@@ -78,8 +95,14 @@ class _Guard(asyncio.Protocol):
         tls: ssl.SSLContext | None = None,
         handshake_timeout_s: float = 20.0,
         handshakes: set[asyncio.Task] | None = None,
+        router: Router | None = None,
+        source: str | None = None,
+        preamble: bytes = b"",
     ) -> None:
         self._factory = factory
+        self._router = router
+        self._source = source
+        self._preamble = preamble
         self._limit = limit
         self._tls = tls
         self._handshake_timeout_s = handshake_timeout_s
@@ -92,26 +115,46 @@ class _Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
+        source = self._source or source_key(peer[0] if peer else None)
         try:
-            self._held = self._limit.acquire(source_key(peer[0] if peer else None))
+            self._held = self._limit.acquire(source)
         except Busy as exc:
             log.debug("refused a connection: %s", exc)
             if self._tls is None:
                 transport.write(_busy_response(exc))  # type: ignore[attr-defined]
             transport.close()
             return
+        if self._preamble:
+            transport.write(self._preamble)  # type: ignore[attr-defined]
         if self._tls is None:
             self._start(transport)
             return
         # Read nothing until start_tls has put its TLS layer in place (it resumes reading).
         transport.pause_reading()  # type: ignore[attr-defined]
-        task = asyncio.get_running_loop().create_task(self._handshake(transport), name="tls handshake")
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, source), name="tls handshake")
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, transport: asyncio.BaseTransport) -> None:
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
+
+    async def _handshake(self, transport: asyncio.BaseTransport, source: str) -> None:
         assert self._tls is not None
         loop = asyncio.get_running_loop()
+        if self._router is not None:
+            try:
+                route = await self._router.route(transport, source, self._release)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                transport.close()
+                self._release()
+                raise
+            if route is not Route.LOCAL:  # the relay owns it now (and releases its count), or closed it
+                self._lost = route is Route.CLOSED
+                if route is Route.CLOSED:
+                    self._release()
+                return
         try:
             tls = await loop.start_tls(
                 transport,  # type: ignore[arg-type]
@@ -125,13 +168,11 @@ class _Guard(asyncio.Protocol):
             # No handshake in time, or not TLS at all: the raw transport is closed already.
             log.debug("TLS handshake failed: %s", type(exc).__name__)
             self._lost = True
-            if self._held is not None:
-                self._held.release()
+            self._release()
             return
         except asyncio.CancelledError:
             transport.close()
-            if self._held is not None:
-                self._held.release()
+            self._release()
             raise
         if self._lost or tls is None:  # the connection ended right after its handshake
             return
@@ -148,8 +189,7 @@ class _Guard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._held is not None:
-            self._held.release()
+        self._release()
         if self._inner is not None:
             self._inner.connection_lost(exc)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from node.compute import MainThreadExecutor
 from node.flags import build_parser, default_identity_path
+from node.relay_config import RelayConfig, relay_config_from_flags
 from swarm.errors import SwarmError
 
 
@@ -184,13 +185,16 @@ def _node_config(args: argparse.Namespace):
     for url in args.bootstrap:
         if not transport.allows(url):
             raise SwarmError(f"--bootstrap {url}: a TLS node dials https only (give an https URL, or --insecure-http)")
-    if args.public_url and not args.public_url.lower().startswith(f"{transport.scheme}://"):
-        raise SwarmError(f"--public-url {args.public_url}: this node serves {transport.scheme} (--insecure-http: http, else https)")
+    for url in args.public_url:
+        if not url.lower().startswith(f"{transport.scheme}://"):
+            raise SwarmError(f"--public-url {url}: this node serves {transport.scheme} (--insecure-http: http, else https)")
     return NodeConfig(
         host=args.host,
         port=args.port,
-        public_url=args.public_url,
+        public_url=args.public_url[0] if args.public_url else None,
+        extra_urls=tuple(args.public_url[1:]),
         transport=transport,
+        relay=_relay_config(args),
         max_frame=args.max_frame,
         session_timeout_s=args.session_timeout,
         drain_timeout_s=args.drain_timeout,
@@ -243,6 +247,13 @@ def _transport(args: argparse.Namespace):
 
     membership = Membership(SwarmKey.load(args.swarm_key)) if args.swarm_key is not None else None  # KeyFileError: a SwarmError
     return Transport(insecure_http=args.insecure_http, membership=membership)
+
+
+def _relay_config(args: argparse.Namespace) -> RelayConfig:
+    try:
+        return relay_config_from_flags(args.relay, args.relay_always, args.relay_count, args.relay_capacity, args.relay_connections, args.relay_bandwidth)
+    except ValueError as exc:
+        raise SystemExit(f"swarm-node: {exc}") from None
 
 
 def _check_local_addresses(addresses: list[str]) -> None:

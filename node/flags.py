@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-model", action="store_true", help="hold no blocks: only help peers find each other (a bootstrap peer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
-    parser.add_argument("--public-url", default=None, help="URL peers should dial, when it differs from https://HOST:PORT (http:// with --insecure-http)")
+    parser.add_argument("--public-url", action="append", default=[], metavar="URL", help="URL peers should dial, when it differs from https://HOST:PORT (http:// with --insecure-http); repeatable: the node's addresses, preferred first")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument(
         "--threads",
@@ -199,5 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse a rendering of /metrics for this long, however many scrapes come: anyone can ask an open node for it (default 1; 0: render every scrape)",
     )
     metrics.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the --metrics-port listener (default 127.0.0.1: this machine only)")
+    relaying = parser.add_argument_group(
+        "relaying",
+        "for nodes that cannot be dialled (behind NAT): connections reach them through relays, end to end encrypted (README, Behind NAT)",
+    )
+    relaying.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        metavar="auto|off|URL",
+        help="auto (default): if a peer's dial-back finds this node undialable, hold relays among proven peers that offer relaying; "
+        "URL (repeatable): use these relays; off: never use a relay",
+    )
+    relaying.add_argument("--relay-always", action="store_true", help="hold relays even when this node can be dialled: its record then names only the relays, not its own address")
+    relaying.add_argument("--relay-count", type=_positive, default=2, metavar="N", help="relays held at once, all named in the record: one dying leaves the others (default 2)")
+    relaying.add_argument("--relay-capacity", type=_count, default=16, metavar="N", help="relay for at most N nodes that cannot be dialled, when this node can be (default 16; 0: relay for nobody)")
+    relaying.add_argument("--relay-connections", type=_positive, default=32, metavar="N", help="connections open at once through this relay to one relayed node; more are closed (default 32)")
+    relaying.add_argument("--relay-bandwidth", type=parse_size, default=parse_size("8MiB"), metavar="SIZE", help="bytes per second relayed for one node, both directions together; more waits (default 8MiB)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
     return parser

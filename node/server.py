@@ -27,6 +27,7 @@ from node.http import error_response, get_info, post_forward
 from node.metrics import metrics_routes, serve_metrics
 from node.push import PushPool
 from node.rebalance import drain_sessions, rebalance
+from node.relaying import keep_reachable
 from node.session_socket import close_session, reap_idle, session_socket
 from node.state import STATE, NodeConfig, NodeState, Phase
 from swarm.discovery.peers_http import peers_routes
@@ -51,6 +52,8 @@ def build_app(state: NodeState) -> web.Application:
     app.add_routes([web.get("/info", get_info), web.post("/forward", post_forward), web.get("/session", session_socket)])
     app.add_routes(metrics_routes(state))
     app.add_routes(accusation_routes())
+    app.add_routes(state.relay_host.routes())
+    app.add_routes(state.reach.routes())
     app.add_routes(peers_routes(state.table, max_frame=state.config.discovery.gossip.max_frame, identity=state.identity))
     return app
 
@@ -112,6 +115,7 @@ async def serve(
             state.tcp_limit,
             tls=config.transport.server_ssl(identity),
             handshake_timeout_s=config.header_timeout_s,
+            router=state.relay_host if state.relay_host.enabled else None,
             handle_signals=False,
             access_log=None,
             keepalive_timeout=config.header_timeout_s,
@@ -130,6 +134,8 @@ async def serve(
             NodeDiscovery(config.discovery, state.table, state.record, state.advert(port), transport=config.transport)
         )
         state.spawn(reap_idle(state), "reaper")
+        state.spawn(keep_reachable(state, runner), "reachability")
+        stack.push_async_callback(state.reach.close)
         failure: list[SwarmError] = []
         state.spawn(_watch_compute(state, stop, failure), "compute watch")
         if config.rebalance is not None and loader is not None and backend is not None:

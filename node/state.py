@@ -18,6 +18,10 @@ from node.discovery import DiscoveryConfig, NodeDiscovery
 from node.limits import SourceLimit
 from node.metrics import NodeMetrics
 from node.push import PushConfig, PushPool
+from node.reachability import Reachability
+from node.relay_config import RelayConfig
+from node.relay_host import RelayHost
+from node.relay_link import RelayLink
 from node.sessions import Sessions
 from node.steps import BackendConfig
 from swarm import wire
@@ -52,6 +56,8 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 0
     public_url: str | None = None  # what peers dial; default https://host:port (http:// with transport.insecure_http)
+    extra_urls: tuple[str, ...] = ()  # more addresses of this node, after public_url (--public-url given twice)
+    relay: RelayConfig = field(default_factory=RelayConfig)  # using relays, offering relaying (node/relay_config.py)
     transport: Transport = field(default_factory=Transport)  # TLS pinned to identities, or plain http by choice
     max_frame: int = wire.DEFAULT_MAX_FRAME
     session_timeout_s: float = 300.0  # an idle session's cache is freed after this
@@ -124,6 +130,10 @@ class NodeState:
     metrics: NodeMetrics = field(init=False)  # what /metrics renders (node/metrics.py)
     metrics_url: str | None = None  # the --metrics-port listener, once it listens
     head: HeadService | None = None  # --serve-head: the LM head, applied for sessions that ask (node/head_service.py)
+    relay_host: RelayHost = field(init=False)  # relaying for nodes that cannot be dialled (node/relay_host.py)
+    relay_link: RelayLink | None = None  # the relays this node is reached through, once it holds them (node/relaying.py)
+    reachable: bool | None = None  # what the dial-back check found (node/reachability.py); None: not known
+    reach: Reachability = field(init=False)
 
     def __post_init__(self) -> None:
         self.court = Court(self.config.accusations, self.identity, self.table)
@@ -132,6 +142,14 @@ class NodeState:
         self.session_limit = SourceLimit(self.config.max_sessions_per_source, "sessions")
         self.forward_sources = SourceLimit(self.config.max_forwards_per_source, "forwards")
         self.metrics = NodeMetrics(self)
+        self.relay_host = RelayHost(self.config.relay, self.identity.peer_id, self.config.header_timeout_s)
+        self.relay_host.enabled &= not self.config.transport.insecure_http  # the relay reads TLS server names
+        self.reach = Reachability(self.config.transport)
+
+    def addresses(self) -> tuple[str, ...]:
+        """Where peers dial this node: its relays while it holds any, else its own URLs."""
+        relayed = self.relay_link.addresses if self.relay_link is not None else ()
+        return relayed or (self.url, *self.config.extra_urls)
 
     @property
     def span(self) -> Span:
@@ -150,7 +168,10 @@ class NodeState:
     def record(self, leaving: bool = False) -> PeerRecord:
         """This node's signed record, fresh; `leaving` makes the tombstone a graceful exit publishes."""
         backend, ttl = self.backend, self.config.discovery.gossip.record_ttl_s
-        common = dict(addresses=(self.url,), now=time.time(), ttl=ttl, leaving=leaving)
+        addresses = self.addresses()
+        relayed = self.relay_link is not None and addresses == self.relay_link.addresses
+        offers = self.relay_host.enabled and self.reachable is not False and not relayed
+        common = dict(addresses=addresses, now=time.time(), ttl=ttl, leaving=leaving, relayed=relayed, offers_relay=offers)
         if backend is None:
             return PeerRecord.create(self.identity, **common)
         span = backend.span
@@ -224,6 +245,13 @@ class NodeState:
             "limits": self.limits(),
             "discovery": None if self.discovery is None else {**self.discovery.limits(), "peer_table": self.table.stats()},
             "accusations": self.court.stats(),
+            "relay": {
+                **self.config.relay.limits(),
+                "reachable": self.reachable,
+                "host": self.relay_host.info(),
+                "link": None if self.relay_link is None else self.relay_link.info(),
+                "reach": {**self.reach.config.limits(), "checks": self.reach.checks, "refused": self.reach.refused},
+            },
             "model": None,
             "span": None,
         }

@@ -61,7 +61,9 @@ WIRE_KEYS = frozenset(
 # Optional keys: on the wire only when set, so a record without them encodes (and signs) exactly as
 # before they existed, and peers that predate them still accept it. When present the value must be
 # the set one (one record, one encoding): `serves_head` is only ever True on the wire.
-OPTIONAL_WIRE_KEYS = frozenset({"serves_head"})
+# `relayed`: the addresses are relays' URLs (node/relay_link.py); `offers_relay`: this peer relays for
+# nodes that cannot be dialled (node/relay_host.py).
+OPTIONAL_WIRE_KEYS = frozenset({"serves_head", "relayed", "offers_relay"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class PeerRecord:
     signature: bytes = field(repr=False)  # Ed25519 over signing_payload(), 64 bytes
     leaving: bool = False  # a signed goodbye (a tombstone): the peer is gone, drop it until this expires
     serves_head: bool = False  # applies the final norm and LM head for sessions ending at the last block (`--serve-head`)
+    relayed: bool = False  # cannot be dialled: `addresses` are the URLs of relays that splice connections to it
+    offers_relay: bool = False  # relays connections for nodes that cannot be dialled
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):  # a read-only copy: a signed record must not change
@@ -109,6 +113,8 @@ class PeerRecord:
         protocol: int = PROTOCOL_VERSION,
         leaving: bool = False,
         serves_head: bool = False,
+        relayed: bool = False,
+        offers_relay: bool = False,
     ) -> PeerRecord:
         """A record signed by `identity`, valid from `now` for `ttl` seconds.
 
@@ -133,6 +139,8 @@ class PeerRecord:
             signature=bytes(SIGNATURE_BYTES),  # placeholder, replaced below
             leaving=leaving,
             serves_head=serves_head,
+            relayed=relayed,
+            offers_relay=offers_relay,
         )
         return replace(unsigned, signature=identity.sign(unsigned.signing_payload()))
 
@@ -174,8 +182,9 @@ class PeerRecord:
             "leaving": self.leaving,
             "signature": self.signature,
         }
-        if self.serves_head:
-            wire["serves_head"] = True
+        for key in OPTIONAL_WIRE_KEYS:
+            if getattr(self, key):
+                wire[key] = True
         return wire
 
     @classmethod
@@ -194,8 +203,9 @@ class PeerRecord:
             missing = sorted(key for key in WIRE_KEYS if key not in raw)
             unknown = sum(1 for key in raw if key not in WIRE_KEYS | OPTIONAL_WIRE_KEYS)
             raise RecordRejected(f"peer record lacks {missing} or has {unknown} unknown keys", reason="malformed")
-        if "serves_head" in raw and raw["serves_head"] is not True:
-            raise RecordRejected("serves_head is on the wire only when true", reason="malformed")
+        for key in OPTIONAL_WIRE_KEYS & raw.keys():
+            if raw[key] is not True:
+                raise RecordRejected(f"{key} is on the wire only when true", reason="malformed")
         addresses, span, model = raw["addresses"], raw["span"], raw["model"]
         if not isinstance(addresses, (list, tuple)):
             raise RecordRejected("addresses is a list", reason="malformed")
@@ -219,6 +229,8 @@ class PeerRecord:
             signature=raw["signature"],
             leaving=raw["leaving"],
             serves_head="serves_head" in raw,
+            relayed="relayed" in raw,
+            offers_relay="offers_relay" in raw,
         )
 
     def to_bytes(self) -> bytes:
@@ -313,8 +325,11 @@ def _check_fields(record: PeerRecord) -> None:
         raise _malformed("issued_at and expires_at are not unix seconds with issued_at < expires_at")
     if not isinstance(record.leaving, bool):
         raise _malformed("leaving is not a boolean")
-    if not isinstance(record.serves_head, bool):
-        raise _malformed("serves_head is not a boolean")
+    for key in OPTIONAL_WIRE_KEYS:
+        if not isinstance(getattr(record, key), bool):
+            raise _malformed(f"{key} is not a boolean")
+    if record.relayed and record.offers_relay:
+        raise _malformed("a relayed peer cannot be dialled, so it cannot relay for others")
     if record.serves_head and (record.span is None or record.span[1] != record.num_layers):
         raise _malformed("only a peer serving the last block can serve the head")
     size = len(record.to_bytes())

@@ -36,6 +36,7 @@ the network said.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -147,6 +148,7 @@ class Gossip:
         self._task: asyncio.Task[None] | None = None
         self._own: PeerRecord | None = None  # the last own record: who "itself" is when picking peers
         self._left = False
+        self._kicked = asyncio.Event()
 
     async def __aenter__(self) -> Gossip:
         if self._task is not None or self._left:
@@ -202,10 +204,16 @@ class Gossip:
             task.cancel()
             await asyncio.wait([task])  # a crash was logged by _log_crash; cancelling us still propagates
 
+    def kick(self) -> None:
+        """Run a round now: this node's record changed in a way peers must hear at once (its addresses)."""
+        self._kicked.set()
+
     async def _run(self) -> None:
         await self._round()  # the announcement
         while True:
-            await asyncio.sleep(self.config.period_s * self._rng.uniform(1 - _JITTER, 1 + _JITTER))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), self.config.period_s * self._rng.uniform(1 - _JITTER, 1 + _JITTER))
+            self._kicked.clear()
             await self._round()
 
     async def _round(self) -> None:
