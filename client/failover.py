@@ -148,9 +148,10 @@ class FailoverBlocks:
     async def _recover(self, exc: TransientError, prefix: torch.Tensor) -> Failover:
         """Route around the hop `exc` names: splice a sub-route in where possible, else re-route."""
         hop = hop_of(exc)
-        if hop is not None and hop.peer_id:
-            self.exclude.add(hop.peer_id)
-        self.planner.penalize(exc)
+        if not self.planner.readdress(exc):  # else: the same peer, reached at its next address (a relay died)
+            if hop is not None and hop.peer_id:
+                self.exclude.add(hop.peer_id)
+            self.planner.penalize(exc)
         log.info("routing around %s: %s", hop, exc)
         if hop is not None and hop in self.session.route:
             for _ in range(self.config.max_attempts):
@@ -165,9 +166,10 @@ class FailoverBlocks:
                     break
                 except TransientError as why:
                     culprit = hop_of(why)
-                    if culprit is not None and culprit.peer_id:
-                        self.exclude.add(culprit.peer_id)
-                    self.planner.penalize(why)
+                    if not self.planner.readdress(why):
+                        if culprit is not None and culprit.peer_id:
+                            self.exclude.add(culprit.peer_id)
+                        self.planner.penalize(why)
                     if culprit is None or culprit not in hops:  # planning failed, or a hop we meant to keep failed too
                         log.info("splicing around %s failed at %s (%s); planning a whole new route", hop, culprit, why)
                         break

@@ -34,13 +34,15 @@ import aiohttp
 from client.measure import Measurements, StepHop, TrustConfig
 from client.peers import DiscoveryOptions, SwarmView, discover
 from client.session import RemoteHop, RouteSession, SessionConfig, hop_of
-from swarm.errors import Busy, NoFullPrecisionRoute, NoRoute, ShuttingDown, SwarmError, TransientError
+from swarm.errors import Busy, NoFullPrecisionRoute, NoRoute, PeerUnavailable, ShuttingDown, SwarmError, TransientError
 from swarm.precision import is_full, uncovered
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
 from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
+
+ADDRESS_DOWN_S = 30.0  # an address found unreachable is not dialled again for this long
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Planner:
         self.undialable = 0  # peers of this model left out at the last look: plain http, and this client dials https only
         self.occupancy: Counter[str] = Counter()  # peer id -> sessions of this client open through it (see `Lease`)
         self._refreshed: float | None = None
+        self.down: dict[str, float] = {}  # address -> until when (clock) it is not dialled: a dead relay, say (`readdress`)
         self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
 
     # --- the view ---------------------------------------------------------------------
@@ -159,7 +162,7 @@ class Planner:
         self._refreshed = self.clock()
         mine = [r for r in self.records() if r.span]
         unmeasured = [r for r in mine if self.measurements.rtt(r.peer_id) is None][: self.config.rtt_probes]
-        rtts = await asyncio.gather(*(_measure_rtt(http, r, self.config.transport) for r in unmeasured))
+        rtts = await asyncio.gather(*(_measure_rtt(http, r, self.address(r), self.config.transport) for r in unmeasured))
         for record, rtt in zip(unmeasured, rtts):
             if rtt is not None:
                 self.measurements.record_rtt(record.peer_id, rtt)
@@ -175,8 +178,28 @@ class Planner:
         return dialable
 
     def address(self, record: PeerRecord) -> str | None:
-        """The first of `record`'s addresses this client dials, else None."""
-        return next((a for a in record.addresses if self.config.transport.allows(a)), None)
+        """The first of `record`'s addresses this client dials and did not find down lately (the
+        first it dials at all when every one was), else None."""
+        allowed = [a for a in record.addresses if self.config.transport.allows(a)]
+        now = self.clock()
+        return next((a for a in allowed if self.down.get(a, now) <= now), allowed[0] if allowed else None)
+
+    def readdress(self, error: BaseException) -> bool:
+        """`error` said a hop could not be reached at its address (`PeerUnavailable`): that address is
+        not dialled for `address_down_s`, for every peer (a relay that died is dead for all the nodes
+        it relayed). True when the hop's peer has another address to try: it is then not routed
+        around, only reached elsewhere (the same node through its next relay)."""
+        hop = hop_of(error)
+        if hop is None or not hop.peer_id or not isinstance(error, PeerUnavailable):
+            return False
+        url = hop.url.rstrip("/")
+        self.down[url] = self.clock() + ADDRESS_DOWN_S
+        record = self.view.table.get(hop.peer_id)
+        now = self.clock()
+        fresh = [] if record is None else [a for a in record.addresses if self.config.transport.allows(a) and self.down.get(a, now) <= now]
+        if fresh:
+            log.info("%s is down at %s; trying it at %s", hop, url, fresh[0])
+        return bool(fresh)
 
     def routable(self) -> list[PeerRecord]:
         """Records of peers this client may plan through: every one serving blocks, or with
@@ -339,22 +362,28 @@ class Planner:
                 hop = hop_of(exc)
                 failed = hop.peer_id if hop is not None and hop.peer_id else planned.hops[0].peer_id
                 log.info("route %s refused at %s (%s); planning around it", planned, failed, exc)
-                self.penalize(exc)
-                exclude.add(failed)
+                if not self.readdress(exc):  # else the same peer, at another address
+                    self.penalize(exc)
+                    exclude.add(failed)
                 refusals.append(f"{exc.code}: {exc}")
                 await self.refresh(http, force=True)
         raise NoRoute(f"no route worked after {self.config.max_attempts} attempts; last error: {last}")
 
 
-async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, transport: Transport, timeout: float = 2.0) -> float | None:
-    """Round trip of a small request to the peer (GET /info, pinned to it), or None if it does not answer."""
-    address = next((a for a in record.addresses if transport.allows(a)), None)
+async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, address: str | None, transport: Transport, timeout: float = 2.0) -> float | None:
+    """Round trip of a small request to the peer at `address` (GET /info, pinned to it), or None if it
+    does not answer: the faster of two on one connection, so that the first's connection set-up (through
+    a relay: its dial back) is not counted, while a relayed hop's extra path is."""
     if address is None:
         return None
-    began = time.perf_counter()
-    try:
-        async with http.get(f"{address}/info", timeout=aiohttp.ClientTimeout(total=timeout), ssl=transport.pin(record.peer_id)) as response:
-            await response.read()
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-        return None
-    return time.perf_counter() - began
+    best: float | None = None
+    for _ in range(2):
+        began = time.perf_counter()
+        try:
+            async with http.get(f"{address}/info", timeout=aiohttp.ClientTimeout(total=timeout), ssl=transport.pin(record.peer_id)) as response:
+                await response.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return best
+        elapsed = time.perf_counter() - began
+        best = elapsed if best is None else min(best, elapsed)
+    return best

@@ -202,6 +202,25 @@ class _StateCollector(Collector):
         for outcome, count in sorted(state.court.counts.items()):
             accusations.add_metric((outcome,), count)
         yield accusations
+        yield from _relay_metrics(state)
+
+
+def _relay_metrics(state: NodeState) -> Iterator[Metric]:
+    """Relaying for others (node/relay_host.py) and relays held (node/relay_link.py)."""
+    host = state.relay_host
+    yield GaugeMetricFamily("layerswarm_relay_attached_nodes", "nodes this relay relays for now", value=len(host.attached))
+    yield GaugeMetricFamily("layerswarm_relay_connections", "spliced connections open now", value=host.stats.open)
+    yield CounterMetricFamily("layerswarm_relay_spliced", "connections spliced since start", value=host.stats.spliced)
+    relayed = CounterMetricFamily("layerswarm_relay_bytes", "bytes relayed, by direction", labels=("direction",))
+    relayed.add_metric(("to_nodes",), host.stats.bytes_to_nodes)
+    relayed.add_metric(("from_nodes",), host.stats.bytes_from_nodes)
+    yield relayed
+    refused = CounterMetricFamily("layerswarm_relay_refused", "connections and attaches the relay refused, by reason", labels=("reason",))
+    for reason, count in sorted(host.stats.refused.items()):
+        refused.add_metric((reason,), count)
+    yield refused
+    held = 0 if state.relay_link is None else len(state.relay_link.attached)
+    yield GaugeMetricFamily("layerswarm_relay_held", "relays this node is reached through (0: dialled directly)", value=held)
 
 
 def metrics_routes(state: NodeState) -> list[web.RouteDef]:

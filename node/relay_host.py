@@ -260,7 +260,7 @@ class RelayHost:
         return {
             "enabled": self.enabled,
             "attached": len(self.attached),
-            "attached_peers": sorted(self.attached),
+            "nodes": {peer: {"connections": a.connections, "dials": a.dials, "bytes": a.meter.total} for peer, a in sorted(self.attached.items())},
             "open": s.open,
             "spliced": s.spliced,
             "bytes_to_nodes": s.bytes_to_nodes,
