@@ -101,13 +101,15 @@ def _record(node) -> PeerRecord:
 
 
 async def _generate(client, at_token: dict | None = None, route=None):
+    """Generate greedily; at_token[n](hops) is called once n tokens have come, with the route's hops."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_at_eos=False, speculate=False)
-    stats, names = None, []
-    async for _, stats, names in client.stream_result(client.head.encode_prompt(PROMPT, chat=True), params, route):
+    stats = GenerationStats()
+    hops = []
+    async for _ in client.stream_generation(client.head.encode_prompt(PROMPT, chat=True), params, stats, route, on_route=lambda seen: hops.__setitem__(slice(None), seen)):
         action = (at_token or {}).pop(len(stats.token_ids), None)
         if action is not None:
-            action()
-    stats.route = names  # the hops of the end, as "peer[start:end)"
+            action(list(hops))
+    stats.route = [str(h) for h in hops]  # the hops at the end, as "peer[start:end)"
     return stats
 
 
@@ -288,13 +290,18 @@ def test_connections_beyond_the_per_node_limit_are_closed(swarm, client, baselin
 
 
 def test_a_relay_killed_mid_generation_moves_the_nodes_to_the_other_and_the_text_stays(swarm, client, baseline):
-    """Kill the relay the client reaches both nodes through, after some tokens: the client reaches
-    the same nodes through the other relay, and the nodes re-announce without the dead one."""
+    """Kill the relay that carries the generation's connections, after some tokens: the client
+    reaches the same nodes through the other relay, and the nodes re-announce without the dead one."""
     _, r1, r2, a, b = swarm
     asyncio.run(refresh(client))
-    first = _record(a).addresses[0]
-    used, other = (r1, r2) if first == r1.url else (r2, r1)
-    stats = asyncio.run(_generate(client, {8: used.kill}))
+    dead = []
+
+    def kill_the_first_hops_relay(hops) -> None:  # the client's own connection to A goes through it
+        dead.append(r1 if hops[0].url.rstrip("/") == r1.url else r2)
+        dead[0].kill()
+
+    stats = asyncio.run(_generate(client, {8: kill_the_first_hops_relay}))
+    used, other = (r1, r2) if dead[0] is r1 else (r2, r1)
     assert stats.token_ids == baseline
     assert stats.failovers, "the relay's death must have been noticed"
     assert all(f.failed[:8] in (a.peer_id[:8], b.peer_id[:8]) for f in stats.failovers)
