@@ -141,6 +141,26 @@ def test_nodes_found_themselves_undialable_and_chose_both_relays(world):
         assert "dial-back check: dialable" in "".join(relay.output)
 
 
+def _probe(world: World, site: int, count: int) -> dict:
+    site_ = world.net.sites[site]
+    done = world.net.run(site_.namespace, [sys.executable, "-m", "tests.reach_probe", world.url, site_.address, "7300", str(count)])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_dial_back_goes_only_to_the_address_that_asked_and_a_flood_gets_busy(world):
+    """The client's site (not behind NAT) asks the bootstrap peer for 8 dial-backs: the checker
+    dials back only the asking address (nothing in the request can name another), 6 a minute;
+    then busy. Another source's check is still answered."""
+    seen = _probe(world, 2, 8)
+    asker = world.net.sites[2].address
+    assert seen["statuses"] == [200] * 6 + [503] * 2
+    assert set(seen["observed"]) == {f"https://{asker}:7300"}
+    assert len(seen["dialled_back_from"]) == 6, "one dial-back per check answered, none for the refused"
+    other = _probe(world, 0, 1)  # behind NAT: answered (not dialable), not refused
+    assert other["statuses"] == [200] and other["dialled_back_from"] == []
+
+
 # --- generating through them ------------------------------------------------------------------
 
 
