@@ -36,9 +36,10 @@ def sni_name(peer_id: str) -> str:
 
 def peer_of_sni(name: str | None) -> str | None:
     """The peer id a ClientHello's server name asks for, or None when it names no peer."""
-    if not name or not name.endswith(SNI_SUFFIX):
+    name = (name or "").lower()  # server names are case-insensitive
+    if not name.endswith(SNI_SUFFIX):
         return None
-    peer = name[: -len(SNI_SUFFIX)].lower()
+    peer = name[: -len(SNI_SUFFIX)]
     return peer if is_peer_id(peer) else None
 
 

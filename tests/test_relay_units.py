@@ -1,0 +1,183 @@
+"""The pure parts of relaying: ClientHello sniffing, the wire names, records that name relays,
+the bandwidth meter, and the client's choice of a peer's next address when one is down."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.peers import DiscoveryOptions
+from client.planner import ADDRESS_DOWN_S, Planner
+from client.session import RemoteHop
+from client.swarm import ClientConfig
+from node.relay_config import RelayConfig, relay_config_from_flags
+from node.splice import Meter
+from swarm.client_hello import Kind, sniff
+from swarm.errors import IdentityMismatch, PeerUnavailable, RecordRejected
+from swarm.identity import Identity
+from swarm.records import PeerRecord
+from swarm.relay_wire import PREAMBLE_BYTES, data_preamble, new_token, parse_preamble, peer_of_sni, sni_name
+from swarm.transport import Transport
+
+NAME = sni_name("a" * 32)
+
+
+def _client_hello(server_name: str | None, maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> bytes:
+    """A real ClientHello from Python's ssl, read by a plain TCP listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        data = b""
+        while sniff(data).kind is Kind.INCOMPLETE:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        got.append(data)
+        conn.close()
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.maximum_version = maximum
+    with socket.create_connection(listener.getsockname()) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname=server_name)
+        except (ssl.SSLError, OSError):
+            pass
+    thread.join(10)
+    listener.close()
+    return got[0]
+
+
+@pytest.mark.parametrize("maximum", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_the_server_name_of_a_real_client_hello(maximum):
+    hello = _client_hello(NAME, maximum)
+    assert sniff(hello).kind is Kind.HELLO and sniff(hello).server_name == NAME
+    assert peer_of_sni(sniff(hello).server_name) == "a" * 32
+
+
+def test_every_truncation_is_incomplete_and_no_name_is_none():
+    hello = _client_hello(NAME)
+    assert all(sniff(hello[:cut]).kind is Kind.INCOMPLETE for cut in range(len(hello)))
+    bare = _client_hello(None)
+    assert sniff(bare).kind is Kind.HELLO and sniff(bare).server_name is None
+
+
+def test_a_client_hello_split_over_two_records_is_read_whole():
+    hello = _client_hello(NAME)
+    body = hello[5:]
+    first, second = body[:100], body[100:]
+    split = b"\x16\x03\x01" + len(first).to_bytes(2, "big") + first + b"\x16\x03\x01" + len(second).to_bytes(2, "big") + second
+    assert sniff(split).server_name == NAME
+
+
+def test_what_is_not_a_client_hello():
+    assert sniff(b"GET / HTTP/1.1\r\n\r\n").kind is Kind.NOT_TLS
+    assert sniff(b"\x16\x03\x01\xff\xff").kind is Kind.NOT_TLS  # a record longer than TLS allows
+    assert sniff(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00").kind is Kind.NOT_TLS  # a ServerHello
+    assert sniff(data_preamble(new_token())).kind is Kind.NOT_TLS
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600))
+def test_garbage_never_raises(data):
+    sniff(data)
+    sniff(b"\x16\x03\x01" + data)
+    sniff(b"\x16\x03\x01" + len(data).to_bytes(2, "big") + b"\x01" + data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2000), st.binary(min_size=1, max_size=8))
+def test_a_mangled_real_hello_never_raises(at, junk):
+    hello = bytearray(_HELLO)
+    at %= len(hello)
+    hello[at : at + len(junk)] = junk
+    result = sniff(bytes(hello))
+    assert result.server_name is None or result.server_name.isprintable()
+
+
+_HELLO = _client_hello(NAME)
+
+
+def test_names_and_preambles():
+    peer = Identity.generate().peer_id
+    assert peer_of_sni(sni_name(peer)) == peer
+    assert peer_of_sni(sni_name(peer).upper()) == peer, "server names are case-insensitive"
+    assert peer_of_sni("example.com") is None and peer_of_sni(None) is None and peer_of_sni("x.layerswarm") is None
+    token = new_token()
+    assert len(data_preamble(token)) == PREAMBLE_BYTES and parse_preamble(data_preamble(token)) == token
+    assert parse_preamble(b"LSRELAY1 " + b"Z" * 32 + b"\n") is None and parse_preamble(data_preamble(token)[:-1]) is None
+    with pytest.raises(ValueError):
+        data_preamble("not a token")
+
+
+# --- records, config ------------------------------------------------------------------------------
+
+
+def _record(**flags) -> PeerRecord:
+    return PeerRecord.create(Identity.generate(), addresses=["https://10.0.0.1:7000", "https://10.0.0.2:7000"], now=time.time(), ttl=60, **flags)
+
+
+def test_records_carry_relayed_and_offers_relay_only_when_true():
+    plain = _record()
+    assert "relayed" not in plain.to_wire() and "offers_relay" not in plain.to_wire()
+    relayed = PeerRecord.from_bytes(_record(relayed=True).to_bytes())
+    assert relayed.relayed and relayed.to_wire()["relayed"] is True
+    wire = _record(offers_relay=True).to_wire()
+    wire["offers_relay"] = False
+    with pytest.raises(RecordRejected):
+        PeerRecord.from_wire(wire)
+    with pytest.raises(RecordRejected):
+        _record(relayed=True, offers_relay=True)
+
+
+def test_relay_flags():
+    assert relay_config_from_flags([], False, 2, 16, 32, 1 << 20).mode == "auto"
+    assert relay_config_from_flags(["https://r:1", "https://q:2"], True, 2, 0, 32, 1 << 20).urls == ("https://r:1", "https://q:2")
+    with pytest.raises(ValueError):
+        relay_config_from_flags(["auto", "https://r:1"], False, 2, 16, 32, 1 << 20)
+    with pytest.raises(ValueError):
+        RelayConfig(mode="urls")
+
+
+def test_the_meter_waits_out_a_burst():
+    now = [0.0]
+    meter = Meter(1000, clock=lambda: now[0])
+    assert meter.take(1000) == 0.0
+    assert meter.take(500) == pytest.approx(0.5)
+    now[0] += 1.0
+    assert meter.take(100) == 0.0 and meter.total == 1600
+
+
+# --- the client: a peer's next address ----------------------------------------------------------
+
+
+def test_a_peer_down_at_one_address_is_tried_at_its_next_and_the_address_is_down_for_all():
+    clock = [1000.0]
+    planner = Planner("d", 30, DiscoveryOptions(), ClientConfig(transport=Transport()), clock=lambda: clock[0])
+    identity = Identity.generate()
+    record = PeerRecord.create(identity, addresses=["https://10.0.0.1:7000", "https://10.0.0.2:7000"], now=time.time(), ttl=60, relayed=True)
+    assert planner.view.table.merge(record, time.time(), source="bootstrap")
+    assert planner.address(record) == "https://10.0.0.1:7000"
+    error = PeerUnavailable("cannot reach it")
+    error.hop = RemoteHop("https://10.0.0.1:7000", 0, 30, identity.peer_id)
+    assert planner.readdress(error), "a peer with another address is not routed around"
+    assert planner.address(record) == "https://10.0.0.2:7000"
+    error.hop = RemoteHop("https://10.0.0.2:7000", 0, 30, identity.peer_id)
+    assert not planner.readdress(error), "every address down: route around the peer"
+    assert planner.address(record) == "https://10.0.0.1:7000", "all down: the first is tried again"
+    clock[0] += ADDRESS_DOWN_S + 1
+    mismatch = IdentityMismatch("someone else")
+    mismatch.hop = error.hop
+    assert not planner.readdress(mismatch), "misbehaviour is never an address problem"
