@@ -42,7 +42,8 @@ from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
 
-ADDRESS_DOWN_S = 30.0  # an address found unreachable is not dialled again for this long
+ADDRESS_DOWN_S = 30.0  # an address found unreachable is not dialled again for this long...
+REDIAL_S = 2.0  # ...unless every other address of a peer failed too, this long ago or more
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,16 @@ class Planner:
         self.down[url] = self.clock() + ADDRESS_DOWN_S
         record = self.view.table.get(hop.peer_id)
         now = self.clock()
-        fresh = [] if record is None else [a for a in record.addresses if self.config.transport.allows(a) and self.down.get(a, now) <= now]
+        others = [] if record is None else [a for a in record.addresses if self.config.transport.allows(a) and a != url]
+        fresh = [a for a in others if self.down.get(a, now) <= now]
+        if not fresh:  # every other address failed before: a verdict of REDIAL_S ago is worth a new try
+            fresh = [a for a in others if self.down[a] - ADDRESS_DOWN_S <= now - REDIAL_S]
+            for address in fresh:
+                del self.down[address]
         if fresh:
             log.info("%s is down at %s; trying it at %s", hop, url, fresh[0])
+        else:
+            log.info("%s is down at %s and was lately at every other address it names", hop, url)
         return bool(fresh)
 
     def routable(self) -> list[PeerRecord]:

@@ -43,7 +43,7 @@ def swarm(tmp_path_factory):
     relays = ["--relay-always", "--relay", r1_url, "--relay", r2_url]
     specs = [
         ["--no-model", *b_port, *gossip],
-        ["--no-model", *r1_port, "--bootstrap", b_url, *gossip],
+        ["--no-model", *r1_port, "--bootstrap", b_url, *gossip, "--header-timeout", "3"],
         ["--no-model", *r2_port, "--bootstrap", b_url, *gossip, "--relay-capacity", "2", "--relay-connections", "6"],
         ["--blocks", "0:15", "--bootstrap", b_url, *gossip, *relays],
         ["--blocks", "15:30", "--bootstrap", b_url, *gossip, *relays],
@@ -216,6 +216,28 @@ def test_plain_http_connect_is_not_proxied(swarm):
         raw.sendall(f"CONNECT 127.0.0.1:{_port(a)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         answer = raw.recv(4096)
     assert b"200" not in answer.split(b"\r\n", 1)[0], "a relay is no HTTP proxy"
+
+
+def test_a_stranger_trickling_a_client_hello_is_closed_in_time(swarm):
+    """R1's header timeout is 3 s: a ClientHello that never completes holds its connection that
+    long for the relay to read the name, then as long again for a TLS handshake, then it is closed."""
+    _, r1, _, a, _ = swarm
+    hello = _HELLO_OF_A(a.peer_id)
+    with socket.create_connection(("127.0.0.1", _port(r1)), timeout=30) as raw:
+        raw.sendall(hello[:40])
+        began = time.monotonic()
+        try:
+            answer = raw.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+        waited = time.monotonic() - began
+    assert answer == b"" and waited < 20, f"closed after {waited:.1f} s"
+
+
+def _HELLO_OF_A(peer_id: str) -> bytes:
+    from tests.test_relay_units import _client_hello
+
+    return _client_hello(sni_name(peer_id))
 
 
 # --- attach ----------------------------------------------------------------------------------
