@@ -11,9 +11,11 @@ The dialler's TLS runs end to end with the node, pinned to the node's key: this 
 forwards ciphertext.
 
 Not an open proxy: it relays only to nodes attached to it, only over connections those
-nodes opened themselves, and it never dials anything. A ClientHello naming a peer not
-attached here is closed; a data connection with a token that is unknown, used or expired
-is closed. Limits: `capacity` attached nodes (beyond: `busy`), a few per source address,
+nodes opened themselves, and it never dials anything. A ClientHello naming a peer never
+relayed here gets this node's own TLS (so the dialler's pin fails, as at any address where
+another peer answers); one naming a peer relayed here lately but gone is closed, so the
+dialler tries that node's other relays instead of suspecting it. A data connection with a
+token that is unknown, used or expired is closed. Limits: `capacity` attached nodes (beyond: `busy`), a few per source address,
 `connections_per_node` spliced connections per node, `bytes_per_s_per_node`, and a dial
 back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
 """
@@ -26,7 +28,8 @@ import enum
 import logging
 import os
 import socket
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -47,6 +50,8 @@ PEEK_BYTES = 16 * 1024 + 64  # a whole ClientHello (swarm/client_hello.py caps i
 PEEK_RETRY_S = 0.005  # an incomplete ClientHello: look again this much later (readiness is level-triggered)
 MAX_ATTACH_PER_SOURCE = 4  # nodes one source address may attach: one NAT rarely hides more volunteers
 ATTACH_TIMEOUT_S = 10.0  # the attach answer must come within this
+DEPARTED_S = 600.0  # a node that left is remembered this long: records naming us for it expire sooner
+MAX_DEPARTED = 4096
 
 
 class Route(enum.Enum):
@@ -92,6 +97,7 @@ class RelayHost:
         self.attached: dict[str, Attachment] = {}
         self._dials: dict[str, _Dial] = {}  # token -> the dialler waiting for the node's data connection
         self.stats = RelayStats()
+        self._departed: OrderedDict[str, float] = OrderedDict()  # peers relayed here lately, gone now -> when
         self.enabled = config.capacity > 0
         self._tasks: set[asyncio.Task] = set()
 
@@ -141,6 +147,10 @@ class RelayHost:
         finally:
             if attachment is not None and self.attached.get(attachment.peer_id) is attachment:
                 del self.attached[attachment.peer_id]
+                self._departed[attachment.peer_id] = time.monotonic()
+                self._departed.move_to_end(attachment.peer_id)
+                while len(self._departed) > MAX_DEPARTED or next(iter(self._departed.values())) < time.monotonic() - DEPARTED_S:
+                    self._departed.popitem(last=False)
                 log.info("no longer relaying for %s", attachment.peer_id)
             await ws.close()
         return ws
@@ -193,7 +203,9 @@ class RelayHost:
             return Route.LOCAL
         attachment = self.attached.get(peer)
         if attachment is None:
-            return self._refuse(transport, "not_relayed")
+            if peer in self._departed:  # a stale record still names us: fail the dial, so the dialler tries the node's other relays
+                return self._refuse(transport, "departed")
+            return Route.LOCAL  # never relayed here: our own TLS, and the dialler's pin fails (identity_mismatch) as at any wrong address
         await self._relay(attachment, transport, source, release)
         return Route.TAKEN
 

@@ -279,6 +279,9 @@ class _FakePlanner:
     def penalize(self, error):
         self.penalized.append(error)
 
+    def readdress(self, error):  # one address per peer here: a failure is never only the address's
+        return False
+
     def record_step(self, route, compute_ms, wall_s):
         self.steps.append((tuple(route), tuple(compute_ms), wall_s))
 

@@ -175,12 +175,20 @@ def test_metrics_show_the_relay(swarm):
 # --- not an open proxy ------------------------------------------------------------------------
 
 
-def test_a_server_name_the_relay_does_not_relay_for_is_closed(swarm):
+def test_a_server_name_the_relay_never_relayed_for_gets_the_relays_own_tls(swarm):
+    """Not a splice to anywhere: the relay's own certificate answers, so a dialler pinned to that
+    peer refuses it (identity_mismatch), as at any address where another peer answers."""
     _, r1, *_ = swarm
-    stranger = Identity.generate().peer_id
-    refused = _info(r1.url)["relay"]["host"]["refused"].get("not_relayed", 0)
-    assert _closed_without_tls(_port(r1), sni_name(stranger))
-    assert _info(r1.url)["relay"]["host"]["refused"].get("not_relayed", 0) == refused + 1
+    from swarm.transport import peer_id_of_certificate
+
+    spliced = _info(r1.url)["relay"]["host"]["spliced"]
+    tls = _hello(_port(r1), sni_name(Identity.generate().peer_id))
+    try:
+        tls.do_handshake()
+        assert peer_id_of_certificate(tls.getpeercert(binary_form=True)) == r1.peer_id
+    finally:
+        tls.close()
+    assert _info(r1.url)["relay"]["host"]["spliced"] == spliced
 
 
 def test_the_relays_own_name_gets_its_own_tls(swarm):
@@ -331,3 +339,14 @@ def test_a_relay_killed_mid_generation_moves_the_nodes_to_the_other_and_the_text
     for node in (a, b):
         _until(lambda node=node: used.url not in _record(node).addresses, "the node re-announced without the dead relay")
         assert other.url in _record(node).addresses
+
+
+def test_a_relay_closes_dials_to_a_node_that_left_it(swarm):
+    """A stale record may still name a relay for a node that moved on: that relay closes the dial
+    (so the dialler tries the node's other addresses) rather than answer with its own key."""
+    _, r1, r2, a, _ = swarm
+    alive = r2 if r1.proc.poll() is not None else r1  # the kill test left one relay
+    a.kill()
+    _until(lambda: a.peer_id not in _info(alive.url)["relay"]["host"]["nodes"], "the relay noticed the node left")
+    assert _closed_without_tls(_port(alive), sni_name(a.peer_id))
+    assert _info(alive.url)["relay"]["host"]["refused"]["departed"] >= 1
