@@ -37,10 +37,13 @@ def sniff(data: bytes) -> Sniff:
     handshake = bytearray()
     offset = 0
     while True:
-        if len(data) - offset < 5:
-            return _incomplete(offset + 5)
-        if data[offset] != _HANDSHAKE or data[offset + 1] != 0x03:
+        header = data[offset : offset + 5]
+        # judge what has come of the header at once: a plain-HTTP or preamble first byte is not TLS
+        # even alone, so the caller need not wait for more bytes that may never come
+        if (header[:1] and header[0] != _HANDSHAKE) or (header[1:2] and header[1] != 0x03):
             return Sniff(Kind.NOT_TLS)
+        if len(header) < 5:
+            return _incomplete(offset + 5)
         length = int.from_bytes(data[offset + 3 : offset + 5], "big")
         if length == 0 or length > 16384 + 2048:
             return Sniff(Kind.NOT_TLS)
@@ -74,12 +77,23 @@ def _server_name(body: bytes) -> str | None | object:
     reader = _Reader(body)
     try:
         reader.take(2 + 32)  # legacy version, random
-        reader.take(reader.int(1))  # session id
-        reader.take(reader.int(2))  # cipher suites
-        reader.take(reader.int(1))  # compression methods
+        session_id = reader.int(1)
+        if session_id > 32:  # RFC 8446 4.1.2: 0..32 bytes
+            return _MALFORMED
+        reader.take(session_id)
+        suites = reader.int(2)
+        if suites < 2 or suites % 2:
+            return _MALFORMED
+        reader.take(suites)
+        compressions = reader.int(1)
+        if compressions < 1:
+            return _MALFORMED
+        reader.take(compressions)
         if reader.left == 0:
             return None  # no extensions at all
         extensions = _Reader(reader.take(reader.int(2)))
+        if reader.left:  # bytes after the extensions: the lengths disagree
+            return _MALFORMED
         while extensions.left:
             kind, data = extensions.int(2), extensions.take(extensions.int(2))
             if kind != _SERVER_NAME:

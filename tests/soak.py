@@ -28,7 +28,7 @@ import psutil
 
 from client.swarm import ClientConfig, SwarmModel
 from swarm.model import DEFAULT_MODEL
-from tests.nodes import NodeProcess, start_nodes, stop_nodes
+from tests.nodes import NodeProcess, reserve_url, start_nodes, stop_nodes, until_routed
 
 SPANS = ["0:15", "0:15", "15:30", "15:30", "0:30"]
 PERIOD = ["--gossip-period", "0.5", "--record-ttl", "5"]
@@ -93,8 +93,10 @@ async def soak(
     """
     settle = clients if settle is None else settle
     say("starting a bootstrap peer and five nodes ...")
-    (bootstrap,) = start_nodes([["--no-model", *PERIOD]], tmp / "b")
-    nodes = start_nodes([["--blocks", s, "--bootstrap", bootstrap.url, *PERIOD] for s in SPANS], tmp)
+    # all at once: the bootstrap peer's port is reserved, so the nodes need not wait for it (`reserve_url`)
+    port, url = reserve_url()
+    identity = ["--identity", str(tmp / "b" / f"node0-{os.getpid()}.key")]
+    *nodes, bootstrap = start_nodes([*(["--blocks", s, "--bootstrap", url, *PERIOD] for s in SPANS), ["--no-model", *port, *identity, *PERIOD]], tmp)
     keys = [tmp / f"node{i}-{os.getpid()}.key" for i in range(len(SPANS))]  # the identities start_nodes gave them
     rss_start = {n.peer_id: _rss(n) for n in nodes}
     model = SwarmModel(DEFAULT_MODEL, insecure_http=True, bootstrap=[bootstrap.url], config=ClientConfig(wire_dtype="bfloat16", refresh_s=1.0))
@@ -166,6 +168,7 @@ async def soak(
             await asyncio.gather(*workers)
 
     try:
+        await until_routed(model)  # the nodes reach the bootstrap peer a gossip round after their ready line
         await run()
         report.seconds = time.monotonic() - began_at
         report.growth = {n.peer_id: _rss(n) - rss_start[n.peer_id] for n in nodes if n.peer_id in rss_start}
