@@ -22,9 +22,8 @@ import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
-from tests.netns import STOP_GRACE_S, ip, require
+from tests.netns import Namespaces, ip, require
 
 _ids = itertools.count()
 NAT_RULES = """
@@ -47,38 +46,26 @@ class Site:
     behind_nat: bool
 
 
-class Internet:
+class Internet(Namespaces):
     """`sites` namespaces behind one routing-free inet namespace; `nat[i]`: site i rejects inbound TCP."""
 
     def __init__(self, nat: Sequence[bool]) -> None:
         require()
+        super().__init__()
         self.tag = f"lsi{os.getpid() % 10000}x{next(_ids)}"
         self.inet = f"{self.tag}inet"
         octet = (os.getpid() + next(_ids)) % 200 + 20
         self.prefix = f"10.214.{octet}"
         self.public = f"{self.prefix}.1"  # inet's own address: where relays and the bootstrap peer listen
         self.sites = [Site(f"{self.tag}s{i}", f"{self.prefix}.{4 * i + 6}", f"l{i}", flag) for i, flag in enumerate(nat)]
-        self._namespaces: list[str] = []
-        self._processes: list[subprocess.Popen[str]] = []
-
-    def __enter__(self) -> Internet:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     def _build(self) -> None:
-        self._add(self.inet)
+        self._add_namespace(self.inet)
         ip("link", "set", "lo", "up", namespace=self.inet)
         ip("addr", "add", f"{self.public}/32", "dev", "lo", namespace=self.inet)
         self.run(self.inet, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=True)
         for i, site in enumerate(self.sites):
-            self._add(site.namespace)
+            self._add_namespace(site.namespace)
             ip("link", "set", "lo", "up", namespace=site.namespace)
             ip("link", "add", site.link, "type", "veth", "peer", "name", "eth0", "netns", site.namespace, namespace=self.inet)
             inet_side = f"{self.prefix}.{4 * i + 5}"
@@ -90,32 +77,6 @@ class Internet:
             if site.behind_nat:
                 subprocess.run(["ip", "netns", "exec", site.namespace, "nft", "-f", "-"], input=NAT_RULES, text=True, check=True, timeout=10)
 
-    def _add(self, name: str) -> None:
-        ip("netns", "add", name)
-        self._namespaces.append(name)
-
     def run(self, namespace: str, argv: Sequence[str], check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run `argv` to completion inside `namespace`."""
         return subprocess.run(["ip", "netns", "exec", namespace, *argv], capture_output=True, text=True, timeout=60, check=check)
-
-    def start(self, namespace: str, argv: Sequence[str], **popen: object) -> subprocess.Popen[str]:
-        """Start `argv` inside `namespace` (stdout piped, text); `close()` stops it."""
-        options: dict[str, object] = {"stdout": subprocess.PIPE, "text": True, **popen}
-        process: subprocess.Popen[str] = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **options)  # type: ignore[call-overload]
-        self._processes.append(process)
-        return process
-
-    def close(self) -> None:
-        for process in self._processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self._processes:
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._processes.clear()
-        for name in reversed(self._namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        self._namespaces.clear()

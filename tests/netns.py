@@ -67,20 +67,15 @@ class Host:
     port: str  # its bridge port in the switch namespace: what link_down cuts
 
 
-class Lan:
-    """`hosts` namespaces on one bridge, as a context manager that always cleans up."""
+class Namespaces:
+    """Namespaces and the processes started in them, as a context manager that always cleans up:
+    a subclass builds its topology in `_build` (adding each namespace with `_add_namespace`)."""
 
-    def __init__(self, hosts: int) -> None:
-        if not 1 <= hosts <= 200:
-            raise ValueError("a LAN has 1..200 hosts")
-        self.tag = f"lsw{os.getpid()}x{next(_ids)}"
-        self.switch = f"{self.tag}sw"
-        subnet = _free_subnet()
-        self.hosts = [Host(f"{self.tag}h{i}", f"{subnet}.{i + 1}", f"p{i}") for i in range(hosts)]
+    def __init__(self) -> None:
         self._namespaces: list[str] = []  # created so far, deleted on close
         self._processes: list[subprocess.Popen[str]] = []
 
-    def __enter__(self) -> Lan:
+    def __enter__(self):
         try:
             self._build()
         except BaseException:
@@ -92,34 +87,18 @@ class Lan:
         self.close()
 
     def _build(self) -> None:
-        self._add_namespace(self.switch)
-        ip("link", "add", "br0", "type", "bridge", "mcast_snooping", "0", namespace=self.switch)
-        ip("link", "set", "br0", "up", namespace=self.switch)
-        for host in self.hosts:
-            self._add_namespace(host.namespace)
-            ip("link", "set", "lo", "up", namespace=host.namespace)
-            ip("link", "add", host.port, "type", "veth", "peer", "name", "eth0", "netns", host.namespace, namespace=self.switch)
-            ip("link", "set", host.port, "master", "br0", "up", namespace=self.switch)
-            ip("addr", "add", f"{host.address}/24", "dev", "eth0", namespace=host.namespace)
-            ip("link", "set", "eth0", "multicast", "on", "up", namespace=host.namespace)
+        raise NotImplementedError
 
     def _add_namespace(self, name: str) -> None:
         ip("netns", "add", name)
         self._namespaces.append(name)
 
-    def run_in(self, host: Host, argv: Sequence[str], **popen: object) -> subprocess.Popen[str]:
-        """Start `argv` inside `host` (stdout piped, text mode); `close()` stops it."""
+    def start(self, namespace: str, argv: Sequence[str], **popen: object) -> subprocess.Popen[str]:
+        """Start `argv` inside `namespace` (stdout piped, text mode); `close()` stops it."""
         options: dict[str, object] = {"stdout": subprocess.PIPE, "text": True, **popen}
-        process: subprocess.Popen[str] = subprocess.Popen(["ip", "netns", "exec", host.namespace, *argv], **options)  # type: ignore[call-overload]
+        process: subprocess.Popen[str] = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **options)  # type: ignore[call-overload]
         self._processes.append(process)
         return process
-
-    def link_down(self, host: Host) -> None:
-        """Pull `host`'s cable at the switch: it keeps its address but reaches nobody."""
-        ip("link", "set", host.port, "down", namespace=self.switch)
-
-    def link_up(self, host: Host) -> None:
-        ip("link", "set", host.port, "up", namespace=self.switch)
 
     def close(self) -> None:
         """Stop our processes, then delete every namespace we made. Safe to call twice."""
@@ -145,6 +124,42 @@ class Lan:
         self._namespaces.clear()
         if errors:
             raise RuntimeError("; ".join(errors))
+
+
+class Lan(Namespaces):
+    """`hosts` namespaces on one bridge, as a context manager that always cleans up."""
+
+    def __init__(self, hosts: int) -> None:
+        if not 1 <= hosts <= 200:
+            raise ValueError("a LAN has 1..200 hosts")
+        super().__init__()
+        self.tag = f"lsw{os.getpid()}x{next(_ids)}"
+        self.switch = f"{self.tag}sw"
+        subnet = _free_subnet()
+        self.hosts = [Host(f"{self.tag}h{i}", f"{subnet}.{i + 1}", f"p{i}") for i in range(hosts)]
+
+    def _build(self) -> None:
+        self._add_namespace(self.switch)
+        ip("link", "add", "br0", "type", "bridge", "mcast_snooping", "0", namespace=self.switch)
+        ip("link", "set", "br0", "up", namespace=self.switch)
+        for host in self.hosts:
+            self._add_namespace(host.namespace)
+            ip("link", "set", "lo", "up", namespace=host.namespace)
+            ip("link", "add", host.port, "type", "veth", "peer", "name", "eth0", "netns", host.namespace, namespace=self.switch)
+            ip("link", "set", host.port, "master", "br0", "up", namespace=self.switch)
+            ip("addr", "add", f"{host.address}/24", "dev", "eth0", namespace=host.namespace)
+            ip("link", "set", "eth0", "multicast", "on", "up", namespace=host.namespace)
+
+    def run_in(self, host: Host, argv: Sequence[str], **popen: object) -> subprocess.Popen[str]:
+        """Start `argv` inside `host` (stdout piped, text mode); `close()` stops it."""
+        return self.start(host.namespace, argv, **popen)
+
+    def link_down(self, host: Host) -> None:
+        """Pull `host`'s cable at the switch: it keeps its address but reaches nobody."""
+        ip("link", "set", host.port, "down", namespace=self.switch)
+
+    def link_up(self, host: Host) -> None:
+        ip("link", "set", host.port, "up", namespace=self.switch)
 
 
 @pytest.fixture
