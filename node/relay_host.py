@@ -30,8 +30,9 @@ import os
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -99,7 +100,6 @@ class RelayHost:
         self.stats = RelayStats()
         self._departed: OrderedDict[str, float] = OrderedDict()  # peers relayed here lately, gone now -> when
         self.enabled = config.capacity > 0
-        self._tasks: set[asyncio.Task] = set()
 
     # --- attach ------------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ async def _peek(transport: asyncio.Transport, timeout_s: float) -> bytes | None:
         fd = dup.fileno()
         while True:
             readable = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(fd, lambda ready=readable: ready.done() or ready.set_result(None))
             try:
                 await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,7 +29,7 @@ from node.relay_config import RelayConfig, RelayTarget
 from swarm import wire
 from swarm.errors import BadRequest, SwarmError
 from swarm.identity import Identity
-from swarm.relay_wire import data_preamble, is_token
+from swarm.relay_wire import attach_payload, data_preamble, is_token
 from swarm.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ class RelayLink:
         if challenge["type"] != "challenge" or wire.field(challenge, "relay", str) != target.peer_id:
             raise BadRequest("the relay's challenge names another relay")
         nonce = wire.field(challenge, "nonce", bytes)
-        from swarm.relay_wire import attach_payload
-
         signature = self.identity.sign(attach_payload(target.peer_id, self.identity.peer_id, nonce))
         await ws.send_bytes(
             wire.encode({"type": "attach", "peer_id": self.identity.peer_id, "public_key": self.identity.public_key_bytes, "signature": signature})
