@@ -43,7 +43,8 @@ from swarm.transport import Transport
 log = logging.getLogger(__name__)
 
 ADDRESS_DOWN_S = 30.0  # an address found unreachable is not dialled again for this long...
-REDIAL_S = 2.0  # ...unless every other address of a peer failed too, this long ago or more
+REDIAL_S = 0.0  # ...unless every other address of a peer failed too: then those are tried again (a failure at a live
+# relay can follow from one at a dead relay, mid-failover); the generation's max_attempts bounds the alternation
 
 
 @dataclass(frozen=True)

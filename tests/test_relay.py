@@ -248,6 +248,24 @@ def _HELLO_OF_A(peer_id: str) -> bytes:
     return _client_hello(sni_name(peer_id))
 
 
+def test_a_dial_back_answer_with_a_nonce_nobody_issued_is_refused(swarm, client, baseline):
+    """`POST /reach/back` takes only a nonce the node is waiting for: anything else is a typed
+    refusal that changes nothing, and the swarm's text is unchanged."""
+    _, r1, *_ = swarm
+
+    async def answer(body: bytes) -> tuple[int, dict]:
+        transport = Transport()
+        async with transport.client_session() as http:
+            async with http.post(f"{r1.url}/reach/back", data=body, ssl=transport.pin(r1.peer_id)) as response:
+                return response.status, wire.decode(await response.read())
+
+    status, message = asyncio.run(answer(wire.encode({"type": "reach_back", "nonce": os.urandom(16)})))
+    assert status == 400 and message["code"] == "bad_request"
+    status, message = asyncio.run(answer(b"\x00" * 300))
+    assert status == 400 and message["type"] == "error"
+    assert asyncio.run(_generate(client)).token_ids == baseline
+
+
 # --- attach ----------------------------------------------------------------------------------
 
 
@@ -350,3 +368,4 @@ def test_a_relay_closes_dials_to_a_node_that_left_it(swarm):
     _until(lambda: a.peer_id not in _info(alive.url)["relay"]["host"]["nodes"], "the relay noticed the node left")
     assert _closed_without_tls(_port(alive), sni_name(a.peer_id))
     assert _info(alive.url)["relay"]["host"]["refused"]["departed"] >= 1
+
