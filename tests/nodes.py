@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import random
 import re
 import signal
 import socket
@@ -157,14 +158,43 @@ def stop_nodes(nodes: list[NodeProcess]) -> None:
             node.relays.close()  # idempotent: nodes of one swarm share their host
 
 
+_RESERVED: set[int] = set()
+_RESERVE_RANDOM = random.Random(os.getpid())
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server yet to start, from below the kernel's ephemeral
+    range: a port the kernel handed out (`bind` to 0) is one it may hand out again as the local
+    end of any outgoing connection before the server binds it (CI lost a test module to that).
+    No two calls in this process return the same port."""
+    low = _ephemeral_low()
+    while True:
+        port = _RESERVE_RANDOM.randrange(max(1024, low - 12000), low)
+        if port in _RESERVED:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _RESERVED.add(port)
+        return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def reserve_url(tls: bool = False) -> tuple[list[str], str]:
     """(`--port` arguments, URL) of a node yet to start, on a free loopback port: nodes naming it as
     their bootstrap peer can start at the same time as it, instead of after it. Until it is up
     their gossip rounds to it fail, and every round tries it again, so they meet within a period.
-    (Another process may take the port meanwhile; the node then fails to start, loudly.)"""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    (Another process may take the port meanwhile; the node then fails to start, loudly.)
+    The port is `free_port()`'s."""
+    port = free_port()
     return ["--port", str(port)], f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 

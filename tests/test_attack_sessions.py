@@ -31,7 +31,7 @@ from swarm.peers import PeerTable
 from swarm.protocol import NextHop
 from swarm.records import PeerRecord
 from tests.netns import Lines
-from tests.nodes import start_nodes, stop_nodes
+from tests.nodes import free_port, start_nodes, stop_nodes
 from tests.test_node import Raw, _local, _step, open_message
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
@@ -345,7 +345,7 @@ def test_per_source_limits_answer_busy_while_another_source_still_generates(lan_
 async def test_a_node_on_a_public_address_never_pushes_to_loopback_or_private_addresses(nodes, digest, tmp_path):
     """Address policy (swarm/addresses.py): a node whose public URL is on the internet refuses a next
     hop on loopback or a private range, even one with a valid record, before dialling it."""
-    port = _free_port()
+    port = free_port()
     # The name is never resolved: the policy reads it (a DNS name with a dot is public); we dial 127.0.0.1.
     (public,) = start_nodes([["--blocks", "0:10", "--port", str(port), "--public-url", "http://node.example.org:7000"]], tmp_path)
     here = f"http://127.0.0.1:{port}"
@@ -362,11 +362,3 @@ async def test_a_node_on_a_public_address_never_pushes_to_loopback_or_private_ad
         assert listener.requests == [] and listener.frames == [], "a public node dialled a loopback address"
     finally:
         stop_nodes([public])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

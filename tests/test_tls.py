@@ -14,7 +14,6 @@ import asyncio
 import base64
 import contextlib
 import datetime
-import socket
 import ssl
 import threading
 import time
@@ -46,7 +45,7 @@ from swarm.membership import open_server_middleware
 from swarm.peers import PeerTable
 from swarm.records import PeerRecord
 from swarm.transport import PeerPin, PinMismatch, PlainHttpRefused, Transport, certificate_pem, peer_id_of_certificate
-from tests.nodes import NodeProcess, reserve_url, start_nodes, stop_nodes, swarm_client
+from tests.nodes import NodeProcess, free_port, reserve_url, start_nodes, stop_nodes, swarm_client
 
 TLS = Transport()
 PLAIN = Transport(insecure_http=True)
@@ -386,12 +385,6 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up
         to_dialler.cancel()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
 _REAL_PORTS: dict[str, int] = {}  # peer id -> the port a node really listens on (its URL may be the relay's)
 
 
@@ -409,7 +402,7 @@ def tls_swarm(tmp_path_factory):
     period = ["--gossip-period", "0.5"]
     with Relay() as relay:
         bootstrap_port, bootstrap_url = reserve_url(tls=True)
-        b_port = _free_port()
+        b_port = free_port()
         specs = [
             ["--no-model", *bootstrap_port, *period],
             ["--blocks", "0:10", "--bootstrap", bootstrap_url, *period],
