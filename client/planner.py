@@ -38,7 +38,7 @@ from swarm.errors import Busy, NoFullPrecisionRoute, NoRoute, PeerUnavailable, S
 from swarm.precision import is_full, uncovered
 from swarm.records import PeerRecord
 from swarm.routing import Candidate, Route, plan_route, plan_routes
-from swarm.transport import Transport
+from swarm.transport import Transport, round_trip
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,10 @@ class Planner:
         await discover(http, self.discovery, self.view, self.config.transport)
         self._refreshed = self.clock()
         mine = [r for r in self.records() if r.span]
-        unmeasured = [r for r in mine if self.measurements.rtt(r.peer_id) is None][: self.config.rtt_probes]
-        rtts = await asyncio.gather(*(_measure_rtt(http, r, self.address(r), self.config.transport) for r in unmeasured))
-        for record, rtt in zip(unmeasured, rtts):
+        unmeasured = [(r, address) for r in mine if self.measurements.rtt(r.peer_id) is None and (address := self.address(r)) is not None]
+        unmeasured = unmeasured[: self.config.rtt_probes]
+        rtts = await asyncio.gather(*(round_trip(http, address, r.peer_id, self.config.transport) for r, address in unmeasured))
+        for (record, _), rtt in zip(unmeasured, rtts):
             if rtt is not None:
                 self.measurements.record_rtt(record.peer_id, rtt)
 
@@ -377,22 +378,3 @@ class Planner:
                 refusals.append(f"{exc.code}: {exc}")
                 await self.refresh(http, force=True)
         raise NoRoute(f"no route worked after {self.config.max_attempts} attempts; last error: {last}")
-
-
-async def _measure_rtt(http: aiohttp.ClientSession, record: PeerRecord, address: str | None, transport: Transport, timeout: float = 2.0) -> float | None:
-    """Round trip of a small request to the peer at `address` (GET /info, pinned to it), or None if it
-    does not answer: the faster of two on one connection, so that the first's connection set-up (through
-    a relay: its dial back) is not counted, while a relayed hop's extra path is."""
-    if address is None:
-        return None
-    best: float | None = None
-    for _ in range(2):
-        began = time.perf_counter()
-        try:
-            async with http.get(f"{address}/info", timeout=aiohttp.ClientTimeout(total=timeout), ssl=transport.pin(record.peer_id)) as response:
-                await response.read()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            return best
-        elapsed = time.perf_counter() - began
-        best = elapsed if best is None else min(best, elapsed)
-    return best

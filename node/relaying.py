@@ -7,9 +7,10 @@
   (node/reachability.py). Only if that finds it undialable (or with `--relay-always`) does it
   hold relays (node/relay_link.py), and then it stops offering relaying itself.
 
-Candidates: the operator's `--relay URL`s (their peer ids read from their `/info`, unpinned:
-the operator chose them; every later dial is pinned), or in auto mode proven peers of the
-node's table whose records offer relaying, at addresses its policy dials.
+Candidates: the operator's `--relay URL`s in the operator's order (their peer ids read from
+their `/info`, unpinned: the operator chose them; every later dial is pinned), or in auto mode
+proven peers of the node's table whose records offer relaying, at addresses its policy dials:
+the 8 longest proven, nearest (measured round trip) first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import aiohttp
 from node.relay_config import RelayTarget
 from node.relay_link import RelayLink
 from swarm.addresses import Reach, base_url, reach_of
-from swarm.errors import AddressRefused
+from swarm.errors import AddressRefused, SwarmError
+from swarm.transport import Transport, round_trip
 
 if TYPE_CHECKING:
     from node.accept import GuardedRunner
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECK_ATTEMPTS = 5  # rounds of asking, while nobody answers (the bootstrap peer may start after us)
 CHECK_RETRY_S = 2.0
+PROBED = 8  # auto mode: candidates whose round trip is measured before choosing
 
 
 async def keep_reachable(state: NodeState, runner: GuardedRunner) -> None:
@@ -93,7 +96,26 @@ async def relay_candidates(state: NodeState) -> list[RelayTarget]:
         if r.offers_relay and not r.relayed and r.peer_id != own and (policy is None or policy.allows(r.addresses[0]))
     ]
     records.sort(key=lambda r: state.table.standing(r.peer_id) or float("inf"))  # longest proven first
-    return [RelayTarget(r.peer_id, base_url(r.addresses[0])) for r in records]
+    return await nearest_first(state.config.transport, [RelayTarget(r.peer_id, base_url(r.addresses[0])) for r in records])
+
+
+async def nearest_first(transport: Transport, targets: list[RelayTarget], probed: int = PROBED) -> list[RelayTarget]:
+    """The first `probed` targets by measured round trip (`round_trip`: pinned, the faster of two),
+    those that did not answer left out; then the rest in their order. Every connection to the
+    node crosses its relay twice (dialler -> relay -> node), so a near relay is worth the probe."""
+    head, rest = targets[:probed], targets[probed:]
+    async with transport.client_session(limit=len(head) + 1) as http:
+        rtts = await asyncio.gather(*(_round_trip(http, target, transport) for target in head))
+    answered = sorted((rtt, index) for index, rtt in enumerate(rtts) if rtt is not None)
+    log.debug("relay candidates' round trips: %s", {head[i].peer_id[:8]: round(rtt * 1e3, 2) for rtt, i in answered})
+    return [head[index] for _, index in answered] + rest
+
+
+async def _round_trip(http: aiohttp.ClientSession, target: RelayTarget, transport: Transport) -> float | None:
+    try:
+        return await round_trip(http, target.url, target.peer_id, transport)
+    except SwarmError:  # refused by policy or a private swarm's check: not a relay for us
+        return None
 
 
 async def _operator_relay(state: NodeState, url: str) -> RelayTarget | None:

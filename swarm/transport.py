@@ -28,10 +28,12 @@ checks pins on TLS connections only); there the protocol's own signed nonces
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import secrets
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,3 +219,21 @@ def peer_id_of_certificate(der: bytes | None) -> str | None:
     if not isinstance(key, Ed25519PublicKey):
         return None
     return peer_id_from_public_key(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+async def round_trip(http: aiohttp.ClientSession, url: str, peer_id: str, transport: Transport, timeout: float = 2.0) -> float | None:
+    """Seconds a small request to the peer at `url` takes (GET /info, pinned to `peer_id`), or None if
+    it does not answer: the faster of two on one connection, so that the first one's connection
+    set-up (TLS, and through a relay its dial-back) is not counted, while a relayed path's extra
+    length is."""
+    best: float | None = None
+    for _ in range(2):
+        began = time.perf_counter()
+        try:
+            async with http.get(f"{url}/info", timeout=aiohttp.ClientTimeout(total=timeout), ssl=transport.pin(peer_id)) as response:
+                await response.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return best
+        elapsed = time.perf_counter() - began
+        best = elapsed if best is None else min(best, elapsed)
+    return best

@@ -1,14 +1,17 @@
 """The pure parts of relaying: ClientHello sniffing, the wire names, records that name relays,
-the bandwidth meter, and the client's choice of a peer's next address when one is down."""
+the bandwidth meter, the client's choice of a peer's next address when one is down, and a
+node's choice of relays by round trip."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
 import time
 
 import pytest
+from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +19,8 @@ from client.peers import DiscoveryOptions
 from client.planner import ADDRESS_DOWN_S, REDIAL_S, Planner
 from client.session import RemoteHop
 from client.swarm import ClientConfig
-from node.relay_config import RelayConfig, relay_config_from_flags
+from node.relay_config import RelayConfig, RelayTarget, relay_config_from_flags
+from node.relaying import nearest_first
 from node.splice import Meter
 from swarm.client_hello import Kind, sniff
 from swarm.errors import IdentityMismatch, PeerUnavailable, RecordRejected
@@ -24,6 +28,7 @@ from swarm.identity import Identity
 from swarm.records import PeerRecord
 from swarm.relay_wire import PREAMBLE_BYTES, data_preamble, new_token, parse_preamble, peer_of_sni, sni_name
 from swarm.transport import Transport
+from tests.nodes import free_port
 
 NAME = sni_name("a" * 32)
 
@@ -182,3 +187,37 @@ def test_a_peer_down_at_one_address_is_tried_at_its_next_and_the_address_is_down
     mismatch = IdentityMismatch("someone else")
     mismatch.hop = error.hop
     assert not planner.readdress(mismatch), "misbehaviour is never an address problem"
+
+
+async def test_auto_relays_are_chosen_nearest_first_and_a_wrong_or_silent_one_is_left_out():
+    """`nearest_first` on real TLS servers with their own identities: a peer answering /info in 40 ms
+    comes after one answering at once; one whose certificate is another key's (the pin fails) and
+    one where nobody listens are left out; candidates beyond the probed ones follow unprobed."""
+    transport = Transport()
+    identities = [Identity.generate() for _ in range(3)]
+    delays = [0.04, 0.0, 0.0]
+    runners = []
+    for identity, delay in zip(identities, delays):
+
+        async def info(request: web.Request, delay: float = delay) -> web.Response:
+            await asyncio.sleep(delay)
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_get("/info", info)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=transport.server_ssl(identity)).start()
+        runners.append(runner)
+    try:
+        urls = [f"https://127.0.0.1:{runner.addresses[0][1]}" for runner in runners]
+        slow = RelayTarget(identities[0].peer_id, urls[0])
+        fast = RelayTarget(identities[1].peer_id, urls[1])
+        impostor = RelayTarget(Identity.generate().peer_id, urls[2])  # the server there holds another key
+        silent = RelayTarget(Identity.generate().peer_id, f"https://127.0.0.1:{free_port()}")
+        unprobed = RelayTarget(Identity.generate().peer_id, "https://127.0.0.1:1")
+        chosen = await nearest_first(transport, [slow, impostor, silent, fast, unprobed], probed=4)
+        assert chosen == [fast, slow, unprobed]
+    finally:
+        for runner in runners:
+            await runner.cleanup()
