@@ -15,9 +15,10 @@ nodes opened themselves, and it never dials anything. A ClientHello naming a pee
 relayed here gets this node's own TLS (so the dialler's pin fails, as at any address where
 another peer answers); one naming a peer relayed here lately but gone is closed, so the
 dialler tries that node's other relays instead of suspecting it. A data connection with a
-token that is unknown, used or expired is closed. Limits: `capacity` attached nodes (beyond: `busy`), a few per source address,
-`connections_per_node` spliced connections per node, `bytes_per_s_per_node`, and a dial
-back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
+token that is unknown, used or expired is closed. Limits: `capacity` attached nodes (beyond:
+`busy`), a few per source address, `connections_per_node` spliced connections per node (a
+quarter of them from any one source, so one stranger cannot take a node's relay from its
+clients), `bytes_per_s_per_node`, and a dial back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Attachment:
     source: str
     meter: Meter
     connections: int = 0
+    by_source: Counter = field(default_factory=Counter)  # source -> its spliced connections open now
     dials: int = 0
 
 
@@ -228,17 +230,29 @@ class RelayHost:
             self._refuse(client, "connections")
             release()
             return
+        if attachment.by_source[source] >= self.config.connections_per_source:
+            self._refuse(client, "source_connections")
+            release()
+            return
         token = new_token()
         waiter = asyncio.get_running_loop().create_future()
         self._dials[token] = _Dial(attachment.peer_id, waiter)
         attachment.connections += 1
+        attachment.by_source[source] += 1
+
+        def unhold() -> None:
+            attachment.connections -= 1
+            attachment.by_source[source] -= 1
+            if not attachment.by_source[source]:
+                del attachment.by_source[source]
+
         attachment.dials += 1
         try:
             await attachment.ws.send_bytes(wire.encode({"type": "dial", "token": token, "source": source}))
             node, node_release = await asyncio.wait_for(waiter, self.config.dial_timeout_s)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             self._dials.pop(token, None)
-            attachment.connections -= 1
+            unhold()
             self._refuse(client, "dial_timeout")
             release()
             return
@@ -254,7 +268,7 @@ class RelayHost:
 
         def closed() -> None:
             stats.open -= 1
-            attachment.connections -= 1
+            unhold()
             release()
             node_release()
 

@@ -26,7 +26,7 @@ from swarm import wire
 from swarm.identity import Identity
 from swarm.records import PeerRecord
 from swarm.relay_wire import attach_payload, data_preamble, new_token, sni_name
-from swarm.transport import Transport
+from swarm.transport import Transport, peer_id_of_certificate
 from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes, swarm_client, until_routed
 
 PROMPT = "Write a long story about a dragon who learns to cook."
@@ -44,7 +44,7 @@ def swarm(tmp_path_factory):
     specs = [
         ["--no-model", *b_port, *gossip],
         ["--no-model", *r1_port, "--bootstrap", b_url, *gossip, "--header-timeout", "3"],
-        ["--no-model", *r2_port, "--bootstrap", b_url, *gossip, "--relay-capacity", "2", "--relay-connections", "6"],
+        ["--no-model", *r2_port, "--bootstrap", b_url, *gossip, "--relay-capacity", "2", "--relay-connections", "8"],
         ["--blocks", "0:15", "--bootstrap", b_url, *gossip, *relays],
         ["--blocks", "15:30", "--bootstrap", b_url, *gossip, *relays],
     ]
@@ -113,9 +113,10 @@ async def _generate(client, at_token: dict | None = None, route=None):
     return stats
 
 
-def _hello(port: int, server_name: str) -> socket.socket:
-    """A TCP connection to the relay that has sent a TLS ClientHello naming `server_name`."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+def _hello(port: int, server_name: str, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A TCP connection to the relay (from `source`, a loopback address) ready to send a TLS
+    ClientHello naming `server_name` (`do_handshake` sends it)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     tls = context.wrap_socket(raw, server_hostname=server_name, do_handshake_on_connect=False)
@@ -309,29 +310,58 @@ def test_a_full_relay_answers_busy(swarm, client, baseline):
     assert asyncio.run(_generate(client)).token_ids == baseline
 
 
-def test_connections_beyond_the_per_node_limit_are_closed(swarm, client, baseline):
-    """R2 splices at most 6 connections to one node (the client's own pooled ones count too): more
-    are closed at once, and the legitimate client's text is unchanged meanwhile."""
-    _, r1, r2, a, _ = swarm
-    held = []
+def test_one_source_holds_a_quarter_of_a_nodes_relayed_connections_and_the_node_at_most_eight(swarm, client, baseline):
+    """R2 splices at most 8 connections to one node, 2 of them from one source: a stranger at
+    127.0.0.2 gets 2 and no more, another source is still spliced to A and served by A's own
+    TLS (pinned: A's key) meanwhile; sources filling A's 8 are refused beyond them, and the
+    legitimate client's text is unchanged (the client's own pooled connections count too)."""
+    _, _, r2, a, _ = swarm
+    held: list[ssl.SSLSocket] = []
+
+    def spliced(source: str) -> bool:
+        tls = _hello(_port(r2), sni_name(a.peer_id), source)
+        try:
+            tls.do_handshake()  # spliced to A: A's own TLS answers
+        except (ssl.SSLError, OSError):
+            tls.close()
+            return False
+        held.append(tls)
+        return True
+
     try:
-        for _ in range(7):
-            tls = _hello(_port(r2), sni_name(a.peer_id))
-            try:
-                tls.do_handshake()  # spliced to A: A's own TLS answers
-            except (ssl.SSLError, OSError):
-                tls.close()
-                break
-            held.append(tls)
-        else:
-            raise AssertionError("7 connections to one node were spliced; the limit is 6")
-        assert _info(r2.url)["relay"]["host"]["nodes"][a.peer_id]["connections"] == 6
-        assert _info(r2.url)["relay"]["host"]["refused"]["connections"] >= 1
+        assert [spliced("127.0.0.2") for _ in range(4)] == [True, True, False, False]
+        assert _info(r2.url)["relay"]["host"]["refused"]["source_connections"] >= 2
+        assert _served_by(r2, a, "127.0.0.9"), "another source was not served while the stranger held its share"
+        refused = _info(r2.url)["relay"]["host"]["refused"].get("connections", 0)
+        sources = iter(f"127.0.0.{n}" for n in range(10, 30))
+        while all(spliced(source) for source in [next(sources)] * 2):
+            pass
+        assert _info(r2.url)["relay"]["host"]["nodes"][a.peer_id]["connections"] == 8
+        assert _info(r2.url)["relay"]["host"]["refused"]["connections"] == refused + 1
         asyncio.run(refresh(client))
         assert asyncio.run(_generate(client)).token_ids == baseline
     finally:
         for tls in held:
             tls.close()
+
+
+def _served_by(relay, node, source: str) -> bool:
+    """Whether a connection from `source` through `relay` naming `node` reaches `node`: its TLS
+    certificate is `node`'s key and it answers `GET /info` with its peer id."""
+    tls = _hello(_port(relay), sni_name(node.peer_id), source)
+    try:
+        tls.do_handshake()
+        if peer_id_of_certificate(tls.getpeercert(binary_form=True)) != node.peer_id:
+            return False
+        tls.sendall(b"GET /info HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return answer.startswith(b"HTTP/1.1 200") and node.peer_id.encode() in answer
+    except (ssl.SSLError, OSError):
+        return False
+    finally:
+        tls.close()
 
 
 # --- a relay dies ------------------------------------------------------------------------------
