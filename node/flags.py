@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     relaying.add_argument("--relay-always", action="store_true", help="hold relays even when this node can be dialled: its record then names only the relays, not its own address")
     relaying.add_argument("--relay-count", type=_positive, default=2, metavar="N", help="relays held at once, all named in the record: one dying leaves the others (default 2)")
     relaying.add_argument("--relay-capacity", type=_count, default=16, metavar="N", help="relay for at most N nodes that cannot be dialled, when this node can be (default 16; 0: relay for nobody)")
-    relaying.add_argument("--relay-connections", type=_positive, default=32, metavar="N", help="connections open at once through this relay to one relayed node; a quarter of them from one source; more are closed (default 32)")
+    relaying.add_argument("--relay-connections", type=_positive, default=32, metavar="N", help="connections open at once through this relay to one relayed node; when all are taken, a source holding fewer than the top one closes that one's oldest, others are closed (default 32)")
     relaying.add_argument("--relay-bandwidth", type=parse_size, default=parse_size("8MiB"), metavar="SIZE", help="bytes per second relayed for one node, both directions together; more waits (default 8MiB)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity on stderr (default warning)")
     return parser

@@ -211,6 +211,7 @@ def _relay_metrics(state: NodeState) -> Iterator[Metric]:
     yield GaugeMetricFamily("layerswarm_relay_attached_nodes", "nodes this relay relays for now", value=len(host.attached))
     yield GaugeMetricFamily("layerswarm_relay_connections", "spliced connections open now", value=host.stats.open)
     yield CounterMetricFamily("layerswarm_relay_spliced", "connections spliced since start", value=host.stats.spliced)
+    yield CounterMetricFamily("layerswarm_relay_evicted", "spliced connections closed to make room for another source", value=host.stats.evicted)
     relayed = CounterMetricFamily("layerswarm_relay_bytes", "bytes relayed, by direction", labels=("direction",))
     relayed.add_metric(("to_nodes",), host.stats.bytes_to_nodes)
     relayed.add_metric(("from_nodes",), host.stats.bytes_from_nodes)

@@ -6,7 +6,7 @@ Two roles, both optional and independent:
   offer relaying; "urls" uses the operator's `urls`; "off" never relays. A node is relayed only
   when a peer's dial-back found it undialable (node/reachability.py), or always with `always`.
 - *relay*: a node that can be dialled relays for at most `capacity` nodes, each limited to
-  `connections_per_node` spliced connections (a quarter of them from one source) and
+  `connections_per_node` spliced connections (shared fairly among sources) and
   `bytes_per_s_per_node` (node/relay_host.py).
 """
 
@@ -46,12 +46,6 @@ class RelayConfig:
         if not (self.heartbeat_s > 0 and self.dial_timeout_s > 0):
             raise ValueError("relay heartbeat and dial timeout must be positive")
 
-    @property
-    def connections_per_source(self) -> int:
-        """Spliced connections one source may hold to one node: a quarter of the node's, so that one
-        stranger cannot take them all (a client needs one or two, a busy previous hop a few)."""
-        return max(1, self.connections_per_node // 4)
-
     def limits(self) -> dict[str, Any]:
         """For /info."""
         return {
@@ -60,7 +54,6 @@ class RelayConfig:
             "count": self.count,
             "capacity": self.capacity,
             "connections_per_node": self.connections_per_node,
-            "connections_per_source": self.connections_per_source,
             "bytes_per_s_per_node": self.bytes_per_s_per_node,
             "dial_timeout_s": self.dial_timeout_s,
         }

@@ -16,9 +16,10 @@ relayed here gets this node's own TLS (so the dialler's pin fails, as at any add
 another peer answers); one naming a peer relayed here lately but gone is closed, so the
 dialler tries that node's other relays instead of suspecting it. A data connection with a
 token that is unknown, used or expired is closed. Limits: `capacity` attached nodes (beyond:
-`busy`), a few per source address, `connections_per_node` spliced connections per node (a
-quarter of them from any one source, so one stranger cannot take a node's relay from its
-clients), `bytes_per_s_per_node`, and a dial back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
+`busy`), a few per source address, `connections_per_node` spliced connections per node
+(when they are all taken, a source holding fewer than the top one gets in by closing that
+one's oldest: so one stranger cannot take a node's relay from its clients),
+`bytes_per_s_per_node`, and a dial back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class Attachment:
     source: str
     meter: Meter
     connections: int = 0
-    by_source: Counter = field(default_factory=Counter)  # source -> its spliced connections open now
+    by_source: Counter = field(default_factory=Counter)  # source -> its connections, spliced or being dialled back
+    splices: dict[str, list[Splice]] = field(default_factory=dict)  # source -> its spliced connections, oldest first
     dials: int = 0
 
 
@@ -87,6 +89,7 @@ class RelayStats:
     open: int = 0  # spliced connections open now
     bytes_to_nodes: int = 0
     bytes_from_nodes: int = 0
+    evicted: int = 0  # spliced connections closed to make room for another source (`_evict_for`)
     refused: Counter = field(default_factory=Counter)  # reason -> count
 
 
@@ -226,12 +229,8 @@ class RelayHost:
         return Route.TAKEN
 
     async def _relay(self, attachment: Attachment, client: asyncio.Transport, source: str, release: Callable[[], None]) -> None:
-        if attachment.connections >= self.config.connections_per_node:
+        if attachment.connections >= self.config.connections_per_node and not self._evict_for(attachment, source):
             self._refuse(client, "connections")
-            release()
-            return
-        if attachment.by_source[source] >= self.config.connections_per_source:
-            self._refuse(client, "source_connections")
             release()
             return
         token = new_token()
@@ -266,13 +265,34 @@ class RelayHost:
             else:
                 stats.bytes_from_nodes += n
 
+        splices = attachment.splices.setdefault(source, [])
+
         def closed() -> None:
             stats.open -= 1
             unhold()
+            splices.remove(splice)
+            if not splices and attachment.splices.get(source) is splices:
+                del attachment.splices[source]
             release()
             node_release()
 
-        Splice(client, node, attachment.meter, on_bytes=counted, on_close=closed)
+        splice = Splice(client, node, attachment.meter, on_bytes=counted, on_close=closed)
+        splices.append(splice)
+
+    def _evict_for(self, attachment: Attachment, source: str) -> bool:
+        """A node's connections are all taken: make room for `source` by closing the oldest spliced
+        connection of the source holding the most, if that source holds at least two more than
+        `source` does (max-min fairness: one source may use every free place, but a newcomer
+        always gets a share, so a stranger cannot take a node's relay from its clients)."""
+        spliced = {other: len(splices) for other, splices in attachment.splices.items() if splices}
+        if not spliced:
+            return False
+        top = max(spliced, key=spliced.__getitem__)
+        if top == source or attachment.by_source[top] < attachment.by_source[source] + 2:
+            return False
+        attachment.splices[top][0].close()  # its on_close frees the place at once
+        self.stats.evicted += 1
+        return attachment.connections < self.config.connections_per_node
 
     def _refuse(self, transport: asyncio.Transport, reason: str) -> Route:
         self.stats.refused[reason] += 1
@@ -291,6 +311,7 @@ class RelayHost:
             "spliced": s.spliced,
             "bytes_to_nodes": s.bytes_to_nodes,
             "bytes_from_nodes": s.bytes_from_nodes,
+            "evicted": s.evicted,
             "refused": dict(s.refused),
         }
 

@@ -3,8 +3,9 @@
 A node holding blocks [s, e) reads only those blocks' tensors; a client reads
 only the embeddings, the final norm and the LM head. Two formats:
 
-- GGUF through `gguf.GGUFReader`: the file is memory-mapped, so a tensor's bytes
-  are touched only when it is dequantized. llama.cpp stores the Q and K
+- GGUF through `swarm.model.gguf_file` (its header read in milliseconds) and
+  `gguf.quants`: the file is memory-mapped, so a tensor's bytes are touched only
+  when it is dequantized. llama.cpp stores the Q and K
   projections of `llama` checkpoints permuted for its interleaved rotary layout;
   `_unpermute` turns them back into the HF layout our RoPE expects.
 - An HF directory of safetensors (one file or shards with an index) through
@@ -229,25 +230,23 @@ def _expected_block_shapes(c: ModelConfig) -> dict[str, tuple]:
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path, tokenizer_cache: Path | None = None) -> None:
-        import gguf  # imported here: reading GGUF metadata is the only reason to load it
+        import gguf  # imported here: only GGUF checkpoints need it
+
+        from swarm.model.gguf_file import ArrayLength, GGUFFile
 
         self._gguf = gguf
         self.path = path
         self.tokenizer_cache = tokenizer_cache  # where its built tokenizer is kept (swarm/model/tokenizer_cache.py); None: not kept
-        try:
-            self._reader = gguf.GGUFReader(path)
-        except (ValueError, struct.error, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        meta = {}
-        for key, field in self._reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                meta[f"{key}.count"] = len(field.data)
+        self._file = GGUFFile(path)
+        self._tensors = {t.name: t for t in self._file.tensors}
+        meta: dict = {}
+        for key, value in self._file.metadata.items():
+            if isinstance(value, ArrayLength):  # a tokenizer's vocabulary, merges, scores: only counted
+                meta[f"{key}.count"] = value.length
                 continue
-            try:
-                meta[key] = field.contents()
-            except Exception:  # an exotic field type we do not need must not stop the load
-                continue
+            meta[key] = value
+            if isinstance(value, list):
+                meta[f"{key}.count"] = len(value)
         self.metadata = meta
         self.config = ModelConfig.from_gguf_metadata(meta, set(self._tensors))
 
@@ -266,7 +265,7 @@ class GGUFCheckpoint(Checkpoint):
             array = self._gguf.quants.dequantize(tensor.data, kind)
         except NotImplementedError:
             raise UnsupportedModel(f"tensor {source_name} has type {kind.name}, which we cannot dequantize") from None
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dims fastest-first
+        shape = tuple(reversed(tensor.shape))  # GGUF lists dims fastest-first
         array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
         if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
             array = array.copy()
@@ -287,7 +286,7 @@ class GGUFCheckpoint(Checkpoint):
             tensor = self._tensors.get(_BLOCK_TENSORS[key][0].format(i=index))
             if tensor is None or tensor.tensor_type.name != "Q4_1":
                 return None
-            rows = int(tensor.shape.tolist()[1])
+            rows = tensor.shape[1]
             blocks = np.asarray(tensor.data).reshape(rows, -1, 20)  # per block of 32: d, m (float16), 16 bytes of nibbles
             scale = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
             minimum = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
@@ -306,10 +305,7 @@ class GGUFCheckpoint(Checkpoint):
         return self._read("rope_freqs", "rope_freqs.weight", torch.float32)
 
     def fingerprint(self) -> ModelFingerprint:
-        table = [
-            (t.name, t.tensor_type.name, tuple(int(n) for n in t.shape.tolist()), self.path, int(t.data_offset), int(t.n_bytes))
-            for t in self._reader.tensors
-        ]
+        table = [(t.name, t.tensor_type.name, t.shape, self.path, t.data_offset, t.n_bytes) for t in self._file.tensors]
         return _fingerprint(self.config, table)
 
     def tokenizer(self):
@@ -323,9 +319,9 @@ class GGUFCheckpoint(Checkpoint):
         return cached_tokenizer(self.path, build, self.tokenizer_cache)
 
     def close(self) -> None:
-        # Dropping the reader releases the memory map once no tensor view is alive.
+        # Dropping the tensor table releases the memory map once no tensor view is alive.
         self._tensors = {}
-        self._reader = None
+        self._file.close()
 
 
 class SafetensorsCheckpoint(Checkpoint):
