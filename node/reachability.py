@@ -19,6 +19,7 @@ it is.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import time
@@ -83,12 +84,12 @@ class Reachability:
             peer_id, port, nonce = wire.field(message, "peer_id", str), wire.field(message, "port", int), wire.field(message, "nonce", bytes)
             if message["type"] != "reach" or not is_peer_id(peer_id) or not 1 <= port <= 65535 or len(nonce) != NONCE_BYTES:
                 raise BadRequest("reach carries a peer id, a port in 1..65535 and a 16-byte nonce")
+            host = _dial_host(request.remote)
             source = source_key(request.remote)
             self._admit(source)
         except SwarmError as exc:
             self.refused += 1
             return error_response(exc)
-        host = request.remote or ""
         url = f"{self.transport.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
         try:
             dialable = await self._dial_back(url, peer_id, nonce)
@@ -181,3 +182,17 @@ async def _body(request: web.Request) -> bytes:
     if len(body) > MAX_BODY:
         raise BadRequest(f"a body over {MAX_BODY} bytes")
     return body
+
+
+def _dial_host(remote: str | None) -> str:
+    """The address to dial back for a request from `remote`: its IPv4 form when it came as an
+    IPv4-mapped IPv6 address; a link-local one (which needs an interface, a zone) is refused."""
+    try:
+        ip = ipaddress.ip_address(remote or "")
+    except ValueError:  # a zone id ("fe80::1%eth0"), a unix socket, or nothing
+        raise BadRequest("the request's source cannot be dialled back") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_link_local:
+        raise BadRequest("a link-local source cannot be dialled back")
+    return str(ip)

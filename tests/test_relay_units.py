@@ -221,3 +221,15 @@ async def test_auto_relays_are_chosen_nearest_first_and_a_wrong_or_silent_one_is
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+def test_a_dial_back_goes_to_the_v4_form_of_a_mapped_source_and_never_to_a_link_local_one():
+    from node.reachability import _dial_host
+    from swarm.errors import BadRequest
+
+    assert _dial_host("::ffff:203.0.113.7") == "203.0.113.7"
+    assert _dial_host("203.0.113.7") == "203.0.113.7"
+    assert _dial_host("2001:db8::5") == "2001:db8::5"
+    for bad in ("fe80::1", "fe80::1%eth0", "169.254.10.1", "", None, "not an address"):
+        with pytest.raises(BadRequest):
+            _dial_host(bad)
