@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 ADDRESS_DOWN_S = 30.0  # an address found unreachable is not dialled again for this long...
 REDIAL_S = 0.0  # ...unless every other address of a peer failed too: then those are tried again (a failure at a live
 # relay can follow from one at a dead relay, mid-failover); the generation's max_attempts bounds the alternation
+ADDRESSES_PROBED = 4  # a peer's addresses whose round trips are measured (a record names at most a few)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class Planner:
         self.occupancy: Counter[str] = Counter()  # peer id -> sessions of this client open through it (see `Lease`)
         self._refreshed: float | None = None
         self.down: dict[str, float] = {}  # address -> until when (clock) it is not dialled: a dead relay, say (`readdress`)
+        self.address_rtts: dict[tuple[str, str], float] = {}  # (peer id, address) -> measured round trip: which relay is nearer
         self.avoid: Callable[[], frozenset[str]] | None = None  # peers to plan around like banned ones (client/watch.py: seen down)
 
     # --- the view ---------------------------------------------------------------------
@@ -163,10 +166,17 @@ class Planner:
         await discover(http, self.discovery, self.view, self.config.transport)
         self._refreshed = self.clock()
         mine = [r for r in self.records() if r.span]
-        unmeasured = [(r, address) for r in mine if self.measurements.rtt(r.peer_id) is None and (address := self.address(r)) is not None]
-        unmeasured = unmeasured[: self.config.rtt_probes]
-        rtts = await asyncio.gather(*(round_trip(http, address, r.peer_id, self.config.transport) for r, address in unmeasured))
-        for (record, _), rtt in zip(unmeasured, rtts):
+        live = {r.peer_id for r in mine}
+        self.address_rtts = {key: rtt for key, rtt in self.address_rtts.items() if key[0] in live}
+        unmeasured = [r for r in mine if self.measurements.rtt(r.peer_id) is None][: self.config.rtt_probes]
+        # every address of a peer with several (its relays, a LAN and a public one): the nearest is dialled
+        probes = [(r, a) for r in unmeasured for a in self._up_addresses(r)[:ADDRESSES_PROBED]]
+        rtts = await asyncio.gather(*(round_trip(http, address, r.peer_id, self.config.transport) for r, address in probes))
+        for (record, address), rtt in zip(probes, rtts):
+            if rtt is not None:
+                self.address_rtts[(record.peer_id, address)] = rtt
+        for record in unmeasured:
+            rtt = self.address_rtts.get((record.peer_id, self.address(record) or ""))
             if rtt is not None:
                 self.measurements.record_rtt(record.peer_id, rtt)
 
@@ -181,11 +191,18 @@ class Planner:
         return dialable
 
     def address(self, record: PeerRecord) -> str | None:
-        """The first of `record`'s addresses this client dials and did not find down lately (the
-        first it dials at all when every one was), else None."""
-        allowed = [a for a in record.addresses if self.config.transport.allows(a)]
+        """Of `record`'s addresses this client dials and did not find down lately, the one with the
+        shortest measured round trip (unmeasured ones after, in the record's order); the first it
+        dials at all when every one was down; else None."""
+        up = self._up_addresses(record)
+        if up:
+            rtts = self.address_rtts
+            return min(up, key=lambda a: (rtts.get((record.peer_id, a), math.inf), up.index(a)))
+        return next((a for a in record.addresses if self.config.transport.allows(a)), None)
+
+    def _up_addresses(self, record: PeerRecord) -> list[str]:
         now = self.clock()
-        return next((a for a in allowed if self.down.get(a, now) <= now), allowed[0] if allowed else None)
+        return [a for a in record.addresses if self.config.transport.allows(a) and self.down.get(a, now) <= now]
 
     def readdress(self, error: BaseException) -> bool:
         """`error` said a hop could not be reached at its address (`PeerUnavailable`): that address is

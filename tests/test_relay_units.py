@@ -233,3 +233,48 @@ def test_a_dial_back_goes_to_the_v4_form_of_a_mapped_source_and_never_to_a_link_
     for bad in ("fe80::1", "fe80::1%eth0", "169.254.10.1", "", None, "not an address"):
         with pytest.raises(BadRequest):
             _dial_host(bad)
+
+
+async def test_the_client_dials_the_nearest_of_a_peers_addresses(monkeypatch):
+    """A relayed peer named at two addresses (two servers with the peer's own key, real TLS): the
+    planner measures both and dials the one answering at once, not the first listed, which
+    answers /info 40 ms late; with that one down it dials the other."""
+    import client.planner as planner_module
+
+    model = {"architecture": "llama", "shape": "L30-d576-ff1536-h9-kv3-v49152", "digest": "0123456789abcdef" * 2}
+    transport = Transport()
+    identity = Identity.generate()
+    runners = []
+    for delay in (0.04, 0.0):
+
+        async def info(request: web.Request, delay: float = delay) -> web.Response:
+            await asyncio.sleep(delay)
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_get("/info", info)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=transport.server_ssl(identity)).start()
+        runners.append(runner)
+
+    async def no_discovery(http, options, view, transport):  # the view is filled below, by hand
+        return view
+
+    monkeypatch.setattr(planner_module, "discover", no_discovery)
+    try:
+        slow, fast = (f"https://127.0.0.1:{runner.addresses[0][1]}" for runner in runners)
+        planner = Planner(model["digest"], 30, DiscoveryOptions(), ClientConfig(transport=transport))
+        record = PeerRecord.create(identity, addresses=[slow, fast], now=time.time(), ttl=60, model=model, num_layers=30, span=(0, 30), relayed=True)
+        assert planner.view.table.merge(record, time.time(), source="bootstrap")
+        assert planner.address(record) == slow, "unmeasured: the record's order"
+        async with transport.client_session() as http:
+            await planner.refresh(http, force=True)
+        assert planner.address(record) == fast
+        assert planner.measurements.rtt(identity.peer_id) < 0.04, "the peer's round trip is its nearest address's"
+        error = PeerUnavailable("cannot reach it")
+        error.hop = RemoteHop(fast, 0, 30, identity.peer_id)
+        assert planner.readdress(error) and planner.address(record) == slow
+    finally:
+        for runner in runners:
+            await runner.cleanup()
