@@ -10,7 +10,6 @@ capacity, forged attaches. A legitimate generation beside them keeps its text.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import ssl
@@ -28,6 +27,7 @@ from swarm.records import PeerRecord
 from swarm.relay_wire import attach_payload, data_preamble, new_token, sni_name
 from swarm.transport import Transport, peer_id_of_certificate
 from tests.nodes import refresh, reserve_url, start_nodes, stop_nodes, swarm_client, until_routed
+from tests.relay_probes import closed_without_tls, hello, info, port_of, served_by
 
 PROMPT = "Write a long story about a dragon who learns to cook."
 NEW_TOKENS = 40
@@ -51,7 +51,7 @@ def swarm(tmp_path_factory):
     nodes = start_nodes(specs, tmp, tls=True)
     bootstrap, r1, r2, a, b = nodes
     for relay in (r1, r2):
-        _until(lambda relay=relay: _info(relay.url)["relay"]["host"]["attached"] == 2, "both nodes attached to each relay")
+        _until(lambda relay=relay: info(relay.url)["relay"]["host"]["attached"] == 2, "both nodes attached to each relay")
     yield bootstrap, r1, r2, a, b
     stop_nodes(nodes)
 
@@ -79,13 +79,6 @@ def baseline(client, full_span):
     return stats.token_ids
 
 
-def _info(url: str) -> dict:
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    with urllib.request.urlopen(f"{url}/info", timeout=10, context=context) as response:
-        return json.load(response)
-
-
 def _until(check, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -97,7 +90,7 @@ def _until(check, what: str, timeout: float = 60.0) -> None:
 def _record(node) -> PeerRecord:
     import base64
 
-    return PeerRecord.from_bytes(base64.b64decode(_info(node.url)["record"]))
+    return PeerRecord.from_bytes(base64.b64decode(info(node.url)["record"]))
 
 
 async def _generate(client, at_token: dict | None = None, route=None):
@@ -111,32 +104,6 @@ async def _generate(client, at_token: dict | None = None, route=None):
             action(list(hops))
     stats.route = [str(h) for h in hops]  # the hops at the end, as "peer[start:end)"
     return stats
-
-
-def _hello(port: int, server_name: str, source: str = "127.0.0.1") -> ssl.SSLSocket:
-    """A TCP connection to the relay (from `source`, a loopback address) ready to send a TLS
-    ClientHello naming `server_name` (`do_handshake` sends it)."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    tls = context.wrap_socket(raw, server_hostname=server_name, do_handshake_on_connect=False)
-    return tls
-
-
-def _closed_without_tls(port: int, server_name: str) -> bool:
-    """Whether the relay closes a connection whose ClientHello names `server_name` before any TLS answer."""
-    tls = _hello(port, server_name)
-    try:
-        tls.do_handshake()
-    except (ssl.SSLError, ConnectionError, OSError):
-        return True
-    finally:
-        tls.close()
-    return False
-
-
-def _port(node) -> int:
-    return int(node.url.rsplit(":", 1)[1])
 
 
 # --- the happy path -------------------------------------------------------------------------
@@ -154,11 +121,11 @@ def test_relayed_records_name_the_relays(swarm):
 
 def test_generation_through_two_relayed_nodes_equals_the_local_text(client, baseline, swarm):
     _, r1, r2, a, b = swarm
-    before = sum(_info(r.url)["relay"]["host"]["spliced"] for r in (r1, r2))
+    before = sum(info(r.url)["relay"]["host"]["spliced"] for r in (r1, r2))
     stats = asyncio.run(_generate(client))
     assert stats.token_ids == baseline
     assert [h[:8] for h in stats.route] == [a.peer_id[:8], b.peer_id[:8]]
-    hosts = [_info(r.url)["relay"]["host"] for r in (r1, r2)]
+    hosts = [info(r.url)["relay"]["host"] for r in (r1, r2)]
     assert sum(h["spliced"] for h in hosts) > before
     assert sum(h["bytes_to_nodes"] for h in hosts) > 0 and sum(h["bytes_from_nodes"] for h in hosts) > 0
 
@@ -180,21 +147,20 @@ def test_a_server_name_the_relay_never_relayed_for_gets_the_relays_own_tls(swarm
     """Not a splice to anywhere: the relay's own certificate answers, so a dialler pinned to that
     peer refuses it (identity_mismatch), as at any address where another peer answers."""
     _, r1, *_ = swarm
-    from swarm.transport import peer_id_of_certificate
 
-    spliced = _info(r1.url)["relay"]["host"]["spliced"]
-    tls = _hello(_port(r1), sni_name(Identity.generate().peer_id))
+    spliced = info(r1.url)["relay"]["host"]["spliced"]
+    tls = hello(port_of(r1), sni_name(Identity.generate().peer_id))
     try:
         tls.do_handshake()
         assert peer_id_of_certificate(tls.getpeercert(binary_form=True)) == r1.peer_id
     finally:
         tls.close()
-    assert _info(r1.url)["relay"]["host"]["spliced"] == spliced
+    assert info(r1.url)["relay"]["host"]["spliced"] == spliced
 
 
 def test_the_relays_own_name_gets_its_own_tls(swarm):
     _, r1, *_ = swarm
-    tls = _hello(_port(r1), sni_name(r1.peer_id))
+    tls = hello(port_of(r1), sni_name(r1.peer_id))
     try:
         tls.do_handshake()
         from swarm.transport import peer_id_of_certificate
@@ -208,21 +174,21 @@ def test_the_relays_own_name_gets_its_own_tls(swarm):
 def test_a_data_connection_with_a_token_the_relay_did_not_issue_is_closed(swarm, token):
     _, r1, *_ = swarm
     preamble = data_preamble(new_token()) if token == "unknown" else b"LSRELAY1 " + b"z" * 32 + b"\n"
-    refused = _info(r1.url)["relay"]["host"]["refused"].get("bad_token", 0)
-    with socket.create_connection(("127.0.0.1", _port(r1)), timeout=10) as raw:
+    refused = info(r1.url)["relay"]["host"]["refused"].get("bad_token", 0)
+    with socket.create_connection(("127.0.0.1", port_of(r1)), timeout=10) as raw:
         raw.sendall(preamble + b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
             answer = raw.recv(4096)
         except ConnectionResetError:
             answer = b""
         assert answer == b"", "the relay must close it, answering nothing"
-    assert _info(r1.url)["relay"]["host"]["refused"].get("bad_token", 0) == refused + 1
+    assert info(r1.url)["relay"]["host"]["refused"].get("bad_token", 0) == refused + 1
 
 
 def test_plain_http_connect_is_not_proxied(swarm):
     _, r1, _, a, _ = swarm
-    with socket.create_connection(("127.0.0.1", _port(r1)), timeout=10) as raw:
-        raw.sendall(f"CONNECT 127.0.0.1:{_port(a)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    with socket.create_connection(("127.0.0.1", port_of(r1)), timeout=10) as raw:
+        raw.sendall(f"CONNECT 127.0.0.1:{port_of(a)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         answer = raw.recv(4096)
     assert b"200" not in answer.split(b"\r\n", 1)[0], "a relay is no HTTP proxy"
 
@@ -232,7 +198,7 @@ def test_a_stranger_trickling_a_client_hello_is_closed_in_time(swarm):
     long for the relay to read the name, then as long again for a TLS handshake, then it is closed."""
     _, r1, _, a, _ = swarm
     hello = _HELLO_OF_A(a.peer_id)
-    with socket.create_connection(("127.0.0.1", _port(r1)), timeout=30) as raw:
+    with socket.create_connection(("127.0.0.1", port_of(r1)), timeout=30) as raw:
         raw.sendall(hello[:40])
         began = time.monotonic()
         try:
@@ -289,7 +255,7 @@ def test_an_attach_without_a_proof_on_the_relays_nonce_is_refused(swarm, forge):
     _, r1, *_ = swarm
     answer = asyncio.run(_attach(r1, Identity.generate(), forge))
     assert answer["type"] == "error" and answer["code"] == "signature_invalid"
-    assert _info(r1.url)["relay"]["host"]["attached"] == 2
+    assert info(r1.url)["relay"]["host"]["attached"] == 2
 
 
 def test_a_full_relay_answers_busy(swarm, client, baseline):
@@ -306,7 +272,7 @@ def test_a_full_relay_answers_busy(swarm, client, baseline):
                 return exc.status
 
     assert asyncio.run(third()) == 503
-    assert _info(r2.url)["relay"]["host"]["refused"]["busy"] >= 1
+    assert info(r2.url)["relay"]["host"]["refused"]["busy"] >= 1
     assert asyncio.run(_generate(client)).token_ids == baseline
 
 
@@ -319,7 +285,7 @@ def test_a_stranger_holding_all_of_a_nodes_relayed_connections_is_evicted_for_an
     held: list[ssl.SSLSocket] = []
 
     def spliced(source: str) -> bool:
-        tls = _hello(_port(r2), sni_name(a.peer_id), source)
+        tls = hello(port_of(r2), sni_name(a.peer_id), source)
         try:
             tls.do_handshake()  # spliced to A: A's own TLS answers
         except (ssl.SSLError, OSError):
@@ -329,41 +295,22 @@ def test_a_stranger_holding_all_of_a_nodes_relayed_connections_is_evicted_for_an
         return True
 
     try:
-        before = _info(r2.url)["relay"]["host"]
+        before = info(r2.url)["relay"]["host"]
         for _ in range(16):  # the client's own pooled connections (127.0.0.1) may hold some places
             if not spliced("127.0.0.2"):
                 break
-        host = _info(r2.url)["relay"]["host"]
+        host = info(r2.url)["relay"]["host"]
         assert host["nodes"][a.peer_id]["connections"] == 8
         assert host["refused"].get("connections", 0) == before["refused"].get("connections", 0) + 1
-        assert _served_by(r2, a, "127.0.0.9"), "another source was not served while the stranger held every place"
-        assert _info(r2.url)["relay"]["host"]["evicted"] == before["evicted"] + 1
+        assert served_by(r2, a, "127.0.0.9"), "another source was not served while the stranger held every place"
+        assert info(r2.url)["relay"]["host"]["evicted"] == before["evicted"] + 1
         more = [spliced("127.0.0.2") for _ in range(2)]  # at most the place the other source left
-        assert more.count(True) <= 1 and _info(r2.url)["relay"]["host"]["nodes"][a.peer_id]["connections"] <= 8, more
+        assert more.count(True) <= 1 and info(r2.url)["relay"]["host"]["nodes"][a.peer_id]["connections"] <= 8, more
         asyncio.run(refresh(client))
         assert asyncio.run(_generate(client)).token_ids == baseline
     finally:
         for tls in held:
             tls.close()
-
-
-def _served_by(relay, node, source: str) -> bool:
-    """Whether a connection from `source` through `relay` naming `node` reaches `node`: its TLS
-    certificate is `node`'s key and it answers `GET /info` with its peer id."""
-    tls = _hello(_port(relay), sni_name(node.peer_id), source)
-    try:
-        tls.do_handshake()
-        if peer_id_of_certificate(tls.getpeercert(binary_form=True)) != node.peer_id:
-            return False
-        tls.sendall(b"GET /info HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := tls.recv(65536):
-            answer += chunk
-        return answer.startswith(b"HTTP/1.1 200") and node.peer_id.encode() in answer
-    except (ssl.SSLError, OSError):
-        return False
-    finally:
-        tls.close()
 
 
 # --- a relay dies ------------------------------------------------------------------------------
@@ -397,7 +344,7 @@ def test_a_relay_closes_dials_to_a_node_that_left_it(swarm):
     _, r1, r2, a, _ = swarm
     alive = r2 if r1.proc.poll() is not None else r1  # the kill test left one relay
     a.kill()
-    _until(lambda: a.peer_id not in _info(alive.url)["relay"]["host"]["nodes"], "the relay noticed the node left")
-    assert _closed_without_tls(_port(alive), sni_name(a.peer_id))
-    assert _info(alive.url)["relay"]["host"]["refused"]["departed"] >= 1
+    _until(lambda: a.peer_id not in info(alive.url)["relay"]["host"]["nodes"], "the relay noticed the node left")
+    assert closed_without_tls(port_of(alive), sni_name(a.peer_id))
+    assert info(alive.url)["relay"]["host"]["refused"]["departed"] >= 1
 

@@ -5,6 +5,7 @@ node's choice of relays by round trip."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -195,22 +196,7 @@ async def test_auto_relays_are_chosen_nearest_first_and_a_wrong_or_silent_one_is
     one where nobody listens are left out; candidates beyond the probed ones follow unprobed."""
     transport = Transport()
     identities = [Identity.generate() for _ in range(3)]
-    delays = [0.04, 0.0, 0.0]
-    runners = []
-    for identity, delay in zip(identities, delays):
-
-        async def info(request: web.Request, delay: float = delay) -> web.Response:
-            await asyncio.sleep(delay)
-            return web.json_response({})
-
-        app = web.Application()
-        app.router.add_get("/info", info)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=transport.server_ssl(identity)).start()
-        runners.append(runner)
-    try:
-        urls = [f"https://127.0.0.1:{runner.addresses[0][1]}" for runner in runners]
+    async with _info_servers(transport, zip(identities, [0.04, 0.0, 0.0])) as urls:
         slow = RelayTarget(identities[0].peer_id, urls[0])
         fast = RelayTarget(identities[1].peer_id, urls[1])
         impostor = RelayTarget(Identity.generate().peer_id, urls[2])  # the server there holds another key
@@ -218,6 +204,27 @@ async def test_auto_relays_are_chosen_nearest_first_and_a_wrong_or_silent_one_is
         unprobed = RelayTarget(Identity.generate().peer_id, "https://127.0.0.1:1")
         chosen = await nearest_first(transport, [slow, impostor, silent, fast, unprobed], probed=4)
         assert chosen == [fast, slow, unprobed]
+
+
+@contextlib.asynccontextmanager
+async def _info_servers(transport: Transport, servers):
+    """Real TLS servers, one per (identity, delay): each presents the identity's certificate and
+    answers `GET /info` after its delay. Yields their URLs."""
+    runners = []
+    try:
+        for identity, delay in servers:
+
+            async def info(request: web.Request, delay: float = delay) -> web.Response:
+                await asyncio.sleep(delay)
+                return web.json_response({})
+
+            app = web.Application()
+            app.router.add_get("/info", info)
+            runner = web.AppRunner(app, access_log=None)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=transport.server_ssl(identity)).start()
+        yield [f"https://127.0.0.1:{runner.addresses[0][1]}" for runner in runners]
     finally:
         for runner in runners:
             await runner.cleanup()
@@ -244,26 +251,12 @@ async def test_the_client_dials_the_nearest_of_a_peers_addresses(monkeypatch):
     model = {"architecture": "llama", "shape": "L30-d576-ff1536-h9-kv3-v49152", "digest": "0123456789abcdef" * 2}
     transport = Transport()
     identity = Identity.generate()
-    runners = []
-    for delay in (0.04, 0.0):
-
-        async def info(request: web.Request, delay: float = delay) -> web.Response:
-            await asyncio.sleep(delay)
-            return web.json_response({})
-
-        app = web.Application()
-        app.router.add_get("/info", info)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=transport.server_ssl(identity)).start()
-        runners.append(runner)
 
     async def no_discovery(http, options, view, transport):  # the view is filled below, by hand
         return view
 
     monkeypatch.setattr(planner_module, "discover", no_discovery)
-    try:
-        slow, fast = (f"https://127.0.0.1:{runner.addresses[0][1]}" for runner in runners)
+    async with _info_servers(transport, [(identity, 0.04), (identity, 0.0)]) as (slow, fast):
         planner = Planner(model["digest"], 30, DiscoveryOptions(), ClientConfig(transport=transport))
         record = PeerRecord.create(identity, addresses=[slow, fast], now=time.time(), ttl=60, model=model, num_layers=30, span=(0, 30), relayed=True)
         assert planner.view.table.merge(record, time.time(), source="bootstrap")
@@ -275,6 +268,3 @@ async def test_the_client_dials_the_nearest_of_a_peers_addresses(monkeypatch):
         error = PeerUnavailable("cannot reach it")
         error.hop = RemoteHop(fast, 0, 30, identity.peer_id)
         assert planner.readdress(error) and planner.address(record) == slow
-    finally:
-        for runner in runners:
-            await runner.cleanup()
