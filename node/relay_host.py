@@ -19,7 +19,8 @@ token that is unknown, used or expired is closed. Limits: `capacity` attached no
 `busy`), a few per source address, `connections_per_node` spliced connections per node
 (when they are all taken, a source holding fewer than the top one gets in by closing that
 one's oldest: so one stranger cannot take a node's relay from its clients),
-`bytes_per_s_per_node`, and a dial back within `dial_timeout_s`. Every refusal is counted by reason (/info, /metrics).
+`bytes_per_s_per_node`, and a dial back within `dial_timeout_s`. Every refusal is counted
+by reason (/info, /metrics).
 """
 
 from __future__ import annotations
